@@ -1,0 +1,1 @@
+"""Ray actor classes and the actor-group manager (the distributed strategies)."""

@@ -1,0 +1,91 @@
+"""``moe-train``: the Hydra application.
+
+Order matters: compose (Hydra checks keys and types) -> validate every setting ->
+load data and resolve the checkpoint -> only then write outputs and start W&B or
+actors. Any user error before that point leaves nothing behind on disk.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import Config, register_configs, to_dataclass
+from moe_trainer.config.validate import validate
+from moe_trainer.driver import TrainingDiverged, run_training
+from moe_trainer.engine import Engine, LocalEngine
+from moe_trainer.outputs import RunOutputs
+from moe_trainer.train.checkpoint import resolve_resume
+
+register_configs()
+
+_HYDRA_OWN = {".hydra"}
+
+
+def _discard_untouched_run_dir(run_dir: Path) -> None:
+    """Removes the run dir Hydra created if it holds nothing but Hydra's own bookkeeping."""
+    if not run_dir.is_dir():
+        return
+    if all(p.name in _HYDRA_OWN or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        parent = run_dir.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+
+
+def make_engine(cfg: Config) -> Engine:
+    """Builds the engine of ``parallel.strategy`` (validation has checked it is available)."""
+    return LocalEngine(cfg)
+
+
+def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """Runs one training job into ``run_dir``; raises :class:`ConfigError` before writing anything."""
+    validate(cfg)
+    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    engine = make_engine(cfg)
+    try:
+        if resume_from is not None:
+            engine.load(resume_from)
+        outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy)
+        try:
+            summary = run_training(cfg, engine, outputs)
+            outputs.summary(summary)
+        finally:
+            outputs.close()
+    finally:
+        engine.close()
+    return summary
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+def _main(dcfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        cfg = to_dataclass(dcfg)
+        summary = train(cfg, OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    except ConfigError as err:
+        _discard_untouched_run_dir(run_dir)
+        print(f"moe-train: invalid setting: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as err:
+        print(f"moe-train: {err}", file=sys.stderr)
+        sys.exit(3)
+    print(
+        f"done: {summary['steps']} steps, val_loss {summary.get('initial_val_loss', float('nan')):.4f} -> "
+        f"{summary.get('final_val_loss', float('nan')):.4f}, {summary.get('tokens_per_s_mean', 0):.0f} tokens/s, "
+        f"{summary['train_time_s']:.1f} s"
+    )
+    print(run_dir, flush=True)
+    return summary.get("final_val_loss")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _main()

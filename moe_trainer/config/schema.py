@@ -1,0 +1,134 @@
+"""Typed configuration schema, registered with Hydra's ConfigStore.
+
+Every YAML file under ``conf/`` is merged into these dataclasses, so a typo
+(``moe.topk=2``) or a wrong type (``moe.top_k=two``) fails when Hydra composes
+the config, before anything runs. Each component owns its small slice; values
+that can be derived (local experts, routing groups) are derived, not stored.
+Range checks that types cannot express live in :mod:`moe_trainer.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STRATEGIES = ("single", "data_parallel", "expert_parallel", "disaggregated")
+ROUTER_TYPES = ("topk", "switch", "expert_choice")
+SCORE_ORDERS = ("softmax_topk", "topk_softmax")
+ARCHS = ("moe", "dense")
+LOGGER_MODES = ("auto", "online", "offline", "disabled")
+TOKENIZERS = ("byte",)
+DATA_FORMATS = ("auto", "text", "json", "parquet")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "moe"  # moe | dense: dense swaps every MoE FFN for a SwiGLU of equal active width
+    d_model: int = 128  # residual stream width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 4  # attention heads; d_model must divide by it
+    max_seq_len: int = 256  # longest sequence rotary tables are built for
+    ffn_hidden: int = 512  # hidden width of the dense FFN in non-MoE blocks
+    rope_theta: float = 10000.0  # rotary base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8  # routed experts per MoE layer (Mixtral: 8)
+    top_k: int = 2  # experts per token (Mixtral: 2); ignored by switch (1)
+    every: int = 1  # the FFN of every `every`-th block is MoE (1 = all blocks)
+    expert_hidden: int = 256  # SwiGLU hidden width of one expert
+    router: str = "topk"  # topk | switch | expert_choice
+    score_order: str = "softmax_topk"  # softmax_topk (GShard/Switch) | topk_softmax (Mixtral)
+    normalize_topk: bool = True  # softmax_topk only: renormalise the k weights to sum to 1
+    capacity_factor: float | None = None  # null = dropless; else capacity = ceil(cf * tokens * k / E)
+    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
+    bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free bias on the selection scores
+    bias_update_rate: float = 0.001  # step size of that bias update
+    num_shared_experts: int = 0  # DeepSeekMoE shared experts every token passes through
+    shared_expert_hidden: int = 256  # hidden width of each shared expert
+    routing_groups: int | None = None  # null = one group per data-parallel rank (see docs)
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "single"  # single | data_parallel | expert_parallel | disaggregated
+    num_actors: int = 1  # Ray actors (data_parallel, expert_parallel)
+    ep_size: int | None = None  # expert-parallel size; null = num_actors
+    gpus_per_actor: float = 0.0  # 0 = CPU/gloo; 1 = one GPU per actor, NCCL
+    cpus_per_actor: float = 1.0  # CPUs reserved per actor in the placement group
+    num_coordinators: int = 1  # disaggregated: actors running attention
+    num_expert_actors: int = 2  # disaggregated: actors holding only experts
+    micro_batches: int = 1  # disaggregated: pipeline depth
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # local text/json/parquet files; empty = embedded corpus
+    format: str = "auto"  # auto (by extension) | text | json | parquet
+    text_field: str = "text"  # column holding the text in json/parquet/hub data
+    hub_name: str | None = None  # a Hugging Face Hub dataset name (needs network)
+    hub_config: str | None = None  # its configuration name, if any
+    tokenizer: str = "byte"  # byte: 256 byte values + end-of-document
+    seq_len: int = 128  # tokens per training sequence
+    val_fraction: float = 0.05  # share of documents held out for validation
+    embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 300  # optimizer steps
+    batch_size: int = 16  # global batch in sequences (split across data-parallel ranks)
+    lr: float = 3e-3  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 30  # linear warmup steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    seed: int = 0  # seeds init and data order
+    eval_every: int = 50  # evaluate every N steps (and at step 0 and the end)
+    eval_batches: int = 8  # validation batches per evaluation
+    log_every: int = 10  # metrics record every N steps
+    checkpoint_every: int = 100  # save every N steps (and at the end); 0 = only at the end
+    resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
+
+
+@dataclass
+class LoggerConfig:
+    mode: str = "auto"  # auto (online with WANDB_API_KEY, else offline) | online | offline | disabled
+    project: str = "moe-trainer"  # W&B project
+    group: str = "default"  # W&B group: the experiment being compared
+    tags: list[str] = field(default_factory=list)  # W&B tags
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    moe: MoEConfig = MISSING
+    parallel: ParallelConfig = MISSING
+    data: DataConfig = MISSING
+    train: TrainConfig = MISSING
+    logger: LoggerConfig = MISSING
+
+
+def register_configs() -> None:
+    """Registers the schema as the base every ``conf/`` file merges into."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+def to_dataclass(cfg: Any) -> Config:
+    """Turns a composed DictConfig into plain typed dataclasses for the code to use."""
+    from omegaconf import OmegaConf
+
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, Config)
+    return obj

@@ -1,0 +1,146 @@
+"""One validation pass over the whole config, run before any actor, file or W&B run exists.
+
+Types and unknown keys are caught earlier by the structured schema; this module
+checks ranges and cross-field constraints. Each check raises a
+:class:`ConfigError` naming the setting, its value, the constraint and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import (
+    ARCHS,
+    DATA_FORMATS,
+    LOGGER_MODES,
+    ROUTER_TYPES,
+    SCORE_ORDERS,
+    STRATEGIES,
+    TOKENIZERS,
+    Config,
+)
+
+# Strategies whose runtime exists; the others are named in the schema so users get
+# "not available yet" instead of "unknown".
+AVAILABLE_STRATEGIES = ("single",)
+
+
+def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ConfigError(setting, value, f"must be one of {', '.join(map(str, allowed))}")
+
+
+def _positive(setting: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(setting, value, f"must be {bound}")
+
+
+def validate_model(cfg: Config) -> None:
+    m = cfg.model
+    _one_of("model.arch", m.arch, ARCHS)
+    for name in ("d_model", "n_layers", "n_heads", "max_seq_len", "ffn_hidden"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_heads:
+        raise ConfigError("model.n_heads", m.n_heads, f"must divide model.d_model={m.d_model}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError("model.n_heads", m.n_heads,
+                          f"head width d_model/n_heads={m.d_model // m.n_heads} must be even for rotary positions")
+    _positive("model.rope_theta", m.rope_theta)
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.init_std", m.init_std)
+
+
+def validate_moe(cfg: Config) -> None:
+    moe = cfg.moe
+    _positive("moe.num_experts", moe.num_experts)
+    _one_of("moe.router", moe.router, ROUTER_TYPES)
+    _one_of("moe.score_order", moe.score_order, SCORE_ORDERS)
+    if moe.top_k < 1 or moe.top_k > moe.num_experts:
+        raise ConfigError("moe.top_k", moe.top_k, f"must be between 1 and moe.num_experts={moe.num_experts}")
+    if moe.router == "topk" and moe.score_order == "topk_softmax" and moe.top_k == 1:
+        raise ConfigError("moe.top_k", moe.top_k, "softmax over a single logit is always 1 and the router gets no "
+                          "gradient; use moe.score_order=softmax_topk or moe.router=switch for top-1")
+    _positive("moe.every", moe.every)
+    if moe.every > cfg.model.n_layers:
+        raise ConfigError("moe.every", moe.every, f"must be <= model.n_layers={cfg.model.n_layers}, "
+                          "or no block gets an MoE layer")
+    _positive("moe.expert_hidden", moe.expert_hidden)
+    if moe.capacity_factor is not None:
+        _positive("moe.capacity_factor", moe.capacity_factor)
+    _positive("moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
+    _positive("moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
+    _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
+    _positive("moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
+    _positive("moe.shared_expert_hidden", moe.shared_expert_hidden)
+    if moe.routing_groups is not None:
+        _positive("moe.routing_groups", moe.routing_groups)
+
+
+def validate_parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    _one_of("parallel.strategy", p.strategy, STRATEGIES)
+    if p.strategy not in AVAILABLE_STRATEGIES:
+        raise ConfigError("parallel.strategy", p.strategy,
+                          f"is not available yet in this version; available: {', '.join(AVAILABLE_STRATEGIES)}")
+    _positive("parallel.num_actors", p.num_actors)
+    _positive("parallel.gpus_per_actor", p.gpus_per_actor, allow_zero=True)
+    _positive("parallel.cpus_per_actor", p.cpus_per_actor, allow_zero=True)
+    dp_world = 1 if p.strategy == "single" else p.num_actors
+    groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world
+    if groups % dp_world:
+        raise ConfigError("moe.routing_groups", groups,
+                          f"must be a multiple of the {dp_world} data-parallel ranks")
+    if cfg.train.batch_size % groups:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"must be divisible by the {groups} routing groups (moe.routing_groups / data-parallel "
+                          "ranks), so every group holds whole sequences")
+
+
+def validate_data(cfg: Config) -> None:
+    d = cfg.data
+    _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _one_of("data.format", d.format, DATA_FORMATS)
+    _positive("data.seq_len", d.seq_len)
+    if d.seq_len > cfg.model.max_seq_len:
+        raise ConfigError("data.seq_len", d.seq_len, f"must be <= model.max_seq_len={cfg.model.max_seq_len}")
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError("data.val_fraction", d.val_fraction, "must be strictly between 0 and 1")
+    _positive("data.embedded_max_bytes", d.embedded_max_bytes)
+    if d.paths and d.hub_name:
+        raise ConfigError("data.hub_name", d.hub_name, "set either data.paths or data.hub_name, not both")
+    for path in d.paths:
+        if not Path(path).expanduser().is_file():
+            raise ConfigError("data.paths", path, "file does not exist (give existing local text/json/parquet files)")
+
+
+def validate_train(cfg: Config) -> None:
+    t = cfg.train
+    _positive("train.max_steps", t.max_steps)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.lr", t.lr)
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be between 0 and 1")
+    _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    for name in ("beta1", "beta2"):
+        value = getattr(t, name)
+        if not 0 <= value < 1:
+            raise ConfigError(f"train.{name}", value, "must be in [0, 1)")
+    _positive("train.grad_clip", t.grad_clip, allow_zero=True)
+    for name in ("eval_every", "eval_batches", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+
+
+def validate_logger(cfg: Config) -> None:
+    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+
+
+def validate(cfg: Config) -> None:
+    """Raises the first :class:`ConfigError` found; returns silently when the config is usable."""
+    for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_logger):
+        check(cfg)

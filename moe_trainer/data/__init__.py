@@ -1,0 +1,39 @@
+"""Data pipeline: text sources (embedded stdlib, local files, Hub) -> byte tokens -> batches.
+
+Typical use::
+
+    source = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
+    inputs, targets = source.train_batch(step, rank, world)  # int64 [B / world, seq_len] each
+    val = source.val_batches(cfg.train.eval_batches, cfg.train.batch_size)
+"""
+
+from moe_trainer.data.batches import Batch, BatchSource, build_batch_source, step_seed, tokenize_split
+from moe_trainer.data.sources import (
+    TEXT_COLUMN,
+    embedded_corpus,
+    hub_reachable,
+    load_corpus,
+    load_documents,
+    split_documents,
+    stdlib_source_files,
+)
+from moe_trainer.data.tokenizer import EOD_ID, ByteTokenizer, Tokenizer, build_tokenizer
+
+__all__ = [
+    "EOD_ID",
+    "TEXT_COLUMN",
+    "Batch",
+    "BatchSource",
+    "ByteTokenizer",
+    "Tokenizer",
+    "build_batch_source",
+    "build_tokenizer",
+    "embedded_corpus",
+    "hub_reachable",
+    "load_corpus",
+    "load_documents",
+    "split_documents",
+    "stdlib_source_files",
+    "step_seed",
+    "tokenize_split",
+]

@@ -1,0 +1,368 @@
+"""Text sources: where the documents come from, all returned as Hugging Face `datasets` objects.
+
+Three sources, picked by `DataConfig`:
+
+* ``data.paths`` set: local text/json/parquet files through ``datasets.load_dataset``.
+* ``data.hub_name`` set: a Hub dataset through ``datasets.load_dataset`` (needs network, or the
+  dataset already in the local cache).
+* neither: an embedded corpus made of the running interpreter's standard-library ``.py`` files.
+  Every machine that runs Python has them, so a fresh checkout trains on real text with no
+  download, offline, and the result is the same on every run with the same interpreter.
+
+Whatever the source, :func:`load_corpus` returns a ``DatasetDict`` with ``train`` and
+``validation`` splits holding a single ``text`` column, split by document so that validation
+text is never seen in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import socket
+import sysconfig
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import datasets
+import huggingface_hub.constants
+import pyarrow as pa
+from datasets import Dataset, DatasetDict
+
+from moe_trainer.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from moe_trainer.config.schema import DataConfig
+
+TEXT_COLUMN = "text"  # the one column every split returned here has
+SPLIT_SEED = 0  # fixed, so runs with different train seeds are evaluated on the same documents
+
+# Directories of the standard library left out of the embedded corpus: test suites (huge,
+# repetitive, full of deliberately odd code), the IDLE GUI, and anything installed by pip.
+EMBEDDED_SKIP_DIRS = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "venv",
+    }
+)
+EXTENSION_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".md": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+FORMATS = ("text", "json", "parquet")
+HUB_PROBE_TIMEOUT_S = 3.0  # how long to wait for a TCP connection to the Hub before calling it unreachable
+
+
+# ----------------------------------------------------------------------------- embedded corpus
+
+
+def stdlib_source_files() -> list[Path]:
+    """Returns the interpreter's standard-library ``.py`` files, sorted by relative path.
+
+    Sorting makes the selection (and so the corpus) identical on every run; the skipped
+    directories are in `EMBEDDED_SKIP_DIRS`.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in EMBEDDED_SKIP_DIRS and not d.startswith("config-")]
+        found.extend(Path(dirpath) / f for f in filenames if f.endswith(".py"))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_capped(path: Path, budget: int) -> tuple[str, int]:
+    """Returns (text, n_bytes) of the file, cut at the last line break within `budget` bytes if longer."""
+    raw = path.read_bytes()
+    if len(raw) > budget:
+        cut = raw.rfind(b"\n", 0, budget)
+        raw = raw[: cut + 1 if cut >= 0 else budget]
+        return raw.decode("utf-8", errors="replace"), budget  # the cap is reached: nothing more fits
+    return raw.decode("utf-8", errors="replace"), len(raw)
+
+
+def embedded_corpus(max_bytes: int) -> Dataset:
+    """Returns standard-library sources as an in-memory ``Dataset`` of one document per file.
+
+    Files are taken whole in sorted order until `max_bytes` would be exceeded; the file that
+    crosses the cap is cut at a line break so the total is at most `max_bytes`. The dataset lives
+    in memory (``Dataset.from_dict``), so nothing is written to the HF cache.
+    """
+    if max_bytes <= 0:
+        raise ConfigError("data.embedded_max_bytes", max_bytes, "must be positive (e.g. 4000000)")
+    texts: list[str] = []
+    budget = max_bytes
+    for path in stdlib_source_files():
+        if budget <= 0:
+            break
+        text, used = _read_capped(path, budget)
+        if text.strip():
+            texts.append(text)
+        budget -= used
+    if not texts:
+        raise ConfigError("data.embedded_max_bytes", max_bytes, "too small to hold any source line; raise it")
+    return Dataset.from_dict({TEXT_COLUMN: texts})
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _expand_paths(paths: list[str]) -> list[str]:
+    """Returns the files `data.paths` names, expanding ``~`` and glob patterns, in the given order."""
+    files: list[str] = []
+    for entry in paths:
+        path = os.path.expanduser(entry)
+        if glob.has_magic(path):
+            matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ConfigError("data.paths", entry, "the pattern matches no file")
+            files.extend(matches)
+        elif os.path.isdir(path):
+            problem = "is a directory; list its files or use a glob like dir/*.txt"
+            raise ConfigError("data.paths", entry, problem)
+        elif not os.path.isfile(path):
+            raise ConfigError("data.paths", entry, "no such file")
+        else:
+            files.append(path)
+    return files
+
+
+def resolve_format(files: list[str], fmt: str) -> str:
+    """Returns the ``load_dataset`` builder name for `files`: `fmt`, or by extension when ``auto``."""
+    if fmt != "auto":
+        if fmt not in FORMATS:
+            raise ConfigError("data.format", fmt, f"must be one of {('auto', *FORMATS)}")
+        return fmt
+    found = {EXTENSION_FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in found:
+        unknown = sorted({Path(f).suffix for f in files if Path(f).suffix.lower() not in EXTENSION_FORMATS})
+        raise ConfigError(
+            "data.format",
+            fmt,
+            f"cannot tell the format of extension(s) {unknown} in data.paths; known: "
+            f"{sorted(EXTENSION_FORMATS)}; set data.format to one of {FORMATS}",
+        )
+    if len(found) > 1:
+        raise ConfigError("data.paths", files, f"mixes formats {sorted(found)}; use files of one format")
+    return found.pop()
+
+
+def load_local(paths: list[str], fmt: str, text_field: str, cache_dir: str | None = None) -> Dataset:
+    """Returns the documents of local files as a ``Dataset`` with a ``text`` column.
+
+    Plain-text files are read with ``sample_by="document"``: one file is one document, keeping
+    its line breaks (the ``text`` builder's default of one row per line would put an
+    end-of-document token at every line end). json/parquet rows are documents, read from the
+    `text_field` column.
+    """
+    files = _expand_paths(paths)
+    builder = resolve_format(files, fmt)
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    try:
+        ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+    except (datasets.exceptions.DatasetsError, pa.ArrowException, ValueError, OSError) as err:
+        raise ConfigError("data.paths", paths, f"could not be read as {builder}: {_first_line(err)}") from err
+    field = TEXT_COLUMN if builder == "text" else text_field
+    return select_text(ds, field, origin=f"{builder} files {files}")
+
+
+# ----------------------------------------------------------------------------- hub
+
+
+def _hub_address() -> tuple[str, int]:
+    """Returns the (host, port) a Hub request first connects to: the HTTPS proxy if one is set."""
+    endpoint = urllib.parse.urlsplit(huggingface_hub.constants.ENDPOINT)
+    proxy = urllib.request.getproxies().get("https")
+    if proxy and not urllib.request.proxy_bypass(endpoint.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return parts.hostname or "", parts.port or 80
+    return endpoint.hostname or "", endpoint.port or (443 if endpoint.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """Returns whether a TCP connection to the Hub (or its proxy) opens within `timeout` seconds.
+
+    ``huggingface_hub`` retries a failed request 5 times with backoff (~25 s per file, not
+    configurable), so an unreachable Hub would stall a run for minutes. This probe runs in a
+    daemon thread because DNS lookups ignore socket timeouts and can hang.
+    """
+    host, port = _hub_address()
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="hub-probe")
+    thread.start()
+    thread.join(timeout + 0.5)
+    return bool(result and result[0])
+
+
+def hub_offline() -> bool:
+    """Returns whether the user turned Hub access off (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+    return bool(datasets.config.HF_HUB_OFFLINE or huggingface_hub.constants.is_offline_mode())
+
+
+@contextlib.contextmanager
+def _forced_offline() -> Iterator[None]:
+    """Makes ``datasets`` and ``huggingface_hub`` behave as under ``HF_HUB_OFFLINE=1`` for a while.
+
+    Both libraries read the environment variable once at import, into these module attributes,
+    and consult the attributes on each call; setting them is the only way to switch to
+    cache-only loading (which fails at once on a cache miss instead of retrying) at run time.
+    """
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def load_hub(name: str, config_name: str | None, text_field: str, cache_dir: str | None = None) -> Dataset:
+    """Returns the ``train`` split of Hub dataset `name` as a ``Dataset`` with a ``text`` column.
+
+    Offline (by setting, or because the Hub does not answer within seconds) only the local HF
+    cache is used, so a dataset downloaded earlier still loads and a missing one fails at once
+    with a one-line :class:`ConfigError` instead of minutes of retries.
+    """
+    offline_reason, fix = None, ""
+    if hub_offline():
+        offline_reason = "Hub access is off (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"
+        fix = "unset HF_HUB_OFFLINE and HF_DATASETS_OFFLINE to download it"
+    elif not hub_reachable():
+        offline_reason = f"the Hub ({huggingface_hub.constants.ENDPOINT}) is unreachable"
+        fix = "connect to the network"
+    where = f"{name}" + (f" (data.hub_config={config_name!r})" if config_name else "")
+    try:
+        with _forced_offline() if offline_reason else contextlib.nullcontext():
+            ds = datasets.load_dataset(name, config_name, split="train", cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 - any failure of a Hub load is reported as this setting's error
+        if offline_reason:
+            problem = (
+                f"{offline_reason} and {where} is not in the local HF cache; {fix}, or use local "
+                f"files (data.paths) or the embedded corpus (data.paths and data.hub_name unset) "
+                f"[{_first_line(err)}]"
+            )
+        else:
+            problem = f"could not load {where} from the Hub: {_first_line(err)}"
+        raise ConfigError("data.hub_name", name, problem) from err
+    if not isinstance(ds, Dataset):
+        raise ConfigError("data.hub_name", name, "loads as a streaming dataset; only map-style is supported")
+    return select_text(ds, text_field, origin=f"Hub dataset {where}")
+
+
+# ----------------------------------------------------------------------------- common
+
+
+def _first_line(err: BaseException) -> str:
+    """Returns an exception as one short line, for error messages that must stay on one line."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+def select_text(ds: Dataset, field: str, origin: str) -> Dataset:
+    """Returns `ds` reduced to one string column renamed ``text``, empty documents dropped.
+
+    Missing or non-string columns are a :class:`ConfigError` naming ``data.text_field`` and the
+    columns that do exist, since a wrong field name is the usual mistake with json/parquet data.
+    """
+    if field not in ds.column_names:
+        raise ConfigError(
+            "data.text_field",
+            field,
+            f"no such column in {origin}; its columns are {ds.column_names}; "
+            "set data.text_field to one of them",
+        )
+    feature = ds.features[field]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+        raise ConfigError("data.text_field", field, f"column in {origin} holds {feature}, not strings")
+    ds = ds.select_columns([field])
+    if field != TEXT_COLUMN:
+        ds = ds.rename_column(field, TEXT_COLUMN)
+    return ds.filter(_non_empty, batched=True, input_columns=TEXT_COLUMN, keep_in_memory=True)
+
+
+def _non_empty(texts: list[str | None]) -> list[bool]:
+    """Batched filter: keeps documents with at least one non-whitespace character."""
+    return [bool(t and t.strip()) for t in texts]
+
+
+def _split_one_document(text: str, val_fraction: float) -> DatasetDict:
+    """Splits a single document's text into train (head) and validation (tail).
+
+    With one document there is nothing to split by document, so the last `val_fraction` of its
+    characters, moved forward to the next line break when there is one, becomes validation.
+    """
+    cut = min(max(int(len(text) * (1.0 - val_fraction)), 1), len(text) - 1)
+    newline = text.find("\n", cut, len(text) - 1)
+    cut = newline + 1 if newline >= 0 else cut
+    return DatasetDict(
+        train=Dataset.from_dict({TEXT_COLUMN: [text[:cut]]}),
+        validation=Dataset.from_dict({TEXT_COLUMN: [text[cut:]]}),
+    )
+
+
+def split_documents(ds: Dataset, val_fraction: float, seed: int = SPLIT_SEED) -> DatasetDict:
+    """Holds out a seeded random `val_fraction` of the documents (at least one, never all).
+
+    Returns a ``DatasetDict`` with ``train`` and ``validation``. A single document is split by
+    text instead (see :func:`_split_one_document`).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError("data.val_fraction", val_fraction, "must lie strictly between 0 and 1 (e.g. 0.05)")
+    n = len(ds)
+    if n == 0:
+        raise ConfigError("data", "no documents", "the corpus has no non-empty document; check data.paths")
+    if n == 1:
+        return _split_one_document(ds[0][TEXT_COLUMN], val_fraction)
+    n_val = min(max(round(n * val_fraction), 1), n - 1)
+    # No keep_in_memory here: datasets 5.2.0 raises ValueError when it is combined with a
+    # file-backed dataset (it also passes its own indices cache file name). File-backed data get
+    # small index files next to their Arrow cache; in-memory data stay in memory.
+    parts = ds.train_test_split(test_size=n_val, seed=seed)
+    return DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def load_documents(data_cfg: DataConfig, cache_dir: str | None = None) -> Dataset:
+    """Returns all documents of the source `data_cfg` selects, before the train/validation split."""
+    if data_cfg.paths and data_cfg.hub_name:
+        problem = "set either data.paths or data.hub_name, not both"
+        raise ConfigError("data.hub_name", data_cfg.hub_name, problem)
+    if data_cfg.paths:
+        return load_local(list(data_cfg.paths), data_cfg.format, data_cfg.text_field, cache_dir)
+    if data_cfg.hub_name:
+        return load_hub(data_cfg.hub_name, data_cfg.hub_config, data_cfg.text_field, cache_dir)
+    return embedded_corpus(data_cfg.embedded_max_bytes)
+
+
+def load_corpus(
+    data_cfg: DataConfig, *, split_seed: int = SPLIT_SEED, cache_dir: str | None = None
+) -> DatasetDict:
+    """Returns the corpus as ``DatasetDict(train=..., validation=...)``, each with a ``text`` column.
+
+    The split uses `split_seed`, not the training seed, so that runs differing only in seed are
+    scored on the same validation documents. `cache_dir` overrides the HF datasets cache used
+    for local and Hub files (the embedded corpus never touches it).
+    """
+    return split_documents(load_documents(data_cfg, cache_dir), data_cfg.val_fraction, split_seed)

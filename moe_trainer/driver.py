@@ -1,0 +1,69 @@
+"""The driver loop shared by every strategy: chunks of steps, evaluation, checkpoints, logging.
+
+It knows nothing about how steps are computed; it asks an :class:`Engine` for
+chunks that end at the next log, eval or checkpoint boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+from moe_trainer.config.schema import Config
+from moe_trainer.engine import Engine
+from moe_trainer.outputs import RunOutputs
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def _next_boundary(step: int, every: int, last: int) -> int:
+    return min(last, (step // every + 1) * every) if every > 0 else last
+
+
+def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, Any]:
+    """Trains to ``train.max_steps`` from wherever ``engine`` stands; returns the run summary."""
+    t = cfg.train
+    ckpt_root = outputs.run_dir / "checkpoints"
+    summary: dict[str, Any] = {"start_step": engine.step, **engine.info()}
+    t_start = time.perf_counter()
+    if engine.step == 0:
+        summary["initial_val_loss"] = engine.evaluate()
+        outputs.log({"step": 0, "val_loss": summary["initial_val_loss"]})
+    bar = tqdm(total=t.max_steps, initial=engine.step, disable=not cfg.logger.progress, unit="step",
+               dynamic_ncols=True)
+    tokens_per_s: list[float] = []
+    try:
+        while engine.step < t.max_steps:
+            stop = min(_next_boundary(engine.step, every, t.max_steps)
+                       for every in (t.log_every, t.eval_every, t.checkpoint_every))
+            records = engine.train(stop - engine.step)
+            bar.update(len(records))
+            for record in records:
+                if not math.isfinite(record["loss"]):
+                    raise TrainingDiverged(f"loss is {record['loss']} at step {record['step']}; stopping. The last "
+                                           f"good checkpoint in {ckpt_root} is intact.")
+                tokens_per_s.append(record["tokens_per_s"])
+                if record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
+                    outputs.log(record)
+            last = records[-1]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+            if engine.step % t.eval_every == 0 or engine.step == t.max_steps:
+                val = engine.evaluate()
+                outputs.log({"step": engine.step, "val_loss": val})
+                summary["final_val_loss"] = val
+                bar.write(f"step {engine.step}: val_loss {val:.4f}")
+            if (t.checkpoint_every and engine.step % t.checkpoint_every == 0) or engine.step == t.max_steps:
+                engine.save(ckpt_root)
+            summary["final_loss"] = last["loss"]
+    finally:
+        bar.close()
+    summary["steps"] = engine.step
+    summary["train_time_s"] = time.perf_counter() - t_start
+    if tokens_per_s:
+        summary["tokens_per_s_mean"] = sum(tokens_per_s) / len(tokens_per_s)
+    return summary

@@ -1,0 +1,91 @@
+"""Engines run training steps for the driver; :class:`LocalEngine` is the in-process one.
+
+The driver (:mod:`moe_trainer.driver`) talks to every strategy through the same
+small interface, asking for chunks of steps, so the per-call overhead of a
+remote engine (Ray actors) stays off the per-step path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from moe_trainer.config.schema import Config
+from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.model.transformer import Transformer, count_parameters
+from moe_trainer.train.checkpoint import load_checkpoint, save_checkpoint
+from moe_trainer.train.trainer import SingleContext, Trainer
+
+
+class Engine(Protocol):
+    @property
+    def step(self) -> int: ...
+
+    def train(self, num_steps: int) -> list[dict[str, Any]]:
+        """Runs ``num_steps`` optimizer steps and returns one metrics record per step."""
+
+    def evaluate(self) -> float: ...
+
+    def save(self, root: Path) -> Path: ...
+
+    def load(self, path: Path) -> None: ...
+
+    def info(self) -> dict[str, Any]:
+        """Static facts for the run summary: parameter counts, memory per process."""
+
+    def close(self) -> None: ...
+
+
+def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
+    """What must match for a checkpoint to load into this model."""
+    moe = cfg.moe
+    return {
+        "model": asdict(cfg.model),
+        "experts": {"num_experts": moe.num_experts, "expert_hidden": moe.expert_hidden, "every": moe.every,
+                    "num_shared_experts": moe.num_shared_experts,
+                    "shared_expert_hidden": moe.shared_expert_hidden},
+        "vocab_size": vocab_size,
+    }
+
+
+def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
+    return Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, **kwargs)
+
+
+class LocalEngine:
+    """The ``single`` strategy: one process, everything local, the reference for all others."""
+
+    def __init__(self, cfg: Config) -> None:
+        torch.manual_seed(cfg.train.seed)
+        self.cfg = cfg
+        self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+        data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
+        self.trainer = Trainer(cfg, build_model(cfg, self.vocab_size), data, SingleContext())
+
+    @property
+    def step(self) -> int:
+        return self.trainer.step
+
+    def train(self, num_steps: int) -> list[dict[str, Any]]:
+        return [self.trainer.train_step().record for _ in range(num_steps)]
+
+    def evaluate(self) -> float:
+        return self.trainer.evaluate()
+
+    def save(self, root: Path) -> Path:
+        meta = checkpoint_signature(self.cfg, self.vocab_size)
+        return save_checkpoint(root, self.trainer.step, self.trainer.state_dict(), meta)
+
+    def load(self, path: Path) -> None:
+        self.trainer.load_state_dict(load_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size)))
+
+    def info(self) -> dict[str, Any]:
+        counts = count_parameters(self.trainer.model)
+        return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts,
+                "processes": 1}
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,160 @@
+"""Decoder-only transformer LM whose FFNs are MoE layers every ``moe.every`` blocks.
+
+Initialisation is keyed by parameter name (and, for experts, by global expert
+index), not by the order in which modules are built: a shard that holds experts
+4..7 gets exactly the weights experts 4..7 have in the single-process model, which
+is what lets every strategy start from the same point as the reference.
+
+Shape legend: B batch, S sequence, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moe_trainer.config.schema import ModelConfig, MoEConfig
+from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
+from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats
+
+
+def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
+    """Block ``index`` (0-based) has an MoE FFN when ``(index + 1) % every == 0``."""
+    return (index + 1) % moe_cfg.every == 0
+
+
+def active_ffn_hidden(moe_cfg: MoEConfig) -> int:
+    """Hidden width of a dense FFN with the same per-token FLOPs as the MoE FFN it replaces."""
+    top_k = 1 if moe_cfg.router == "switch" else moe_cfg.top_k
+    return top_k * moe_cfg.expert_hidden + moe_cfg.num_shared_experts * moe_cfg.shared_expert_hidden
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+
+    def __init__(self, ffn: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = ffn
+
+    def forward(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, MoEStats | None]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        h_BSD = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoELayer):
+            y_BSD, stats = self.ffn(h_BSD, num_groups)
+            return x_BSD + y_BSD, stats
+        return x_BSD + self.ffn(h_BSD), None
+
+
+@dataclass
+class ModelOutput:
+    logits_BSV: Tensor
+    aux_loss: Tensor  # mean over MoE layers (0 for dense)
+    z_loss: Tensor  # mean over MoE layers (0 for dense)
+    moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in depth order
+
+
+class Transformer(nn.Module):
+    """The LM. ``dispatcher_factory`` and ``expert_range`` let a parallel strategy shard experts."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        moe_cfg: MoEConfig,
+        vocab_size: int,
+        seed: int,
+        dispatcher: Dispatcher | None = None,
+        expert_range: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.embed = nn.Embedding(vocab_size, cfg.d_model)
+        blocks = []
+        for i in range(cfg.n_layers):
+            if not is_moe_block(i, moe_cfg):
+                ffn: nn.Module = SwiGLU(cfg.d_model, cfg.ffn_hidden)
+            elif cfg.arch == "dense":
+                ffn = SwiGLU(cfg.d_model, active_ffn_hidden(moe_cfg))
+            else:
+                ffn = MoELayer(cfg.d_model, moe_cfg, dispatcher, expert_range)
+            blocks.append(Block(ffn, cfg))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        init_weights(self, seed, cfg)
+
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, idx_BS: Tensor, num_groups: int = 1) -> ModelOutput:
+        x_BSD = self.embed(idx_BS)
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            x_BSD, layer_stats = block(x_BSD, num_groups)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = self.lm_head(self.norm(x_BSD))
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
+        z = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
+        return ModelOutput(logits, aux, z, stats)
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module, seed: int, cfg: ModelConfig) -> None:
+    """Normal(0, std) for matrices, ones for norms; residual outputs scaled by ``1/sqrt(2L)`` (GPT-2).
+
+    Every tensor draws from its own generator seeded by (seed, name[, global expert]),
+    so the result is independent of construction order and of expert placement.
+    """
+    out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    for mod_name, module in model.named_modules():
+        if isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+        elif isinstance(module, SwiGLUExperts):
+            for e in range(module.num_local):
+                gid = module.first_expert + e
+                gen = _generator(seed, f"{mod_name}.expert{gid}")
+                module.w_gate_up_EDF2[e].copy_(torch.randn(module.w_gate_up_EDF2[e].shape, generator=gen)
+                                               * cfg.init_std)
+                module.w_down_EFD[e].copy_(torch.randn(module.w_down_EFD[e].shape, generator=gen) * out_std)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or ".experts." in name:
+            continue
+        std = out_std if name.endswith(("attn.out.weight", "down.weight")) else cfg.init_std
+        param.copy_(torch.randn(param.shape, generator=_generator(seed, name)) * std)
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int  # every parameter of the full model (all experts)
+    active: int  # parameters a token passes through (k of E experts per MoE layer)
+    experts: int  # routed-expert parameters of the full model
+
+
+def count_parameters(model: Transformer) -> ParamCounts:
+    """Counts for the *full* model, even when this instance holds only a shard of experts."""
+    moe = model.moe_cfg
+    top_k = 1 if moe.router == "switch" else moe.top_k
+    total = active = experts = 0
+    for module_name, param in model.named_parameters():
+        if ".experts." in module_name:
+            per_expert = param[0].numel()
+            experts += per_expert * moe.num_experts
+            total += per_expert * moe.num_experts
+            active += per_expert * top_k
+        else:
+            total += param.numel()
+            active += param.numel()
+    return ParamCounts(total=total, active=active, experts=experts)

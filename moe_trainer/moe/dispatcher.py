@@ -1,0 +1,109 @@
+"""Dispatcher: moves token rows to the experts that own them and back.
+
+The work splits into a plan (which assignments survive capacity, in which order),
+a permutation (gather rows into contiguous per-expert runs) and its inverse
+(weighted scatter-add back to token order). All three are O(A * D) index
+operations: no dense ``[tokens, experts, capacity]`` one-hot masks.
+
+Only ``dispatch`` and ``combine`` may communicate. :class:`LocalDispatcher` does
+not (it is the single-process reference); a distributed dispatcher puts an
+all-to-all between :func:`permute` and the experts, and the reverse one between
+the experts and :func:`unpermute`, reusing the same plan, so router and experts
+never change.
+
+Shape legend: T tokens, D width, E experts, A assignments, N dispatched rows (kept assignments).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_trainer.moe.router import Routing, capacity
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """Which assignments are kept, sorted by expert; computed locally, no communication."""
+
+    token_idx_N: Tensor  # int64 [N]: source token of each dispatched row, grouped by expert
+    weight_N: Tensor  # fp32 [N]: gate weight of each dispatched row
+    tokens_per_expert_E: Tensor  # int64 [E]: rows per expert after drops
+    dropped: Tensor  # int64 scalar: assignments dropped past capacity
+
+
+def plan_dispatch(
+    routing: Routing, num_experts: int, num_groups: int, num_tokens: int, capacity_factor: float | None
+) -> DispatchPlan:
+    """Sorts assignments by (expert, group, priority) and drops those past capacity.
+
+    One stable sort on ``expert * G + group`` yields contiguous expert runs; inside a
+    run, groups are in order and, inside a group, assignments keep the router's
+    priority order, so "position in segment" is the slot an assignment takes in that
+    expert's per-group buffer. Rows whose slot is ``>= capacity`` are dropped (their
+    token keeps only the residual). ``capacity_factor=None`` means dropless.
+    """
+    expert_idx_A = routing.expert_idx_A
+    group_A = routing.token_idx_A // (num_tokens // num_groups)
+    key_A = expert_idx_A * num_groups + group_A
+    order_A = torch.argsort(key_A, stable=True)
+    if capacity_factor is None or not routing.drops_allowed:
+        keep_order = order_A
+    else:
+        top_k = expert_idx_A.numel() // num_tokens
+        cap = capacity(num_tokens // num_groups, top_k, num_experts, capacity_factor)
+        seg_counts = torch.bincount(key_A, minlength=num_experts * num_groups)
+        seg_starts = torch.cumsum(seg_counts, 0) - seg_counts
+        slot_A = torch.arange(order_A.numel(), device=order_A.device) - seg_starts[key_A[order_A]]
+        keep_order = order_A[slot_A < cap]
+    kept_experts = expert_idx_A[keep_order]
+    return DispatchPlan(
+        token_idx_N=routing.token_idx_A[keep_order],
+        weight_N=routing.weight_A[keep_order],
+        tokens_per_expert_E=torch.bincount(kept_experts, minlength=num_experts),
+        dropped=torch.tensor(expert_idx_A.numel() - keep_order.numel()),
+    )
+
+
+def permute(x_TD: Tensor, token_idx_N: Tensor) -> Tensor:
+    """Gathers token rows into dispatch order. Backward is the scatter-add of the gradients."""
+    return x_TD.index_select(0, token_idx_N)
+
+
+def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: int) -> Tensor:
+    """Weights each expert output by its gate and sums the rows back per token.
+
+    Tokens with no kept assignment get zeros: the residual connection carries them.
+    """
+    weighted_ND = y_ND * weight_N.to(y_ND.dtype).unsqueeze(-1)
+    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    return out_TD.index_add(0, token_idx_N, weighted_ND)
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """Rows for the local experts plus what ``combine`` needs to undo the dispatch."""
+
+    x_ND: Tensor  # rows for the local experts, contiguous per local expert
+    tokens_per_expert_E: Tensor  # int64 [E_local]: run length of each local expert
+    plan: DispatchPlan  # the local plan (source side)
+    num_tokens: int
+
+
+class LocalDispatcher:
+    """All experts live in this process: permute, (no communication), un-permute."""
+
+    def __init__(self, num_experts: int, capacity_factor: float | None) -> None:
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched:
+        num_tokens = x_TD.shape[0]
+        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
+        return Dispatched(permute(x_TD, plan.token_idx_N), plan.tokens_per_expert_E, plan, num_tokens)
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        plan = dispatched.plan
+        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)

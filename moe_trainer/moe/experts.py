@@ -1,0 +1,45 @@
+"""Experts: the local shard of SwiGLU experts, run as one matmul pair per expert run.
+
+Rows arrive grouped by expert (see :mod:`moe_trainer.moe.dispatcher`), so each
+expert computes two matmuls over one contiguous slice: a grouped matmul, never a
+loop over tokens. Weights are stacked ``[E_local, ...]`` tensors; ``first_expert``
+records which global experts this shard holds, so checkpoints and initialisation
+are keyed by global expert index and do not depend on how experts are placed.
+
+Shape legend: N rows, D width, F expert hidden width, E local experts.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SwiGLUExperts(nn.Module):
+    """``E_local`` SwiGLU FFNs: ``w2(silu(x w_gate) * (x w_up))`` (Shazeer, https://arxiv.org/abs/2002.05202)."""
+
+    def __init__(self, num_local: int, d_model: int, hidden: int, first_expert: int = 0) -> None:
+        super().__init__()
+        self.first_expert = first_expert
+        self.hidden = hidden
+        # gate and up projections fused so each run costs one input matmul
+        self.w_gate_up_EDF2 = nn.Parameter(torch.empty(num_local, d_model, 2 * hidden))
+        self.w_down_EFD = nn.Parameter(torch.empty(num_local, hidden, d_model))
+        # usable on its own; the transformer re-initialises per global expert index
+        nn.init.normal_(self.w_gate_up_EDF2, std=0.02)
+        nn.init.normal_(self.w_down_EFD, std=0.02)
+
+    @property
+    def num_local(self) -> int:
+        return self.w_down_EFD.shape[0]
+
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """``x_ND`` holds ``tokens_per_expert_E[e]`` consecutive rows for local expert ``e``."""
+        # Empty runs still go through the matmuls: they cost nothing and give every
+        # local expert a (zero) gradient, so gradient syncs see the same tensors on every rank.
+        outs = []
+        for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
+            gate, up = (x_nD @ self.w_gate_up_EDF2[e]).split(self.hidden, dim=-1)
+            outs.append((F.silu(gate) * up) @ self.w_down_EFD[e])
+        return torch.cat(outs)

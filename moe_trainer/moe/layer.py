@@ -1,0 +1,80 @@
+"""MoE layer: route -> dispatch -> experts -> combine (+ shared experts).
+
+The layer is written for one device; parallel strategies swap in another
+dispatcher and another expert shard, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from moe_trainer.config.schema import MoEConfig
+from moe_trainer.model.layers import SwiGLU
+from moe_trainer.moe.dispatcher import Dispatched, LocalDispatcher
+from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.moe.router import Router, Routing
+
+
+class Dispatcher(Protocol):
+    """Moves rows to the owners of their experts and back; the only part that communicates."""
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched: ...
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class MoEStats:
+    """Per-layer losses (with grad) and detached load statistics of one forward pass."""
+
+    aux_loss: Tensor  # load-balancing loss (differentiable)
+    z_loss: Tensor  # router z-loss (differentiable)
+    tokens_per_expert_E: Tensor  # int64 [E] assignments per expert before drops
+    dropped: Tensor  # int64 scalar: assignments dropped past capacity
+    assignments: int  # token-expert assignments made
+    router_entropy: Tensor  # mean entropy (nats) of the per-token router distribution
+
+
+class MoELayer(nn.Module):
+    """A Mixture-of-Experts FFN: ``y = sum_k g_k E_k(x) (+ shared(x))``."""
+
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        dispatcher: Dispatcher | None = None,
+        expert_range: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        first, count = expert_range if expert_range is not None else (0, cfg.num_experts)
+        self.router = Router(d_model, cfg)
+        self.experts = SwiGLUExperts(count, d_model, cfg.expert_hidden, first_expert=first)
+        self.shared = (
+            SwiGLU(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden) if cfg.num_shared_experts else None
+        )
+        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
+
+    def forward(self, x_BSD: Tensor, num_groups: int = 1) -> tuple[Tensor, MoEStats]:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        routing = self.router(x_TD, num_groups)
+        dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups)
+        y_ND = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_ND, dispatched)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        with torch.no_grad():
+            probs = routing.probs_TE
+            entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+        stats = MoEStats(
+            aux_loss=routing.aux_loss,
+            z_loss=routing.z_loss,
+            tokens_per_expert_E=routing.tokens_per_expert_E.detach(),
+            dropped=dispatched.plan.dropped,
+            assignments=routing.expert_idx_A.numel(),
+            router_entropy=entropy,
+        )
+        return y_TD.view_as(x_BSD), stats

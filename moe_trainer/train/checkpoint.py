@@ -1,0 +1,81 @@
+"""Checkpoints: one directory per step, written atomically, loaded without unpickling code.
+
+A checkpoint is ``step_XXXXXXXX/{state.pt, meta.json}``, first written under a
+temporary name and renamed into place, so a crash mid-save never leaves a
+half-written checkpoint where ``resume`` would look. ``state.pt`` holds only
+tensors and plain containers and is read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_trainer.config.errors import ConfigError
+
+STATE_FILE = "state.pt"
+META_FILE = "meta.json"
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step_{step:08d}"
+
+
+def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Writes ``state`` and ``meta`` for ``step`` under ``root``; returns the final directory."""
+    final = checkpoint_dir(root, step)
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save(state, tmp / STATE_FILE)
+    (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if (p / META_FILE).is_file() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """Maps ``train.resume`` (null | auto | a checkpoint or run directory) to a checkpoint directory."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if (path / META_FILE).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise ConfigError("train.resume", resume, "no checkpoint there; give a step_* directory, a run directory "
+                      "holding checkpoints/, or 'auto'")
+
+
+def load_checkpoint(path: Path, expected_meta: dict[str, Any]) -> dict[str, Any]:
+    """Loads a checkpoint after checking it was made by a model of the same shape."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except (OSError, ValueError, RuntimeError, EOFError) as err:
+        raise ConfigError("train.resume", str(path), f"checkpoint is unreadable or corrupt ({err})") from err
+    for key, want in expected_meta.items():
+        if meta.get(key) != want:
+            raise ConfigError("train.resume", str(path),
+                              f"checkpoint was saved with {key}={meta.get(key)!r}, this run has {want!r}")
+    return state

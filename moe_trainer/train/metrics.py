@@ -1,0 +1,81 @@
+"""Turns raw per-layer router counts into the load-balance metrics every strategy logs.
+
+Counts are summed over the global batch (all micro-batches and ranks) *before*
+these ratios are formed, so a distributed run reports the same numbers as the
+single-process reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from moe_trainer.moe.layer import MoEStats
+
+
+@dataclass
+class LoadCounts:
+    """Additive load statistics of the MoE layers: safe to sum across ranks."""
+
+    tokens_per_expert_LE: Tensor  # float64 [L, E] assignments per expert before drops
+    dropped_L: Tensor  # float64 [L] assignments dropped past capacity
+    assignments_L: Tensor  # float64 [L] assignments made
+    entropy_sum_L: Tensor  # float64 [L] router entropy summed over routed batches (for means)
+    batches: int  # forward passes summed into this record
+
+    @classmethod
+    def from_stats(cls, stats: list[MoEStats], num_experts: int) -> LoadCounts:
+        if not stats:
+            empty = torch.zeros(0, dtype=torch.float64)
+            return cls(torch.zeros(0, num_experts, dtype=torch.float64), empty, empty, empty, 1)
+        return cls(
+            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]).double(),
+            dropped_L=torch.stack([s.dropped for s in stats]).double(),
+            assignments_L=torch.tensor([float(s.assignments) for s in stats], dtype=torch.float64),
+            entropy_sum_L=torch.stack([s.router_entropy for s in stats]).double(),
+            batches=1,
+        )
+
+    def as_tensor(self) -> Tensor:
+        """Flattens into one float64 vector, so one all-reduce sums every field."""
+        return torch.cat([self.tokens_per_expert_LE.flatten(), self.dropped_L, self.assignments_L,
+                          self.entropy_sum_L, torch.tensor([float(self.batches)], dtype=torch.float64)])
+
+    @classmethod
+    def from_tensor(cls, flat: Tensor, num_layers: int, num_experts: int) -> LoadCounts:
+        le = num_layers * num_experts
+        parts = flat[le:].split(num_layers)
+        return cls(flat[:le].view(num_layers, num_experts), parts[0], parts[1], parts[2], int(parts[3].item()))
+
+
+def balance_metrics(counts: LoadCounts) -> dict[str, object]:
+    """Per-layer and mean load imbalance (max/mean), coefficient of variation, drops, entropy.
+
+    max/mean is 1 for perfect balance and E when every token goes to one expert.
+    """
+    layers = []
+    for i in range(counts.tokens_per_expert_LE.shape[0]):
+        load = counts.tokens_per_expert_LE[i]
+        mean = load.mean().clamp_min(1e-12)
+        layers.append({
+            "tokens_per_expert": [int(v) for v in load.tolist()],
+            "max_mean": float(load.max() / mean),
+            "cv": float(load.std(unbiased=False) / mean),
+            "dropped_frac": float(counts.dropped_L[i] / counts.assignments_L[i].clamp_min(1)),
+            "router_entropy": float(counts.entropy_sum_L[i] / counts.batches),
+        })
+    if not layers:
+        return {"layers": [], "load_imbalance": 1.0, "load_cv": 0.0, "dropped_frac": 0.0, "router_entropy": 0.0}
+
+    def mean_of(key: str) -> float:
+        return sum(layer[key] for layer in layers) / len(layers)  # type: ignore[misc]
+
+    return {
+        "layers": layers,
+        "load_imbalance": mean_of("max_mean"),
+        "load_cv": mean_of("cv"),
+        "dropped_frac": mean_of("dropped_frac"),
+        "router_entropy": mean_of("router_entropy"),
+    }

@@ -1,0 +1,165 @@
+"""The training step, written once for every strategy.
+
+A strategy differs only in its :class:`ParallelContext` (which slice of the batch
+this process sees, how gradients and statistics are reduced) and in the
+dispatcher/expert shard it gives the model. The single-process reference uses
+:class:`SingleContext`, where every reduction is the identity.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_trainer.config.schema import Config
+from moe_trainer.model.transformer import Transformer
+from moe_trainer.train.metrics import LoadCounts, balance_metrics
+from moe_trainer.train.optim import build_optimizer, set_lr
+
+
+class BatchSource(Protocol):
+    def train_batch(self, step: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]: ...
+
+    def val_batches(self, n: int, batch_size: int) -> list[tuple[Tensor, Tensor]]: ...
+
+
+class ParallelContext(Protocol):
+    """What the step needs from a parallel strategy."""
+
+    dp_rank: int  # this process's data-parallel rank (which rows of the global batch it reads)
+    dp_world: int  # number of data-parallel ranks
+
+    def sync_gradients(self, model: Transformer) -> None:
+        """Makes every gradient the gradient of the global-batch loss."""
+
+    def clip_gradients(self, model: Transformer, max_norm: float) -> Tensor:
+        """Clips by the norm over the *whole* model (all shards) and returns that norm."""
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Sums a tensor over the data-parallel ranks."""
+
+
+class SingleContext:
+    """One process holds everything: reductions are identities."""
+
+    dp_rank = 0
+    dp_world = 1
+
+    def sync_gradients(self, model: Transformer) -> None:
+        return None
+
+    def clip_gradients(self, model: Transformer, max_norm: float) -> Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        if max_norm > 0:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+
+def resolve_routing_groups(cfg: Config, dp_world: int) -> int:
+    """Routing groups of the global batch: ``moe.routing_groups`` or one per data-parallel rank."""
+    return cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world
+
+
+@dataclass
+class StepResult:
+    step: int
+    record: dict[str, Any]  # the metrics record logged for this step
+
+
+class Trainer:
+    """Owns model, optimizer and step counter of one process; strategies call :meth:`train_step`."""
+
+    def __init__(self, cfg: Config, model: Transformer, data: BatchSource, ctx: ParallelContext) -> None:
+        self.cfg, self.model, self.data, self.ctx = cfg, model, data, ctx
+        self.optimizer = build_optimizer(model, cfg.train)
+        self.step = 0  # optimizer steps taken
+        self.tokens_seen = 0  # global tokens trained on
+        groups = resolve_routing_groups(cfg, ctx.dp_world)
+        self.local_groups = groups // ctx.dp_world
+
+    def loss(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Any]:
+        """LM cross-entropy (mean over this rank's tokens) plus weighted router losses."""
+        out = self.model(inputs, self.local_groups)
+        lm = F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), targets.flatten())
+        total = lm + self.cfg.moe.aux_loss_coef * out.aux_loss + self.cfg.moe.z_loss_coef * out.z_loss
+        return total, lm, out
+
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        inputs, targets = self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world)
+        lr = set_lr(self.optimizer, self.step, self.cfg.train)
+        self.model.train()
+        total, lm, out = self.loss(inputs, targets)
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        self.ctx.sync_gradients(self.model)
+        grad_norm = self.ctx.clip_gradients(self.model, self.cfg.train.grad_clip)
+        self.optimizer.step()
+
+        counts = self._global_counts(out.moe_stats)
+        for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
+            layer.router.update_bias(load_E)
+        losses = self.ctx.all_reduce_sum(torch.stack([lm, out.aux_loss, out.z_loss, total]).detach().double())
+        losses = losses / self.ctx.dp_world
+        step_time = time.perf_counter() - t0
+        tokens = inputs.numel() * self.ctx.dp_world
+        self.step += 1
+        self.tokens_seen += tokens
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": float(losses[0]),
+            "aux_loss": float(losses[1]),
+            "z_loss": float(losses[2]),
+            "total_loss": float(losses[3]),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": self.tokens_seen,
+            "step_time_s": step_time,
+            "tokens_per_s": tokens / step_time,
+            **balance_metrics(counts),
+        }
+        bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]
+        if self.cfg.moe.bias_balancing:
+            record["expert_bias"] = bias
+        return StepResult(self.step, record)
+
+    def _global_counts(self, stats: list[Any]) -> LoadCounts:
+        local = LoadCounts.from_stats(stats, self.cfg.moe.num_experts)
+        summed = self.ctx.all_reduce_sum(local.as_tensor())
+        return LoadCounts.from_tensor(summed, len(stats), self.cfg.moe.num_experts)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over the fixed validation batches (this rank's rows, averaged over ranks)."""
+        self.model.eval()
+        batches = self.data.val_batches(self.cfg.train.eval_batches, self.cfg.train.batch_size)
+        rows = self.cfg.train.batch_size // self.ctx.dp_world
+        lo = self.ctx.dp_rank * rows
+        total = torch.zeros((), dtype=torch.float64)
+        for inputs, targets in batches:
+            _, lm, _ = self.loss(inputs[lo:lo + rows], targets[lo:lo + rows])
+            total += lm.double()
+        total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
+        return float(total / max(1, len(batches)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])

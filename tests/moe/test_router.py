@@ -1,0 +1,110 @@
+"""Router math against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_trainer.config.schema import MoEConfig
+from moe_trainer.moe.router import Router, capacity, load_balancing_loss, router_z_loss
+
+
+def identity_router(cfg: MoEConfig) -> Router:
+    """A router whose logits equal its input (weight = I), so tests choose logits directly."""
+    router = Router(cfg.num_experts, cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(cfg.num_experts))
+    return router
+
+
+LOGITS = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.5, 3.0, 0.0]])
+
+
+def softmax_row(row: list[float]) -> list[float]:
+    exps = [math.exp(v) for v in row]
+    return [v / sum(exps) for v in exps]
+
+
+def test_softmax_then_topk_weights_and_experts() -> None:
+    r = identity_router(MoEConfig(num_experts=4, top_k=2, normalize_topk=False))(LOGITS)
+    p0, p1 = softmax_row(LOGITS[0].tolist()), softmax_row(LOGITS[1].tolist())
+    # k-major order: first choices of tokens 0,1 then second choices of tokens 0,1
+    assert r.token_idx_A.tolist() == [0, 1, 0, 1]
+    assert r.expert_idx_A.tolist() == [0, 2, 1, 1]
+    assert r.weight_A.tolist() == pytest.approx([p0[0], p1[2], p0[1], p1[1]], rel=1e-6)
+
+
+def test_renormalised_and_mixtral_orders_agree_and_sum_to_one() -> None:
+    cfg = MoEConfig(num_experts=4, top_k=2, normalize_topk=True)
+    renorm = identity_router(cfg)(LOGITS)
+    mixtral = identity_router(MoEConfig(num_experts=4, top_k=2, score_order="topk_softmax"))(LOGITS)
+    p0 = softmax_row(LOGITS[0].tolist())
+    assert renorm.weight_A[0].item() == pytest.approx(p0[0] / (p0[0] + p0[1]), rel=1e-6)
+    assert torch.allclose(renorm.weight_A, mixtral.weight_A, atol=1e-6)
+    per_token = torch.zeros(2).index_add(0, renorm.token_idx_A, renorm.weight_A)
+    assert torch.allclose(per_token, torch.ones(2))
+
+
+def test_switch_is_top1_with_probability_weight() -> None:
+    r = identity_router(MoEConfig(num_experts=4, top_k=2, router="switch"))(LOGITS)
+    assert r.expert_idx_A.tolist() == [0, 2]
+    assert r.weight_A[1].item() == pytest.approx(softmax_row(LOGITS[1].tolist())[2], rel=1e-6)
+
+
+def test_load_balancing_loss_hand_computed() -> None:
+    # 2 tokens, 2 experts, top-1: both tokens to expert 0 -> f = [1, 0]
+    probs = torch.tensor([[[0.75, 0.25], [0.5, 0.5]]])
+    idx = torch.tensor([[[0], [0]]])
+    # E * sum f_i P_i = 2 * (1 * 0.625 + 0 * 0.375)
+    assert load_balancing_loss(probs, idx, 2).item() == pytest.approx(1.25)
+    uniform = torch.full((1, 4, 2), 0.5)
+    balanced = torch.tensor([[[0], [1], [0], [1]]])
+    assert load_balancing_loss(uniform, balanced, 2).item() == pytest.approx(1.0)
+
+
+def test_load_balancing_loss_is_a_mean_over_groups() -> None:
+    probs = torch.tensor([[[0.75, 0.25], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]])
+    idx = torch.tensor([[[0], [0]], [[0], [1]]])
+    assert load_balancing_loss(probs, idx, 2).item() == pytest.approx((1.25 + 1.0) / 2)
+
+
+def test_z_loss_hand_computed() -> None:
+    expected = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in LOGITS.tolist()) / 2
+    assert router_z_loss(LOGITS).item() == pytest.approx(expected, rel=1e-6)
+    r = identity_router(MoEConfig(num_experts=4, top_k=2))(LOGITS)
+    assert r.z_loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_router_math_is_fp32_for_low_precision_inputs() -> None:
+    r = identity_router(MoEConfig(num_experts=4, top_k=2))(LOGITS.bfloat16())
+    assert r.weight_A.dtype == torch.float32 and r.probs_TE.dtype == torch.float32
+
+
+def test_expert_choice_gives_each_expert_exactly_its_capacity() -> None:
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, router="expert_choice", capacity_factor=1.0)
+    router = Router(8, cfg)
+    torch.nn.init.normal_(router.weight)
+    r = router(torch.randn(32, 8), num_groups=2)
+    cap = capacity(16, 2, 4, 1.0)
+    assert cap == 8
+    assert r.tokens_per_expert_E.tolist() == [2 * cap] * 4  # cap per expert per group, 2 groups
+    groups = r.token_idx_A // 16
+    for g in range(2):
+        counts = torch.bincount(r.expert_idx_A[groups == g], minlength=4)
+        assert counts.tolist() == [cap] * 4
+    assert not r.drops_allowed and r.aux_loss.item() == 0.0
+
+
+def test_bias_balancing_changes_selection_not_weights_and_updates_by_sign() -> None:
+    cfg = MoEConfig(num_experts=4, top_k=1, router="topk", bias_balancing=True, bias_update_rate=0.5)
+    router = identity_router(cfg)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 10.0]))
+    r = router(LOGITS)
+    assert r.expert_idx_A.tolist() == [3, 3]
+    assert r.weight_A[0].item() == pytest.approx(softmax_row(LOGITS[0].tolist())[3] / softmax_row(
+        LOGITS[0].tolist())[3], rel=1e-6)  # renormalised top-1 weight is 1 whatever the bias
+    router.update_bias(torch.tensor([0, 0, 0, 8]))
+    assert router.expert_bias.tolist() == [0.5, 0.5, 0.5, 9.5]
