@@ -27,6 +27,8 @@ from moe_trainer.train.checkpoint import resolve_resume
 register_configs()
 
 _HYDRA_OWN = {".hydra"}
+# conf/ sits beside the package in the source tree (installed editable, as the README does)
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def _discard_untouched_run_dir(run_dir: Path) -> None:
@@ -64,7 +66,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any
     return summary
 
 
-@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _main(dcfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:

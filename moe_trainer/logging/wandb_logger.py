@@ -10,7 +10,7 @@ Design choices, and why:
 * ``auto`` means "whatever works": online when a key is available, else offline; and if online
   init fails in auto mode the run falls back to offline, so the metrics still land on disk and can
   be uploaded later with ``wandb sync``. An explicit ``online`` that fails is not silently
-  downgraded; it becomes a no-op (with the warning), as asked for.
+  downgraded: it becomes a no-op with a warning, since the user asked for the server.
 * Files go to ``<run_dir>/wandb/`` so a Hydra run dir holds checkpoints, logs and the W&B run.
 * Every metric is plotted against ``train/step`` (``define_metric``), not wandb's internal
   ``_step`` (a per-``log``-call counter), so train and eval logged in separate calls at the same
@@ -27,12 +27,13 @@ import netrc
 import os
 import shlex
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from moe_trainer.logging.wandb_reader import STEP_METRIC
+from moe_trainer.logging.wandb_reader import STEP_METRIC, transaction_log_finished
 
 if TYPE_CHECKING:
     from moe_trainer.config.schema import LoggerConfig
@@ -131,8 +132,10 @@ class RunLogger:
         if self.mode == "disabled":
             return
         if init_timeout is None:
-            env_timeout = os.environ.get("WANDB_INIT_TIMEOUT")
-            init_timeout = float(env_timeout) if env_timeout else DEFAULT_INIT_TIMEOUT
+            try:
+                init_timeout = float(os.environ.get("WANDB_INIT_TIMEOUT", DEFAULT_INIT_TIMEOUT))
+            except ValueError:
+                init_timeout = DEFAULT_INIT_TIMEOUT
         kwargs = dict(
             project=cfg.project,
             group=cfg.group or None,
@@ -232,7 +235,7 @@ class RunLogger:
         if not self.active:
             return
         try:
-            self._run.log({**metrics, self.step_metric: step})
+            self._run.log({**metrics, self.step_metric: int(step)})
         except Exception as exc:
             self._warn("log", f"W&B log failed ({_one_line(exc)}); further W&B errors are ignored")
 
@@ -245,8 +248,12 @@ class RunLogger:
         except Exception as exc:
             self._warn("log", f"W&B summary update failed ({_one_line(exc)})")
 
-    def finish(self, exit_code: int | None = None) -> None:
-        """Flushes and closes the run; idempotent. A non-zero ``exit_code`` marks it failed."""
+    def finish(self, exit_code: int | None = None, flush_timeout: float = 10.0) -> None:
+        """Flushes and closes the run; idempotent. A non-zero ``exit_code`` marks it failed.
+
+        Returns once the run is complete on disk (see ``_wait_for_flush``), or after
+        ``flush_timeout`` seconds at most.
+        """
         if not self.active:
             self._finished = True
             return
@@ -255,6 +262,27 @@ class RunLogger:
             self._run.finish(exit_code=exit_code)
         except Exception as exc:
             self._warn("finish", f"W&B finish failed ({_one_line(exc)})")
+            return
+        self._wait_for_flush(flush_timeout)
+
+    def _wait_for_flush(self, timeout: float) -> bool:
+        """Waits until the run's transaction log holds its exit record (normally a few ms).
+
+        ``run.finish()`` returns before wandb-core has written the last (partial) 32 KiB block of
+        ``run-*.wandb``, so without this a report or test reading the run right after finish sees
+        a truncated log, and a process exiting right away could race the flush.
+        """
+        path = self.run_path
+        if path is None or timeout <= 0:
+            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            logs = list(path.glob("run-*.wandb"))
+            if logs and transaction_log_finished(logs[0]):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
 
     def __enter__(self) -> RunLogger:
         return self

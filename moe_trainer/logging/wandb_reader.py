@@ -136,15 +136,25 @@ def iter_records(path: Path, stats: ScanStats | None = None) -> Iterator[Record]
         yield record
 
 
-def _iter_payloads(data: bytes, stats: ScanStats) -> Iterator[bytes]:
-    """Reassembles the chunk stream into record payloads (the LevelDB log reader, in Python)."""
+def _check_file_header(data: bytes) -> None:
     if len(data) < _FILE_HEADER.size:
         raise WandbLogFormatError(f"too short for a W&B transaction log ({len(data)} bytes)")
     ident, magic, version = _FILE_HEADER.unpack_from(data, 0)
     if ident != _FILE_IDENT or magic != _FILE_MAGIC or version != _FILE_VERSION:
         raise WandbLogFormatError(f"not a W&B transaction log (header {data[:7]!r})")
 
-    pos = _FILE_HEADER.size
+
+def _iter_payloads(data: bytes, stats: ScanStats, from_block_start: bool = False) -> Iterator[bytes]:
+    """Reassembles the chunk stream into record payloads (the LevelDB log reader, in Python).
+
+    ``from_block_start``: ``data`` is the file from some block boundary on, not from offset 0
+    (used to look at the tail only); leading fragments of a record begun earlier are skipped.
+    """
+    if from_block_start:
+        pos = 0
+    else:
+        _check_file_header(data)
+        pos = _FILE_HEADER.size
     parts: list[bytes] | None = None  # fragments of a record split across blocks
     while pos < len(data):
         left_in_block = _BLOCK_LEN - pos % _BLOCK_LEN
@@ -193,6 +203,36 @@ def _iter_payloads(data: bytes, stats: ScanStats) -> Iterator[bytes]:
             parts = None
     if parts is not None:
         stats.truncated = True
+
+
+def transaction_log_finished(log_file: Path) -> bool:
+    """Whether the run's exit record is on disk yet, reading only the last two blocks.
+
+    wandb-core buffers the log a 32 KiB block at a time and writes the tail when the run's
+    stream closes, which happens *after* ``run.finish()`` has returned; RunLogger.finish polls
+    this so that a run can be read back as soon as finish returns. The exit record is small,
+    so it always sits in a FULL chunk near the end.
+    """
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    try:
+        with open(log_file, "rb") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            start = max(0, (size - 1) // _BLOCK_LEN - 1) * _BLOCK_LEN
+            fh.seek(start)
+            data = fh.read()
+    except OSError:
+        return False
+    stats = ScanStats()
+    try:
+        for payload in _iter_payloads(data, stats, from_block_start=start > 0):
+            record = Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    except Exception:  # a header or protobuf error: not (yet) a complete log
+        return False
+    return False
 
 
 def _all_zero(data: bytes) -> bool:

@@ -45,9 +45,9 @@ class LoadCounts:
 
     @classmethod
     def from_tensor(cls, flat: Tensor, num_layers: int, num_experts: int) -> LoadCounts:
-        le = num_layers * num_experts
-        parts = flat[le:].split(num_layers)
-        return cls(flat[:le].view(num_layers, num_experts), parts[0], parts[1], parts[2], int(parts[3].item()))
+        le, n = num_layers * num_experts, num_layers
+        return cls(flat[:le].view(n, num_experts), flat[le:le + n], flat[le + n:le + 2 * n],
+                   flat[le + 2 * n:le + 3 * n], int(flat[-1].item()))
 
 
 def balance_metrics(counts: LoadCounts) -> dict[str, object]:

@@ -165,6 +165,29 @@ def test_reader_skips_a_corrupt_block(tmp_path: Path) -> None:
     assert run.series("train/loss") == [(s, float(s)) for s in range(5)]
 
 
+def test_reader_falls_back_to_summary_and_config_files(tmp_path: Path) -> None:
+    """Runs synced elsewhere may come as ``files/`` only: summary and config, no history."""
+    files = tmp_path / "run-20000101_000000-abc" / "files"
+    files.mkdir(parents=True)
+    (files / "wandb-summary.json").write_text('{"train/loss": 0.5, "_step": 9}')
+    (files / "config.yaml").write_text(
+        "wandb_version: 1\n_wandb:\n  value: {}\nmoe:\n  desc: null\n  value:\n    top_k: 2\n"
+    )
+    run = read_offline_run(files.parent)
+    assert run.source == "files" and run.history == []
+    assert run.summary == {"train/loss": 0.5, "_step": 9}
+    assert run.config == {"moe": {"top_k": 2}}
+
+
+def test_omegaconf_config_is_resolved(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"experiment": "e1", "logger": {"group": "${experiment}"}})
+    logger = RunLogger(_cfg("offline"), tmp_path, job_type="train", config=cfg)
+    logger.finish()
+    assert read_offline_run(tmp_path).config == {"experiment": "e1", "logger": {"group": "e1"}}
+
+
 def test_disabled_writes_nothing(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     logger = RunLogger(_cfg("disabled"), run_dir, job_type="train", config=CONFIG)
@@ -270,4 +293,3 @@ def test_init_failure_prints_one_warning_line(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "still training"
     ours = [line for line in proc.stderr.splitlines() if "[moe_trainer]" in line]
     assert len(ours) == 1 and "continuing without W&B logging" in ours[0], proc.stderr
-

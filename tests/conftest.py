@@ -1,0 +1,43 @@
+"""Shared fixtures: compose real Hydra configs the way ``moe-train`` does."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from moe_trainer.cli import CONF_DIR
+from moe_trainer.config.schema import Config, register_configs, to_dataclass
+
+register_configs()
+
+
+@pytest.fixture(autouse=True)
+def _offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests never talk to W&B or the Hub, whatever the developer's environment says."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
+
+
+def compose_dict(overrides: list[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.fixture
+def make_config() -> Callable[..., Config]:
+    """``make_config("moe.top_k=1", ...)``: the debug experiment plus overrides, as typed dataclasses."""
+
+    def build(*overrides: str) -> Config:
+        return to_dataclass(compose_dict(["experiment=debug", *overrides]))
+
+    return build
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

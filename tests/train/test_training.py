@@ -1,0 +1,85 @@
+"""End-to-end single-process training through the same entry point ``moe-train`` uses."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from moe_trainer.cli import train
+from moe_trainer.config.schema import to_dataclass
+from moe_trainer.logging import read_offline_run
+from tests.conftest import compose_dict
+
+
+def run(run_dir: Path, *overrides: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    dcfg = compose_dict(["experiment=debug", *overrides])
+    summary = train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return summary, records
+
+
+def train_losses(records: list[dict[str, Any]]) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_training_reduces_validation_loss(tmp_path: Path) -> None:
+    summary, records = run(tmp_path, "train.max_steps=40", "train.eval_every=40", "train.lr=1e-2")
+    assert summary["final_val_loss"] < 0.75 * summary["initial_val_loss"]
+    assert records[0] == {"step": 0, "val_loss": summary["initial_val_loss"]}
+    keys = {"step", "loss", "aux_loss", "z_loss", "tokens_per_s", "load_imbalance", "dropped_frac", "layers"}
+    assert keys <= set(records[1])
+    assert len(records[1]["layers"][0]["tokens_per_expert"]) == 4
+
+
+def test_same_seed_gives_identical_losses_and_other_seed_does_not(tmp_path: Path) -> None:
+    _, a = run(tmp_path / "a")
+    _, b = run(tmp_path / "b")
+    _, c = run(tmp_path / "c", "train.seed=1")
+    assert train_losses(a) == train_losses(b)
+    assert train_losses(a) != train_losses(c)
+
+
+@pytest.mark.parametrize("extra", [[], ["moe.capacity_factor=1.0", "moe.bias_balancing=true"]])
+def test_resume_continues_the_same_loss_curve(tmp_path: Path, extra: list[str]) -> None:
+    _, full = run(tmp_path / "full", *extra)
+    ckpt = tmp_path / "full" / "checkpoints" / "step_00000003"
+    assert ckpt.is_dir()
+    summary, resumed = run(tmp_path / "resumed", *extra, f"train.resume={ckpt}")
+    assert summary["start_step"] == 3
+    full_tail = {s: v for s, v in train_losses(full).items() if s > 3}
+    assert train_losses(resumed) == full_tail
+
+
+def test_resume_auto_uses_latest_checkpoint_in_run_dir(tmp_path: Path) -> None:
+    run(tmp_path, "train.max_steps=3")
+    summary, _ = run(tmp_path, "train.max_steps=6", "train.resume=auto")
+    assert summary["start_step"] == 3
+
+
+def test_dense_baseline_trains_with_equal_active_parameters(tmp_path: Path) -> None:
+    moe, _ = run(tmp_path / "moe", "train.max_steps=2")
+    dense, records = run(tmp_path / "dense", "model=dense", "train.max_steps=2")
+    assert dense["params_total"] == dense["params_active"]
+    router_params = 2 * 4 * 32  # 2 MoE layers x 4 experts x d_model
+    assert moe["params_active"] - router_params == dense["params_active"]
+    assert moe["params_total"] > dense["params_total"]
+    assert [r for r in records if "loss" in r][-1]["layers"] == []
+
+
+def test_wandb_offline_run_is_written_and_reads_back(tmp_path: Path) -> None:
+    summary, records = run(tmp_path, "logger.mode=offline", "logger.group=exp1", "logger.tags=[t1]")
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    logged = read_offline_run(runs[0])
+    train_rows = {row["train/step"]: row for row in logged.history if "train/loss" in row}
+    assert sorted(train_rows) == [r["step"] for r in records if "loss" in r]
+    for record in records:
+        if "loss" in record:
+            assert train_rows[record["step"]]["train/loss"] == pytest.approx(record["loss"])
+            assert train_rows[record["step"]]["balance/load_imbalance"] == pytest.approx(record["load_imbalance"])
+    assert logged.summary["final_val_loss"] == pytest.approx(summary["final_val_loss"])
+    assert logged.config["moe"]["num_experts"] == 4
