@@ -61,6 +61,8 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any
             outputs.summary(summary)
         finally:
             outputs.close()
+        if outputs.wandb.sync_command:
+            summary["wandb_sync"] = outputs.wandb.sync_command
     finally:
         engine.close()
     return summary
@@ -84,6 +86,8 @@ def _main(dcfg: DictConfig) -> float | None:
         f"{summary.get('final_val_loss', float('nan')):.4f}, {summary.get('tokens_per_s_mean', 0):.0f} tokens/s, "
         f"{summary['train_time_s']:.1f} s"
     )
+    if "wandb_sync" in summary:
+        print(f"W&B offline run; upload it with: {summary['wandb_sync']}")
     print(run_dir, flush=True)
     return summary.get("final_val_loss")
 
