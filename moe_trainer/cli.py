@@ -44,7 +44,11 @@ def _discard_untouched_run_dir(run_dir: Path) -> None:
 
 def make_engine(cfg: Config) -> Engine:
     """Builds the engine of ``parallel.strategy`` (validation has checked it is available)."""
-    return LocalEngine(cfg)
+    if cfg.parallel.strategy == "single":
+        return LocalEngine(cfg)
+    from actors.engine import RayEngine  # Ray is imported only by strategies that use it
+
+    return RayEngine(cfg)
 
 
 def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:

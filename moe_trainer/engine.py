@@ -16,7 +16,8 @@ import torch
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
 from moe_trainer.model.transformer import Transformer, count_parameters
-from moe_trainer.train.checkpoint import load_checkpoint, save_checkpoint
+from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.sharded_checkpoint import load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
 
 
@@ -77,10 +78,11 @@ class LocalEngine:
 
     def save(self, root: Path) -> Path:
         meta = checkpoint_signature(self.cfg, self.vocab_size)
-        return save_checkpoint(root, self.trainer.step, self.trainer.state_dict(), meta)
+        return save_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer, None), meta)
 
     def load(self, path: Path) -> None:
-        self.trainer.load_state_dict(load_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size)))
+        check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
+        load_into(path, self.trainer)
 
     def info(self) -> dict[str, Any]:
         counts = count_parameters(self.trainer.model)

@@ -41,3 +41,18 @@ def make_config() -> Callable[..., Config]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> object:
+    """One local Ray for the whole session, on 127.0.0.1, with 4 logical CPUs.
+
+    The machine has 2 cores; 4 logical CPUs let 4-actor tests place their actors
+    (oversubscribed, which only costs speed). The driver code reuses this connection.
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=4, _node_ip_address="127.0.0.1", include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -22,6 +22,7 @@ ARCHS = ("moe", "dense")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 TOKENIZERS = ("byte",)
 DATA_FORMATS = ("auto", "text", "json", "parquet")
+PLACEMENTS = ("pack", "spread")
 
 
 @dataclass
@@ -66,6 +67,14 @@ class ParallelConfig:
     num_coordinators: int = 1  # disaggregated: actors running attention
     num_expert_actors: int = 2  # disaggregated: actors holding only experts
     micro_batches: int = 1  # disaggregated: pipeline depth
+    placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes
+    timeout_s: float = 300.0  # every collective (and the rendezvous) fails after this long
+
+
+@dataclass
+class ClusterConfig:
+    address: str | None = None  # null = RAY_ADDRESS or a fresh embedded local Ray on 127.0.0.1
+    connect_timeout_s: float = 30.0  # give up connecting to a cluster after this long
 
 
 @dataclass
@@ -117,6 +126,7 @@ class Config:
     data: DataConfig = MISSING
     train: TrainConfig = MISSING
     logger: LoggerConfig = MISSING
+    cluster: ClusterConfig = MISSING
 
 
 def register_configs() -> None:

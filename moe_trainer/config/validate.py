@@ -15,6 +15,7 @@ from moe_trainer.config.schema import (
     ARCHS,
     DATA_FORMATS,
     LOGGER_MODES,
+    PLACEMENTS,
     ROUTER_TYPES,
     SCORE_ORDERS,
     STRATEGIES,
@@ -24,7 +25,7 @@ from moe_trainer.config.schema import (
 
 # Strategies whose runtime exists; the others are named in the schema so users get
 # "not available yet" instead of "unknown".
-AVAILABLE_STRATEGIES = ("single",)
+AVAILABLE_STRATEGIES = ("single", "data_parallel", "expert_parallel")
 
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
@@ -89,6 +90,20 @@ def validate_parallel(cfg: Config) -> None:
     _positive("parallel.num_actors", p.num_actors)
     _positive("parallel.gpus_per_actor", p.gpus_per_actor, allow_zero=True)
     _positive("parallel.cpus_per_actor", p.cpus_per_actor, allow_zero=True)
+    _one_of("parallel.placement", p.placement, PLACEMENTS)
+    _positive("parallel.timeout_s", p.timeout_s)
+    if p.strategy == "expert_parallel":
+        ep = p.ep_size if p.ep_size is not None else p.num_actors
+        if p.ep_size is not None and not 1 <= p.ep_size <= p.num_actors:
+            raise ConfigError("parallel.ep_size", p.ep_size,
+                              f"must be between 1 and parallel.num_actors={p.num_actors}")
+        if p.num_actors % ep:
+            raise ConfigError("parallel.ep_size", ep, f"must divide parallel.num_actors={p.num_actors} so every "
+                              "expert-parallel group is complete")
+        if cfg.moe.num_experts % ep:
+            raise ConfigError("moe.num_experts", cfg.moe.num_experts,
+                              f"must be divisible by parallel.ep_size={ep} so every actor holds the same number of "
+                              f"experts; try moe.num_experts={ep * max(1, round(cfg.moe.num_experts / ep))}")
     dp_world = 1 if p.strategy == "single" else p.num_actors
     groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world
     if groups % dp_world:
@@ -138,6 +153,7 @@ def validate_train(cfg: Config) -> None:
 
 def validate_logger(cfg: Config) -> None:
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
 
 
 def validate(cfg: Config) -> None:

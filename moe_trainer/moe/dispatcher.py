@@ -17,6 +17,7 @@ Shape legend: T tokens, D width, E experts, A assignments, N dispatched rows (ke
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,6 +91,7 @@ class Dispatched:
     tokens_per_expert_E: Tensor  # int64 [E_local]: run length of each local expert
     plan: DispatchPlan  # the local plan (source side)
     num_tokens: int
+    comm: Any = None  # what a communicating dispatcher needs to route the rows back
 
 
 class LocalDispatcher:

@@ -1,9 +1,10 @@
-"""Checkpoints: one directory per step, written atomically, loaded without unpickling code.
+"""Checkpoint directories: one per step, written atomically, checked before loading.
 
-A checkpoint is ``step_XXXXXXXX/{state.pt, meta.json}``, first written under a
+A checkpoint is ``step_XXXXXXXX/{shard_rank*.pt, meta.json}``, first written under a
 temporary name and renamed into place, so a crash mid-save never leaves a
-half-written checkpoint where ``resume`` would look. ``state.pt`` holds only
-tensors and plain containers and is read with ``torch.load(weights_only=True)``.
+half-written checkpoint where ``resume`` would look. What goes in the shards is
+:mod:`moe_trainer.train.sharded_checkpoint`'s business; they hold only tensors and
+are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_trainer.config.errors import ConfigError
 
-STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
@@ -26,14 +25,14 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, state: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """Writes ``state`` and ``meta`` for ``step`` under ``root``; returns the final directory."""
+def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    """Has ``write_shards`` fill a temporary directory, adds ``meta.json``, renames it into place."""
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save(state, tmp / STATE_FILE)
+    write_shards(tmp)
     (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1))
     if final.exists():
         shutil.rmtree(final)
@@ -45,7 +44,7 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints under ``root``, oldest first."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob("step_*") if (p / META_FILE).is_file() and (p / STATE_FILE).is_file()]
+    found = [p for p in root.glob("step_*") if (p / META_FILE).is_file()]
     return sorted(found, key=lambda p: p.name)
 
 
@@ -67,15 +66,13 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                       "holding checkpoints/, or 'auto'")
 
 
-def load_checkpoint(path: Path, expected_meta: dict[str, Any]) -> dict[str, Any]:
-    """Loads a checkpoint after checking it was made by a model of the same shape."""
+def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
+    """Refuses a checkpoint made by a model of another shape (layout and strategy may differ)."""
     try:
         meta = json.loads((path / META_FILE).read_text())
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except (OSError, ValueError, RuntimeError, EOFError) as err:
-        raise ConfigError("train.resume", str(path), f"checkpoint is unreadable or corrupt ({err})") from err
+    except (OSError, ValueError) as err:
+        raise ConfigError("train.resume", str(path), f"checkpoint metadata is unreadable ({err})") from err
     for key, want in expected_meta.items():
         if meta.get(key) != want:
             raise ConfigError("train.resume", str(path),
                               f"checkpoint was saved with {key}={meta.get(key)!r}, this run has {want!r}")
-    return state

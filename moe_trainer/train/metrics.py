@@ -31,10 +31,10 @@ class LoadCounts:
             empty = torch.zeros(0, dtype=torch.float64)
             return cls(torch.zeros(0, num_experts, dtype=torch.float64), empty, empty, empty, 1)
         return cls(
-            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]).double(),
-            dropped_L=torch.stack([s.dropped for s in stats]).double(),
+            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]).double().cpu(),
+            dropped_L=torch.stack([s.dropped.to(s.tokens_per_expert_E.device) for s in stats]).double().cpu(),
             assignments_L=torch.tensor([float(s.assignments) for s in stats], dtype=torch.float64),
-            entropy_sum_L=torch.stack([s.router_entropy for s in stats]).double(),
+            entropy_sum_L=torch.stack([s.router_entropy for s in stats]).double().cpu(),
             batches=1,
         )
 

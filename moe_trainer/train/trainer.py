@@ -33,6 +33,7 @@ class ParallelContext(Protocol):
 
     dp_rank: int  # this process's data-parallel rank (which rows of the global batch it reads)
     dp_world: int  # number of data-parallel ranks
+    device: torch.device  # where this rank's model and batches live
 
     def sync_gradients(self, model: Transformer) -> None:
         """Makes every gradient the gradient of the global-batch loss."""
@@ -43,12 +44,16 @@ class ParallelContext(Protocol):
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sums a tensor over the data-parallel ranks."""
 
+    def telemetry(self) -> dict[str, float]:
+        """Per-rank communication counters since the last call (empty when nothing communicates)."""
+
 
 class SingleContext:
     """One process holds everything: reductions are identities."""
 
     dp_rank = 0
     dp_world = 1
+    device = torch.device("cpu")
 
     def sync_gradients(self, model: Transformer) -> None:
         return None
@@ -61,6 +66,9 @@ class SingleContext:
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return t
+
+    def telemetry(self) -> dict[str, float]:
+        return {}
 
 
 def resolve_routing_groups(cfg: Config, dp_world: int) -> int:
@@ -94,7 +102,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
-        inputs, targets = self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world)
+        inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
         total, lm, out = self.loss(inputs, targets)
@@ -122,9 +130,11 @@ class Trainer:
             "lr": lr,
             "grad_norm": float(grad_norm),
             "tokens": self.tokens_seen,
+            "tokens_step": tokens,
             "step_time_s": step_time,
             "tokens_per_s": tokens / step_time,
             **balance_metrics(counts),
+            **self.ctx.telemetry(),
         }
         bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]
         if self.cfg.moe.bias_balancing:
@@ -145,21 +155,10 @@ class Trainer:
         lo = self.ctx.dp_rank * rows
         total = torch.zeros((), dtype=torch.float64)
         for inputs, targets in batches:
-            _, lm, _ = self.loss(inputs[lo:lo + rows], targets[lo:lo + rows])
-            total += lm.double()
+            _, lm, _ = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])))
+            total += lm.double().cpu()
         total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
         return float(total / max(1, len(batches)))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.tokens_seen = int(state["tokens_seen"])
+    def _to_device(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        return batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)

@@ -1,0 +1,76 @@
+"""Connecting the driver to Ray, and checking the cluster can hold the job before any actor starts.
+
+Default: a fresh embedded Ray bound to 127.0.0.1 (``address="local"``), never the
+cluster named in ``/tmp/ray/ray_current_cluster``, which may be a dead head left
+behind. An existing cluster is explicit: ``cluster.address`` or ``RAY_ADDRESS``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import ray
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import ClusterConfig
+
+
+def _reachable(address: str, timeout_s: float) -> bool:
+    """TCP check of a ``host:port`` address, so a dead address fails in seconds, not after Ray's retries."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return True  # "auto", "ray://..." and other forms: let Ray decide
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def connect(cfg: ClusterConfig) -> str:
+    """Connects (or reuses this process's connection); returns a description of the cluster."""
+    if ray.is_initialized():
+        return "existing connection"
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
+                 configure_logging=False)
+        return "embedded local Ray (127.0.0.1)"
+    setting = "cluster.address" if cfg.address else "RAY_ADDRESS"
+    if not _reachable(address.removeprefix("ray://"), cfg.connect_timeout_s):
+        raise ConfigError(setting, address, f"no Ray cluster answers there within {cfg.connect_timeout_s:.0f} s; "
+                          "check the address (HOST:6379 of the head) or unset it to use an embedded local Ray")
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
+    except Exception as err:  # Ray raises several types (ConnectionError, RuntimeError, auth errors)
+        hint = ""
+        if "auth" in str(err).lower() or "token" in str(err).lower():
+            hint = (" The cluster uses token authentication: set RAY_AUTH_MODE=token and put the token in "
+                    "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN.")
+        raise ConfigError(setting, address, f"could not connect to Ray: {str(err).splitlines()[0]}.{hint}") from err
+    return address
+
+
+@dataclass(frozen=True)
+class Request:
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+
+
+def check_resources(request: Request, setting: str = "parallel.num_actors") -> None:
+    """Refuses a job the cluster cannot place, saying what was asked and what exists."""
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    need_cpu = request.actors * request.cpus_per_actor
+    need_gpu = request.actors * request.gpus_per_actor
+    if need_gpu > gpus:
+        raise ConfigError("parallel.gpus_per_actor", request.gpus_per_actor,
+                          f"{request.actors} actors x {request.gpus_per_actor} GPUs = {need_gpu:g} GPUs requested, "
+                          f"the Ray cluster has {gpus:g}; use parallel.gpus_per_actor=0 for CPU (gloo)")
+    if need_cpu > cpus:
+        raise ConfigError(setting, request.actors,
+                          f"{request.actors} actors x {request.cpus_per_actor:g} CPUs = {need_cpu:g} CPUs requested, "
+                          f"the Ray cluster has {cpus:g}; use fewer actors or lower parallel.cpus_per_actor")

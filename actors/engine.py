@@ -1,0 +1,76 @@
+"""The Engine of the Ray strategies: the driver's view of an actor group."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from actors.cluster import Request, check_resources, connect
+from actors.group import ActorGroup
+from moe_trainer.config.schema import Config
+from moe_trainer.data import build_tokenizer
+from moe_trainer.engine import checkpoint_signature
+from moe_trainer.train.aggregate import aggregate_chunk
+from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+
+
+def request_for(cfg: Config) -> Request:
+    p = cfg.parallel
+    return Request(actors=p.num_actors, cpus_per_actor=p.cpus_per_actor, gpus_per_actor=p.gpus_per_actor)
+
+
+class RayEngine:
+    """``data_parallel`` and ``expert_parallel``: one TrainWorker per rank."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.cluster = connect(cfg.cluster)
+        check_resources(request_for(cfg))
+        self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+        self.group = ActorGroup(cfg, request_for(cfg))
+        self._step = 0
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    def train(self, num_steps: int) -> list[dict[str, Any]]:
+        records = aggregate_chunk(self.group.call("train", num_steps))
+        self._step = records[-1]["step"]
+        return records
+
+    def evaluate(self) -> float:
+        return self.group.call("evaluate")[0]
+
+    def save(self, root: Path) -> Path:
+        meta = checkpoint_signature(self.cfg, self.vocab_size)
+        return save_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), meta)
+
+    def load(self, path: Path) -> None:
+        check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
+        self.group.call("load", str(path))
+        self._step = int(path.name.removeprefix("step_"))
+
+    def info(self) -> dict[str, Any]:
+        infos = self.group.infos
+        first = infos[0]
+        return {
+            "processes": len(infos),
+            "backend": first["backend"],
+            "cluster": self.cluster,
+            "actor_join_time_s": self.group.join_time_s,
+            "params_per_actor": [i["params_local"] for i in infos],
+            "expert_params_per_actor": [i["expert_params_local"] for i in infos],
+            "expert_range_per_actor": [i["expert_range"] for i in infos],
+            **self._model_counts(),
+        }
+
+    def _model_counts(self) -> dict[str, int]:
+        from moe_trainer.engine import build_model
+        from moe_trainer.model.transformer import count_parameters
+
+        counts = count_parameters(build_model(self.cfg, self.vocab_size))
+        return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts}
+
+    def close(self) -> None:
+        self.group.shutdown()

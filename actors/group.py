@@ -1,0 +1,64 @@
+"""The actor group: placement, creation, rendezvous and shutdown of a strategy's Ray actors.
+
+Actors are created in one placement group (so they start together or not at all),
+rank 0 picks the rendezvous address, and every actor joins one DeepSpeed process
+group. The group is the only place that knows actors exist; everything above it
+sees an :class:`moe_trainer.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.cluster import Request
+from actors.worker import TrainWorker
+from moe_trainer.config.schema import Config
+
+
+class ActorStartupError(RuntimeError):
+    """The actors could not be placed or could not form their process group in time."""
+
+
+class ActorGroup:
+    def __init__(self, cfg: Config, request: Request, actor_cls: Any = TrainWorker) -> None:
+        self.cfg = cfg
+        bundle: dict[str, float] = {"CPU": request.cpus_per_actor}
+        if request.gpus_per_actor:
+            bundle["GPU"] = request.gpus_per_actor
+        self.pg = placement_group([dict(bundle) for _ in range(request.actors)],
+                                  strategy=cfg.parallel.placement.upper())
+        timeout = cfg.parallel.timeout_s
+        try:
+            ray.get(self.pg.ready(), timeout=timeout)
+        except ray.exceptions.GetTimeoutError as err:
+            remove_placement_group(self.pg)
+            raise ActorStartupError(
+                f"could not place {request.actors} actors with {bundle} each within {timeout:.0f} s; "
+                f"cluster has {ray.available_resources()} available") from err
+        self.actors = [
+            actor_cls.options(
+                num_cpus=request.cpus_per_actor,
+                num_gpus=request.gpus_per_actor,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            ).remote(cfg, i)
+            for i in range(request.actors)
+        ]
+        t0 = time.perf_counter()
+        addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+        self.infos: list[dict[str, Any]] = ray.get([a.join.remote(addr, port) for a in self.actors],
+                                                   timeout=timeout)
+        self.join_time_s = time.perf_counter() - t0
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks)."""
+        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        remove_placement_group(self.pg)

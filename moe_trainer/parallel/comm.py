@@ -1,0 +1,69 @@
+"""Process-group setup and the all-to-all autograd function, over ``deepspeed.comm``.
+
+The all-to-all's backward is another all-to-all with send and receive split
+sizes swapped, so gradients travel back along the path the tokens came.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+import torch.distributed
+from torch import Tensor
+
+
+def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world: int,
+                       timeout_s: float) -> None:
+    """Joins the DeepSpeed (torch.distributed) process group; rank 0's address is the rendezvous."""
+    dist.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        init_method=f"tcp://{master_addr}:{master_port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+
+
+def new_group(ranks: list[int], timeout_s: float) -> Any:
+    """A subgroup with the same collective timeout as the world group (every rank must call this)."""
+    return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+
+
+def all_to_all_counts(counts_E: Tensor, group: Any) -> Tensor:
+    """Exchanges per-expert counts: rank r sends ``counts[p*E_local:(p+1)*E_local]`` to rank p.
+
+    Returns ``[P, E_local]``: row p = how many rows peer p will send for each of my experts.
+    """
+    out = torch.empty_like(counts_E)
+    dist.all_to_all_single(out, counts_E, group=group)
+    return out.view(dist.get_world_size(group), -1)
+
+
+class AllToAll(torch.autograd.Function):
+    """Differentiable ``all_to_all_single`` with uneven split sizes (rows of a 2-D tensor)."""
+
+    @staticmethod
+    def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> Tensor:
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = x_ND.new_empty(sum(recv_splits), x_ND.shape[-1])
+        dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
+                               input_split_sizes=send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
+                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> Tensor:
+    out = AllToAll.apply(x_ND, send_splits, recv_splits, group)
+    assert isinstance(out, Tensor)
+    return out

@@ -1,0 +1,43 @@
+"""Who holds which experts and who talks to whom: pure arithmetic, no processes.
+
+``world`` data-parallel ranks are cut into expert-parallel (EP) groups of
+``ep_size`` consecutive ranks; inside one EP group every expert lives on exactly
+one rank. Ranks with the same position in different EP groups hold the same
+experts and form an expert-data-parallel (EDP) group, over which those experts'
+gradients are reduced. ``ep_size=1`` is plain data parallelism.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int  # global rank
+    world: int  # data-parallel ranks (every rank trains on its own rows)
+    ep_size: int  # ranks sharing one copy of the experts
+    num_experts: int  # global experts per MoE layer
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep_size
+
+    @property
+    def experts_per_rank(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def expert_range(self) -> tuple[int, int]:
+        """``(first global expert, count)`` held by this rank."""
+        return self.ep_rank * self.experts_per_rank, self.experts_per_rank
+
+    def ep_groups(self) -> list[list[int]]:
+        return [list(range(start, start + self.ep_size)) for start in range(0, self.world, self.ep_size)]
+
+    def edp_groups(self) -> list[list[int]]:
+        return [list(range(position, self.world, self.ep_size)) for position in range(self.ep_size)]
+
+    @property
+    def ep_group_index(self) -> int:
+        return self.rank // self.ep_size

@@ -1,0 +1,39 @@
+"""Merges the per-rank metrics records of one step into the one record the driver logs.
+
+Values that every rank computed from all-reduced tensors (losses, loads) are
+taken from rank 0. Values that differ per rank (timings, rows moved) appear as
+the mean under their own name, plus ``_max``, ``_argmax`` (the slowest rank) and
+``_per_rank``, so stragglers show.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PER_RANK_KEYS = ("step_time_s", "grad_sync_time_s", "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv",
+                 "a2a_bytes_sent", "a2a_calls")
+
+
+def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    record = dict(per_rank[0])
+    for key in PER_RANK_KEYS:
+        if key not in record:
+            continue
+        values = [r[key] for r in per_rank]
+        slowest = max(range(len(values)), key=values.__getitem__)
+        record[key] = sum(values) / len(values)
+        record[f"{key}_max"] = values[slowest]
+        record[f"{key}_argmax"] = slowest
+        record[f"{key}_per_rank"] = values
+    # the step ends when the slowest rank ends
+    step_time = record.get("step_time_s_max", record["step_time_s"])
+    record["tokens_per_s"] = record["tokens_step"] / step_time
+    if "a2a_time_s" in record:
+        record["comm_share"] = (record["a2a_time_s"] + record.get("grad_sync_time_s", 0.0)) / max(
+            record["step_time_s"], 1e-12)
+    return record
+
+
+def aggregate_chunk(records_per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """``records_per_rank[r][i]`` is rank r's record of the chunk's i-th step."""
+    return [aggregate_step(list(step)) for step in zip(*records_per_rank, strict=True)]

@@ -1,0 +1,130 @@
+"""Checkpoint contents keyed by parameter name and *global* expert index, so layouts can change.
+
+Stacked expert tensors ``[E_local, ...]`` are stored one expert at a time
+(``model/blocks.0.ffn.experts.w_down_EFD/expert5``), with their AdamW moments
+beside them. Every process writes only what it owns (dense state: rank 0;
+experts: the ranks of the first expert-parallel group), and a loader picks the
+entries its own layout needs, so a run saved with 4 expert-parallel ranks loads
+into 2, into ``data_parallel`` or into ``single``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.parallel.topology import Topology
+from moe_trainer.train.trainer import Trainer
+
+SHARD_GLOB = "shard_rank*.pt"
+
+
+def _expert_params(trainer: Trainer) -> dict[str, int]:
+    """Name of each stacked expert parameter -> its shard's first global expert."""
+    out = {}
+    for mod_name, module in trainer.model.named_modules():
+        if isinstance(module, SwiGLUExperts):
+            for pname, _ in module.named_parameters():
+                out[f"{mod_name}.{pname}"] = module.first_expert
+    return out
+
+
+def _param_names(trainer: Trainer) -> list[str]:
+    """Parameter names in the optimizer's index order."""
+    by_id = {id(p): n for n, p in trainer.model.named_parameters()}
+    return [by_id[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]
+
+
+def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True) -> dict[str, Tensor]:
+    """Flat ``{key: tensor}`` of the parts of model and optimizer this process should write."""
+    expert_first = _expert_params(trainer)
+    out: dict[str, Tensor] = {}
+
+    def put(prefix: str, name: str, tensor: Tensor) -> None:
+        if name in expert_first:
+            if experts:
+                for e in range(tensor.shape[0]):
+                    out[f"{prefix}/{name}/expert{expert_first[name] + e}"] = tensor[e].detach().cpu().clone()
+        elif dense:
+            out[f"{prefix}/{name}"] = tensor.detach().cpu().clone()
+
+    for name, tensor in trainer.model.state_dict().items():
+        put("model", name, tensor)
+    state = trainer.optimizer.state_dict()["state"]
+    for index, name in enumerate(_param_names(trainer)):
+        for field, value in state.get(index, {}).items():
+            if field == "step":
+                if dense or (experts and name in expert_first):
+                    out[f"optim/{name}/step"] = value.detach().cpu().clone()
+            else:
+                put(f"optim.{field}", name, value)
+    if dense:
+        out["trainer/step"] = torch.tensor(trainer.step)
+        out["trainer/tokens_seen"] = torch.tensor(trainer.tokens_seen)
+    return out
+
+
+def save_shard(directory: Path, trainer: Trainer, topology: Topology | None) -> None:
+    """Writes this process's entries into ``directory`` (created by the caller)."""
+    rank = topology.rank if topology else 0
+    owns_dense = rank == 0
+    owns_experts = topology is None or topology.rank < topology.ep_size
+    if owns_dense or owns_experts:
+        torch.save(canonical_state(trainer, owns_dense, owns_experts), directory / f"shard_rank{rank:05d}.pt")
+
+
+def read_entries(directory: Path) -> dict[str, Tensor]:
+    entries: dict[str, Tensor] = {}
+    for shard in sorted(directory.glob(SHARD_GLOB)):
+        try:
+            entries.update(torch.load(shard, map_location="cpu", weights_only=True))
+        except Exception as err:  # torch raises several types for truncated or foreign files
+            raise ConfigError("train.resume", str(directory), f"shard {shard.name} is unreadable or corrupt "
+                              f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if "trainer/step" not in entries:
+        raise ConfigError("train.resume", str(directory), "checkpoint has no dense shard (shard_rank00000.pt)")
+    return entries
+
+
+def _take(entries: dict[str, Tensor], prefix: str, name: str, like: Tensor, first: int | None) -> Tensor:
+    if first is None:
+        key = f"{prefix}/{name}"
+        if key not in entries:
+            raise ConfigError("train.resume", key, "missing from the checkpoint (saved by a different model?)")
+        return entries[key]
+    keys = [f"{prefix}/{name}/expert{first + e}" for e in range(like.shape[0])]
+    missing = [k for k in keys if k not in entries]
+    if missing:
+        raise ConfigError("train.resume", missing[0], "missing from the checkpoint (fewer experts than this run?)")
+    return torch.stack([entries[k] for k in keys])
+
+
+def load_into(directory: Path, trainer: Trainer) -> None:
+    """Loads the entries this process's layout needs from a checkpoint directory."""
+    entries = read_entries(directory)
+    expert_first = _expert_params(trainer)
+    device = trainer.ctx.device
+    model_state = {
+        name: _take(entries, "model", name, tensor, expert_first.get(name)).to(device)
+        for name, tensor in trainer.model.state_dict().items()
+    }
+    trainer.model.load_state_dict(model_state)
+    opt_state = trainer.optimizer.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    params = {n: p for n, p in trainer.model.named_parameters()}
+    for index, name in enumerate(_param_names(trainer)):
+        if f"optim/{name}/step" not in entries:
+            continue
+        first = expert_first.get(name)
+        state[index] = {"step": entries[f"optim/{name}/step"]}
+        for field in ("exp_avg", "exp_avg_sq"):
+            state[index][field] = _take(entries, f"optim.{field}", name, params[name], first).to(device)
+    opt_state["state"] = state
+    trainer.optimizer.load_state_dict(opt_state)
+    trainer.step = int(entries["trainer/step"])
+    trainer.tokens_seen = int(entries["trainer/tokens_seen"])
