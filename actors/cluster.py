@@ -29,6 +29,9 @@ def _reachable(address: str, timeout_s: float) -> bool:
         return False
 
 
+EMBEDDED = "embedded local Ray (127.0.0.1)"
+
+
 def connect(cfg: ClusterConfig) -> str:
     """Connects (or reuses this process's connection); returns a description of the cluster."""
     if ray.is_initialized():
@@ -37,7 +40,7 @@ def connect(cfg: ClusterConfig) -> str:
     if not address:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
-        return "embedded local Ray (127.0.0.1)"
+        return EMBEDDED
     setting = "cluster.address" if cfg.address else "RAY_ADDRESS"
     if not _reachable(address.removeprefix("ray://"), cfg.connect_timeout_s):
         raise ConfigError(setting, address, f"no Ray cluster answers there within {cfg.connect_timeout_s:.0f} s; "
@@ -51,6 +54,12 @@ def connect(cfg: ClusterConfig) -> str:
                     "~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN.")
         raise ConfigError(setting, address, f"could not connect to Ray: {str(err).splitlines()[0]}.{hint}") from err
     return address
+
+
+def disconnect(description: str) -> None:
+    """Stops the embedded Ray this process started (flushing actor logs); leaves other clusters alone."""
+    if description != "existing connection" and ray.is_initialized():
+        ray.shutdown()
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from actors.cluster import Request, check_resources, connect
+from actors.cluster import Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
@@ -25,9 +25,13 @@ class RayEngine:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.cluster = connect(cfg.cluster)
-        check_resources(request_for(cfg))
-        self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
-        self.group = ActorGroup(cfg, request_for(cfg))
+        try:
+            check_resources(request_for(cfg))
+            self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+            self.group = ActorGroup(cfg, request_for(cfg))
+        except BaseException:
+            disconnect(self.cluster)
+            raise
         self._step = 0
 
     @property
@@ -74,3 +78,4 @@ class RayEngine:
 
     def close(self) -> None:
         self.group.shutdown()
+        disconnect(self.cluster)

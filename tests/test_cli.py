@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -60,3 +62,27 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, override: st
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
     assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["expert_parallel", "data_parallel"])
+def test_ray_strategy_runs_out_of_the_box(tmp_path: Path, strategy: str) -> None:
+    """The README command with a strategy: moe-train starts its own embedded Ray (token auth on)."""
+    run_dir = tmp_path / "run"
+    proc = moe_train("experiment=debug", f"parallel={strategy}", "parallel.num_actors=2", f"hydra.run.dir={run_dir}",
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["backend"] == "gloo"
+
+
+def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    start = time.monotonic()
+    proc = moe_train("experiment=debug", "parallel=expert_parallel", "cluster.address=127.0.0.1:9",
+                     "cluster.connect_timeout_s=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert time.monotonic() - start < 30
+    assert proc.returncode != 0
+    assert "cluster.address" in proc.stderr and "127.0.0.1:9" in proc.stderr
+    assert not run_dir.exists()

@@ -18,6 +18,9 @@ from torch import Tensor
 def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world: int,
                        timeout_s: float) -> None:
     """Joins the DeepSpeed (torch.distributed) process group; rank 0's address is the rendezvous."""
+    if torch.distributed.is_initialized():
+        # deepspeed would silently keep the old group (and its old rank): refuse instead
+        raise RuntimeError("this process already belongs to a process group; use one process per rank")
     dist.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,

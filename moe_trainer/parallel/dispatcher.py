@@ -12,7 +12,7 @@ expert-parallel group, N rows sent, M rows received.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,19 +25,36 @@ from moe_trainer.parallel.comm import all_to_all, all_to_all_counts
 
 @dataclass
 class CommCounters:
-    """Rows and bytes this rank moved through all-to-all since the last reset (for telemetry)."""
+    """Rows, bytes and time this rank moved through all-to-all since the last ``take`` (telemetry).
 
-    rows_sent_remote: int = 0  # rows sent to other ranks (own rows excluded)
-    rows_recv_remote: int = 0  # rows received from other ranks
-    bytes_sent: int = 0  # forward dispatch + combine payload bytes leaving this rank
-    calls: int = 0  # all-to-all calls (forward only)
-    seconds: float = 0.0  # wall time inside forward all-to-alls (synchronous on gloo)
+    Kept per phase: ``dispatch`` (tokens to experts) and ``combine`` (results back).
+    Rows a rank sends to itself are not counted: they never leave the process.
+    """
+
+    rows_sent: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
+    rows_recv: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
+    bytes_sent: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"dispatch": 0.0, "combine": 0.0})
+
+    def add(self, phase: str, rows_sent: int, rows_recv: int, row_bytes: int, seconds: float) -> None:
+        self.rows_sent[phase] += rows_sent
+        self.rows_recv[phase] += rows_recv
+        self.bytes_sent[phase] += rows_sent * row_bytes
+        self.seconds[phase] += seconds
 
     def take(self) -> dict[str, float]:
-        out = {"a2a_rows_sent": self.rows_sent_remote, "a2a_rows_recv": self.rows_recv_remote,
-               "a2a_bytes_sent": self.bytes_sent, "a2a_calls": self.calls, "a2a_time_s": self.seconds}
-        self.rows_sent_remote = self.rows_recv_remote = self.bytes_sent = self.calls = 0
-        self.seconds = 0.0
+        out: dict[str, float] = {}
+        for phase in ("dispatch", "combine"):
+            out[f"a2a_{phase}_rows_sent"] = self.rows_sent[phase]
+            out[f"a2a_{phase}_rows_recv"] = self.rows_recv[phase]
+            out[f"a2a_{phase}_time_s"] = self.seconds[phase]
+        out["a2a_rows_sent"] = sum(self.rows_sent.values())
+        out["a2a_rows_recv"] = sum(self.rows_recv.values())
+        out["a2a_bytes_sent"] = sum(self.bytes_sent.values())
+        out["a2a_time_s"] = sum(self.seconds.values())
+        for counter in (self.rows_sent, self.rows_recv, self.bytes_sent, self.seconds):
+            for phase in counter:
+                counter[phase] = 0
         return out
 
 
@@ -70,7 +87,8 @@ class AllToAllDispatcher:
         send_splits = plan.tokens_per_expert_E.view(self.group_size, self.local_experts).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group)
-        self._count(send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(), time.perf_counter() - t0)
+        self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
+                    time.perf_counter() - t0)
         # received rows come grouped by (peer, local expert); experts need (local expert, peer)
         local_expert_M = torch.repeat_interleave(
             torch.arange(self.local_experts).repeat(self.group_size), recv_counts_PL.flatten())
@@ -84,15 +102,11 @@ class AllToAllDispatcher:
         y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
         t0 = time.perf_counter()
         y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group)
-        self._count(meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
+        self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
                     time.perf_counter() - t0)
         plan = dispatched.plan
         return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
 
-    def _count(self, send: list[int], recv: list[int], row_bytes: int, seconds: float) -> None:
-        remote_sent = sum(send) - send[self.group_rank]
-        self.counters.rows_sent_remote += remote_sent
-        self.counters.rows_recv_remote += sum(recv) - recv[self.group_rank]
-        self.counters.bytes_sent += remote_sent * row_bytes
-        self.counters.calls += 1
-        self.counters.seconds += seconds
+    def _count(self, phase: str, send: list[int], recv: list[int], row_bytes: int, seconds: float) -> None:
+        me = self.group_rank
+        self.counters.add(phase, sum(send) - send[me], sum(recv) - recv[me], row_bytes, seconds)

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 PER_RANK_KEYS = ("step_time_s", "grad_sync_time_s", "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv",
-                 "a2a_bytes_sent", "a2a_calls")
+                 "a2a_bytes_sent", "a2a_dispatch_rows_sent", "a2a_dispatch_rows_recv", "a2a_dispatch_time_s",
+                 "a2a_combine_rows_sent", "a2a_combine_rows_recv", "a2a_combine_time_s")
 
 
 def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
