@@ -10,6 +10,7 @@ import math
 import time
 from typing import Any
 
+import psutil
 from tqdm import tqdm
 
 from moe_trainer.config.schema import Config
@@ -41,7 +42,11 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
         while engine.step < t.max_steps:
             stop = min(_next_boundary(engine.step, every, t.max_steps)
                        for every in (t.log_every, t.eval_every, t.checkpoint_every))
+            chunk_start = time.time()
             records = engine.train(stop - engine.step)
+            if "time_to_first_step_s" not in summary:  # from the `moe-train` process start
+                first_done = chunk_start + records[0].get("step_time_s_max", records[0]["step_time_s"])
+                summary["time_to_first_step_s"] = first_done - psutil.Process().create_time()
             bar.update(len(records))
             for record in records:
                 if not math.isfinite(record["loss"]):

@@ -98,8 +98,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     seed: int = 0  # seeds init and data order
     eval_every: int = 50  # evaluate every N steps (and at step 0 and the end)
