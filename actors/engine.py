@@ -10,17 +10,18 @@ from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
 from moe_trainer.engine import checkpoint_signature
-from moe_trainer.train.aggregate import aggregate_chunk
+from moe_trainer.parallel.setup import world_size
+from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 
 
 def request_for(cfg: Config) -> Request:
     p = cfg.parallel
-    return Request(actors=p.num_actors, cpus_per_actor=p.cpus_per_actor, gpus_per_actor=p.gpus_per_actor)
+    return Request(actors=world_size(cfg), cpus_per_actor=p.cpus_per_actor, gpus_per_actor=p.gpus_per_actor)
 
 
 class RayEngine:
-    """``data_parallel`` and ``expert_parallel``: one TrainWorker per rank."""
+    """Every Ray strategy: one TrainWorker per rank (disaggregated: coordinators first, then expert actors)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
@@ -39,7 +40,12 @@ class RayEngine:
         return self._step
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
-        records = aggregate_chunk(self.group.call("train", num_steps))
+        per_rank = self.group.call("train", num_steps)
+        trainers = [r for r, info in zip(per_rank, self.group.infos, strict=True) if info["role"] != "experts"]
+        records = aggregate_chunk(trainers)
+        experts = [r for r, info in zip(per_rank, self.group.infos, strict=True) if info["role"] == "experts"]
+        if experts:
+            add_expert_role(records, experts)
         self._step = records[-1]["step"]
         return records
 
@@ -60,6 +66,7 @@ class RayEngine:
         first = infos[0]
         return {
             "processes": len(infos),
+            "roles": [i["role"] for i in infos],
             "backend": first["backend"],
             "cluster": self.cluster,
             "actor_join_time_s": self.group.join_time_s,

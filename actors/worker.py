@@ -1,7 +1,9 @@
-"""The Ray actor of the data- and expert-parallel strategies: a thin shell around one rank's Trainer.
+"""The Ray actor of every Ray strategy: a thin shell around what one rank runs.
 
-It runs whole chunks of steps per call and returns their metrics, so Ray's
-per-call cost is paid once per chunk, not per step or per layer.
+A rank runs a Trainer (data/expert parallel, and disaggregated coordinators) or an
+ExpertServer (disaggregated expert actors); see ``moe_trainer.parallel.setup``.
+Whole chunks of steps run per call, so Ray's per-call cost is paid once per chunk,
+not per step or per layer.
 """
 
 from __future__ import annotations
@@ -36,29 +38,32 @@ class TrainWorker:
 
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "backend": self.setup.backend, "expert_range": list(self.setup.topology.expert_range),
-                **local_parameter_counts(self.setup.trainer)}
+                "role": self.setup.role, "backend": self.setup.backend, "expert_range": list(self.setup.expert_range),
+                **local_parameter_counts(self.setup.runner.model)}
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
-        trainer = self.setup.trainer
-        return [trainer.train_step().record for _ in range(num_steps)]
+        runner = self.setup.runner
+        if self.setup.role == "experts":
+            return [runner.train_step() for _ in range(num_steps)]
+        return [runner.train_step().record for _ in range(num_steps)]
 
-    def evaluate(self) -> float:
-        return self.setup.trainer.evaluate()
+    def evaluate(self) -> float | None:
+        if self.setup.role == "experts":
+            self.setup.runner.evaluate(self.cfg.train.eval_batches)
+            return None
+        return self.setup.runner.evaluate()
 
-    def save(self, root: str) -> None:
+    def save(self, directory: str) -> None:
         from moe_trainer.train.sharded_checkpoint import save_shard
 
-        save_shard(Path(root), self.setup.trainer, self.setup.topology)
+        s = self.setup
+        save_shard(Path(directory), s.runner, self.rank, dense=s.save_dense, experts=s.save_experts)
 
     def load(self, path: str) -> None:
         from moe_trainer.train.sharded_checkpoint import load_into
 
-        load_into(Path(path), self.setup.trainer)
+        load_into(Path(path), self.setup.runner)
 
-    def expert_weights(self) -> dict[str, Any]:
-        """Global expert indices and tensors held here (for tests that check sharding)."""
-        out = {}
-        for name, param in self.setup.trainer.model.named_parameters():
-            out[name] = param.detach().cpu()
-        return out
+    def parameter_names(self) -> list[str]:
+        """Names of the parameters this rank holds (tests check who holds what)."""
+        return [n for n, p in self.setup.runner.model.named_parameters() if p.numel() > 0]

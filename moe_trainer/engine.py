@@ -78,7 +78,7 @@ class LocalEngine:
 
     def save(self, root: Path) -> Path:
         meta = checkpoint_signature(self.cfg, self.vocab_size)
-        return save_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer, None), meta)
+        return save_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer), meta)
 
     def load(self, path: Path) -> None:
         check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))

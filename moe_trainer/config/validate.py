@@ -25,7 +25,7 @@ from moe_trainer.config.schema import (
 
 # Strategies whose runtime exists; the others are named in the schema so users get
 # "not available yet" instead of "unknown".
-AVAILABLE_STRATEGIES = ("single", "data_parallel", "expert_parallel")
+AVAILABLE_STRATEGIES = STRATEGIES
 
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
@@ -104,15 +104,42 @@ def validate_parallel(cfg: Config) -> None:
             raise ConfigError("moe.num_experts", cfg.moe.num_experts,
                               f"must be divisible by parallel.ep_size={ep} so every actor holds the same number of "
                               f"experts; try moe.num_experts={ep * max(1, round(cfg.moe.num_experts / ep))}")
-    dp_world = 1 if p.strategy == "single" else p.num_actors
-    groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world
-    if groups % dp_world:
+    if p.strategy == "disaggregated":
+        validate_disaggregated(cfg)
+    dp_world = {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
+    micro = p.micro_batches if p.strategy == "disaggregated" else 1
+    groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world * micro
+    if groups % (dp_world * micro):
         raise ConfigError("moe.routing_groups", groups,
-                          f"must be a multiple of the {dp_world} data-parallel ranks")
+                          f"must be a multiple of the {dp_world * micro} data-parallel ranks x micro-batches")
     if cfg.train.batch_size % groups:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
                           f"must be divisible by the {groups} routing groups (moe.routing_groups / data-parallel "
                           "ranks), so every group holds whole sequences")
+
+
+def validate_disaggregated(cfg: Config) -> None:
+    p = cfg.parallel
+    _positive("parallel.num_coordinators", p.num_coordinators)
+    if p.num_expert_actors < 1:
+        raise ConfigError("parallel.num_expert_actors", p.num_expert_actors,
+                          "must be >= 1: the disaggregated strategy needs actors to hold the experts")
+    if cfg.moe.num_experts % p.num_expert_actors:
+        raise ConfigError("moe.num_experts", cfg.moe.num_experts,
+                          f"must be divisible by parallel.num_expert_actors={p.num_expert_actors} so every expert "
+                          "actor holds the same number of experts")
+    _positive("parallel.micro_batches", p.micro_batches)
+    rows = cfg.train.batch_size // p.num_coordinators if cfg.train.batch_size % p.num_coordinators == 0 else None
+    if rows is None:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"must be divisible by parallel.num_coordinators={p.num_coordinators}")
+    if rows % p.micro_batches:
+        raise ConfigError("parallel.micro_batches", p.micro_batches,
+                          f"must divide the {rows} sequences each coordinator gets per step "
+                          f"(train.batch_size={cfg.train.batch_size} / {p.num_coordinators} coordinators)")
+    if cfg.model.arch == "dense":
+        raise ConfigError("model.arch", "dense", "the disaggregated strategy needs MoE layers to hand to expert "
+                          "actors; use data_parallel for the dense baseline")
 
 
 def validate_data(cfg: Config) -> None:

@@ -43,8 +43,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
 
+    def attend(self, x_BSD: Tensor) -> Tensor:
+        return x_BSD + self.attn(self.attn_norm(x_BSD))
+
     def forward(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, MoEStats | None]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        x_BSD = self.attend(x_BSD)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
             y_BSD, stats = self.ffn(h_BSD, num_groups)
@@ -93,12 +96,33 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(self, idx_BS: Tensor, num_groups: int = 1) -> ModelOutput:
-        x_BSD = self.embed(idx_BS)
-        stats: list[MoEStats] = []
+        return self.forward_microbatches([idx_BS], num_groups)[0]
+
+    def forward_microbatches(self, idx_list: list[Tensor], num_groups: int = 1) -> list[ModelOutput]:
+        """Runs micro-batches through the blocks in lockstep.
+
+        At each MoE block every micro-batch is routed and dispatched before any is
+        finished, so remote experts can work on micro-batch i while this process runs
+        attention for micro-batch i+1. With local experts the result equals running
+        the micro-batches one by one.
+        """
+        xs = [self.embed(idx) for idx in idx_list]
+        stats: list[list[MoEStats]] = [[] for _ in idx_list]
         for block in self.blocks:
-            x_BSD, layer_stats = block(x_BSD, num_groups)
-            if layer_stats is not None:
-                stats.append(layer_stats)
+            if isinstance(block.ffn, MoELayer):
+                pending = []
+                for i in range(len(xs)):
+                    xs[i] = block.attend(xs[i])
+                    pending.append(block.ffn.start(block.ffn_norm(xs[i]), num_groups))
+                for i, p in enumerate(pending):
+                    y, layer_stats = block.ffn.finish(p)
+                    xs[i] = xs[i] + y
+                    stats[i].append(layer_stats)
+            else:
+                xs = [block(x, num_groups)[0] for x in xs]
+        return [self._output(x, s) for x, s in zip(xs, stats, strict=True)]
+
+    def _output(self, x_BSD: Tensor, stats: list[MoEStats]) -> ModelOutput:
         logits = self.lm_head(self.norm(x_BSD))
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero

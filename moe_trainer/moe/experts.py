@@ -38,6 +38,8 @@ class SwiGLUExperts(nn.Module):
         """``x_ND`` holds ``tokens_per_expert_E[e]`` consecutive rows for local expert ``e``."""
         # Empty runs still go through the matmuls: they cost nothing and give every
         # local expert a (zero) gradient, so gradient syncs see the same tensors on every rank.
+        if self.num_local == 0:  # a shard with no experts (a coordinator): keep the graph connected
+            return x_ND * 0.0
         outs = []
         for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
             gate, up = (x_nD @ self.w_gate_up_EDF2[e]).split(self.hidden, dim=-1)

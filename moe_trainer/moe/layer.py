@@ -39,6 +39,16 @@ class MoEStats:
     router_entropy: Tensor  # mean entropy (nats) of the per-token router distribution
 
 
+@dataclass(frozen=True)
+class PendingMoE:
+    """A micro-batch between :meth:`MoELayer.start` and :meth:`MoELayer.finish`."""
+
+    x_BSD: Tensor
+    x_TD: Tensor
+    routing: Routing
+    dispatched: Dispatched
+
+
 class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN: ``y = sum_k g_k E_k(x) (+ shared(x))``."""
 
@@ -59,9 +69,21 @@ class MoELayer(nn.Module):
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
 
     def forward(self, x_BSD: Tensor, num_groups: int = 1) -> tuple[Tensor, MoEStats]:
+        return self.finish(self.start(x_BSD, num_groups))
+
+    def start(self, x_BSD: Tensor, num_groups: int = 1) -> PendingMoE:
+        """Routes and dispatches; the experts' work may then happen elsewhere while the caller goes on.
+
+        Splitting the layer here lets a pipelined caller start several micro-batches
+        before finishing any (see ``Transformer.forward_microbatches``).
+        """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD, num_groups)
-        dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups)
+        return PendingMoE(x_BSD, x_TD, routing, self.dispatcher.dispatch(x_TD, routing, num_groups))
+
+    def finish(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
+        """Runs the local experts on the dispatched rows, combines, adds shared experts."""
+        dispatched, routing, x_TD = pending.dispatched, pending.routing, pending.x_TD
         y_ND = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
         y_TD = self.dispatcher.combine(y_ND, dispatched)
         if self.shared is not None:
@@ -77,4 +99,4 @@ class MoELayer(nn.Module):
             assignments=routing.expert_idx_A.numel(),
             router_entropy=entropy,
         )
-        return y_TD.view_as(x_BSD), stats
+        return y_TD.view_as(pending.x_BSD), stats

@@ -6,6 +6,8 @@ sizes swapped, so gradients travel back along the path the tokens came.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -47,26 +49,44 @@ def all_to_all_counts(counts_E: Tensor, group: Any) -> Tensor:
     return out.view(dist.get_world_size(group), -1)
 
 
+# Phases of the backward all-to-alls, as announced to expert actors (see parallel/disaggregated.py).
+COMBINE_BWD, DISPATCH_BWD = 0, 1
+
+
 class AllToAll(torch.autograd.Function):
-    """Differentiable ``all_to_all_single`` with uneven split sizes (rows of a 2-D tensor)."""
+    """Differentiable ``all_to_all_single`` with uneven split sizes (rows of a 2-D tensor).
+
+    ``announce``, when given, runs first in backward: the disaggregated strategy uses it to
+    tell expert actors which all-to-all the autograd engine reached, since they cannot see it.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> Tensor:
+    def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
+                announce: Callable[[], None] | None = None,
+                timed: Callable[[float], None] | None = None) -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        ctx.announce, ctx.timed = announce, timed
         out = x_ND.new_empty(sum(recv_splits), x_ND.shape[-1])
         dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
                                input_split_sizes=send_splits, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+        t0 = time.perf_counter()
+        if ctx.announce is not None:
+            ctx.announce()
         grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
         dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
                                input_split_sizes=ctx.recv_splits, group=ctx.group)
-        return grad_in, None, None, None
+        if ctx.timed is not None:
+            ctx.timed(time.perf_counter() - t0)
+        return grad_in, None, None, None, None, None
 
 
-def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any) -> Tensor:
-    out = AllToAll.apply(x_ND, send_splits, recv_splits, group)
+def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
+               announce: Callable[[], None] | None = None, timed: Callable[[float], None] | None = None) -> Tensor:
+    """``AllToAll`` as a function; ``timed`` receives the seconds the backward all-to-all took."""
+    out = AllToAll.apply(x_ND, send_splits, recv_splits, group, announce, timed)
     assert isinstance(out, Tensor)
     return out

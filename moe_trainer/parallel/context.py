@@ -1,33 +1,37 @@
-"""Gradient and statistics reduction for data- and expert-parallel ranks.
+"""Gradient and statistics reduction for ranks of a process group, written once for every strategy.
 
 Every rank's loss is the mean over *its* rows, so the global-batch gradient is
-the average of the ranks' gradients:
+the average of the data-parallel ranks' gradients:
 
-- dense parameters: all-reduce (sum) over all ranks, divide by ``world``;
+- dense parameters: all-reduce (sum) over the data-parallel ranks, divide by their number;
 - expert parameters: the all-to-all backward already summed the contributions of
-  every rank in the expert-parallel group; all-reduce over the expert-data-parallel
-  group adds the other groups' (a no-op when it has one rank), divide by ``world``.
+  every rank that sent rows; an all-reduce over the ranks holding replicas of the
+  same experts adds the other replicas' (none when experts are not replicated);
+  then divide by the number of data-parallel ranks.
+
+The clipping norm counts every distinct tensor once: dense squares from one rank of
+the norm group, expert squares from every rank that owns a shard.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.parallel.dispatcher import CommCounters
-from moe_trainer.parallel.topology import Topology
+from moe_trainer.parallel.telemetry import CommCounters
 
 
 def _is_expert(name: str) -> bool:
     return ".experts." in name
 
 
-def _all_reduce_flat(grads: list[Tensor], group: Any) -> None:
-    """One all-reduce for a list of gradients (flattened), written back in place."""
+def all_reduce_flat(grads: list[Tensor], group: Any) -> None:
+    """One all-reduce (sum) for a list of tensors (flattened), written back in place."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -38,15 +42,40 @@ def _all_reduce_flat(grads: list[Tensor], group: Any) -> None:
         offset += g.numel()
 
 
+def squared_norms(dense: list[Tensor], expert: list[Tensor], device: torch.device) -> Tensor:
+    """``[sum of dense squares, sum of expert squares]`` in float64."""
+    sq = torch.zeros(2, dtype=torch.float64, device=device)
+    for i, grads in enumerate((dense, expert)):
+        if grads:
+            sq[i] = torch.stack([torch.linalg.vector_norm(g) for g in grads]).double().square().sum()
+    return sq
+
+
+def clip_(grads: list[Tensor], total_norm: Tensor, max_norm: float) -> None:
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef.to(g.dtype))
+
+
+@dataclass(frozen=True)
+class Groups:
+    """Which process group each reduction uses (``None`` = the world group)."""
+
+    data: Any  # data-parallel ranks: dense gradients, losses, router loads
+    expert_replicas: Any  # ranks holding the same experts; unused when replicas == 1
+    replicas: int  # how many ranks hold each expert
+    norm: Any  # ranks whose squared norms add up to the global norm (None = no reduction needed)
+    counts_dense_norm: bool  # this rank contributes the dense squares to the norm
+
+
 class DistributedContext:
     """The :class:`moe_trainer.train.trainer.ParallelContext` of one rank in a process group."""
 
-    def __init__(self, topology: Topology, ep_group: Any, edp_group: Any, counters: CommCounters,
+    def __init__(self, dp_rank: int, dp_world: int, groups: Groups, counters: CommCounters,
                  device: torch.device) -> None:
-        self.topology = topology
-        self.dp_rank = topology.rank
-        self.dp_world = topology.world
-        self.ep_group, self.edp_group = ep_group, edp_group
+        self.dp_rank, self.dp_world = dp_rank, dp_world
+        self.groups = groups
         self.counters = counters
         self.device = device
         self._sync_seconds = 0.0
@@ -62,35 +91,27 @@ class DistributedContext:
     def sync_gradients(self, model: nn.Module) -> None:
         t0 = time.perf_counter()
         dense, expert = self._split(model)
-        _all_reduce_flat(dense, group=None)
-        if self.topology.world // self.topology.ep_size > 1:
-            _all_reduce_flat(expert, group=self.edp_group)
+        all_reduce_flat(dense, self.groups.data)
+        if self.groups.replicas > 1:
+            all_reduce_flat(expert, self.groups.expert_replicas)
         for g in dense + expert:
             g.div_(self.dp_world)
         self._sync_seconds += time.perf_counter() - t0
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> Tensor:
-        """Global norm: dense grads are replicated (count once); expert shards summed over the EP group."""
         dense, expert = self._split(model)
-        sq = torch.zeros(2, dtype=torch.float64, device=self.device)
-        if dense:
-            sq[0] = torch.stack([torch.linalg.vector_norm(g) for g in dense]).double().square().sum()
-        if expert:
-            sq[1] = torch.stack([torch.linalg.vector_norm(g) for g in expert]).double().square().sum()
-        if self.topology.ep_size > 1:
-            expert_sq = sq[1:].clone()
-            dist.all_reduce(expert_sq, op=dist.ReduceOp.SUM, group=self.ep_group)
-            sq[1] = expert_sq[0]
+        sq = squared_norms(dense, expert, self.device)
+        if self.groups.norm is not None:
+            if not self.groups.counts_dense_norm:
+                sq[0] = 0.0
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.norm)
         total = sq.sum().sqrt().float()
-        if max_norm > 0:
-            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-            for g in dense + expert:
-                g.mul_(coef.to(g.dtype))
+        clip_(dense + expert, total, max_norm)
         return total
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         out = t.detach().to(self.device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.data)
         return out.to(t.device)
 
     def telemetry(self) -> dict[str, float]:

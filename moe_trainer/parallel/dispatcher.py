@@ -12,7 +12,8 @@ expert-parallel group, N rows sent, M rows received.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,42 +21,8 @@ from torch import Tensor
 
 from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import all_to_all, all_to_all_counts
-
-
-@dataclass
-class CommCounters:
-    """Rows, bytes and time this rank moved through all-to-all since the last ``take`` (telemetry).
-
-    Kept per phase: ``dispatch`` (tokens to experts) and ``combine`` (results back).
-    Rows a rank sends to itself are not counted: they never leave the process.
-    """
-
-    rows_sent: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
-    rows_recv: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
-    bytes_sent: dict[str, int] = field(default_factory=lambda: {"dispatch": 0, "combine": 0})
-    seconds: dict[str, float] = field(default_factory=lambda: {"dispatch": 0.0, "combine": 0.0})
-
-    def add(self, phase: str, rows_sent: int, rows_recv: int, row_bytes: int, seconds: float) -> None:
-        self.rows_sent[phase] += rows_sent
-        self.rows_recv[phase] += rows_recv
-        self.bytes_sent[phase] += rows_sent * row_bytes
-        self.seconds[phase] += seconds
-
-    def take(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for phase in ("dispatch", "combine"):
-            out[f"a2a_{phase}_rows_sent"] = self.rows_sent[phase]
-            out[f"a2a_{phase}_rows_recv"] = self.rows_recv[phase]
-            out[f"a2a_{phase}_time_s"] = self.seconds[phase]
-        out["a2a_rows_sent"] = sum(self.rows_sent.values())
-        out["a2a_rows_recv"] = sum(self.rows_recv.values())
-        out["a2a_bytes_sent"] = sum(self.bytes_sent.values())
-        out["a2a_time_s"] = sum(self.seconds.values())
-        for counter in (self.rows_sent, self.rows_recv, self.bytes_sent, self.seconds):
-            for phase in counter:
-                counter[phase] = 0
-        return out
+from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, all_to_all_counts
+from moe_trainer.parallel.telemetry import CommCounters
 
 
 @dataclass(frozen=True)
@@ -63,37 +30,67 @@ class ExpertParallelMeta:
     send_splits: list[int]  # rows this rank sends to each peer
     recv_splits: list[int]  # rows this rank receives from each peer
     regroup_idx_M: Tensor  # received order (peer, expert) -> local-expert order
+    index: int  # running number of this dispatch on this rank (names it in the backward schedule)
+
+
+def regroup_index(recv_counts_PL: Tensor) -> Tensor:
+    """Permutation from received order (peer, local expert) to (local expert, peer).
+
+    A stable sort keeps each peer's rows in its own priority order, and peers in rank
+    order, which is the order the single-process reference gives each expert's rows.
+    """
+    peers, local = recv_counts_PL.shape
+    local_expert_M = torch.repeat_interleave(torch.arange(local).repeat(peers), recv_counts_PL.flatten())
+    return torch.argsort(local_expert_M, stable=True)
 
 
 class AllToAllDispatcher:
-    """Dispatch across an expert-parallel group of ``P`` ranks, each owning ``E / P`` experts."""
+    """Dispatch over a process group whose ranks ``owner_offset ...`` own ``E / num_owners`` experts each.
+
+    Expert parallelism: every rank of the group owns experts (``owner_offset=0``).
+    Disaggregated: coordinators own none and expert actors own all
+    (``owner_offset=num_coordinators``); ``announce`` then runs before each backward
+    all-to-all, so the expert actors learn which one comes next.
+    """
 
     def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
-                 group_rank: int, counters: CommCounters | None = None) -> None:
+                 group_rank: int, counters: CommCounters | None = None, owner_offset: int = 0,
+                 num_owners: int | None = None, announce: Callable[[int, int], None] | None = None) -> None:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.group = group
         self.group_size = group_size
         self.group_rank = group_rank
-        self.local_experts = num_experts // group_size
+        self.owner_offset = owner_offset
+        self.experts_per_owner = num_experts // (num_owners or group_size)
         self.counters = counters if counters is not None else CommCounters()
+        self.announce = announce
+        self.dispatches = 0  # dispatches so far; every rank of the group counts the same
+
+    def send_counts(self, tokens_per_expert_E: Tensor) -> Tensor:
+        """Counts laid out per destination rank: ``[group_size * experts_per_owner]``, zeros for non-owners."""
+        before = self.owner_offset * self.experts_per_owner
+        after = self.group_size * self.experts_per_owner - before - tokens_per_expert_E.numel()
+        zeros = tokens_per_expert_E.new_zeros
+        return torch.cat([zeros(before), tokens_per_expert_E, zeros(after)])
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
         x_ND = permute(x_TD, plan.token_idx_N)  # already ordered by global expert, hence by owner rank
+        index = self.dispatches
+        self.dispatches += 1
         t0 = time.perf_counter()
-        recv_counts_PL = all_to_all_counts(plan.tokens_per_expert_E, self.group)
-        send_splits = plan.tokens_per_expert_E.view(self.group_size, self.local_experts).sum(1).tolist()
+        counts = self.send_counts(plan.tokens_per_expert_E)
+        recv_counts_PL = all_to_all_counts(counts, self.group)
+        send_splits = counts.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
-        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group)
+        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
+                          self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND))
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
                     time.perf_counter() - t0)
-        # received rows come grouped by (peer, local expert); experts need (local expert, peer)
-        local_expert_M = torch.repeat_interleave(
-            torch.arange(self.local_experts).repeat(self.group_size), recv_counts_PL.flatten())
-        regroup_idx_M = torch.argsort(local_expert_M, stable=True)
-        meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M)
+        regroup_idx_M = regroup_index(recv_counts_PL)
+        meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index)
         return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
 
     def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
@@ -101,11 +98,22 @@ class AllToAllDispatcher:
         assert isinstance(meta, ExpertParallelMeta)
         y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
         t0 = time.perf_counter()
-        y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group)
+        y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group,
+                          self._announcer(meta.index, COMBINE_BWD),
+                          self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD))
         self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
                     time.perf_counter() - t0)
         plan = dispatched.plan
         return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+
+    def _announcer(self, index: int, phase: int) -> Callable[[], None] | None:
+        announce = self.announce
+        return None if announce is None else (lambda: announce(index, phase))
+
+    def _backward_timer(self, phase: str, send: list[int], recv: list[int], like: Tensor) -> Callable[[float], None]:
+        """Counts the backward all-to-all, which sends ``send`` rows and receives ``recv`` rows."""
+        row_bytes = like.shape[-1] * like.element_size()
+        return lambda seconds: self._count(phase, send, recv, row_bytes, seconds)
 
     def _count(self, phase: str, send: list[int], recv: list[int], row_bytes: int, seconds: float) -> None:
         me = self.group_rank

@@ -1,7 +1,7 @@
-"""Builds one rank of a data- or expert-parallel run: process groups, sharded model, trainer.
+"""Builds one rank of a Ray strategy: process groups, this rank's share of the model, its runner.
 
 Called inside each Ray actor (see ``actors/``), but has no Ray in it: the same
-function runs under ``torchrun`` or any launcher that gives a rank and a rendezvous.
+functions run under any launcher that gives a rank and a rendezvous address.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed
 
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
@@ -17,14 +18,17 @@ from moe_trainer.engine import build_model
 from moe_trainer.moe.dispatcher import LocalDispatcher
 from moe_trainer.moe.layer import Dispatcher
 from moe_trainer.parallel.comm import init_process_group, new_group
-from moe_trainer.parallel.context import DistributedContext
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher, CommCounters
+from moe_trainer.parallel.context import DistributedContext, Groups
+from moe_trainer.parallel.disaggregated import ExpertServer, Roles, announce
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology
 from moe_trainer.train.trainer import Trainer
 
 
 def world_size(cfg: Config) -> int:
-    return cfg.parallel.num_actors
+    p = cfg.parallel
+    return p.num_coordinators + p.num_expert_actors if p.strategy == "disaggregated" else p.num_actors
 
 
 def ep_size(cfg: Config) -> int:
@@ -34,30 +38,54 @@ def ep_size(cfg: Config) -> int:
     return 1
 
 
+def roles(cfg: Config) -> Roles:
+    return Roles(cfg.parallel.num_coordinators, cfg.parallel.num_expert_actors, cfg.moe.num_experts)
+
+
 @dataclass
 class RankSetup:
-    trainer: Trainer
-    topology: Topology
+    runner: Trainer | ExpertServer  # what this rank runs: a trainer, or an expert server
+    role: str  # "trainer" (data/expert parallel), "coordinator" or "experts"
     backend: str
+    expert_range: tuple[int, int]
+    save_dense: bool  # this rank writes the dense checkpoint entries
+    save_experts: bool  # this rank writes its experts' checkpoint entries
+
+
+def _device(cfg: Config) -> tuple[str, torch.device]:
+    if cfg.parallel.gpus_per_actor > 0:
+        return "nccl", torch.device("cuda", torch.cuda.current_device())
+    return "gloo", torch.device("cpu")
+
+
+def _groups_containing(rank: int, layouts: list[list[int]], timeout: float) -> Any:
+    """Creates every group of ``layouts`` (all ranks must, in the same order); returns ``rank``'s."""
+    mine = None
+    for ranks in layouts:
+        group = new_group(ranks, timeout)
+        mine = group if rank in ranks else mine
+    return mine
+
+
+def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int], ctx: DistributedContext,
+             device: torch.device) -> Trainer:
+    torch.manual_seed(cfg.train.seed)
+    vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+    model = build_model(cfg, vocab_size, dispatcher=dispatcher, expert_range=expert_range).to(device)
+    return Trainer(cfg, model, build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed), ctx)
 
 
 def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> RankSetup:
-    """Joins the process group as ``rank`` and builds this rank's shard of the model and its trainer."""
-    use_gpu = cfg.parallel.gpus_per_actor > 0
-    backend = "nccl" if use_gpu else "gloo"
-    device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
-    topo = Topology(rank=rank, world=world_size(cfg), ep_size=ep_size(cfg), num_experts=cfg.moe.num_experts)
+    """Joins the process group as ``rank`` and builds what this rank runs."""
+    backend, device = _device(cfg)
     timeout = cfg.parallel.timeout_s
-    init_process_group(backend, master_addr, master_port, rank, topo.world, timeout)
-    # every rank creates every group, in the same order (a torch.distributed requirement)
-    ep_group = edp_group = None
-    for ranks in topo.ep_groups():
-        group = new_group(ranks, timeout)
-        ep_group = group if rank in ranks else ep_group
-    for ranks in topo.edp_groups():
-        group = new_group(ranks, timeout)
-        edp_group = group if rank in ranks else edp_group
+    init_process_group(backend, master_addr, master_port, rank, world_size(cfg), timeout)
+    if cfg.parallel.strategy == "disaggregated":
+        return _build_disaggregated(cfg, rank, backend, device)
 
+    topo = Topology(rank=rank, world=world_size(cfg), ep_size=ep_size(cfg), num_experts=cfg.moe.num_experts)
+    ep_group = _groups_containing(rank, topo.ep_groups(), timeout)
+    edp_group = _groups_containing(rank, topo.edp_groups(), timeout)
     counters = CommCounters()
     dispatcher: Dispatcher
     if topo.ep_size > 1:
@@ -65,16 +93,34 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
                                         topo.ep_rank, counters)
     else:
         dispatcher = LocalDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor)
-    torch.manual_seed(cfg.train.seed)
-    vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
-    model = build_model(cfg, vocab_size, dispatcher=dispatcher, expert_range=topo.expert_range).to(device)
-    data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
-    ctx = DistributedContext(topo, ep_group, edp_group, counters, device)
-    return RankSetup(Trainer(cfg, model, data, ctx), topo, backend)
+    groups = Groups(data=None, expert_replicas=edp_group, replicas=topo.world // topo.ep_size,
+                    norm=ep_group if topo.ep_size > 1 else None, counts_dense_norm=topo.ep_rank == 0)
+    ctx = DistributedContext(rank, topo.world, groups, counters, device)
+    trainer = _trainer(cfg, dispatcher, topo.expert_range, ctx, device)
+    return RankSetup(trainer, "trainer", backend, topo.expert_range, save_dense=rank == 0,
+                     save_experts=rank < topo.ep_size)
 
 
-def local_parameter_counts(trainer: Trainer) -> dict[str, Any]:
+def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.device) -> RankSetup:
+    r = roles(cfg)
+    world = torch.distributed.group.WORLD
+    coordinators = _groups_containing(rank, [list(range(r.num_coordinators))], cfg.parallel.timeout_s)
+    if not r.is_coordinator(rank):
+        server = ExpertServer(cfg, rank, r, device, group=world)
+        return RankSetup(server, "experts", backend, r.expert_range(rank), save_dense=False, save_experts=True)
+    counters = CommCounters()
+    dispatcher = AllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, world, r.world, rank, counters,
+                                    owner_offset=r.num_coordinators, num_owners=r.num_expert_actors,
+                                    announce=announce)
+    groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
+    ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
+    trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device)
+    return RankSetup(trainer, "coordinator", backend, r.expert_range(rank), save_dense=rank == 0,
+                     save_experts=False)
+
+
+def local_parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
     """Parameters this rank actually holds (experts: only its shard)."""
-    expert = sum(p.numel() for n, p in trainer.model.named_parameters() if ".experts." in n)
-    total = sum(p.numel() for p in trainer.model.parameters())
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    total = sum(p.numel() for p in model.parameters())
     return {"params_local": total, "expert_params_local": expert, "dense_params_local": total - expert}

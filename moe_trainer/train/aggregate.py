@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from moe_trainer.parallel.telemetry import PHASES
+
 PER_RANK_KEYS = ("step_time_s", "grad_sync_time_s", "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv",
-                 "a2a_bytes_sent", "a2a_dispatch_rows_sent", "a2a_dispatch_rows_recv", "a2a_dispatch_time_s",
-                 "a2a_combine_rows_sent", "a2a_combine_rows_recv", "a2a_combine_time_s")
+                 "a2a_bytes_sent", *(f"a2a_{phase}_{what}" for phase in PHASES
+                                     for what in ("rows_sent", "rows_recv", "time_s")))
 
 
 def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
@@ -38,3 +40,21 @@ def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
 def aggregate_chunk(records_per_rank: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """``records_per_rank[r][i]`` is rank r's record of the chunk's i-th step."""
     return [aggregate_step(list(step)) for step in zip(*records_per_rank, strict=True)]
+
+
+def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list[list[dict[str, Any]]]) -> None:
+    """Adds per-role busy/wait telemetry of a disaggregated step (in place).
+
+    Coordinators wait inside all-to-alls (for the expert actors and the wire);
+    expert actors wait for coordinators between their bursts of expert compute.
+    """
+    for record, expert_steps in zip(records, zip(*expert_records_per_rank, strict=True), strict=True):
+        step_time = max(record["step_time_s"], 1e-12)
+        record["coord_wait_s"] = record["a2a_time_s"]
+        record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]
+        record["coord_idle_share"] = record["coord_wait_s"] / step_time
+        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s"):
+            values = [r[key] for r in expert_steps]
+            record[key] = sum(values) / len(values)
+            record[f"{key}_max"] = max(values)
+        record["expert_idle_share"] = record["expert_wait_s"] / max(record["expert_step_time_s"], 1e-12)

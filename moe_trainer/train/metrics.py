@@ -38,6 +38,17 @@ class LoadCounts:
             batches=1,
         )
 
+    @property
+    def num_layers(self) -> int:
+        return self.tokens_per_expert_LE.shape[0]
+
+    @classmethod
+    def total(cls, parts: list[LoadCounts]) -> LoadCounts:
+        """Sum of several records (micro-batches of one step)."""
+        first = parts[0]
+        return cls.from_tensor(torch.stack([p.as_tensor() for p in parts]).sum(0), first.num_layers,
+                               first.tokens_per_expert_LE.shape[1])
+
     def as_tensor(self) -> Tensor:
         """Flattens into one float64 vector, so one all-reduce sums every field."""
         return torch.cat([self.tokens_per_expert_LE.flatten(), self.dropped_L, self.assignments_L,

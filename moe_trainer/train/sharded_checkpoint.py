@@ -18,8 +18,10 @@ from torch import Tensor
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.parallel.topology import Topology
 from moe_trainer.train.trainer import Trainer
+
+# ``Trainer`` here means anything with ``model``, ``optimizer``, ``step``, ``tokens_seen`` and
+# ``ctx.device``: the expert actors' ExpertServer is saved and loaded through the same functions.
 
 SHARD_GLOB = "shard_rank*.pt"
 
@@ -69,13 +71,10 @@ def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True) 
     return out
 
 
-def save_shard(directory: Path, trainer: Trainer, topology: Topology | None) -> None:
-    """Writes this process's entries into ``directory`` (created by the caller)."""
-    rank = topology.rank if topology else 0
-    owns_dense = rank == 0
-    owns_experts = topology is None or topology.rank < topology.ep_size
-    if owns_dense or owns_experts:
-        torch.save(canonical_state(trainer, owns_dense, owns_experts), directory / f"shard_rank{rank:05d}.pt")
+def save_shard(directory: Path, trainer: Trainer, rank: int = 0, dense: bool = True, experts: bool = True) -> None:
+    """Writes the entries this process owns (``dense`` state, its ``experts``) into ``directory``."""
+    if dense or experts:
+        torch.save(canonical_state(trainer, dense, experts), directory / f"shard_rank{rank:05d}.pt")
 
 
 def read_entries(directory: Path) -> dict[str, Tensor]:
@@ -97,6 +96,8 @@ def _take(entries: dict[str, Tensor], prefix: str, name: str, like: Tensor, firs
         if key not in entries:
             raise ConfigError("train.resume", key, "missing from the checkpoint (saved by a different model?)")
         return entries[key]
+    if like.shape[0] == 0:  # a shard without experts (a disaggregated coordinator)
+        return like.detach().clone()
     keys = [f"{prefix}/{name}/expert{first + e}" for e in range(like.shape[0])]
     missing = [k for k in keys if k not in entries]
     if missing:

@@ -71,9 +71,25 @@ class SingleContext:
         return {}
 
 
+def micro_batches(cfg: Config) -> int:
+    """Micro-batches per rank and step: only the disaggregated strategy pipelines them."""
+    return cfg.parallel.micro_batches if cfg.parallel.strategy == "disaggregated" else 1
+
+
 def resolve_routing_groups(cfg: Config, dp_world: int) -> int:
-    """Routing groups of the global batch: ``moe.routing_groups`` or one per data-parallel rank."""
-    return cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world
+    """Routing groups of the global batch: ``moe.routing_groups``, else one per rank and micro-batch."""
+    return cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world * micro_batches(cfg)
+
+
+@dataclass
+class LossParts:
+    """This rank's losses for one batch (means over its micro-batches) and its router loads."""
+
+    total: Tensor
+    lm: Tensor
+    aux: Tensor
+    z: Tensor
+    counts: LoadCounts
 
 
 @dataclass
@@ -90,32 +106,41 @@ class Trainer:
         self.optimizer = build_optimizer(model, cfg.train)
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # global tokens trained on
+        self.micro_batches = micro_batches(cfg)
         groups = resolve_routing_groups(cfg, ctx.dp_world)
-        self.local_groups = groups // ctx.dp_world
+        self.groups_per_micro_batch = groups // ctx.dp_world // self.micro_batches
 
-    def loss(self, inputs: Tensor, targets: Tensor) -> tuple[Tensor, Tensor, Any]:
-        """LM cross-entropy (mean over this rank's tokens) plus weighted router losses."""
-        out = self.model(inputs, self.local_groups)
-        lm = F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), targets.flatten())
-        total = lm + self.cfg.moe.aux_loss_coef * out.aux_loss + self.cfg.moe.z_loss_coef * out.z_loss
-        return total, lm, out
+    def loss(self, inputs: Tensor, targets: Tensor) -> LossParts:
+        """LM cross-entropy (mean over this rank's tokens) plus weighted router losses.
+
+        Micro-batches have equal sizes, so the mean of their means is the mean over the rows.
+        """
+        chunks = list(inputs.chunk(self.micro_batches))
+        outs = self.model.forward_microbatches(chunks, self.groups_per_micro_batch)
+        lm = torch.stack([F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), t.flatten())
+                          for out, t in zip(outs, targets.chunk(self.micro_batches), strict=True)]).mean()
+        aux = torch.stack([out.aux_loss for out in outs]).mean()
+        z = torch.stack([out.z_loss for out in outs]).mean()
+        total = lm + self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
+        counts = LoadCounts.total([LoadCounts.from_stats(out.moe_stats, self.cfg.moe.num_experts) for out in outs])
+        return LossParts(total, lm, aux, z, counts)
 
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
         inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
-        total, lm, out = self.loss(inputs, targets)
+        parts = self.loss(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        parts.total.backward()
         self.ctx.sync_gradients(self.model)
         grad_norm = self.ctx.clip_gradients(self.model, self.cfg.train.grad_clip)
         self.optimizer.step()
 
-        counts = self._global_counts(out.moe_stats)
+        counts = self._global_counts(parts.counts)
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
             layer.router.update_bias(load_E)
-        losses = self.ctx.all_reduce_sum(torch.stack([lm, out.aux_loss, out.z_loss, total]).detach().double())
+        losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
         losses = losses / self.ctx.dp_world
         step_time = time.perf_counter() - t0
         tokens = inputs.numel() * self.ctx.dp_world
@@ -141,10 +166,9 @@ class Trainer:
             record["expert_bias"] = bias
         return StepResult(self.step, record)
 
-    def _global_counts(self, stats: list[Any]) -> LoadCounts:
-        local = LoadCounts.from_stats(stats, self.cfg.moe.num_experts)
+    def _global_counts(self, local: LoadCounts) -> LoadCounts:
         summed = self.ctx.all_reduce_sum(local.as_tensor())
-        return LoadCounts.from_tensor(summed, len(stats), self.cfg.moe.num_experts)
+        return LoadCounts.from_tensor(summed, local.num_layers, self.cfg.moe.num_experts)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -155,8 +179,8 @@ class Trainer:
         lo = self.ctx.dp_rank * rows
         total = torch.zeros((), dtype=torch.float64)
         for inputs, targets in batches:
-            _, lm, _ = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])))
-            total += lm.double().cpu()
+            parts = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])))
+            total += parts.lm.double().cpu()
         total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
         return float(total / max(1, len(batches)))
 

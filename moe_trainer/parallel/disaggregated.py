@@ -1,0 +1,229 @@
+"""Disaggregated strategy: coordinators run everything but the experts; expert actors run only experts.
+
+Ranks ``0 .. C-1`` are coordinators (data parallel among themselves: embeddings,
+attention, norms, dense FFNs, routers, LM head); ranks ``C .. C+X-1`` are expert
+actors holding ``E / X`` experts of every MoE layer. Both kinds share one process
+group; tokens move by ``all_to_all_single`` in which coordinators only send rows
+(dispatch) and expert actors only send results back (combine).
+
+Expert actors cannot see the coordinators' autograd graph, so they follow a schedule:
+
+- forward: the coordinators' order is fixed by ``Transformer.forward_microbatches``
+  (per MoE block: dispatch every micro-batch, then combine every micro-batch), and the
+  expert server replays it: receive micro-batch i, compute it at once (while
+  coordinators run attention for micro-batch i+1), later send the results;
+- backward: the autograd engine picks the order, so each coordinator announces the
+  next backward all-to-all (dispatch number and phase) with a tiny all-reduce just
+  before it; the expert server waits for the announcement and plays its side.
+
+Shape legend: D width, M rows received by an expert actor, L local experts.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor, nn
+
+from moe_trainer.config.schema import Config
+from moe_trainer.model.transformer import init_weights, is_moe_block
+from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts
+from moe_trainer.parallel.context import clip_, squared_norms
+from moe_trainer.parallel.dispatcher import regroup_index
+from moe_trainer.train.optim import build_optimizer, set_lr
+
+_NOBODY = -(2**62)  # what expert actors contribute to an announcement (coordinators' values win a MAX)
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Rank layout of a disaggregated job."""
+
+    num_coordinators: int
+    num_expert_actors: int
+    num_experts: int
+
+    @property
+    def world(self) -> int:
+        return self.num_coordinators + self.num_expert_actors
+
+    @property
+    def experts_per_actor(self) -> int:
+        return self.num_experts // self.num_expert_actors
+
+    def is_coordinator(self, rank: int) -> bool:
+        return rank < self.num_coordinators
+
+    def expert_range(self, rank: int) -> tuple[int, int]:
+        """``(first global expert, count)`` held by ``rank`` (coordinators hold none)."""
+        if self.is_coordinator(rank):
+            return 0, 0
+        return (rank - self.num_coordinators) * self.experts_per_actor, self.experts_per_actor
+
+
+def announce(index: int, phase: int) -> None:
+    """Coordinator side: tells the expert actors which backward all-to-all comes next.
+
+    Every coordinator sends ``(index, phase)`` and its negation, so one MAX all-reduce
+    also reveals whether the coordinators disagree (their graphs must be identical).
+    """
+    header = torch.tensor([index, phase, -index, -phase], dtype=torch.int64)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    if header[0] != -header[2] or header[1] != -header[3]:
+        raise RuntimeError(f"coordinators disagree on the backward schedule: {header.tolist()}")
+
+
+def await_announcement() -> tuple[int, int]:
+    """Expert-actor side of :func:`announce`."""
+    header = torch.full((4,), _NOBODY, dtype=torch.int64)
+    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    return int(header[0]), int(header[1])
+
+
+class ExpertShardModel(nn.Module):
+    """Only the experts of every MoE block, named as in the full Transformer (``blocks.3.ffn.experts.*``).
+
+    The names make initialisation and checkpoint entries identical to the
+    single-process model's, expert for expert.
+    """
+
+    def __init__(self, cfg: Config, expert_range: tuple[int, int]) -> None:
+        super().__init__()
+        first, count = expert_range
+        self.blocks = nn.ModuleDict({
+            str(i): nn.ModuleDict({"ffn": nn.ModuleDict({"experts": SwiGLUExperts(
+                count, cfg.model.d_model, cfg.moe.expert_hidden, first_expert=first)})})
+            for i in range(cfg.model.n_layers) if is_moe_block(i, cfg.moe)
+        })
+        init_weights(self, cfg.train.seed, cfg.model)
+
+    def layers(self) -> list[SwiGLUExperts]:
+        return [block["ffn"]["experts"] for block in self.blocks.values()]  # type: ignore[index]
+
+
+@dataclass
+class _Served:
+    """One dispatch served by this expert actor, kept for its backward."""
+
+    recv_splits: list[int]
+    regroup_idx_M: Tensor
+    x_MD: Tensor  # leaf: the rows received, in local-expert order
+    y_MD: Tensor  # the experts' output for them
+
+
+@dataclass
+class _StepClock:
+    busy: float = 0.0  # computing experts / optimizer
+    total: float = 0.0
+
+
+class ExpertServer:
+    """Runs an expert actor: the mirror of the coordinators' collective schedule, step after step.
+
+    Has the attributes a checkpoint needs (``model``, ``optimizer``, ``step``,
+    ``tokens_seen``, ``ctx.device``) so :mod:`moe_trainer.train.sharded_checkpoint`
+    saves and loads it like a Trainer.
+    """
+
+    def __init__(self, cfg: Config, rank: int, roles: Roles, device: torch.device, group: Any = None) -> None:
+        self.cfg, self.rank, self.roles = cfg, rank, roles
+        self.model = ExpertShardModel(cfg, roles.expert_range(rank)).to(device)
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.group = group
+        self.ctx = _DeviceOnly(device)
+        self.step = 0
+        self.tokens_seen = 0
+        self.dispatches = 0  # must count exactly like the coordinators' dispatcher
+        self.micro_batches = cfg.parallel.micro_batches
+        self.d_model = cfg.model.d_model
+
+    # ----- forward: replay of Transformer.forward_microbatches -----
+    def _forward(self, micro_batches: int, keep: bool, clock: _StepClock) -> dict[int, _Served]:
+        served: dict[int, _Served] = {}
+        device = self.ctx.device
+        empty = torch.empty(0, self.d_model, device=device)
+        for experts in self.model.layers():
+            pending: list[tuple[int, _Served]] = []
+            for _ in range(micro_batches):
+                index = self.dispatches
+                self.dispatches += 1
+                counts = torch.zeros(self.roles.world * self.roles.experts_per_actor, dtype=torch.int64,
+                                     device=device)
+                recv_counts_PL = all_to_all_counts(counts, self.group)
+                recv_splits = recv_counts_PL.sum(1).tolist()
+                x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
+                dist.all_to_all_single(x_peer_MD, empty, output_split_sizes=recv_splits,
+                                       input_split_sizes=[0] * self.roles.world, group=self.group)
+                t0 = time.perf_counter()
+                regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
+                x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
+                with torch.set_grad_enabled(keep):
+                    y_MD = experts(x_MD, recv_counts_PL.sum(0))
+                clock.busy += time.perf_counter() - t0
+                pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
+            for index, item in pending:
+                y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
+                dist.all_to_all_single(empty.clone(), y_peer_MD, output_split_sizes=[0] * self.roles.world,
+                                       input_split_sizes=item.recv_splits, group=self.group)
+                if keep:
+                    served[index] = item
+        return served
+
+    # ----- backward: driven by the coordinators' announcements -----
+    def _backward(self, served: dict[int, _Served], clock: _StepClock) -> None:
+        device = self.ctx.device
+        empty = torch.empty(0, self.d_model, device=device)
+        for _ in range(2 * len(served)):
+            index, phase = await_announcement()
+            item = served[index]
+            if phase == COMBINE_BWD:
+                grad_peer_MD = torch.empty(sum(item.recv_splits), self.d_model, device=device)
+                dist.all_to_all_single(grad_peer_MD, empty, output_split_sizes=item.recv_splits,
+                                       input_split_sizes=[0] * self.roles.world, group=self.group)
+                t0 = time.perf_counter()
+                item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
+                clock.busy += time.perf_counter() - t0
+            else:
+                grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
+                grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
+                dist.all_to_all_single(empty.clone(), grad_peer_MD, output_split_sizes=[0] * self.roles.world,
+                                       input_split_sizes=item.recv_splits, group=self.group)
+                del served[index]
+
+    def train_step(self) -> dict[str, Any]:
+        clock = _StepClock()
+        t_start = time.perf_counter()
+        lr = set_lr(self.optimizer, self.step, self.cfg.train)
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
+        served = self._forward(self.micro_batches, keep=True, clock=clock)
+        self._backward(served, clock)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        for g in grads:  # each coordinator's loss is a mean over its rows: the global gradient is the average
+            g.div_(self.roles.num_coordinators)
+        sq = squared_norms([], grads, self.ctx.device)
+        dist.all_reduce(sq, op=dist.ReduceOp.SUM)  # the coordinators' clip_gradients, same collective
+        t0 = time.perf_counter()
+        clip_(grads, sq.sum().sqrt().float(), self.cfg.train.grad_clip)
+        self.optimizer.step()
+        clock.busy += time.perf_counter() - t0
+        self.step += 1
+        total = time.perf_counter() - t_start
+        return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
+                "expert_step_time_s": total}
+
+    def evaluate(self, batches: int) -> None:
+        clock = _StepClock()
+        with torch.no_grad():
+            for _ in range(batches):
+                self._forward(self.micro_batches, keep=False, clock=clock)
+
+
+class _DeviceOnly:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
