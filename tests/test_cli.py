@@ -65,16 +65,15 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, override: st
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["expert_parallel", "data_parallel"])
-def test_ray_strategy_runs_out_of_the_box(tmp_path: Path, strategy: str) -> None:
+@pytest.mark.parametrize("strategy,processes", [("expert_parallel", 2), ("data_parallel", 2), ("disaggregated", 3)])
+def test_ray_strategy_runs_out_of_the_box(tmp_path: Path, strategy: str, processes: int) -> None:
     """The README command with a strategy: moe-train starts its own embedded Ray (token auth on)."""
     run_dir = tmp_path / "run"
-    proc = moe_train("experiment=debug", f"parallel={strategy}", "parallel.num_actors=2", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path)
+    proc = moe_train("experiment=debug", f"parallel={strategy}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["processes"] == 2 and summary["backend"] == "gloo"
+    assert summary["processes"] == processes and summary["backend"] == "gloo"
 
 
 def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:

@@ -119,7 +119,7 @@ class _Served:
 @dataclass
 class _StepClock:
     busy: float = 0.0  # computing experts / optimizer
-    total: float = 0.0
+    rows: int = 0  # rows received from coordinators
 
 
 class ExpertServer:
@@ -162,6 +162,7 @@ class ExpertServer:
                 t0 = time.perf_counter()
                 regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
                 x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
+                clock.rows += x_MD.shape[0]
                 with torch.set_grad_enabled(keep):
                     y_MD = experts(x_MD, recv_counts_PL.sum(0))
                 clock.busy += time.perf_counter() - t0
@@ -215,7 +216,7 @@ class ExpertServer:
         self.step += 1
         total = time.perf_counter() - t_start
         return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
-                "expert_step_time_s": total}
+                "expert_step_time_s": total, "expert_rows_recv": clock.rows}
 
     def evaluate(self, batches: int) -> None:
         clock = _StepClock()

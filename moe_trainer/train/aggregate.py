@@ -53,8 +53,9 @@ def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list
         record["coord_wait_s"] = record["a2a_time_s"]
         record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]
         record["coord_idle_share"] = record["coord_wait_s"] / step_time
-        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s"):
+        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv"):
             values = [r[key] for r in expert_steps]
             record[key] = sum(values) / len(values)
             record[f"{key}_max"] = max(values)
+            record[f"{key}_per_actor"] = values
         record["expert_idle_share"] = record["expert_wait_s"] / max(record["expert_step_time_s"], 1e-12)

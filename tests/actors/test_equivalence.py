@@ -42,6 +42,9 @@ CASES = [
     ("expert_parallel_ep2_of_4", ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4),
 ]
 MODES = [("dropless", "moe.capacity_factor=null"), ("capacity", "moe.capacity_factor=1.0")]
+DISAGGREGATED = [  # (coordinators, micro-batches): the reference uses coordinators x micro-batches groups
+    (1, 1), (1, 4), (2, 1), (2, 4),
+]
 
 
 @pytest.mark.slow
@@ -57,6 +60,24 @@ def test_strategy_matches_single(ray_cluster: object, tmp_path: Path, name: str,
         assert losses[step] == pytest.approx(ref, rel=1e-5), f"step {step}"
     assert ref_losses[STEPS] < ref_losses[1]  # it trained
     assert (summary["dropped_total"] > 0) == (mode == "capacity")  # capacity mode really drops
+    assert params.keys() == ref_params.keys()
+    for key, ref in ref_params.items():
+        torch.testing.assert_close(params[key], ref, atol=1e-4, rtol=0, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,mode_override", MODES, ids=[m[0] for m in MODES])
+@pytest.mark.parametrize("coordinators,micro", DISAGGREGATED, ids=[f"{c}coord_{m}mb" for c, m in DISAGGREGATED])
+def test_disaggregated_matches_single(ray_cluster: object, tmp_path: Path, coordinators: int, micro: int,
+                                      mode: str, mode_override: str) -> None:
+    ref_losses, ref_params, _ = run(tmp_path / "single", mode_override, f"moe.routing_groups={coordinators * micro}")
+    losses, params, summary = run(tmp_path / "disaggregated", mode_override, "parallel=disaggregated",
+                                  f"parallel.num_coordinators={coordinators}", "parallel.num_expert_actors=2",
+                                  f"parallel.micro_batches={micro}")
+    assert summary["roles"] == ["coordinator"] * coordinators + ["experts"] * 2
+    for step, ref in ref_losses.items():
+        assert losses[step] == pytest.approx(ref, rel=1e-5), f"step {step}"
+    assert (summary["dropped_total"] > 0) == (mode == "capacity")
     assert params.keys() == ref_params.keys()
     for key, ref in ref_params.items():
         torch.testing.assert_close(params[key], ref, atol=1e-4, rtol=0, msg=key)
