@@ -38,6 +38,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
     bar = tqdm(total=t.max_steps, initial=engine.step, disable=not cfg.logger.progress, unit="step",
                dynamic_ncols=True)
     tokens_per_s: list[float] = []
+    last: dict[str, Any] = {}
     try:
         while engine.step < t.max_steps:
             stop = min(_next_boundary(engine.step, every, t.max_steps)
@@ -68,6 +69,10 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
     finally:
         bar.close()
     summary["steps"] = engine.step
+    if tokens_per_s:
+        summary["mem_rss_mb_per_process"] = last.get("mem_rss_mb_per_rank", [])
+        if "expert_mem_rss_mb_per_actor" in last:
+            summary["mem_rss_mb_per_expert_actor"] = last["expert_mem_rss_mb_per_actor"]
     summary["train_time_s"] = time.perf_counter() - t_start
     if tokens_per_s:
         summary["tokens_per_s_mean"] = sum(tokens_per_s) / len(tokens_per_s)

@@ -16,6 +16,7 @@ import torch
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
 from moe_trainer.model.transformer import Transformer, count_parameters
+from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 from moe_trainer.train.sharded_checkpoint import load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
@@ -71,7 +72,8 @@ class LocalEngine:
         return self.trainer.step
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
-        return [self.trainer.train_step().record for _ in range(num_steps)]
+        # one rank: aggregation only adds the mean/_max/_per_rank keys every strategy logs
+        return aggregate_chunk([[self.trainer.train_step().record for _ in range(num_steps)]])
 
     def evaluate(self) -> float:
         return self.trainer.evaluate()

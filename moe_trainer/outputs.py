@@ -7,6 +7,7 @@ values flattened into ``train/``, ``balance/``, ``perf/`` and ``eval/`` panels.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +16,52 @@ import yaml
 from moe_trainer.config.schema import LoggerConfig
 from moe_trainer.logging import RunLogger
 
-_PANELS = {
-    "loss": "train", "aux_loss": "train", "z_loss": "train", "total_loss": "train", "lr": "train",
-    "grad_norm": "train", "tokens": "train", "val_loss": "eval",
-    "tokens_per_s": "perf", "step_time_s": "perf",
-    "load_imbalance": "balance", "load_cv": "balance", "dropped_frac": "balance", "router_entropy": "balance",
-}
+_TRAIN = ("loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens")
+_BALANCE = ("load_imbalance", "load_cv", "dropped_frac", "router_entropy")
 
 
-def wandb_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """Flattens a metrics record into W&B keys (``panel/name``, per layer ``balance/layerN/...``)."""
-    flat: dict[str, float] = {}
+def panel(key: str) -> str | None:
+    """The W&B panel (key prefix) of a record key; None for keys W&B does not get as scalars."""
+    if key.endswith(("_per_rank", "_per_actor")) or key in ("step", "layers", "expert_bias"):
+        return None
+    if key in _TRAIN:
+        return "train"
+    if key == "val_loss":
+        return "eval"
+    if key in _BALANCE:
+        return "balance"
+    if key.startswith(("a2a_", "grad_sync_", "comm_")):
+        return "comm"
+    if key.startswith(("coord_", "expert_")):
+        return "roles"  # disaggregated only: busy/wait per role
+    return "perf"  # tokens_per_s, step_time_s*, mem_rss_mb*, coordinator/expert busy and idle times
+
+
+def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Flattens a metrics record into W&B keys: ``panel/name``, per MoE layer ``balance/layerN/...``.
+
+    Per-expert loads become one histogram per layer whose bins are the experts, which W&B
+    draws over steps as a heatmap; the raw counts stay in ``metrics.jsonl``.
+    """
+    flat: dict[str, Any] = {}
     for key, value in record.items():
-        if key in _PANELS:
-            flat[f"{_PANELS[key]}/{key}"] = value
+        group = panel(key)
+        if group is not None and isinstance(value, int | float):
+            flat[f"{group}/{key}"] = value
     for i, layer in enumerate(record.get("layers", [])):
         for name in ("max_mean", "cv", "dropped_frac", "router_entropy"):
             flat[f"balance/layer{i}/{name}"] = layer[name]
-        for e, load in enumerate(layer["tokens_per_expert"]):
-            flat[f"balance/layer{i}/tokens_expert{e}"] = load
+        flat[f"balance/layer{i}/tokens_per_expert"] = expert_histogram(layer["tokens_per_expert"])
+    for i, bias in enumerate(record.get("expert_bias", [])):
+        flat[f"balance/layer{i}/bias_max_abs"] = max(abs(b) for b in bias)
     return flat
+
+
+def expert_histogram(load: list[int]) -> Any:
+    import numpy as np
+    import wandb
+
+    return wandb.Histogram(np_histogram=(np.asarray(load, dtype=np.float64), np.arange(len(load) + 1)))
 
 
 class RunOutputs:
@@ -47,16 +74,24 @@ class RunOutputs:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
         self._metrics = self.metrics_path.open("a")
-        self.wandb = RunLogger(logger_cfg, run_dir, job_type=strategy, config=resolved_config)
+        tags = [*logger_cfg.tags, strategy]
+        self.wandb = RunLogger(replace(logger_cfg, tags=tags), run_dir, job_type=strategy, config=resolved_config)
+        self._load_rows: list[list[int]] = []  # (step, layer, expert, tokens) for the expert-load table
 
     def log(self, record: dict[str, Any]) -> None:
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
-        self.wandb.log(wandb_metrics(record), step=int(record["step"]))
+        if self.wandb.active:
+            self.wandb.log(wandb_metrics(record), step=int(record["step"]))
+            for i, layer in enumerate(record.get("layers", [])):
+                self._load_rows.extend([record["step"], i, e, n] for e, n in enumerate(layer["tokens_per_expert"]))
 
     def summary(self, values: dict[str, Any]) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(values, indent=1))
         self.wandb.log_summary(values)
+        if self._load_rows:
+            self.wandb.log_table("balance/expert_load", ["step", "layer", "expert", "tokens"], self._load_rows,
+                                 step=values.get("steps", 0))
 
     def close(self) -> None:
         self._metrics.close()

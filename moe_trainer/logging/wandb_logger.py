@@ -239,6 +239,17 @@ class RunLogger:
         except Exception as exc:
             self._warn("log", f"W&B log failed ({_one_line(exc)}); further W&B errors are ignored")
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """Logs a ``wandb.Table`` (e.g. per-expert loads over time, for a heatmap panel)."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            self._run.log({key: wandb.Table(columns=columns, data=rows), self.step_metric: int(step)})
+        except Exception as exc:
+            self._warn("log", f"W&B table log failed ({_one_line(exc)})")
+
     def log_summary(self, values: Mapping[str, Any]) -> None:
         """Sets final/best values (e.g. ``best_val_loss``) shown in the W&B runs table."""
         if not self.active:

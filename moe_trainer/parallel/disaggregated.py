@@ -36,6 +36,7 @@ from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts
 from moe_trainer.parallel.context import clip_, squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
 from moe_trainer.train.optim import build_optimizer, set_lr
+from moe_trainer.train.trainer import process_memory_mb
 
 _NOBODY = -(2**62)  # what expert actors contribute to an announcement (coordinators' values win a MAX)
 
@@ -216,7 +217,7 @@ class ExpertServer:
         self.step += 1
         total = time.perf_counter() - t_start
         return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
-                "expert_step_time_s": total, "expert_rows_recv": clock.rows}
+                "expert_step_time_s": total, "expert_rows_recv": clock.rows, "expert_mem_rss_mb": process_memory_mb()}
 
     def evaluate(self, batches: int) -> None:
         clock = _StepClock()

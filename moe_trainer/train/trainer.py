@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import psutil
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moe_trainer.config.schema import Config
 from moe_trainer.model.transformer import Transformer
+from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 from moe_trainer.train.optim import build_optimizer, set_lr
 
@@ -68,7 +70,15 @@ class SingleContext:
         return t
 
     def telemetry(self) -> dict[str, float]:
-        return {}
+        # nothing moves, but the keys are the same as every other strategy's (zeros)
+        return {**CommCounters().take(), "grad_sync_time_s": 0.0}
+
+
+def process_memory_mb() -> float:
+    """Resident memory of this process (MiB); on GPU, the peak allocated CUDA memory instead."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
 
 
 def micro_batches(cfg: Config) -> int:
@@ -159,6 +169,7 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": tokens / step_time,
             **balance_metrics(counts),
+            "mem_rss_mb": process_memory_mb(),
             **self.ctx.telemetry(),
         }
         bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]

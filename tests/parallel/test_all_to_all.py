@@ -87,9 +87,20 @@ def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: 
     torch.testing.assert_close(sum(r["router_grad"] for r in results), ref.router.weight.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.cat([r["up_grad"] for r in results]), ref.experts.w_gate_up_EDF2.grad)
 
+    # what the routing implies: each group's kept assignments to experts owned by the other rank
+    plan = ref.dispatcher.dispatch(x_all, ref.router(x_all), num_groups=world).plan
+    expert_N = torch.repeat_interleave(torch.arange(cfg.num_experts), plan.tokens_per_expert_E)
+    owner_N, source_N = expert_N // (cfg.num_experts // world), plan.token_idx_N // TOKENS
+    for rank, r in enumerate(results):
+        crossing = int(((source_N == rank) & (owner_N != rank)).sum())
+        arriving = int(((source_N != rank) & (owner_N == rank)).sum())
+        assert r["counters"]["a2a_dispatch_rows_sent"] == crossing
+        assert r["counters"]["a2a_dispatch_rows_recv"] == arriving
+        # forward both ways plus the gradients back both ways, float64 rows of width D
+        assert r["counters"]["a2a_bytes_sent"] == 2 * (crossing + arriving) * D * 8
     sent = [r["counters"]["a2a_rows_sent"] for r in results]
     recv = [r["counters"]["a2a_rows_recv"] for r in results]
-    assert sum(sent) == sum(recv)  # every row that leaves a rank arrives at another (dispatch + combine)
+    assert sum(sent) == sum(recv)  # every row that leaves a rank arrives at another
     if skew:
         # experts 2, 3 live on rank 1 and no token chose them first; with top-2 only second choices reach them
         assert stats.tokens_per_expert_E[0] == world * TOKENS

@@ -1,0 +1,46 @@
+"""Shared helpers for benchmark scripts: compose configs like moe-train, print tables, write JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moe_trainer.cli import CONF_DIR
+from moe_trainer.config.schema import Config, register_configs, to_dataclass
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def config(overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        dcfg = compose(config_name="config", overrides=overrides)
+    return to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[return-value]
+
+
+def machine() -> dict[str, Any]:
+    return {"platform": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    def fmt(value: Any) -> str:
+        return f"{value:,.3f}" if isinstance(value, float) else str(value)
+
+    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
+    return path
