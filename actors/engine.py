@@ -67,6 +67,8 @@ class RayEngine:
         return {
             "processes": len(infos),
             "roles": [i["role"] for i in infos],
+            "pids": [i["pid"] for i in infos],
+            "nodes": [i["node"] for i in infos],
             "backend": first["backend"],
             "cluster": self.cluster,
             "actor_join_time_s": self.group.join_time_s,

@@ -18,6 +18,11 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.cluster import Request
 from actors.worker import TrainWorker
 from moe_trainer.config.schema import Config
+from moe_trainer.engine import EngineLost
+
+
+class ActorLost(EngineLost):
+    """An actor of the group died; the group must be rebuilt."""
 
 
 class ActorStartupError(RuntimeError):
@@ -50,13 +55,34 @@ class ActorGroup:
         ]
         t0 = time.perf_counter()
         addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
-        self.infos: list[dict[str, Any]] = ray.get([a.join.remote(addr, port) for a in self.actors],
+        self.infos: list[dict[str, Any]] = []
+        self.infos = ray.get([a.join.remote(addr, port) for a in self.actors],
                                                    timeout=timeout)
         self.join_time_s = time.perf_counter() - t0
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks)."""
-        return ray.get([getattr(actor, method).remote(*args) for actor in self.actors])
+        """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks).
+
+        A dead actor raises :class:`ActorLost` as soon as Ray reports it; a failed call
+        (for example a collective that timed out) waits for the other ranks, whose
+        collectives then fail too, and is re-raised unless one of them turns out dead.
+        """
+        refs = [getattr(actor, method).remote(*args) for actor in self.actors]
+        pending, failure = list(refs), None
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as err:
+                rank = refs.index(done[0])
+                pid = self.infos[rank]["pid"] if self.infos else "?"
+                raise ActorLost(f"actor rank {rank} (pid {pid}) died during {method}: "
+                                f"{str(err).splitlines()[0]}") from err
+            except ray.exceptions.RayTaskError as err:
+                failure = failure or err
+        if failure is not None:
+            raise failure.as_instanceof_cause()
+        return ray.get(refs)
 
     def shutdown(self) -> None:
         for actor in self.actors:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,13 +17,13 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.errors import CollectiveError, ConfigError
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.driver import TrainingDiverged, run_training
-from moe_trainer.engine import Engine, LocalEngine
+from moe_trainer.engine import Engine, EngineLost, LocalEngine
 from moe_trainer.outputs import RunOutputs
-from moe_trainer.train.checkpoint import resolve_resume
+from moe_trainer.train.checkpoint import list_checkpoints, resolve_resume
 
 register_configs()
 
@@ -61,7 +62,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any
             engine.load(resume_from)
         outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy)
         try:
-            summary = run_training(cfg, engine, outputs)
+            summary, engine = _train_with_restarts(cfg, engine, outputs)
             outputs.summary(summary)
         finally:
             outputs.close()
@@ -70,6 +71,34 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any
     finally:
         engine.close()
     return summary
+
+
+def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs) -> tuple[dict[str, Any], Engine]:
+    """Trains; when a process is lost, rebuilds the engine from the last checkpoint (``fault_tolerance``)."""
+    restarts = 0
+    while True:
+        outputs.write_processes(engine.info())
+        try:
+            summary = run_training(cfg, engine, outputs)
+            summary["restarts"] = restarts
+            return summary, engine
+        except EngineLost as err:
+            if restarts >= cfg.fault_tolerance.max_restarts:
+                raise
+            restarts += 1
+            t0 = time.perf_counter()
+            failed_at = engine.step
+            engine.close()
+            engine = make_engine(cfg)
+            latest = list_checkpoints(outputs.run_dir / "checkpoints")
+            if latest:
+                engine.load(latest[-1])
+            event = {"step": engine.step, "restart": restarts, "reason": str(err), "failed_at_step": failed_at,
+                     "resumed_from": str(latest[-1]) if latest else None,
+                     "restart_time_s": time.perf_counter() - t0}
+            outputs.log(event)
+            print(f"moe-train: restart {restarts}/{cfg.fault_tolerance.max_restarts} after step {failed_at}: "
+                  f"{err}; resumed at step {engine.step}", file=sys.stderr, flush=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -85,6 +114,9 @@ def _main(dcfg: DictConfig) -> float | None:
     except TrainingDiverged as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(3)
+    except (EngineLost, CollectiveError) as err:
+        print(f"moe-train: {err}", file=sys.stderr)
+        sys.exit(4)
     print(
         f"done: {summary['steps']} steps, val_loss {summary.get('initial_val_loss', float('nan')):.4f} -> "
         f"{summary.get('final_val_loss', float('nan')):.4f}, {summary.get('tokens_per_s_mean', 0):.0f} tokens/s, "

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
 from moe_trainer.outputs import RunOutputs
+from moe_trainer.train.checkpoint import prune_checkpoints
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,9 +51,12 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 summary["time_to_first_step_s"] = first_done - psutil.Process().create_time()
             bar.update(len(records))
             for record in records:
-                if not math.isfinite(record["loss"]):
-                    raise TrainingDiverged(f"loss is {record['loss']} at step {record['step']}; stopping. The last "
-                                           f"good checkpoint in {ckpt_root} is intact.")
+                if record.get("step_skipped") or not math.isfinite(record["loss"]):
+                    what = f"loss {record['loss']}, gradient norm {record['grad_norm']} at step {record['step']}"
+                    if t.on_nan == "stop":
+                        raise TrainingDiverged(f"non-finite {what}; stopping (train.on_nan=stop). The update was "
+                                               f"not applied and the last good checkpoint in {ckpt_root} is intact.")
+                    bar.write(f"warning: non-finite {what}; update skipped (train.on_nan=skip)")
                 tokens_per_s.append(record["tokens_per_s"])
                 if record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
                     outputs.log(record)
@@ -65,6 +69,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 bar.write(f"step {engine.step}: val_loss {val:.4f}")
             if (t.checkpoint_every and engine.step % t.checkpoint_every == 0) or engine.step == t.max_steps:
                 engine.save(ckpt_root)
+                prune_checkpoints(ckpt_root, t.keep_last)
             summary["final_loss"] = last["loss"]
     finally:
         bar.close()

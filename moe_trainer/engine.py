@@ -22,6 +22,10 @@ from moe_trainer.train.sharded_checkpoint import load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
 
 
+class EngineLost(RuntimeError):
+    """A process of the engine died (actor killed, node lost): the driver may rebuild and resume."""
+
+
 class Engine(Protocol):
     @property
     def step(self) -> int: ...

@@ -24,6 +24,8 @@ def panel(key: str) -> str | None:
     """The W&B panel (key prefix) of a record key; None for keys W&B does not get as scalars."""
     if key.endswith(("_per_rank", "_per_actor")) or key in ("step", "layers", "expert_bias"):
         return None
+    if key in ("restart", "failed_at_step", "restart_time_s"):
+        return "events"
     if key in _TRAIN:
         return "train"
     if key == "val_loss":
@@ -85,6 +87,10 @@ class RunOutputs:
             self.wandb.log(wandb_metrics(record), step=int(record["step"]))
             for i, layer in enumerate(record.get("layers", [])):
                 self._load_rows.extend([record["step"], i, e, n] for e, n in enumerate(layer["tokens_per_expert"]))
+
+    def write_processes(self, info: dict[str, Any]) -> None:
+        """``processes.json``: which process (pid, node) is which rank, rewritten after each restart."""
+        (self.run_dir / "processes.json").write_text(json.dumps(info, indent=1))
 
     def summary(self, values: dict[str, Any]) -> None:
         (self.run_dir / "summary.json").write_text(json.dumps(values, indent=1))

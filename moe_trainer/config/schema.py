@@ -23,6 +23,7 @@ LOGGER_MODES = ("auto", "online", "offline", "disabled")
 TOKENIZERS = ("byte",)
 DATA_FORMATS = ("auto", "text", "json", "parquet")
 PLACEMENTS = ("pack", "spread")
+NAN_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -107,6 +108,13 @@ class TrainConfig:
     log_every: int = 10  # metrics record every N steps
     checkpoint_every: int = 100  # save every N steps (and at the end); 0 = only at the end
     resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
+    keep_last: int = 3  # checkpoints kept on disk (older ones deleted after a successful save); 0 = all
+    on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)
+
+
+@dataclass
+class FaultToleranceConfig:
+    max_restarts: int = 2  # Ray strategies: rebuild the actor group after a lost actor, this many times
 
 
 @dataclass
@@ -127,6 +135,7 @@ class Config:
     train: TrainConfig = MISSING
     logger: LoggerConfig = MISSING
     cluster: ClusterConfig = MISSING
+    fault_tolerance: FaultToleranceConfig = MISSING
 
 
 def register_configs() -> None:

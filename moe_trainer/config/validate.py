@@ -15,6 +15,7 @@ from moe_trainer.config.schema import (
     ARCHS,
     DATA_FORMATS,
     LOGGER_MODES,
+    NAN_POLICIES,
     PLACEMENTS,
     ROUTER_TYPES,
     SCORE_ORDERS,
@@ -176,6 +177,9 @@ def validate_train(cfg: Config) -> None:
     for name in ("eval_every", "eval_batches", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive("train.keep_last", t.keep_last, allow_zero=True)
+    _one_of("train.on_nan", t.on_nan, NAN_POLICIES)
+    _positive("fault_tolerance.max_restarts", cfg.fault_tolerance.max_restarts, allow_zero=True)
 
 
 def validate_logger(cfg: Config) -> None:

@@ -86,6 +86,7 @@ class Transformer(nn.Module):
                 ffn = SwiGLU(cfg.d_model, active_ffn_hidden(moe_cfg))
             else:
                 ffn = MoELayer(cfg.d_model, moe_cfg, dispatcher, expert_range)
+                ffn.layer_index = i
             blocks.append(Block(ffn, cfg))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)

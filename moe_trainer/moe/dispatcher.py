@@ -101,7 +101,7 @@ class LocalDispatcher:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
         return Dispatched(permute(x_TD, plan.token_idx_N), plan.tokens_per_expert_E, plan, num_tokens)

@@ -22,7 +22,7 @@ from moe_trainer.moe.router import Router, Routing
 class Dispatcher(Protocol):
     """Moves rows to the owners of their experts and back; the only part that communicates."""
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched: ...
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched: ...
 
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor: ...
 
@@ -67,6 +67,7 @@ class MoELayer(nn.Module):
             SwiGLU(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden) if cfg.num_shared_experts else None
         )
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
+        self.layer_index = -1  # block index, set by the model; names the layer in communication errors
 
     def forward(self, x_BSD: Tensor, num_groups: int = 1) -> tuple[Tensor, MoEStats]:
         return self.finish(self.start(x_BSD, num_groups))
@@ -79,7 +80,8 @@ class MoELayer(nn.Module):
         """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         routing = self.router(x_TD, num_groups)
-        return PendingMoE(x_BSD, x_TD, routing, self.dispatcher.dispatch(x_TD, routing, num_groups))
+        dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups, layer=self.layer_index)
+        return PendingMoE(x_BSD, x_TD, routing, dispatched)
 
     def finish(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
         """Runs the local experts on the dispatched rows, combines, adds shared experts."""

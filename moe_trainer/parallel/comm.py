@@ -16,6 +16,18 @@ import torch
 import torch.distributed
 from torch import Tensor
 
+from moe_trainer.config.errors import CollectiveError
+
+
+def guarded(label: str, fn: Callable[[], Any]) -> Any:
+    """Runs one collective; a failure (a peer died, ``parallel.timeout_s`` passed) says where it happened."""
+    try:
+        return fn()
+    except RuntimeError as err:  # gloo/NCCL errors, DistBackendError is a RuntimeError
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else -1
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CollectiveError(f"rank {rank}: {label} failed: {first}") from err
+
 
 def init_process_group(backend: str, master_addr: str, master_port: int, rank: int, world: int,
                        timeout_s: float) -> None:
@@ -39,13 +51,13 @@ def new_group(ranks: list[int], timeout_s: float) -> Any:
     return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s))
 
 
-def all_to_all_counts(counts_E: Tensor, group: Any) -> Tensor:
+def all_to_all_counts(counts_E: Tensor, group: Any, label: str = "") -> Tensor:
     """Exchanges per-expert counts: rank r sends ``counts[p*E_local:(p+1)*E_local]`` to rank p.
 
     Returns ``[P, E_local]``: row p = how many rows peer p will send for each of my experts.
     """
     out = torch.empty_like(counts_E)
-    dist.all_to_all_single(out, counts_E, group=group)
+    guarded(f"all_to_all of token counts ({label})", lambda: dist.all_to_all_single(out, counts_E, group=group))
     return out.view(dist.get_world_size(group), -1)
 
 
@@ -63,30 +75,32 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
                 announce: Callable[[], None] | None = None,
-                timed: Callable[[float], None] | None = None) -> Tensor:
+                timed: Callable[[float], None] | None = None, label: str = "all_to_all") -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        ctx.announce, ctx.timed = announce, timed
+        ctx.announce, ctx.timed, ctx.label = announce, timed, label
         out = x_ND.new_empty(sum(recv_splits), x_ND.shape[-1])
-        dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
-                               input_split_sizes=send_splits, group=group)
+        guarded(label, lambda: dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
+                                                      input_split_sizes=send_splits, group=group))
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
         t0 = time.perf_counter()
         if ctx.announce is not None:
-            ctx.announce()
+            guarded(f"backward announcement of {ctx.label}", ctx.announce)
         grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
-        dist.all_to_all_single(grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
-                               input_split_sizes=ctx.recv_splits, group=ctx.group)
+        guarded(f"{ctx.label} backward", lambda: dist.all_to_all_single(
+            grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
+            input_split_sizes=ctx.recv_splits, group=ctx.group))
         if ctx.timed is not None:
             ctx.timed(time.perf_counter() - t0)
-        return grad_in, None, None, None, None, None
+        return grad_in, None, None, None, None, None, None
 
 
 def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
-               announce: Callable[[], None] | None = None, timed: Callable[[float], None] | None = None) -> Tensor:
+               announce: Callable[[], None] | None = None, timed: Callable[[float], None] | None = None,
+               label: str = "all_to_all") -> Tensor:
     """``AllToAll`` as a function; ``timed`` receives the seconds the backward all-to-all took."""
-    out = AllToAll.apply(x_ND, send_splits, recv_splits, group, announce, timed)
+    out = AllToAll.apply(x_ND, send_splits, recv_splits, group, announce, timed, label)
     assert isinstance(out, Tensor)
     return out

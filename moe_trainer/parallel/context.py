@@ -23,6 +23,7 @@ import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
 
+from moe_trainer.parallel.comm import guarded
 from moe_trainer.parallel.telemetry import CommCounters
 
 
@@ -30,12 +31,12 @@ def _is_expert(name: str) -> bool:
     return ".experts." in name
 
 
-def all_reduce_flat(grads: list[Tensor], group: Any) -> None:
+def all_reduce_flat(grads: list[Tensor], group: Any, label: str) -> None:
     """One all-reduce (sum) for a list of tensors (flattened), written back in place."""
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    guarded(label, lambda: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group))
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -91,9 +92,9 @@ class DistributedContext:
     def sync_gradients(self, model: nn.Module) -> None:
         t0 = time.perf_counter()
         dense, expert = self._split(model)
-        all_reduce_flat(dense, self.groups.data)
+        all_reduce_flat(dense, self.groups.data, "all_reduce of dense gradients")
         if self.groups.replicas > 1:
-            all_reduce_flat(expert, self.groups.expert_replicas)
+            all_reduce_flat(expert, self.groups.expert_replicas, "all_reduce of expert gradients")
         for g in dense + expert:
             g.div_(self.dp_world)
         self._sync_seconds += time.perf_counter() - t0
@@ -104,14 +105,15 @@ class DistributedContext:
         if self.groups.norm is not None:
             if not self.groups.counts_dense_norm:
                 sq[0] = 0.0
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.groups.norm)
+            guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM,
+                                                                          group=self.groups.norm))
         total = sq.sum().sqrt().float()
         clip_(dense + expert, total, max_norm)
         return total
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         out = t.detach().to(self.device, copy=True)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.data)
+        guarded("all_reduce of metrics", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.data))
         return out.to(t.device)
 
     def telemetry(self) -> dict[str, float]:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from moe_trainer.config.schema import Config
 from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts
+from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, guarded
 from moe_trainer.parallel.context import clip_, squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
 from moe_trainer.train.optim import build_optimizer, set_lr
@@ -74,7 +74,7 @@ def announce(index: int, phase: int) -> None:
     also reveals whether the coordinators disagree (their graphs must be identical).
     """
     header = torch.tensor([index, phase, -index, -phase], dtype=torch.int64)
-    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
     if header[0] != -header[2] or header[1] != -header[3]:
         raise RuntimeError(f"coordinators disagree on the backward schedule: {header.tolist()}")
 
@@ -82,7 +82,7 @@ def announce(index: int, phase: int) -> None:
 def await_announcement() -> tuple[int, int]:
     """Expert-actor side of :func:`announce`."""
     header = torch.full((4,), _NOBODY, dtype=torch.int64)
-    dist.all_reduce(header, op=dist.ReduceOp.MAX)
+    guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
     return int(header[0]), int(header[1])
 
 
@@ -103,8 +103,9 @@ class ExpertShardModel(nn.Module):
         })
         init_weights(self, cfg.train.seed, cfg.model)
 
-    def layers(self) -> list[SwiGLUExperts]:
-        return [block["ffn"]["experts"] for block in self.blocks.values()]  # type: ignore[index]
+    def named_layers(self) -> list[tuple[int, SwiGLUExperts]]:
+        """``(block index, experts)`` of every MoE block, in depth order."""
+        return [(int(i), block["ffn"]["experts"]) for i, block in self.blocks.items()]  # type: ignore[index]
 
 
 @dataclass
@@ -148,18 +149,18 @@ class ExpertServer:
         served: dict[int, _Served] = {}
         device = self.ctx.device
         empty = torch.empty(0, self.d_model, device=device)
-        for experts in self.model.layers():
+        for block, experts in self.model.named_layers():
             pending: list[tuple[int, _Served]] = []
             for _ in range(micro_batches):
                 index = self.dispatches
                 self.dispatches += 1
                 counts = torch.zeros(self.roles.world * self.roles.experts_per_actor, dtype=torch.int64,
                                      device=device)
-                recv_counts_PL = all_to_all_counts(counts, self.group)
+                label = f"all_to_all dispatch of MoE block {block} (expert actor)"
+                recv_counts_PL = all_to_all_counts(counts, self.group, label)
                 recv_splits = recv_counts_PL.sum(1).tolist()
                 x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
-                dist.all_to_all_single(x_peer_MD, empty, output_split_sizes=recv_splits,
-                                       input_split_sizes=[0] * self.roles.world, group=self.group)
+                self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
                 t0 = time.perf_counter()
                 regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
                 x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
@@ -170,8 +171,8 @@ class ExpertServer:
                 pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
             for index, item in pending:
                 y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
-                dist.all_to_all_single(empty.clone(), y_peer_MD, output_split_sizes=[0] * self.roles.world,
-                                       input_split_sizes=item.recv_splits, group=self.group)
+                self._a2a(f"all_to_all combine of MoE block {block} (expert actor)", empty.clone(), y_peer_MD,
+                          [0] * self.roles.world, item.recv_splits)
                 if keep:
                     served[index] = item
         return served
@@ -185,17 +186,21 @@ class ExpertServer:
             item = served[index]
             if phase == COMBINE_BWD:
                 grad_peer_MD = torch.empty(sum(item.recv_splits), self.d_model, device=device)
-                dist.all_to_all_single(grad_peer_MD, empty, output_split_sizes=item.recv_splits,
-                                       input_split_sizes=[0] * self.roles.world, group=self.group)
+                self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
+                          [0] * self.roles.world)
                 t0 = time.perf_counter()
                 item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
                 clock.busy += time.perf_counter() - t0
             else:
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
                 grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
-                dist.all_to_all_single(empty.clone(), grad_peer_MD, output_split_sizes=[0] * self.roles.world,
-                                       input_split_sizes=item.recv_splits, group=self.group)
+                self._a2a("all_to_all dispatch backward (expert actor)", empty.clone(), grad_peer_MD,
+                          [0] * self.roles.world, item.recv_splits)
                 del served[index]
+
+    def _a2a(self, label: str, out: Tensor, inp: Tensor, recv: list[int], send: list[int]) -> None:
+        guarded(label, lambda: dist.all_to_all_single(out, inp, output_split_sizes=recv, input_split_sizes=send,
+                                                      group=self.group))
 
     def train_step(self) -> dict[str, Any]:
         clock = _StepClock()
@@ -209,10 +214,13 @@ class ExpertServer:
         for g in grads:  # each coordinator's loss is a mean over its rows: the global gradient is the average
             g.div_(self.roles.num_coordinators)
         sq = squared_norms([], grads, self.ctx.device)
-        dist.all_reduce(sq, op=dist.ReduceOp.SUM)  # the coordinators' clip_gradients, same collective
+        # the coordinators' clip_gradients, same collective
+        guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
         t0 = time.perf_counter()
-        clip_(grads, sq.sum().sqrt().float(), self.cfg.train.grad_clip)
-        self.optimizer.step()
+        norm = sq.sum().sqrt().float()
+        clip_(grads, norm, self.cfg.train.grad_clip)
+        if torch.isfinite(norm):  # same global norm as the coordinators: same decision
+            self.optimizer.step()
         clock.busy += time.perf_counter() - t0
         self.step += 1
         total = time.perf_counter() - t_start

@@ -31,6 +31,7 @@ class ExpertParallelMeta:
     recv_splits: list[int]  # rows this rank receives from each peer
     regroup_idx_M: Tensor  # received order (peer, expert) -> local-expert order
     index: int  # running number of this dispatch on this rank (names it in the backward schedule)
+    layer: int  # block index of the MoE layer (for error messages)
 
 
 def regroup_index(recv_counts_PL: Tensor) -> Tensor:
@@ -74,7 +75,7 @@ class AllToAllDispatcher:
         zeros = tokens_per_expert_E.new_zeros
         return torch.cat([zeros(before), tokens_per_expert_E, zeros(after)])
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int) -> Dispatched:
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
         x_ND = permute(x_TD, plan.token_idx_N)  # already ordered by global expert, hence by owner rank
@@ -82,15 +83,16 @@ class AllToAllDispatcher:
         self.dispatches += 1
         t0 = time.perf_counter()
         counts = self.send_counts(plan.tokens_per_expert_E)
-        recv_counts_PL = all_to_all_counts(counts, self.group)
+        label = f"all_to_all dispatch of MoE block {layer}"
+        recv_counts_PL = all_to_all_counts(counts, self.group, label)
         send_splits = counts.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
-                          self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND))
+                          self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND), label)
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
                     time.perf_counter() - t0)
         regroup_idx_M = regroup_index(recv_counts_PL)
-        meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index)
+        meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index, layer)
         return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
 
     def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
@@ -100,7 +102,8 @@ class AllToAllDispatcher:
         t0 = time.perf_counter()
         y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group,
                           self._announcer(meta.index, COMBINE_BWD),
-                          self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD))
+                          self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD),
+                          f"all_to_all combine of MoE block {meta.layer}")
         self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
                     time.perf_counter() - t0)
         plan = dispatched.plan

@@ -9,9 +9,11 @@ are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,11 +35,48 @@ def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None],
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     write_shards(tmp)
-    (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1))
+    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def checkpoint_problems(path: Path) -> list[str]:
+    """What is wrong with a checkpoint directory (missing, truncated or altered files); empty when intact."""
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except (OSError, ValueError) as err:
+        return [f"{META_FILE} unreadable ({err})"]
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"{META_FILE} lists no shard files (not a checkpoint of this trainer?)"]
+    problems = []
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            problems.append(f"{name} is missing")
+        elif f.stat().st_size != want.get("bytes"):
+            problems.append(f"{name} has {f.stat().st_size} bytes, {want.get('bytes')} were written (truncated?)")
+        elif _sha256(f) != want.get("sha256"):
+            problems.append(f"{name} does not match its checksum (altered or corrupt)")
+    return problems
+
+
+def prune_checkpoints(root: Path, keep_last: int) -> None:
+    """Deletes all but the newest ``keep_last`` complete checkpoints (0 keeps everything)."""
+    if keep_last > 0:
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -53,8 +92,12 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     if resume is None:
         return None
     if resume == "auto":
-        found = list_checkpoints(run_dir / "checkpoints")
-        return found[-1] if found else None
+        for candidate in reversed(list_checkpoints(run_dir / "checkpoints")):
+            problems = checkpoint_problems(candidate)
+            if not problems:
+                return candidate
+            print(f"moe-train: skipping damaged checkpoint {candidate}: {'; '.join(problems)}", file=sys.stderr)
+        return None
     path = Path(resume).expanduser()
     if (path / META_FILE).is_file():
         return path
@@ -67,7 +110,10 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
 
 
 def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
-    """Refuses a checkpoint made by a model of another shape (layout and strategy may differ)."""
+    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ)."""
+    problems = checkpoint_problems(path)
+    if problems:
+        raise ConfigError("train.resume", str(path), f"checkpoint is damaged: {'; '.join(problems)}")
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:

@@ -136,6 +136,7 @@ class Trainer:
         return LossParts(total, lm, aux, z, counts)
 
     def train_step(self) -> StepResult:
+        self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
         t0 = time.perf_counter()
         inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
@@ -145,11 +146,15 @@ class Trainer:
         parts.total.backward()
         self.ctx.sync_gradients(self.model)
         grad_norm = self.ctx.clip_gradients(self.model, self.cfg.train.grad_clip)
-        self.optimizer.step()
+        # the norm is global (every rank computes the same value), so every rank makes the same choice
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:
+            self.optimizer.step()
 
         counts = self._global_counts(parts.counts)
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
-            layer.router.update_bias(load_E)
+            if finite:
+                layer.router.update_bias(load_E)
         losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
         losses = losses / self.ctx.dp_world
         step_time = time.perf_counter() - t0
@@ -164,6 +169,7 @@ class Trainer:
             "total_loss": float(losses[3]),
             "lr": lr,
             "grad_norm": float(grad_norm),
+            "step_skipped": not finite,  # non-finite loss or gradient: the update was not applied
             "tokens": self.tokens_seen,
             "tokens_step": tokens,
             "step_time_s": step_time,

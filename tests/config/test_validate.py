@@ -1,0 +1,70 @@
+"""The bad-input battery: every case is refused by one validation pass, naming the setting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import Config
+from moe_trainer.config.validate import validate
+
+BATTERY = [
+    ("moe.top_k=5", "moe.top_k"),  # more than the 4 experts of the debug model
+    ("moe.top_k=0", "moe.top_k"),
+    ("moe.num_experts=-1", "moe.num_experts"),
+    ("moe.capacity_factor=0", "moe.capacity_factor"),
+    ("moe.capacity_factor=-1.5", "moe.capacity_factor"),
+    ("moe.router=hash", "moe.router"),
+    ("moe.score_order=sigmoid", "moe.score_order"),
+    ("moe.every=3", "moe.every"),  # the debug model has 2 blocks
+    ("moe.aux_loss_coef=-0.1", "moe.aux_loss_coef"),
+    ("moe.routing_groups=3", "train.batch_size"),  # 4 sequences do not split into 3 groups
+    ("train.lr=-0.001", "train.lr"),
+    ("train.max_steps=-5", "train.max_steps"),
+    ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.beta1=1.0", "train.beta1"),
+    ("train.on_nan=ignore", "train.on_nan"),
+    ("train.keep_last=-1", "train.keep_last"),
+    ("data.seq_len=4096", "data.seq_len"),  # over model.max_seq_len
+    ("data.val_fraction=1.5", "data.val_fraction"),
+    ("data.paths=[/no/such/file.txt]", "data.paths"),
+    ("data.tokenizer=sentencepiece", "data.tokenizer"),
+    ("model.n_heads=3", "model.n_heads"),
+    ("model.d_model=0", "model.d_model"),
+    ("logger.mode=loud", "logger.mode"),
+    ("parallel.timeout_s=0", "parallel.timeout_s"),
+    ("parallel.placement=scatter", "parallel.placement"),
+    ("fault_tolerance.max_restarts=-1", "fault_tolerance.max_restarts"),
+    ("cluster.connect_timeout_s=0", "cluster.connect_timeout_s"),
+]
+PARALLEL = [
+    (["parallel=expert_parallel", "parallel.num_actors=2", "moe.num_experts=5"], "moe.num_experts"),
+    (["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=3"], "parallel.ep_size"),
+    (["parallel=data_parallel", "parallel.num_actors=3"], "train.batch_size"),  # 4 rows over 3 ranks
+    (["parallel=data_parallel", "parallel.gpus_per_actor=-1"], "parallel.gpus_per_actor"),
+    (["parallel=disaggregated", "parallel.num_expert_actors=0"], "parallel.num_expert_actors"),
+    (["parallel=disaggregated", "parallel.micro_batches=3"], "parallel.micro_batches"),
+]
+
+
+@pytest.mark.parametrize("override,setting", BATTERY, ids=[b[0] for b in BATTERY])
+def test_single_setting_battery(make_config: Callable[..., Config], override: str, setting: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_config(override))
+    assert err.value.setting == setting
+    assert setting in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,setting", PARALLEL, ids=[" ".join(p[0][1:]) for p in PARALLEL])
+def test_parallel_battery(make_config: Callable[..., Config], overrides: list[str], setting: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_config(*overrides))
+    assert err.value.setting == setting
+
+
+def test_messages_name_value_constraint_and_allowed_values(make_config: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_config("moe.router=hash"))
+    assert str(err.value) == "moe.router='hash': must be one of topk, switch, expert_choice"

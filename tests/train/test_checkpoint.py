@@ -1,0 +1,100 @@
+"""Checkpoint integrity, pruning, refusal of damaged or foreign checkpoints, and the NaN guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from moe_trainer.cli import train
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import to_dataclass
+from moe_trainer.driver import TrainingDiverged, run_training
+from moe_trainer.engine import LocalEngine
+from moe_trainer.outputs import RunOutputs
+from moe_trainer.train.checkpoint import list_checkpoints
+from tests.conftest import compose_dict
+
+
+def run(run_dir: Path, *overrides: str) -> dict:
+    dcfg = compose_dict(["experiment=debug", *overrides])
+    return train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+
+
+def test_truncated_checkpoint_is_refused_and_auto_takes_the_earlier_one(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture) -> None:
+    run(tmp_path)  # checkpoints at steps 3 and 6
+    newest = tmp_path / "checkpoints" / "step_00000006"
+    shard = newest / "shard_rank00000.pt"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "b", f"train.resume={newest}")
+    assert err.value.setting == "train.resume" and "truncated" in str(err.value)
+    summary = run(tmp_path, "train.resume=auto", "train.max_steps=8")
+    assert summary["start_step"] == 3
+    assert "skipping damaged checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["foreign_file", "garbage_meta", "empty_dir"])
+def test_foreign_or_corrupt_checkpoint_paths_are_refused(tmp_path: Path, damage: str) -> None:
+    ckpt = tmp_path / "ckpt" / "step_00000003"
+    ckpt.mkdir(parents=True)
+    if damage == "foreign_file":
+        (ckpt / "meta.json").write_text(json.dumps({"step": 3, "files": {"shard_rank00000.pt": {"bytes": 5}}}))
+        (ckpt / "shard_rank00000.pt").write_bytes(b"hello")
+    elif damage == "garbage_meta":
+        (ckpt / "meta.json").write_text("{not json")
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "run", f"train.resume={ckpt}")
+    assert err.value.setting == "train.resume"
+    assert not (tmp_path / "run").exists()
+
+
+def test_resuming_a_different_model_shape_is_refused(tmp_path: Path) -> None:
+    run(tmp_path / "a", "train.max_steps=3")
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "b", "moe.num_experts=8", f"train.resume={tmp_path / 'a'}")
+    assert err.value.setting == "train.resume" and "num_experts" in str(err.value)
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
+    run(tmp_path, "train.max_steps=12", "train.checkpoint_every=2", "train.keep_last=2")
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000010", "step_00000012"]
+
+
+def poisoned_engine(make_config, tmp_path: Path, on_nan: str) -> tuple[LocalEngine, RunOutputs, object]:
+    cfg = make_config(f"train.on_nan={on_nan}", "train.max_steps=6")
+    engine = LocalEngine(cfg)
+    outputs = RunOutputs(tmp_path, {}, cfg.logger, "single")
+    engine.train(3)
+    engine.save(tmp_path / "checkpoints")
+    with torch.no_grad():
+        engine.trainer.model.lm_head.weight[0, 0] = float("nan")
+    return engine, outputs, cfg
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint_intact(make_config, tmp_path: Path) -> None:
+    engine, outputs, cfg = poisoned_engine(make_config, tmp_path, "stop")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_00000003").iterdir()}
+    embed_before = engine.trainer.model.embed.weight.detach().clone()
+    with pytest.raises(TrainingDiverged, match="train.on_nan=stop"):
+        run_training(cfg, engine, outputs)
+    outputs.close()
+    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
+    after = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_00000003").iterdir()}
+    assert before == after
+    assert torch.equal(engine.trainer.model.embed.weight, embed_before)  # the bad update was not applied
+
+
+def test_nan_loss_skips_the_update_when_asked(make_config, tmp_path: Path) -> None:
+    engine, outputs, cfg = poisoned_engine(make_config, tmp_path, "skip")
+    embed_before = engine.trainer.model.embed.weight.detach().clone()
+    summary = run_training(cfg, engine, outputs)
+    outputs.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 6
+    assert all(r["step_skipped"] for r in records if "loss" in r)
+    assert torch.equal(engine.trainer.model.embed.weight, embed_before)
