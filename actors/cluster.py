@@ -30,13 +30,16 @@ def _reachable(address: str, timeout_s: float) -> bool:
 
 
 EMBEDDED = "embedded local Ray (127.0.0.1)"
+_connected_here = False  # this process called ray.init (and so owns the connection)
 
 
 def connect(cfg: ClusterConfig) -> str:
     """Connects (or reuses this process's connection); returns a description of the cluster."""
+    global _connected_here
     if ray.is_initialized():
         return "existing connection"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    _connected_here = True
     if not address:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
@@ -56,10 +59,13 @@ def connect(cfg: ClusterConfig) -> str:
     return address
 
 
-def disconnect(description: str) -> None:
-    """Stops the embedded Ray this process started (flushing actor logs); leaves other clusters alone."""
-    if description != "existing connection" and ray.is_initialized():
+def disconnect() -> None:
+    """Ends the connection :func:`connect` opened: stops an embedded Ray (flushing actor logs), or
+    detaches from a cluster (which keeps running). A connection made by someone else is left alone."""
+    global _connected_here
+    if _connected_here and ray.is_initialized():
         ray.shutdown()
+    _connected_here = False
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class RayEngine:
             self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
             self.group = ActorGroup(cfg, request_for(cfg))
         except BaseException:
-            disconnect(self.cluster)
+            disconnect()
             raise
         self._step = 0
 
@@ -85,6 +85,8 @@ class RayEngine:
         counts = count_parameters(build_model(self.cfg, self.vocab_size))
         return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts}
 
-    def close(self) -> None:
+    def close(self, keep_cluster: bool = False) -> None:
+        """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts)."""
         self.group.shutdown()
-        disconnect(self.cluster)
+        if not keep_cluster:
+            disconnect()

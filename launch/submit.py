@@ -7,15 +7,16 @@
 
 The job is ``moe-train OVERRIDES`` run by the job server on the head node; inside it Ray
 sets ``RAY_ADDRESS`` to the cluster's GCS address, so ``parallel=...`` strategies put their
-actors on the cluster. Exit status: 0 when the job SUCCEEDED; the job's own exit code
-(``moe-train``: 2 bad setting, 3 diverged) or 1 when it FAILED or was STOPPED; 2 when it
-could not be submitted (address, token, runtime_env); 130 when interrupted (the job keeps running).
+actors on the cluster. Exit status: 0 when the job SUCCEEDED; 1 when it FAILED or was STOPPED
+(its message and ``moe-train``'s own exit code are printed); 2 when it could not be submitted
+(usage, address, token, runtime_env); 130 when interrupted (the job keeps running).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shlex
 import sys
 import time
@@ -186,20 +187,15 @@ def wait_terminal(client: Any, job_id: str, timeout_s: float | None = None, poll
 
 
 def outcome(info: Any) -> int:
-    """Exit status for a finished job: 0, the driver's own exit code when it has one, else 1."""
-    status = str(info.status)
-    if status == "SUCCEEDED":
-        return 0
-    code = getattr(info, "driver_exit_code", None)
-    if status == "FAILED" and isinstance(code, int) and 0 < code < 126:
-        return code
-    return 1
+    """Exit status for a finished job: 0 when it SUCCEEDED, 1 otherwise (its own exit code is printed)."""
+    return 0 if str(info.status) == "SUCCEEDED" else 1
 
 
 def report_failure(info: Any, job_id: str) -> None:
     """Prints why the job ended: Ray's message (its first line and the last lines of the log it quotes)."""
     message = (info.message or "").strip()
-    _err(f"job {job_id} {info.status}")
+    code = getattr(info, "driver_exit_code", None)
+    _err(f"job {job_id} {info.status}" + (f" (moe-train exit code {code})" if code is not None else ""))
     if not message:
         return
     lines = message.splitlines()
@@ -209,11 +205,19 @@ def report_failure(info: Any, job_id: str) -> None:
     sys.stderr.flush()
 
 
+def _quiet_ray_logging() -> None:
+    """Ray's SDK logs every packaging step at INFO, and warns that .git/.venv are skipped, which we want."""
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # Ray sets INFO on each of these itself
+    logging.getLogger("ray._private.runtime_env.working_dir").setLevel(logging.ERROR)
+
+
 def run_submit(args: argparse.Namespace) -> int:
     address = addr.resolve(args.address)
     runtime_env = _runtime_env(args, address)  # local mistakes first, before any network
     command = entrypoint(args.overrides)
     client = connect(address, args.timeout)
+    _quiet_ray_logging()
     from ray.exceptions import AuthenticationError
 
     _err(f"submitting to {address.url}: {command}")

@@ -88,7 +88,7 @@ def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs) -> tu
             restarts += 1
             t0 = time.perf_counter()
             failed_at = engine.step
-            engine.close()
+            engine.close(keep_cluster=True)
             engine = make_engine(cfg)
             latest = list_checkpoints(outputs.run_dir / "checkpoints")
             if latest:

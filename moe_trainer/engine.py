@@ -42,7 +42,7 @@ class Engine(Protocol):
     def info(self) -> dict[str, Any]:
         """Static facts for the run summary: parameter counts, memory per process."""
 
-    def close(self) -> None: ...
+    def close(self, keep_cluster: bool = False) -> None: ...
 
 
 def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
@@ -95,5 +95,5 @@ class LocalEngine:
         return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts,
                 "processes": 1}
 
-    def close(self) -> None:
+    def close(self, keep_cluster: bool = False) -> None:
         return None

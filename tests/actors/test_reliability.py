@@ -1,0 +1,138 @@
+"""Resharding a checkpoint across strategies and actor counts; surviving a killed actor; stalled collectives."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+from omegaconf import OmegaConf
+
+from moe_trainer.cli import train
+from moe_trainer.config.errors import CollectiveError
+from moe_trainer.config.schema import MoEConfig, to_dataclass
+from moe_trainer.train.sharded_checkpoint import read_entries
+from tests.conftest import compose_dict
+
+STEPS = 10
+# 4 routing groups in every layout, so all of them compute the same function (docs/architecture.md)
+BASE = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", f"train.eval_every={STEPS}", "train.log_every=1",
+        "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4", "moe.routing_groups=4",
+        "parallel.cpus_per_actor=0.5"]
+
+
+def run(run_dir: Path, *overrides: str) -> dict[int, float]:
+    dcfg = compose_dict(["experiment=debug", *BASE, *overrides])
+    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+LAYOUTS = {
+    "expert_parallel_2": ["parallel=expert_parallel", "parallel.num_actors=2"],
+    "single": [],
+    "disaggregated_1c_2e": ["parallel=disaggregated", "parallel.num_expert_actors=2"],
+}
+
+
+@pytest.mark.slow
+def test_checkpoint_from_4_actors_resumes_under_other_layouts(ray_cluster: object, tmp_path: Path) -> None:
+    full = run(tmp_path / "ep4", "parallel=expert_parallel", "parallel.num_actors=4")
+    saved = tmp_path / "ep4" / "checkpoints"
+    mid = read_entries(saved / "step_00000005")
+    for layer in (0, 1):  # every expert's Adam moments were written, keyed by global expert index
+        for e in range(4):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                key = f"optim.{moment}/blocks.{layer}.ffn.experts.w_down_EFD/expert{e}"
+                assert key in mid and torch.count_nonzero(mid[key]) > 0
+    final = read_entries(saved / f"step_{STEPS:08d}")
+    for name, overrides in LAYOUTS.items():
+        losses = run(tmp_path / name, *overrides, f"train.resume={saved / 'step_00000005'}")
+        assert sorted(losses) == list(range(6, STEPS + 1)), name
+        for step, loss in losses.items():
+            assert loss == pytest.approx(full[step], rel=1e-5), (name, step)
+        resumed = read_entries(tmp_path / name / "checkpoints" / f"step_{STEPS:08d}")
+        for key, ref in final.items():  # weights and optimizer moments of every expert carried over
+            if key.startswith(("model/", "optim.")):
+                torch.testing.assert_close(resumed[key], ref, rtol=1e-3, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.slow
+def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) -> None:
+    steps = 60
+    common = ["experiment=debug", "parallel=expert_parallel", "parallel.num_actors=2", f"train.max_steps={steps}",
+              "train.checkpoint_every=10", "train.log_every=1", f"train.eval_every={steps}",
+              "fault_tolerance.max_restarts=1", "logger.mode=disabled"]
+    moe_train = str(Path(sys.executable).parent / "moe-train")
+    run_dir, ref_dir = tmp_path / "run", tmp_path / "ref"
+    proc = subprocess.Popen([moe_train, *common, f"hydra.run.dir={run_dir}"], cwd=tmp_path, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # wait until training is past the first checkpoint
+        lines = metrics.read_text().splitlines() if metrics.exists() else []
+        if any(json.loads(line).get("step", 0) >= 14 and "loss" in json.loads(line) for line in lines):
+            break
+        time.sleep(0.05)
+    victim = json.loads((run_dir / "processes.json").read_text())["pids"][1]
+    killed_at = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    restarts = [r for r in records if "restart" in r]
+    assert len(restarts) == 1 and "restart 1/1" in err
+    assert restarts[0]["step"] % 10 == 0 and restarts[0]["failed_at_step"] - restarts[0]["step"] < 10 + 5
+    print(f"death -> resumed: {restarts[0]['restart_time_s']:.1f} s rebuild, steps lost "
+          f"{restarts[0]['failed_at_step'] - restarts[0]['step']}, kill at {killed_at:.1f}")
+
+    ref = subprocess.run([moe_train, *common, f"hydra.run.dir={ref_dir}"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    got = read_entries(run_dir / "checkpoints" / f"step_{steps:08d}")
+    want = read_entries(ref_dir / "checkpoints" / f"step_{steps:08d}")
+    for key, value in want.items():
+        if key.startswith("model/"):
+            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+@ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
+def stalling_rank(rank: int, port: int, timeout_s: float) -> dict[str, Any]:
+    from moe_trainer.moe.layer import MoELayer
+    from moe_trainer.parallel.comm import init_process_group, new_group
+    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+
+    init_process_group("gloo", "127.0.0.1", port, rank, 2, timeout_s)
+    group = new_group([0, 1], timeout_s)
+    if rank == 1:
+        time.sleep(4 * timeout_s)  # never joins the all-to-all
+        return {"rank": 1}
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=4)
+    layer = MoELayer(8, cfg, AllToAllDispatcher(4, None, group, 2, 0), expert_range=(0, 2))
+    layer.layer_index = 3
+    start = time.monotonic()
+    try:
+        layer(torch.randn(1, 6, 8))
+    except CollectiveError as err:
+        return {"rank": 0, "error": str(err), "seconds": time.monotonic() - start}
+    return {"rank": 0, "error": None, "seconds": time.monotonic() - start}
+
+
+def test_stalled_all_to_all_times_out_naming_rank_collective_and_layer(ray_cluster: object) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    timeout_s = 3.0
+    first = ray.get([stalling_rank.remote(r, port, timeout_s) for r in range(2)], timeout=120)[0]
+    assert first["error"] is not None
+    assert "rank 0" in first["error"] and "all_to_all" in first["error"] and "MoE block 3" in first["error"]
+    assert first["seconds"] < 3 * timeout_s
