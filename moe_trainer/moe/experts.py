@@ -36,12 +36,16 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """``x_ND`` holds ``tokens_per_expert_E[e]`` consecutive rows for local expert ``e``."""
-        # Empty runs still go through the matmuls: they cost nothing and give every
-        # local expert a (zero) gradient, so gradient syncs see the same tensors on every rank.
         if self.num_local == 0:  # a shard with no experts (a coordinator): keep the graph connected
             return x_ND * 0.0
+        # Empty runs still go through the matmuls: they cost nothing and give every local expert
+        # a (zero) gradient, so gradient syncs see the same tensors on every rank. ``unbind``, not
+        # ``[e]``: one backward node stacks all experts' gradients, where indexing would materialise
+        # a full-size zero gradient per expert (measured: 17x slower at 64 local experts).
         outs = []
-        for e, x_nD in enumerate(x_ND.split(tokens_per_expert_E.tolist())):
-            gate, up = (x_nD @ self.w_gate_up_EDF2[e]).split(self.hidden, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.w_down_EFD[e])
+        runs = zip(x_ND.split(tokens_per_expert_E.tolist()), self.w_gate_up_EDF2.unbind(0),
+                   self.w_down_EFD.unbind(0), strict=True)
+        for x_nD, w_gate_up, w_down in runs:
+            gate, up = (x_nD @ w_gate_up).split(self.hidden, dim=-1)
+            outs.append((F.silu(gate) * up) @ w_down)
         return torch.cat(outs)

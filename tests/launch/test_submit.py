@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -159,20 +160,30 @@ def _wait_for_job_server(url: str, proc: subprocess.Popen[bytes], log: Path) -> 
     raise RuntimeError(f"job server at {url} silent for {HEAD_START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
 
 
+def _alive_in_group(pgid: int) -> list[int]:
+    """Live members of a process group; zombies (reaped later by init) do not count."""
+    alive = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.info["pid"]) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(p.info["pid"])
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
 def _stop_group(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM the head's process group (ours alone: it was started in a new session), then SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, 20.0), (signal.SIGKILL, 10.0)):
+    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
+            proc.poll()  # reap the leader
+            if not _alive_in_group(proc.pid):
                 return
-            proc.poll()  # reap the leader so the group can disappear
             time.sleep(0.2)
 
 
@@ -311,16 +322,20 @@ def test_gcs_address_is_recognised_as_the_wrong_port(head: Head) -> None:
     assert head.gcs in result.stderr and "8265" in result.stderr
 
 
-def _status(head: Head, job_id: str) -> str:
+def _status(head: Head, job_id: str, missing_ok: bool = False) -> str:
     result = _moe_submit(head, "status", job_id, "--address", head.url, timeout=60)
+    if missing_ok and result.returncode == 2 and "no job" in result.stderr:
+        return ""
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def _wait_status(head: Head, job_id: str, wanted: str, timeout_s: float = 240) -> str:
+    """Polls ``moe-submit status``; the job may not exist yet when its submitter is still starting."""
     deadline = time.monotonic() + timeout_s
+    out = ""
     while time.monotonic() < deadline:
-        out = _status(head, job_id)
+        out = _status(head, job_id, missing_ok=True)
         if f"{job_id}: {wanted}" in out:
             return out
         time.sleep(1)

@@ -1,0 +1,56 @@
+"""The README's strategy comparison: a Hydra multirun of the three Ray strategies, then moe-report on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moe_trainer.logging import read_offline_run
+
+BIN = Path(sys.executable).parent
+TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64", "moe.num_experts=4",
+        "moe.expert_hidden=32", "data.seq_len=32", "data.embedded_max_bytes=300000", "train.batch_size=4",
+        "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2", "logger.progress=false"]
+
+
+@pytest.mark.slow
+def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: Path) -> None:
+    sweep = tmp_path / "multirun"
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    proc = subprocess.run([str(BIN / "moe-train"), "-m", "experiment=compare_strategies", *TINY,
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name for p in runs] == ["0-data_parallel", "1-expert_parallel", "2-disaggregated"]
+
+    keys, metric_keys = {}, {}
+    for run in runs:
+        (offline,) = sorted((run / "wandb").glob("offline-run-*"))
+        logged = read_offline_run(offline)
+        assert logged.group == "compare_strategies" and logged.job_type == run.name.split("-", 1)[1]
+        keys[run.name] = {k for k in logged.metric_keys() if not k.startswith("roles/")}
+        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        metric_keys[run.name] = {k for r in records if "loss" in r for k in r if not k.startswith(("coord_",
+                                                                                                    "expert_"))}
+        assert "params_total" in logged.summary and "mem_rss_mb_per_process" in logged.summary
+    assert len({frozenset(v) for v in keys.values()}) == 1, keys  # one dashboard fits every strategy
+    assert len({frozenset(v) for v in metric_keys.values()}) == 1
+    assert {"comm/a2a_bytes_sent", "comm/comm_share", "balance/load_imbalance", "perf/tokens_per_s",
+            "balance/layer0/tokens_per_expert"} <= keys["0-data_parallel"]
+
+    report = subprocess.run([str(BIN / "moe-report"), str(sweep), "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr
+    written = {p.name for p in (tmp_path / "report").iterdir()}
+    assert {"tokens_per_s.png", "comm_share.png", "load_imbalance.png", "loss_vs_step.png", "loss_vs_tokens.png",
+            "summary.md", "summary.html"} <= written
+    assert sum(name.startswith("expert_load_") for name in written) == 3 * 2  # runs x MoE layers
+    table = (tmp_path / "report" / "summary.md").read_text()
+    for strategy in ("data_parallel", "expert_parallel", "disaggregated"):
+        assert strategy in table
