@@ -45,6 +45,10 @@ def connect(cfg: ClusterConfig) -> str:
                  configure_logging=False)
         return EMBEDDED
     setting = "cluster.address" if cfg.address else "RAY_ADDRESS"
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(setting, address, "is a Ray Jobs (dashboard) address; moe-train connects to the cluster "
+                          "itself: give HOST:6379 (the head's GCS port), or unset it for an embedded local Ray. "
+                          "To submit a job to that address use moe-submit.")
     if not _reachable(address.removeprefix("ray://"), cfg.connect_timeout_s):
         raise ConfigError(setting, address, f"no Ray cluster answers there within {cfg.connect_timeout_s:.0f} s; "
                           "check the address (HOST:6379 of the head) or unset it to use an embedded local Ray")

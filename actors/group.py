@@ -20,6 +20,10 @@ from actors.worker import TrainWorker
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import EngineLost
 
+# After one rank's call fails, how long to watch the others for a dead actor before reporting
+# the failure itself (their collectives fail within seconds when a peer is gone).
+FAILURE_GRACE_S = 10.0
+
 
 class ActorLost(EngineLost):
     """An actor of the group died; the group must be rebuilt."""
@@ -53,24 +57,30 @@ class ActorGroup:
             ).remote(cfg, i)
             for i in range(request.actors)
         ]
-        t0 = time.perf_counter()
-        addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
         self.infos: list[dict[str, Any]] = []
-        self.infos = ray.get([a.join.remote(addr, port) for a in self.actors],
-                                                   timeout=timeout)
+        t0 = time.perf_counter()
+        try:
+            addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+            self.infos = self.call("join", addr, port)
+        except Exception as err:  # a rank that cannot join leaves the others waiting: stop them all
+            self.shutdown()
+            raise ActorStartupError(f"the actors could not form their process group: {err}") from err
         self.join_time_s = time.perf_counter() - t0
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks).
 
-        A dead actor raises :class:`ActorLost` as soon as Ray reports it; a failed call
-        (for example a collective that timed out) waits for the other ranks, whose
-        collectives then fail too, and is re-raised unless one of them turns out dead.
+        A dead actor raises :class:`ActorLost` as soon as Ray reports it. A failed call (a
+        collective that timed out, a rank that could not join) is re-raised after the other
+        ranks finish or ``FAILURE_GRACE_S`` passes, unless one of them turns out dead.
         """
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
-        pending, failure = list(refs), None
+        pending, failure, deadline = list(refs), None, None
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not done:  # the others are still blocked (in a collective with the failed rank)
+                break
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as err:
@@ -79,7 +89,8 @@ class ActorGroup:
                 raise ActorLost(f"actor rank {rank} (pid {pid}) died during {method}: "
                                 f"{str(err).splitlines()[0]}") from err
             except ray.exceptions.RayTaskError as err:
-                failure = failure or err
+                if failure is None:
+                    failure, deadline = err, time.monotonic() + FAILURE_GRACE_S
         if failure is not None:
             raise failure.as_instanceof_cause()
         return ray.get(refs)

@@ -9,7 +9,9 @@ not per step or per layer.
 from __future__ import annotations
 
 import os
+import random
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,30 @@ class TrainWorker:
     def __init__(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
+        # DeepSpeed JIT-builds a small CPU comm op with whichever `ninja` is on PATH; putting this
+        # environment's first keeps one build (and its cache) instead of rebuilding per ninja version
+        bin_dir = str(Path(sys.executable).parent)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         self.setup: Any = None
 
     def rendezvous_address(self) -> tuple[str, int]:
-        """This node's address and a free port; rank 0's becomes everyone's rendezvous."""
+        """This node's address and a free port; rank 0's becomes everyone's rendezvous.
+
+        The port is drawn below Linux's ephemeral range (32768+), which outgoing connections
+        take from, and above Ray's worker ports, so it is unlikely to be taken before bind.
+        """
         host = ray.util.get_node_ip_address()
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return host, s.getsockname()[1]
+        rng = random.Random()
+        for _ in range(100):
+            port = rng.randrange(20000, 32768)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return host, port
+        raise RuntimeError(f"no free rendezvous port on {host} in 20000-32767")
 
     def join(self, master_addr: str, master_port: int) -> dict[str, Any]:
         from moe_trainer.parallel.setup import build_rank, local_parameter_counts

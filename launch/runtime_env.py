@@ -61,21 +61,13 @@ def local_bin_dir() -> Path:
     return Path(sys.executable).parent
 
 
-def build(working_dir: Path, *, pip: list[str], env_vars: dict[str, str], bin_dir: Path | None,
-          extra_json: str | None) -> dict[str, Any]:
-    """Assembles the runtime_env; ``extra_json`` (``--runtime-env-json``) is merged last and wins.
-
-    ``bin_dir`` is put in front of the job's ``PATH`` (Ray expands ``${PATH}`` on the node),
-    so the entrypoint finds ``moe-train`` in a venv that was not activated when the head started.
-    """
+def build(working_dir: Path, *, pip: list[str], env_vars: dict[str, str], extra_json: str | None) -> dict[str, Any]:
+    """Assembles the runtime_env; ``extra_json`` (``--runtime-env-json``) is merged last and wins."""
     runtime_env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(DEFAULT_EXCLUDES)}
     if pip:
         runtime_env["pip"] = list(pip)
-    variables = dict(env_vars)
-    if bin_dir is not None:
-        variables["PATH"] = f"{bin_dir}:${{PATH}}"
-    if variables:
-        runtime_env["env_vars"] = variables
+    if env_vars:
+        runtime_env["env_vars"] = dict(env_vars)
     if extra_json:
         try:
             extra = json.loads(extra_json)

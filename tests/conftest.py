@@ -10,10 +10,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from actors import keep_embedded_ray_on_loopback
 from moe_trainer.cli import CONF_DIR
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 
 register_configs()
+keep_embedded_ray_on_loopback(None)  # before any test module imports Ray: the test cluster stays on 127.0.0.1
 
 
 @pytest.fixture(autouse=True)

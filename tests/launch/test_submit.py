@@ -33,7 +33,8 @@ import yaml
 from launch import address as addr
 from launch import auth
 from launch import runtime_env as renv
-from launch.submit import entrypoint, main, outcome
+from launch.jobs import failure_report, outcome
+from launch.submit import entrypoint, main, program_for
 
 BIN = Path(sys.executable).parent
 MOE_SUBMIT = str(BIN / "moe-submit")
@@ -46,6 +47,13 @@ HEAD_START_TIMEOUT_S = 120.0
 def test_entrypoint_quotes_overrides_for_the_shell() -> None:
     command = entrypoint(["experiment=debug", "data.paths=[/a b/x.txt,/c.txt]", "logger.tags=[x]"])
     assert command == "moe-train experiment=debug 'data.paths=[/a b/x.txt,/c.txt]' 'logger.tags=[x]'"
+    remote, local = addr.Address("http://head:8265", "--address"), addr.Address("http://127.0.0.1:8265", "default")
+    assert program_for("auto", remote) == "moe-train" and program_for("none", local) == "moe-train"
+    assert program_for("/opt/my venv/bin", remote) == "'/opt/my venv/bin/moe-train'"
+    fallback = program_for("auto", local)  # a port-forward to a remote head looks local too: PATH first
+    assert fallback.startswith('"$(command -v moe-train || echo ') and str(BIN / "moe-train") in fallback
+    assert subprocess.run(["sh", "-c", f"echo {fallback}"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"}).stdout.strip() == str(BIN / "moe-train")
 
 
 def test_address_resolution_and_normalisation(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -72,15 +80,29 @@ def test_token_lookup_follows_rays_precedence(tmp_path: Path) -> None:
         auth.find_token({"RAY_AUTH_TOKEN_PATH": str(tmp_path / "missing")}, default)
 
 
+def test_token_is_sent_only_to_servers_that_want_one(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k")
+    assert auth.headers_for("disabled", "http://h:8265") == ({}, None)
+    headers, token = auth.headers_for("token", "http://h:8265")
+    assert headers == {"Authorization": "Bearer t0k"} and token.source == "RAY_AUTH_TOKEN"
+    assert auth.headers_for(None, "http://h:8265")[0] == headers  # an old server that cannot say: try the token
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    assert auth.headers_for(None, "http://h:8265") == ({}, None)
+    with pytest.raises(auth.AuthError, match="requires token authentication"):
+        auth.headers_for("token", "http://h:8265")
+
+
 def test_runtime_env_defaults_and_passthrough() -> None:
     root = renv.check_working_dir(renv.project_root())
-    env = renv.build(root, pip=["wandb==0.31.0"], env_vars={"A": "1"}, bin_dir=Path("/opt/venv/bin"),
+    env = renv.build(root, pip=["wandb==0.31.0"], env_vars={"A": "1"},
                      extra_json='{"env_vars": {"NCCL_DEBUG": "INFO"}, "excludes": ["data/"], '
                                 '"py_executable": "/opt/venv/bin/python"}')
     assert env["working_dir"] == str(root)
     assert {".git", ".venv", "outputs", "multirun", "wandb", "benchmarks/results", "data/"} <= set(env["excludes"])
     assert env["pip"] == ["wandb==0.31.0"]
-    assert env["env_vars"] == {"A": "1", "PATH": "/opt/venv/bin:${PATH}", "NCCL_DEBUG": "INFO"}
+    assert env["env_vars"] == {"A": "1", "NCCL_DEBUG": "INFO"}
     assert env["py_executable"] == "/opt/venv/bin/python"
     assert "INFO" not in renv.describe(env)  # values (maybe secrets) are never printed
     assert renv.parse_env(["X=1", "K"], {"K": "secret"}) == {"X": "1", "K": "secret"}
@@ -90,14 +112,22 @@ def test_runtime_env_defaults_and_passthrough() -> None:
         renv.check_working_dir(Path(tempfile.gettempdir()))
 
 
-def test_outcome_maps_job_status_to_exit_code() -> None:
+def test_outcome_maps_job_status_to_exit_code_and_explains_failures() -> None:
     @dataclass
     class Info:
         status: str
+        message: str | None = None
+        driver_exit_code: int | None = None
 
     assert outcome(Info("SUCCEEDED")) == 0
     assert outcome(Info("FAILED")) == 1
     assert outcome(Info("STOPPED")) == 1
+    log_tail = "\n".join(f"line {i}" for i in range(30))
+    report = failure_report(Info("FAILED", f"Job entrypoint command failed with exit code 2\n{log_tail}", 2), "j1")
+    assert report[0] == "job j1 FAILED (moe-train exit code 2)"
+    assert "failed with exit code 2" in report[1] and report[-1].strip() == "line 29" and len(report) == 13
+    missing = failure_report(Info("FAILED", "sh: 1: moe-train: not found", 127), "j2")
+    assert "not installed on the head node" in missing[1]
 
 
 def test_unreachable_address_fails_fast_with_the_address(capsys: pytest.CaptureFixture[str]) -> None:

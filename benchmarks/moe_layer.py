@@ -1,0 +1,227 @@
+"""MoE layer forward+backward time, ours vs DeepSpeed's ``deepspeed.moe.layer.MoE``, expert-parallel over 2 ranks.
+
+    .venv/bin/python -m benchmarks.moe_layer [--experts 8 32 128] [--tokens 2048 8192]
+        [--d-model 256] [--expert-hidden 512] [--iters 10] [--warmup 3] [--no-ds-dropless]
+
+Two spawned processes, one thread each, join one gloo group through
+``moe_trainer.parallel.comm.init_process_group`` (``deepspeed.init_distributed``);
+both layers live in the same processes and use the same group. Experts are sharded
+(ep_size=2: each rank holds half).
+
+- ours: ``MoELayer`` with ``AllToAllDispatcher`` over the 2-rank group,
+  ``expert_range`` = this rank's half; SwiGLU experts (stacked weights).
+- DeepSpeed: ``MoE(hidden, expert=SwiGLUExpert, num_experts, ep_size=2, k=2, ...)`` with
+  ``use_rts=False``, ``top2_2nd_expert_sampling=False`` (deterministic top-2, no Gumbel
+  noise), ``min_capacity=4``, ``drop_tokens=True``; ``SwiGLUExpert`` is written here with
+  exactly our expert's FLOPs (``D->2F``, ``silu(gate)*up``, ``F->D``, no biases).
+
+Same router weights and expert weights (copied from ours into DeepSpeed's modules), same
+inputs, so both pick the same experts and, in capacity mode, drop the same assignments
+(capacity ``ceil(cf * tokens * k / E)`` per rank in both, first choices before second
+choices). Checked once per configuration: drops are counted on both sides and the
+outputs of tokens that kept all k assignments are compared (``max_abs_diff``). One
+known semantic difference: DeepSpeed renormalises a token's gate weights over the
+assignments that survived capacity, ours normalises before drops.
+
+Each iteration runs every variant once (interleaved, so background load hits them
+alike), after a barrier; a variant's time is the slowest rank's forward + backward
+(input gradient included, the loss is ``sum(y * g) + 0.01 * aux``). Reported: median over
+``--iters`` iterations after ``--warmup``. ``ratio`` = DeepSpeed capacity-mode median /
+this row's median (> 1: ours faster); ``ratio_paired`` = median over iterations of the
+same-iteration ratio (steadier when other processes share the cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks.common import print_table, write_json
+from benchmarks.procs import run_ranks
+
+
+class SwiGLUExpert(nn.Module):
+    """One SwiGLU FFN with our expert's shapes and FLOPs, as a module DeepSpeed's ``Experts`` can copy."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)
+        return self.w_down(F.silu(gate) * up)
+
+
+def _rows_hook(store: dict[str, int], key: str, lead_dims: int) -> Any:
+    def hook(_module: nn.Module, inputs: tuple[Tensor, ...], _out: Any) -> None:
+        store[key] = int(torch.tensor(inputs[0].shape[:lead_dims]).prod())
+    return hook
+
+
+def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, args: dict[str, Any]) -> list[dict]:
+    import torch.distributed as tdist
+    from deepspeed.moe.layer import MoE
+
+    from moe_trainer.config.schema import MoEConfig
+    from moe_trainer.moe.dispatcher import plan_dispatch
+    from moe_trainer.moe.layer import MoELayer
+    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+
+    d, hidden, k, cf = args["d_model"], args["expert_hidden"], args["top_k"], args["capacity_factor"]
+    local = experts // world
+    torch.manual_seed(0)  # same router on every rank (it is replicated); experts: this rank's shard
+    cfg = MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden, capacity_factor=cf)
+    ours = MoELayer(d, cfg, dispatcher=AllToAllDispatcher(experts, cf, group, world, rank),
+                    expert_range=(rank * local, local))
+    ds = MoE(d, SwiGLUExpert(d, hidden), num_experts=experts, ep_size=world, k=k, capacity_factor=cf,
+             eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=False,
+             top2_2nd_expert_sampling=False)
+    ds.set_deepspeed_parallelism()  # creates (once) / attaches DeepSpeed's "ep_size_2" expert-parallel group
+    with torch.no_grad():
+        ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+        for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
+            expert.w_gate_up.weight.copy_(ours.experts.w_gate_up_EDF2[e].t())
+            expert.w_down.weight.copy_(ours.experts.w_down_EFD[e].t())
+    gen = torch.Generator().manual_seed(1000 + rank)
+    x = torch.randn(tokens, d, generator=gen).requires_grad_(True)
+    g = torch.randn(tokens, d, generator=gen)
+
+    rows_seen: dict[str, int] = {}
+    ours.experts.register_forward_hook(_rows_hook(rows_seen, "ours", 1))
+    ds.deepspeed_moe.experts.register_forward_hook(_rows_hook(rows_seen, "ds", 3))  # [ep, local, capacity, D]
+
+    # one checked forward: same drops, same outputs where nothing was dropped
+    with torch.no_grad():
+        routing = ours.router(x)
+        plan = plan_dispatch(routing, experts, 1, tokens, cf)
+        full_T = torch.bincount(plan.token_idx_N, minlength=tokens) == k
+        ds_gate = ds.deepspeed_moe.gate(x, None, True)
+        ds_dropped = int((ds_gate[3] < 0).sum())
+        y_ours, _ = ours(x[None], 1)
+        y_ds, _, _ = ds(x)
+        diff = float((y_ours[0] - y_ds)[full_T].abs().max()) if bool(full_T.any()) else float("nan")
+        scale = float(y_ours.abs().max())
+    check = torch.tensor([float(plan.dropped), float(ds_dropped), diff, scale])
+    tdist.all_reduce(check[:2], group=group)
+    tdist.all_reduce(check[2:], op=tdist.ReduceOp.MAX, group=group)
+
+    def run_ours(capacity: float | None) -> None:
+        ours.dispatcher.capacity_factor = capacity
+        y, stats = ours(x[None], 1)
+        ((y[0] * g).sum() + 0.01 * stats.aux_loss).backward()
+
+    def run_ds(drop: bool) -> None:
+        ds.deepspeed_moe.gate.drop_tokens = drop
+        y, l_aux, _ = ds(x)
+        ((y * g).sum() + 0.01 * l_aux).backward()
+
+    variants: list[tuple[str, str, Any]] = [
+        ("ours", f"capacity {cf}", lambda: run_ours(cf)),
+        ("ours", "dropless", lambda: run_ours(None)),
+        ("deepspeed", f"capacity {cf}", lambda: run_ds(True)),
+    ]
+    if args["ds_dropless"]:
+        variants.append(("deepspeed", "dropless", lambda: run_ds(False)))
+    iters, warmup = args["iters"], args["warmup"]
+    times = torch.zeros(len(variants), iters, dtype=torch.float64)
+    expert_rows = torch.zeros(len(variants), dtype=torch.float64)
+    for it in range(warmup + iters):
+        for v, (impl, _, fn) in enumerate(variants):
+            ours.zero_grad(set_to_none=True)
+            ds.zero_grad(set_to_none=True)
+            x.grad = None
+            tdist.barrier(group=group)
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if it >= warmup:
+                times[v, it - warmup] = dt
+            expert_rows[v] = rows_seen["ours" if impl == "ours" else "ds"]
+    tdist.all_reduce(times, op=tdist.ReduceOp.MAX, group=group)  # a step lasts as long as its slowest rank
+    tdist.all_reduce(expert_rows, group=group)
+    out = []
+    ds_v = next(v for v, (impl, mode, _) in enumerate(variants) if impl == "deepspeed" and mode.startswith("capacity"))
+    for v, (impl, mode, _) in enumerate(variants):
+        ms = sorted(float(t) * 1e3 for t in times[v])
+        out.append({"experts": experts, "tokens_per_rank": tokens, "impl": impl, "mode": mode,
+                    "median_ms": statistics.median(ms), "min_ms": ms[0], "p25_ms": ms[len(ms) // 4],
+                    "p75_ms": ms[(3 * len(ms)) // 4],
+                    # same-iteration ratios: the variants ran back to back, so slow phases of the box cancel
+                    "ratio_paired": statistics.median((times[ds_v] / times[v]).tolist()),
+                    "expert_rows_per_rank": float(expert_rows[v]) / world,
+                    "dropped": int(check[0]) if impl == "ours" else int(check[1]),
+                    "max_abs_diff": float(check[2]), "out_scale": float(check[3])})
+    ds_ms = next(r["median_ms"] for r in out if r["impl"] == "deepspeed" and r["mode"].startswith("capacity"))
+    for r in out:
+        r["ratio"] = ds_ms / r["median_ms"]
+    return out
+
+
+def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[dict[str, Any]]:
+    torch.set_num_threads(1)
+    from deepspeed.utils import logger as ds_logger
+
+    from moe_trainer.parallel.comm import init_process_group, new_group
+
+    ds_logger.setLevel(logging.WARNING)
+    init_process_group("gloo", "127.0.0.1", port, rank, world, args["timeout_s"])
+    group = new_group(list(range(world)), args["timeout_s"])
+    rows: list[dict[str, Any]] = []
+    for experts in args["experts"]:
+        for tokens in args["tokens"]:
+            t0 = time.perf_counter()
+            rows += bench_config(rank, world, group, experts, tokens, args)
+            if rank == 0:
+                print(f"done: {experts} experts, {tokens} tokens/rank ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return rows
+
+
+def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for experts, tokens, want in [(8, 2048, 1.2), (128, 2048, 2.0)]:
+        got = next((r["ratio"] for r in rows if r["impl"] == "ours" and r["mode"].startswith("capacity")
+                    and r["experts"] == experts and r["tokens_per_rank"] == tokens), None)
+        paired = next((r["ratio_paired"] for r in rows if r["impl"] == "ours" and r["mode"].startswith("capacity")
+                       and r["experts"] == experts and r["tokens_per_rank"] == tokens), None)
+        out.append({"target": f"ours capacity >= {want}x faster than DeepSpeed at {experts} experts, {tokens} tokens",
+                    "ratio": got, "ratio_paired": paired, "holds": None if got is None else got >= want})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192], help="tokens per rank")
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--expert-hidden", type=int, default=512)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--capacity-factor", type=float, default=1.25)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-ds-dropless", dest="ds_dropless", action="store_false",
+                        help="leave out DeepSpeed's dropless row (drop_tokens=False)")
+    parser.add_argument("--timeout-s", type=float, default=600.0)
+    args = vars(parser.parse_args())
+    if args["top_k"] != 2:
+        print("note: k != 2 uses DeepSpeed's topkgating, whose drop policy ('probs') differs from ours")
+    t0 = time.perf_counter()
+    rows = run_ranks(rank_main, 2, args)[0]
+    print_table(rows, ["experts", "tokens_per_rank", "impl", "mode", "median_ms", "min_ms", "p25_ms", "p75_ms",
+                       "ratio", "ratio_paired", "expert_rows_per_rank", "dropped", "max_abs_diff"])
+    goals = targets(rows)
+    print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
+    print(write_json("moe_layer", {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
+                                   "targets": goals, "wall_s": time.perf_counter() - t0}))
+
+
+if __name__ == "__main__":
+    main()
