@@ -6,7 +6,6 @@ sizes swapped, so gradients travel back along the path the tokens came.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -17,6 +16,7 @@ import torch.distributed
 from torch import Tensor
 
 from moe_trainer.config.errors import CollectiveError
+from moe_trainer.timing import now
 
 
 def guarded(label: str, fn: Callable[[], Any]) -> Any:
@@ -85,7 +85,7 @@ class AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
-        t0 = time.perf_counter()
+        t0 = now(grad_out.device)
         if ctx.announce is not None:
             guarded(f"backward announcement of {ctx.label}", ctx.announce)
         grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
@@ -93,7 +93,7 @@ class AllToAll(torch.autograd.Function):
             grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
             input_split_sizes=ctx.recv_splits, group=ctx.group))
         if ctx.timed is not None:
-            ctx.timed(time.perf_counter() - t0)
+            ctx.timed(now(grad_out.device) - t0)
         return grad_in, None, None, None, None, None, None
 
 

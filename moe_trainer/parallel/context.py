@@ -15,7 +15,6 @@ the norm group, expert squares from every rank that owns a shard.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 
 from moe_trainer.parallel.comm import guarded
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timing import now
 
 
 def _is_expert(name: str) -> bool:
@@ -90,14 +90,14 @@ class DistributedContext:
         return dense, expert
 
     def sync_gradients(self, model: nn.Module) -> None:
-        t0 = time.perf_counter()
+        t0 = now(self.device)
         dense, expert = self._split(model)
         all_reduce_flat(dense, self.groups.data, "all_reduce of dense gradients")
         if self.groups.replicas > 1:
             all_reduce_flat(expert, self.groups.expert_replicas, "all_reduce of expert gradients")
         for g in dense + expert:
             g.div_(self.dp_world)
-        self._sync_seconds += time.perf_counter() - t0
+        self._sync_seconds += now(self.device) - t0
 
     def clip_gradients(self, model: nn.Module, max_norm: float) -> Tensor:
         dense, expert = self._split(model)

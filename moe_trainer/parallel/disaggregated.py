@@ -21,7 +21,6 @@ Shape legend: D width, M rows received by an expert actor, L local experts.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +34,7 @@ from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, guarded
 from moe_trainer.parallel.context import clip_, squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
+from moe_trainer.timing import now
 from moe_trainer.train.optim import build_optimizer, set_lr
 from moe_trainer.train.trainer import process_memory_mb
 
@@ -161,13 +161,13 @@ class ExpertServer:
                 recv_splits = recv_counts_PL.sum(1).tolist()
                 x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
                 self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
-                t0 = time.perf_counter()
+                t0 = now(self.ctx.device)
                 regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
                 x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
                 clock.rows += x_MD.shape[0]
                 with torch.set_grad_enabled(keep):
                     y_MD = experts(x_MD, recv_counts_PL.sum(0))
-                clock.busy += time.perf_counter() - t0
+                clock.busy += now(self.ctx.device) - t0
                 pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
             for index, item in pending:
                 y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
@@ -188,9 +188,9 @@ class ExpertServer:
                 grad_peer_MD = torch.empty(sum(item.recv_splits), self.d_model, device=device)
                 self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
                           [0] * self.roles.world)
-                t0 = time.perf_counter()
+                t0 = now(self.ctx.device)
                 item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
-                clock.busy += time.perf_counter() - t0
+                clock.busy += now(self.ctx.device) - t0
             else:
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
                 grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
@@ -204,7 +204,7 @@ class ExpertServer:
 
     def train_step(self) -> dict[str, Any]:
         clock = _StepClock()
-        t_start = time.perf_counter()
+        t_start = now(self.ctx.device)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
@@ -216,14 +216,14 @@ class ExpertServer:
         sq = squared_norms([], grads, self.ctx.device)
         # the coordinators' clip_gradients, same collective
         guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
-        t0 = time.perf_counter()
+        t0 = now(self.ctx.device)
         norm = sq.sum().sqrt().float()
         clip_(grads, norm, self.cfg.train.grad_clip)
         if torch.isfinite(norm):  # same global norm as the coordinators: same decision
             self.optimizer.step()
-        clock.busy += time.perf_counter() - t0
+        clock.busy += now(self.ctx.device) - t0
         self.step += 1
-        total = time.perf_counter() - t_start
+        total = now(self.ctx.device) - t_start
         return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
                 "expert_step_time_s": total, "expert_rows_recv": clock.rows, "expert_mem_rss_mb": process_memory_mb()}
 

@@ -11,7 +11,6 @@ expert-parallel group, N rows sent, M rows received.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +22,7 @@ from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unper
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, all_to_all_counts
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timing import now
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class AllToAllDispatcher:
         x_ND = permute(x_TD, plan.token_idx_N)  # already ordered by global expert, hence by owner rank
         index = self.dispatches
         self.dispatches += 1
-        t0 = time.perf_counter()
+        t0 = now(x_TD.device)
         counts = self.send_counts(plan.tokens_per_expert_E)
         label = f"all_to_all dispatch of MoE block {layer}"
         recv_counts_PL = all_to_all_counts(counts, self.group, label)
@@ -90,7 +90,7 @@ class AllToAllDispatcher:
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
                           self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND), label)
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
-                    time.perf_counter() - t0)
+                    now(x_MD.device) - t0)
         regroup_idx_M = regroup_index(recv_counts_PL)
         meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index, layer)
         return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
@@ -99,13 +99,13 @@ class AllToAllDispatcher:
         meta = dispatched.comm
         assert isinstance(meta, ExpertParallelMeta)
         y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
-        t0 = time.perf_counter()
+        t0 = now(y_MD.device)
         y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group,
                           self._announcer(meta.index, COMBINE_BWD),
                           self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD),
                           f"all_to_all combine of MoE block {meta.layer}")
         self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
-                    time.perf_counter() - t0)
+                    now(y_ND.device) - t0)
         plan = dispatched.plan
         return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
 

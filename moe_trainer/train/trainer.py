@@ -8,7 +8,6 @@ dispatcher/expert shard it gives the model. The single-process reference uses
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -20,6 +19,7 @@ from torch import Tensor
 from moe_trainer.config.schema import Config
 from moe_trainer.model.transformer import Transformer
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timing import now
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 from moe_trainer.train.optim import build_optimizer, set_lr
 
@@ -137,7 +137,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
-        t0 = time.perf_counter()
+        t0 = now(self.ctx.device)
         inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
@@ -157,7 +157,7 @@ class Trainer:
                 layer.router.update_bias(load_E)
         losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
         losses = losses / self.ctx.dp_world
-        step_time = time.perf_counter() - t0
+        step_time = now(self.ctx.device) - t0
         tokens = inputs.numel() * self.ctx.dp_world
         self.step += 1
         self.tokens_seen += tokens
