@@ -13,13 +13,15 @@ from moe_trainer.config.schema import TrainConfig
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """Decays weight matrices (and stacked expert matrices); never norms or 1-D tensors.
 
-    ``foreach=False`` keeps the update arithmetic per tensor, so a shard of experts
-    gets bit-for-bit the update those experts get in the unsharded model.
+    ``fused=True``: one elementwise kernel per tensor, the same arithmetic for every element
+    whatever the tensor's size, so a shard of experts gets the update those experts get in the
+    unsharded model; and it is ~9x faster than the per-tensor loop on CPU at 50M parameters
+    (benchmarks/expert_scaling.py), which is what keeps many-expert steps cheap.
     """
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
