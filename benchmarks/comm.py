@@ -21,7 +21,8 @@ parallel.num_actors=2`` (default model unless ``--base`` overrides) and run
 ``Trainer.train_step``; from the per-step records: ``a2a_time_s`` (time blocked in the
 forward and backward all-to-alls, waiting for the peer included) and
 ``grad_sync_time_s`` as shares of ``step_time_s`` (means over the steps after
-``--warmup``; ``_max`` = the slower rank). Every ``--overrides ...`` adds one row with those
+``--warmup``; ``_max`` = the slower rank; per-phase all-to-all milliseconds and MiB
+sent per step and rank alongside). Every ``--overrides ...`` adds one row with those
 Hydra overrides on top (e.g. an overlap/chunking option); an override the config schema
 does not know is reported and its row skipped.
 """
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import config, print_table, write_json
+from benchmarks.common import config, loadavg, print_table, write_json
 from benchmarks.procs import run_ranks
 
 STEP_OVERRIDES = ["parallel=expert_parallel", "parallel.num_actors=2", "logger.mode=disabled",
@@ -152,6 +153,9 @@ def step_share(name: str, overrides: list[str], steps: int, warmup: int) -> dict
     for key in ("step_time_s", "a2a_time_s", "a2a_dispatch_time_s", "a2a_combine_time_s", "a2a_dispatch_bwd_time_s",
                 "a2a_combine_bwd_time_s", "grad_sync_time_s", "a2a_bytes_sent"):
         row[key] = statistics.fmean(r[key] for r in ranks)
+    row["a2a_mb_sent"] = row["a2a_bytes_sent"] / 2**20
+    for phase in ("dispatch", "combine", "dispatch_bwd", "combine_bwd"):
+        row[f"{phase}_ms"] = row[f"a2a_{phase}_time_s"] * 1e3
     row["final_loss"] = ranks[0]["final_loss"]
     return row
 
@@ -170,6 +174,7 @@ def main() -> None:
     parser.add_argument("--skip-bandwidth", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     args = parser.parse_args()
+    load_start = loadavg()
     t0 = time.perf_counter()
     bw_rows: list[dict[str, Any]] = []
     if not args.skip_bandwidth:
@@ -184,9 +189,11 @@ def main() -> None:
             step_rows.append(step_share(name, [*STEP_OVERRIDES, *args.base, *extra], args.steps, args.warmup))
             print(f"done: {name}", flush=True)
         print_table(step_rows, ["name", "tokens_per_s", "step_time_s", "a2a_time_s", "a2a_share", "a2a_share_max",
+                                "dispatch_ms", "combine_ms", "dispatch_bwd_ms", "combine_bwd_ms", "a2a_mb_sent",
                                 "grad_sync_share", "note"])
-    print(write_json("comm", {"args": vars(args), "processes": 2, "threads_per_process": 1,
-                              "bandwidth": bw_rows, "step": step_rows, "wall_s": time.perf_counter() - t0}))
+    print(write_json("comm", {"args": vars(args), "processes": 2, "threads_per_process": 1, "bandwidth": bw_rows,
+                              "step": step_rows, "wall_s": time.perf_counter() - t0,
+                              "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
 
 if __name__ == "__main__":

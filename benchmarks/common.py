@@ -44,3 +44,10 @@ def write_json(name: str, payload: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **payload}, indent=1))
     return path
+
+
+def loadavg() -> list[float]:
+    """1/5/15-minute load averages: other processes on a shared box skew timings, so results record them."""
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import config, print_table, write_json
+from benchmarks.common import config, loadavg, print_table, write_json
 from moe_trainer.engine import LocalEngine
 
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides for every row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = loadavg()
     t0 = time.perf_counter()
 
     engines: dict[int, LocalEngine] = {}
@@ -79,7 +80,8 @@ def main() -> None:
             "ratio": target, "holds": None if target is None or args.experts[0] != 8 else target <= 1.3}
     print_table([goal], ["target", "ratio", "holds"])
     print(write_json("expert_scaling", {"args": vars(args), "threads": torch.get_num_threads(), "rows": rows,
-                                        "targets": [goal], "wall_s": time.perf_counter() - t0}))
+                                        "targets": [goal], "wall_s": time.perf_counter() - t0,
+                                        "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
 
 def engine_info(engine: LocalEngine) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import loadavg, print_table, write_json
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.moe.dispatcher import LocalDispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--square", type=int, default=2048, help="side of the reference square matmul")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    load_start = loadavg()
     t0 = time.perf_counter()
     rows = []
     for d in args.d_model:
@@ -139,7 +140,8 @@ def main() -> None:
                        "gflop", "experts_ms", "shapes_ms", "experts_gflop_s", "shapes_gflop_s", "square_gflop_s",
                        "experts_over_square", "experts_over_peak", "experts_over_shapes"])
     print(write_json("mfu", {"args": vars(args), "threads": torch.get_num_threads(), "square_gflop_s_best": peak,
-                             "rows": rows, "wall_s": time.perf_counter() - t0}))
+                             "rows": rows, "wall_s": time.perf_counter() - t0,
+                             "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
 
 if __name__ == "__main__":

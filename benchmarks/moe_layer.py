@@ -18,8 +18,9 @@ both layers live in the same processes and use the same group. Experts are shard
 Same router weights and expert weights (copied from ours into DeepSpeed's modules), same
 inputs, so both pick the same experts and, in capacity mode, drop the same assignments
 (capacity ``ceil(cf * tokens * k / E)`` per rank in both, first choices before second
-choices). Checked once per configuration: drops are counted on both sides and the
-outputs of tokens that kept all k assignments are compared (``max_abs_diff``). One
+choices). Checked once per configuration in capacity mode: drops are counted on both
+sides (``dropped``, summed over ranks) and the outputs of tokens that kept all k
+assignments are compared (``max_abs_diff``, max over ranks). One
 known semantic difference: DeepSpeed renormalises a token's gate weights over the
 assignments that survived capacity, ours normalises before drops.
 
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import loadavg, print_table, write_json
 from benchmarks.procs import run_ranks
 
 
@@ -158,7 +159,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
                     # same-iteration ratios: the variants ran back to back, so slow phases of the box cancel
                     "ratio_paired": statistics.median((times[ds_v] / times[v]).tolist()),
                     "expert_rows_per_rank": float(expert_rows[v]) / world,
-                    "dropped": int(check[0]) if impl == "ours" else int(check[1]),
+                    "dropped": 0 if mode == "dropless" else int(check[0]) if impl == "ours" else int(check[1]),
                     "max_abs_diff": float(check[2]), "out_scale": float(check[3])})
     ds_ms = next(r["median_ms"] for r in out if r["impl"] == "deepspeed" and r["mode"].startswith("capacity"))
     for r in out:
@@ -213,6 +214,7 @@ def main() -> None:
     args = vars(parser.parse_args())
     if args["top_k"] != 2:
         print("note: k != 2 uses DeepSpeed's topkgating, whose drop policy ('probs') differs from ours")
+    load_start = loadavg()
     t0 = time.perf_counter()
     rows = run_ranks(rank_main, 2, args)[0]
     print_table(rows, ["experts", "tokens_per_rank", "impl", "mode", "median_ms", "min_ms", "p25_ms", "p75_ms",
@@ -220,7 +222,8 @@ def main() -> None:
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
     print(write_json("moe_layer", {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
-                                   "targets": goals, "wall_s": time.perf_counter() - t0}))
+                                   "targets": goals, "wall_s": time.perf_counter() - t0,
+                                   "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
 
 if __name__ == "__main__":

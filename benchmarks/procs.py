@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import socket
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -42,13 +43,20 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float =
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
     try:
         while len(results) < world:
             try:
-                rank, result, err = out.get(timeout=timeout_s)
-            except queue.Empty as exc:
-                raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} gave no result "
-                                   f"in {timeout_s:.0f} s") from exc
+                rank, result, err = out.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in results and p.exitcode is not None]
+                if dead:  # died without a word (killed, crashed in bootstrap): the others would wait forever
+                    raise RuntimeError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} "
+                                       "before returning a result") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {sorted(set(range(world)) - set(results))} gave no result "
+                                       f"in {timeout_s:.0f} s") from None
+                continue
             if err is not None:
                 raise RuntimeError(f"rank {rank} failed:\n{err}")
             results[rank] = result
