@@ -81,7 +81,3 @@ class TrainWorker:
         from moe_trainer.train.sharded_checkpoint import load_into
 
         load_into(Path(path), self.setup.runner)
-
-    def parameter_names(self) -> list[str]:
-        """Names of the parameters this rank holds (tests check who holds what)."""
-        return [n for n, p in self.setup.runner.model.named_parameters() if p.numel() > 0]

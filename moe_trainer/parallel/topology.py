@@ -37,7 +37,3 @@ class Topology:
 
     def edp_groups(self) -> list[list[int]]:
         return [list(range(position, self.world, self.ep_size)) for position in range(self.ep_size)]
-
-    @property
-    def ep_group_index(self) -> int:
-        return self.rank // self.ep_size
