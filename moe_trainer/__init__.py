@@ -1,0 +1,7 @@
+"""Distributed Mixture-of-Experts training: everything that is not Ray-specific."""
+
+import time
+
+# When this process started using the package (the first import): "command to first step"
+# is measured from here. Process creation times read from /proc drift on some VMs.
+STARTED_AT = time.time()
