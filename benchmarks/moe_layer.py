@@ -10,10 +10,11 @@ both layers live in the same processes and use the same group. Experts are shard
 
 - ours: ``MoELayer`` with ``AllToAllDispatcher`` over the 2-rank group,
   ``expert_range`` = this rank's half; SwiGLU experts (stacked weights).
-- DeepSpeed: ``MoE(hidden, expert=SwiGLUExpert, num_experts, ep_size=2, k=2, ...)`` with
+- DeepSpeed: ``MoE(hidden, expert=SwiGLU, num_experts, ep_size=2, k=2, ...)`` with
   ``use_rts=False``, ``top2_2nd_expert_sampling=False`` (deterministic top-2, no Gumbel
-  noise), ``min_capacity=4``, ``drop_tokens=True``; ``SwiGLUExpert`` is written here with
-  exactly our expert's FLOPs (``D->2F``, ``silu(gate)*up``, ``F->D``, no biases).
+  noise), ``min_capacity=4``, ``drop_tokens=True``; its expert is our dense ``SwiGLU``
+  module (the shared-expert one), exactly our expert's FLOPs (``D->2F``, ``silu(gate)*up``,
+  ``F->D``, no biases).
 
 Same router weights and expert weights (copied from ours into DeepSpeed's modules), same
 inputs, so both pick the same experts and, in capacity mode, drop the same assignments
@@ -41,25 +42,11 @@ import time
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks.common import loadavg, print_table, write_json
 from benchmarks.procs import run_ranks
-
-
-class SwiGLUExpert(nn.Module):
-    """One SwiGLU FFN with our expert's shapes and FLOPs, as a module DeepSpeed's ``Experts`` can copy."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.hidden = hidden
-        self.w_gate_up = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w_down = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.w_gate_up(x).split(self.hidden, dim=-1)
-        return self.w_down(F.silu(gate) * up)
+from moe_trainer.model.layers import SwiGLU
 
 
 def _rows_hook(store: dict[str, int], key: str, lead_dims: int) -> Any:
@@ -83,15 +70,15 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     cfg = MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden, capacity_factor=cf)
     ours = MoELayer(d, cfg, dispatcher=AllToAllDispatcher(experts, cf, group, world, rank),
                     expert_range=(rank * local, local))
-    ds = MoE(d, SwiGLUExpert(d, hidden), num_experts=experts, ep_size=world, k=k, capacity_factor=cf,
+    ds = MoE(d, SwiGLU(d, hidden), num_experts=experts, ep_size=world, k=k, capacity_factor=cf,
              eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=False,
              top2_2nd_expert_sampling=False)
     ds.set_deepspeed_parallelism()  # creates (once) / attaches DeepSpeed's "ep_size_2" expert-parallel group
     with torch.no_grad():
         ds.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
         for e, expert in enumerate(ds.deepspeed_moe.experts.deepspeed_experts):
-            expert.w_gate_up.weight.copy_(ours.experts.w_gate_up_EDF2[e].t())
-            expert.w_down.weight.copy_(ours.experts.w_down_EFD[e].t())
+            expert.gate_up.weight.copy_(ours.experts.w_gate_up_EDF2[e].t())
+            expert.down.weight.copy_(ours.experts.w_down_EFD[e].t())
     gen = torch.Generator().manual_seed(1000 + rank)
     x = torch.randn(tokens, d, generator=gen).requires_grad_(True)
     g = torch.randn(tokens, d, generator=gen)
