@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import config, loadavg, print_table, write_json
-from benchmarks.procs import run_ranks
+from benchmarks.procs import run_ranks, timed_after_barrier
 
 STEP_OVERRIDES = ["parallel=expert_parallel", "parallel.num_actors=2", "logger.mode=disabled",
                   "logger.progress=false"]
@@ -89,10 +89,7 @@ def bandwidth_rank(rank: int, world: int, port: int, args: dict[str, Any]) -> li
                 with torch.no_grad():
                     for it in range(warm + iters):
                         for v, fn in enumerate((ours, raw)):
-                            tdist.barrier(group=group)
-                            t0 = time.perf_counter()
-                            fn()
-                            dt = time.perf_counter() - t0
+                            dt = timed_after_barrier(fn, group)
                             if it >= warm:
                                 times[v, it - warm] = dt
                         took = dispatcher.counters.take()

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks.common import loadavg, print_table, write_json
-from benchmarks.procs import run_ranks
+from benchmarks.procs import run_ranks, timed_after_barrier
 from moe_trainer.model.layers import SwiGLU
 
 
@@ -127,10 +127,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
             ours.zero_grad(set_to_none=True)
             ds.zero_grad(set_to_none=True)
             x.grad = None
-            tdist.barrier(group=group)
-            t0 = time.perf_counter()
-            fn()
-            dt = time.perf_counter() - t0
+            dt = timed_after_barrier(fn, group)
             if it >= warmup:
                 times[v, it - warmup] = dt
             expert_rows[v] = rows_seen["ours" if impl == "ours" else "ds"]

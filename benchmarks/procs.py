@@ -17,6 +17,16 @@ from typing import Any
 import torch.multiprocessing as mp
 
 
+def timed_after_barrier(fn: Callable[[], Any], group: Any) -> float:
+    """Seconds ``fn`` takes on this rank, started together with the other ranks (barrier first)."""
+    import torch.distributed as tdist
+
+    tdist.barrier(group=group)
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
