@@ -19,6 +19,7 @@ import ray
 import torch
 
 from moe_trainer.config.schema import Config
+from moe_trainer.host_memory import retain_freed_memory
 
 
 @ray.remote
@@ -26,6 +27,8 @@ class TrainWorker:
     def __init__(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
+        if cfg.train.retain_freed_memory:
+            retain_freed_memory()
         # DeepSpeed JIT-builds a small CPU comm op with whichever `ninja` is on PATH; putting this
         # environment's first keeps one build (and its cache) instead of rebuilding per ninja version
         bin_dir = str(Path(sys.executable).parent)

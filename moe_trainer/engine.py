@@ -15,6 +15,7 @@ import torch
 
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
@@ -65,6 +66,8 @@ class LocalEngine:
     """The ``single`` strategy: one process, everything local, the reference for all others."""
 
     def __init__(self, cfg: Config) -> None:
+        if cfg.train.retain_freed_memory:
+            retain_freed_memory()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
         self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size

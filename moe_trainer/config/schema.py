@@ -68,6 +68,7 @@ class ParallelConfig:
     num_coordinators: int = 1  # disaggregated: actors running attention
     num_expert_actors: int = 2  # disaggregated: actors holding only experts
     micro_batches: int = 1  # disaggregated: pipeline depth
+    a2a_chunks: int = 1  # expert_parallel: chunks of local experts whose all-to-alls overlap expert compute; 1 = off
     placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes
     timeout_s: float = 300.0  # every collective (and the rendezvous) fails after this long
 
@@ -110,6 +111,7 @@ class TrainConfig:
     resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
     keep_last: int = 3  # checkpoints kept on disk (older ones deleted after a successful save); 0 = all
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)
+    retain_freed_memory: bool = True  # keep freed host memory for reuse instead of re-faulting it each step
 
 
 @dataclass

@@ -105,6 +105,14 @@ def validate_parallel(cfg: Config) -> None:
             raise ConfigError("moe.num_experts", cfg.moe.num_experts,
                               f"must be divisible by parallel.ep_size={ep} so every actor holds the same number of "
                               f"experts; try moe.num_experts={ep * max(1, round(cfg.moe.num_experts / ep))}")
+        _positive("parallel.a2a_chunks", p.a2a_chunks)
+        if p.a2a_chunks > 1 and (ep == 1 or p.a2a_chunks > cfg.moe.num_experts // ep):
+            raise ConfigError("parallel.a2a_chunks", p.a2a_chunks,
+                              f"must be between 1 and the {cfg.moe.num_experts // ep} experts each actor holds "
+                              f"(moe.num_experts / parallel.ep_size), and 1 when parallel.ep_size=1 (no all-to-all)")
+    elif p.a2a_chunks != 1:
+        raise ConfigError("parallel.a2a_chunks", p.a2a_chunks, "only parallel.strategy=expert_parallel overlaps "
+                          f"all-to-alls with expert compute; use 1 with parallel.strategy={p.strategy}")
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
     dp_world = {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)

@@ -94,7 +94,16 @@ class Dispatched:
     comm: Any = None  # what a communicating dispatcher needs to route the rows back
 
 
-class LocalDispatcher:
+class RunsExpertsHere:
+    """The dispatched rows are all in this process when the experts run (no overlap)."""
+
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        y_ND = experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        assert isinstance(y_ND, Tensor)
+        return y_ND
+
+
+class LocalDispatcher(RunsExpertsHere):
     """All experts live in this process: permute, (no communication), un-permute."""
 
     def __init__(self, num_experts: int, capacity_factor: float | None) -> None:

@@ -24,6 +24,10 @@ class Dispatcher(Protocol):
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched: ...
 
+    def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
+        """The local experts on the dispatched rows (an overlapping dispatcher also moves them here)."""
+        ...
+
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor: ...
 
 
@@ -86,7 +90,7 @@ class MoELayer(nn.Module):
     def finish(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
         """Runs the local experts on the dispatched rows, combines, adds shared experts."""
         dispatched, routing, x_TD = pending.dispatched, pending.routing, pending.x_TD
-        y_ND = self.experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        y_ND = self.dispatcher.run_experts(self.experts, dispatched)
         y_TD = self.dispatcher.combine(y_ND, dispatched)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)

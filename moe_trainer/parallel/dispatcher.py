@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, RunsExpertsHere, permute, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, all_to_all_counts
 from moe_trainer.parallel.telemetry import CommCounters
@@ -45,7 +45,7 @@ def regroup_index(recv_counts_PL: Tensor) -> Tensor:
     return torch.argsort(local_expert_M, stable=True)
 
 
-class AllToAllDispatcher:
+class AllToAllDispatcher(RunsExpertsHere):
     """Dispatch over a process group whose ranks ``owner_offset ...`` own ``E / num_owners`` experts each.
 
     Expert parallelism: every rank of the group owns experts (``owner_offset=0``).

@@ -21,6 +21,7 @@ from moe_trainer.parallel.comm import init_process_group, new_group
 from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.disaggregated import ExpertServer, Roles, announce
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology
 from moe_trainer.train.trainer import Trainer
@@ -88,7 +89,10 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     edp_group = _groups_containing(rank, topo.edp_groups(), timeout)
     counters = CommCounters()
     dispatcher: Dispatcher
-    if topo.ep_size > 1:
+    if topo.ep_size > 1 and cfg.parallel.a2a_chunks > 1:
+        dispatcher = OverlappedAllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group,
+                                                  topo.ep_size, topo.ep_rank, cfg.parallel.a2a_chunks, counters)
+    elif topo.ep_size > 1:
         dispatcher = AllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group, topo.ep_size,
                                         topo.ep_rank, counters)
     else:

@@ -39,6 +39,7 @@ def run(run_dir: Path, *overrides: str) -> tuple[dict[int, float], dict[str, tor
 CASES = [
     ("data_parallel", ["parallel=data_parallel", "parallel.num_actors=2"], 2),
     ("expert_parallel", ["parallel=expert_parallel", "parallel.num_actors=2"], 2),
+    ("expert_parallel_overlap", ["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], 2),
     ("expert_parallel_ep2_of_4", ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4),
 ]
 MODES = [("dropless", "moe.capacity_factor=null"), ("capacity", "moe.capacity_factor=1.0")]

@@ -46,6 +46,11 @@ PARALLEL = [
     (["parallel=data_parallel", "parallel.gpus_per_actor=-1"], "parallel.gpus_per_actor"),
     (["parallel=disaggregated", "parallel.num_expert_actors=0"], "parallel.num_expert_actors"),
     (["parallel=disaggregated", "parallel.micro_batches=3"], "parallel.micro_batches"),
+    (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=3"], "parallel.a2a_chunks"),  # 2 local
+    (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=0"], "parallel.a2a_chunks"),
+    (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.ep_size=1", "parallel.a2a_chunks=2"],
+     "parallel.a2a_chunks"),
+    (["parallel=data_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
 ]
 
 

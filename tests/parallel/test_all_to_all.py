@@ -33,25 +33,27 @@ def make_layer(cfg: MoEConfig, expert_range: tuple[int, int] | None = None, disp
     return layer
 
 
-def inputs(world: int, skew: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(world: int, skew: bool, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(world * TOKENS, D, generator=gen, dtype=torch.float64)
     if skew:  # a huge component along router row 0: every token's first choice is expert 0
-        x = x + 50 * make_layer(MoEConfig(num_experts=4, top_k=1, expert_hidden=4)).router.weight[0].detach()
+        x = x + 50 * make_layer(MoEConfig(num_experts=num_experts, top_k=1, expert_hidden=4)).router.weight[0].detach()
     return x, torch.randn(world * TOKENS, D, generator=gen, dtype=torch.float64)
 
 
 @ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
-def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool) -> dict[str, Any]:
+def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool, chunks: int = 1) -> dict[str, Any]:
     from moe_trainer.parallel.comm import init_process_group, new_group
     from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+    from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 
     init_process_group("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
     group = new_group(list(range(world)), 60)
     local = cfg.num_experts // world
-    dispatcher = AllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank)
+    dispatcher = (AllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank) if chunks == 1 else
+                  OverlappedAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank, chunks))
     layer = make_layer(cfg, (rank * local, local), dispatcher)
-    x_all, g_all = inputs(world, skew)
+    x_all, g_all = inputs(world, skew, cfg.num_experts)
     x = x_all[rank * TOKENS:(rank + 1) * TOKENS].clone().requires_grad_(True)
     y, stats = layer(x[None], num_groups=1)
     (y[0] * g_all[rank * TOKENS:(rank + 1) * TOKENS]).sum().backward()
@@ -66,17 +68,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.parametrize("chunks", [1, 2, 3], ids=["sync", "overlap2", "overlap3"])
 @pytest.mark.parametrize("skew", [False, True], ids=["random", "all_to_expert0"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: bool,
-                                                     capacity_factor: float | None) -> None:
+                                                     capacity_factor: float | None, chunks: int) -> None:
+    """``chunks > 1``: the overlapped pipeline (3 chunks of 3 local experts: uneven, some chunks empty under skew)."""
     world = 2
-    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=4, capacity_factor=capacity_factor)
+    cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=4, capacity_factor=capacity_factor)
     port = free_port()
-    results = ray.get([rank_main.remote(r, world, port, cfg, skew) for r in range(world)], timeout=120)
+    results = ray.get([rank_main.remote(r, world, port, cfg, skew, chunks) for r in range(world)], timeout=120)
 
     ref = make_layer(cfg)
-    x_all, g_all = inputs(world, skew)
+    x_all, g_all = inputs(world, skew, cfg.num_experts)
     x_ref = x_all.clone().requires_grad_(True)
     y_ref, stats = ref(x_ref[None], num_groups=world)
     (y_ref[0] * g_all).sum().backward()
@@ -102,16 +106,18 @@ def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: 
     recv = [r["counters"]["a2a_rows_recv"] for r in results]
     assert sum(sent) == sum(recv)  # every row that leaves a rank arrives at another
     if skew:
-        # experts 2, 3 live on rank 1 and no token chose them first; with top-2 only second choices reach them
+        # experts 3-5 live on rank 1 and no token chose them first; with top-2 only second choices reach them
         assert stats.tokens_per_expert_E[0] == world * TOKENS
     else:
         assert min(sent) > 0  # tokens really crossed ranks
 
 
-def test_rank_owning_only_unchosen_experts_receives_nothing_and_does_not_hang(ray_cluster: object) -> None:
+@pytest.mark.parametrize("chunks", [1, 2], ids=["sync", "overlap"])
+def test_rank_owning_only_unchosen_experts_receives_nothing_and_does_not_hang(ray_cluster: object,
+                                                                              chunks: int) -> None:
     world, port = 2, free_port()
     cfg = MoEConfig(num_experts=4, top_k=1, expert_hidden=4, normalize_topk=False)
-    results = ray.get([rank_main.remote(r, world, port, cfg, True) for r in range(world)], timeout=120)
+    results = ray.get([rank_main.remote(r, world, port, cfg, True, chunks) for r in range(world)], timeout=120)
     # top-1 sends every token to expert 0 on rank 0; rank 1 owns experts 2 and 3 and gets no rows
     assert results[1]["counters"]["a2a_dispatch_rows_recv"] == 0
     assert results[1]["counters"]["a2a_dispatch_rows_sent"] == TOKENS

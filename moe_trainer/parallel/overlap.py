@@ -1,0 +1,233 @@
+"""Expert parallelism with the all-to-alls overlapped with expert compute (``parallel.a2a_chunks``).
+
+Each rank's local experts are cut into C chunks of consecutive experts. Rows are
+gathered in chunk-major order (chunk, peer, expert), so chunk c's rows for every peer
+are one contiguous slice, and the pipeline runs, per MoE layer:
+
+    forward:  send(0); for c: send(c+1); wait(c); experts(c); return(c)     then wait all returns
+    backward: send grads(0); for c: send grads(c+1); wait(c); expert backward(c); return grads(c)
+
+so while chunk c's experts compute, chunk c+1's rows and chunk c-1's results are on
+the wire (asynchronous ``all_to_all_single``; gloo and NCCL progress them in their own
+threads/streams). Routing, capacity and drops come from the same plan as without
+overlap, so the loss curve is the same (``a2a_chunks=1``: the plain
+:class:`~moe_trainer.parallel.dispatcher.AllToAllDispatcher`). Communication time
+counted in telemetry is the time a rank waits for a transfer, i.e. the exposed part.
+
+Shape legend: T tokens, D width, E global experts, L local experts, P ranks, N rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor
+
+from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.expert_kernels import Saved, swiglu_backward, swiglu_forward
+from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.moe.router import Routing
+from moe_trainer.parallel.comm import all_to_all_counts, guarded
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
+from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timing import now
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One chunk of local experts: what moves where, seen from this rank."""
+
+    first: int  # first local expert of the chunk
+    last: int  # one past its last local expert
+    src_offset: int  # where the chunk's rows start in the chunk-major source rows
+    send_splits: list[int]  # rows this rank sends each peer (forward dispatch)
+    recv_splits: list[int]  # rows this rank receives from each peer
+    counts: list[int]  # rows per local expert of the chunk, once regrouped
+    regroup_idx: Tensor  # received (peer, expert) order -> (expert, peer) order
+
+    @property
+    def src_rows(self) -> int:
+        return sum(self.send_splits)
+
+    @property
+    def recv_rows(self) -> int:
+        return sum(self.recv_splits)
+
+
+def chunk_bounds(num_local: int, chunks: int) -> list[tuple[int, int]]:
+    """``chunks`` ranges of consecutive local experts, sizes differing by at most one."""
+    edges = [round(i * num_local / chunks) for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def chunk_major_order(tokens_per_expert_E: Tensor, num_local: int, bounds: list[tuple[int, int]]) -> Tensor:
+    """Permutation of plan rows (sorted by global expert) into (chunk, peer, expert) order."""
+    chunk_of_local = torch.empty(num_local, dtype=torch.long)
+    for c, (first, last) in enumerate(bounds):
+        chunk_of_local[first:last] = c
+    experts = torch.arange(tokens_per_expert_E.numel(), device=tokens_per_expert_E.device)
+    chunk_N = chunk_of_local.to(experts.device)[experts.remainder(num_local)].repeat_interleave(tokens_per_expert_E)
+    return torch.argsort(chunk_N, stable=True)
+
+
+def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tuple[int, int]]) -> list[Chunk]:
+    chunks, offset = [], 0
+    for first, last in bounds:
+        recv_part = recv_counts_PL[:, first:last]
+        send_splits = send_counts_PL[:, first:last].sum(1).tolist()
+        chunks.append(Chunk(first, last, offset, send_splits, recv_part.sum(1).tolist(), recv_part.sum(0).tolist(),
+                            regroup_index(recv_part)))
+        offset += sum(send_splits)
+    return chunks
+
+
+@dataclass
+class Wire:
+    """Issues asynchronous all-to-alls and counts the time spent waiting for them."""
+
+    group: Any
+    me: int  # this rank in the group
+    counters: CommCounters
+    layer: int
+
+    def start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Any:
+        t0 = now(inp.device)
+        work = guarded(f"all_to_all {phase} of MoE block {self.layer}", lambda: dist.all_to_all_single(
+            out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
+        self._count(phase, in_splits, out_splits, inp, now(inp.device) - t0)
+        return work
+
+    def wait(self, work: Any, phase: str, like: Tensor) -> None:
+        t0 = now(like.device)
+        guarded(f"all_to_all {phase} of MoE block {self.layer} (wait)", work.wait)
+        self.counters.add(phase, 0, 0, 0, now(like.device) - t0)
+
+    def _count(self, phase: str, sent: list[int], recv: list[int], like: Tensor, seconds: float) -> None:
+        row_bytes = like.shape[-1] * like.element_size()
+        self.counters.add(phase, sum(sent) - sent[self.me], sum(recv) - recv[self.me], row_bytes, seconds)
+
+
+def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases: tuple[str, str],
+                          compute: Any) -> Tensor:
+    """The pipeline shared by forward and backward: rows out to the owners, ``compute``, results back.
+
+    ``compute(c, rows_in_expert_order) -> rows_in_expert_order`` runs chunk ``c``'s experts.
+    """
+    out_ND = torch.empty_like(x_ND)
+    recv = [x_ND.new_empty(c.recv_rows, x_ND.shape[1]) for c in chunks]
+
+    def send(i: int) -> Any:
+        c = chunks[i]
+        return wire.start(recv[i], x_ND[c.src_offset:c.src_offset + c.src_rows], c.recv_splits, c.send_splits,
+                          phases[0])
+
+    in_flight = send(0)
+    returns = []
+    for i, c in enumerate(chunks):
+        following = send(i + 1) if i + 1 < len(chunks) else None
+        wire.wait(in_flight, phases[0], x_ND)
+        result = compute(i, recv[i].index_select(0, c.regroup_idx))
+        if result is not None:
+            back = torch.empty_like(result).index_copy_(0, c.regroup_idx, result)
+            dest = out_ND[c.src_offset:c.src_offset + c.src_rows]
+            returns.append((wire.start(dest, back, c.send_splits, c.recv_splits, phases[1]), back))
+        recv[i] = x_ND.new_empty(0)  # let the received rows go once the experts have them
+        in_flight = following
+    for work, _ in returns:  # ``back`` stays referenced until its transfer is done
+        wire.wait(work, phases[1], x_ND)
+    return out_ND
+
+
+class OverlappedExperts(torch.autograd.Function):
+    """Dispatch all-to-all, local experts and combine all-to-all of one MoE layer, pipelined by chunk."""
+
+    @staticmethod
+    def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, chunks: list[Chunk], wire: Wire,
+                experts: SwiGLUExperts) -> Tensor:
+        saved: list[Saved] = []
+
+        def compute(i: int, rows: Tensor) -> Tensor:
+            c = chunks[i]
+            y, s = swiglu_forward(rows, w_gate_up[c.first:c.last], w_down[c.first:c.last], c.counts)
+            saved.append(s)
+            return y
+
+        y_ND = _exchange_and_compute(x_ND.contiguous(), chunks, wire, ("dispatch", "combine"), compute)
+        ctx.chunks, ctx.wire, ctx.saved, ctx.experts = chunks, wire, saved, experts
+        ctx.params = (w_gate_up, w_down)
+        ctx.save_for_backward(w_gate_up, w_down)
+        return y_ND
+
+    @staticmethod
+    def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+        w_gate_up, w_down = ctx.saved_tensors
+        (g_gate_up, over_gate_up, ret_gate_up), (g_down, over_down, ret_down) = (
+            sink.target(param, needed)
+            for sink, param, needed in zip(ctx.experts.grad_sinks, ctx.params, ctx.needs_input_grad[1:3], strict=True))
+        chunks, saved = ctx.chunks, ctx.saved
+        need_dx = ctx.needs_input_grad[0]
+
+        def compute(i: int, dy: Tensor) -> Tensor | None:
+            c = chunks[i]
+            part = slice(c.first, c.last)
+            grads = (None if g_gate_up is None else g_gate_up[part], None if g_down is None else g_down[part])
+            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts, grads,
+                                 (over_gate_up, over_down), need_dx=need_dx)
+            saved[i] = None  # activations of a finished chunk can go
+            return dx
+
+        dx_ND = _exchange_and_compute(dy_ND.contiguous(), chunks, ctx.wire, ("combine_bwd", "dispatch_bwd"), compute)
+        ctx.saved = ctx.params = ctx.experts = None
+        return (dx_ND if need_dx else None, g_gate_up if ret_gate_up else None, g_down if ret_down else None,
+                None, None, None)
+
+
+@dataclass(frozen=True)
+class OverlapMeta:
+    chunks: list[Chunk]
+    layer: int
+
+
+class OverlappedAllToAllDispatcher(AllToAllDispatcher):
+    """:class:`AllToAllDispatcher` whose rows travel in ``chunks`` pieces overlapped with the experts.
+
+    Expert parallelism only (every rank of the group owns experts). ``dispatch`` plans and
+    exchanges counts but moves no rows; :meth:`run_experts` does the exchange and the
+    experts together; ``combine`` only un-permutes.
+    """
+
+    def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
+                 group_rank: int, chunks: int, counters: CommCounters | None = None) -> None:
+        super().__init__(num_experts, capacity_factor, group, group_size, group_rank, counters)
+        self.bounds = chunk_bounds(self.experts_per_owner, chunks)
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
+        num_tokens = x_TD.shape[0]
+        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
+        order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds)
+        plan = replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
+        self.dispatches += 1
+        t0 = now(x_TD.device)
+        send_counts_PL = plan.tokens_per_expert_E.view(self.group_size, -1)
+        recv_counts_PL = all_to_all_counts(plan.tokens_per_expert_E, self.group,
+                                           f"all_to_all dispatch of MoE block {layer}")
+        self.counters.add("dispatch", 0, 0, 0, now(x_TD.device) - t0)
+        chunks = plan_chunks(send_counts_PL, recv_counts_PL, self.bounds)
+        return Dispatched(permute(x_TD, plan.token_idx_N), recv_counts_PL.sum(0), plan, num_tokens,
+                          OverlapMeta(chunks, layer))
+
+    def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
+        meta = dispatched.comm
+        assert isinstance(meta, OverlapMeta)
+        wire = Wire(self.group, self.group_rank, self.counters, meta.layer)
+        y_ND = OverlappedExperts.apply(dispatched.x_ND, experts.w_gate_up_EDF2, experts.w_down_EFD, meta.chunks,
+                                       wire, experts)
+        assert isinstance(y_ND, Tensor)
+        return y_ND
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        plan = dispatched.plan
+        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
