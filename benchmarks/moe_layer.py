@@ -1,7 +1,7 @@
 """MoE layer forward+backward time, ours vs DeepSpeed's ``deepspeed.moe.layer.MoE``, expert-parallel over 2 ranks.
 
     .venv/bin/python -m benchmarks.moe_layer [--experts 8 32 128] [--tokens 2048 8192]
-        [--d-model 256] [--expert-hidden 512] [--iters 10] [--warmup 3] [--no-ds-dropless]
+        [--d-model 256] [--expert-hidden 512] [--iters 10] [--warmup 3] [--no-ds-dropless] [--a2a-chunks 2]
 
 Two spawned processes, one thread each, join one gloo group through
 ``moe_trainer.parallel.comm.init_process_group`` (``deepspeed.init_distributed``);
@@ -9,7 +9,9 @@ both layers live in the same processes and use the same group. Experts are shard
 (ep_size=2: each rank holds half).
 
 - ours: ``MoELayer`` with ``AllToAllDispatcher`` over the 2-rank group,
-  ``expert_range`` = this rank's half; SwiGLU experts (stacked weights).
+  ``expert_range`` = this rank's half; SwiGLU experts (stacked weights). With
+  ``--a2a-chunks C`` (> 1) one more row runs the same layer with
+  ``OverlappedAllToAllDispatcher`` (``parallel.a2a_chunks=C``), capacity mode.
 - DeepSpeed: ``MoE(hidden, expert=SwiGLU, num_experts, ep_size=2, k=2, ...)`` with
   ``use_rts=False``, ``top2_2nd_expert_sampling=False`` (deterministic top-2, no Gumbel
   noise), ``min_capacity=4``, ``drop_tokens=True``; its expert is our dense ``SwiGLU``
@@ -31,6 +33,11 @@ alike), after a barrier; a variant's time is the slowest rank's forward + backwa
 ``--iters`` iterations after ``--warmup``. ``ratio`` = DeepSpeed capacity-mode median /
 this row's median (> 1: ours faster); ``ratio_paired`` = median over iterations of the
 same-iteration ratio (steadier when other processes share the cores).
+
+Both processes keep freed memory in the heap (``moe_trainer.host_memory``, what the
+trainer does by default), which applies to both layers alike. ``floor_ms``: the expert
+matmul FLOPs of the row (forward + backward, rows actually computed) at the 2048x2048
+matmul rate measured in the same process: no implementation of that row can be faster.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     from moe_trainer.moe.dispatcher import plan_dispatch
     from moe_trainer.moe.layer import MoELayer
     from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+    from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 
     d, hidden, k, cf = args["d_model"], args["expert_hidden"], args["top_k"], args["capacity_factor"]
     local = experts // world
@@ -102,7 +110,12 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     tdist.all_reduce(check[:2], group=group)
     tdist.all_reduce(check[2:], op=tdist.ReduceOp.MAX, group=group)
 
-    def run_ours(capacity: float | None) -> None:
+    plain = ours.dispatcher
+    chunks = args["a2a_chunks"]
+    overlapped = OverlappedAllToAllDispatcher(experts, cf, group, world, rank, chunks) if chunks > 1 else None
+
+    def run_ours(capacity: float | None, dispatcher: Any = plain) -> None:
+        ours.dispatcher = dispatcher
         ours.dispatcher.capacity_factor = capacity
         y, stats = ours(x[None], 1)
         ((y[0] * g).sum() + 0.01 * stats.aux_loss).backward()
@@ -117,6 +130,8 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
         ("ours", "dropless", lambda: run_ours(None)),
         ("deepspeed", f"capacity {cf}", lambda: run_ds(True)),
     ]
+    if overlapped is not None:
+        variants.append(("ours", f"capacity {cf}, overlap {chunks}", lambda: run_ours(cf, overlapped)))
     if args["ds_dropless"]:
         variants.append(("deepspeed", "dropless", lambda: run_ds(False)))
     iters, warmup = args["iters"], args["warmup"]
@@ -134,6 +149,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX, group=group)  # a step lasts as long as its slowest rank
     tdist.all_reduce(expert_rows, group=group)
     out = []
+    flops_per_row = 3 * (2 * d * 2 * hidden + 2 * hidden * d)  # forward + backward (2x) of both matmuls
     ds_v = next(v for v, (impl, mode, _) in enumerate(variants) if impl == "deepspeed" and mode.startswith("capacity"))
     for v, (impl, mode, _) in enumerate(variants):
         ms = sorted(float(t) * 1e3 for t in times[v])
@@ -143,6 +159,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
                     # same-iteration ratios: the variants ran back to back, so slow phases of the box cancel
                     "ratio_paired": statistics.median((times[ds_v] / times[v]).tolist()),
                     "expert_rows_per_rank": float(expert_rows[v]) / world,
+                    "floor_ms": float(expert_rows[v]) / world * flops_per_row / args["matmul_flops"] * 1e3,
                     "dropped": 0 if mode == "dropless" else int(check[0]) if impl == "ours" else int(check[1]),
                     "max_abs_diff": float(check[2]), "out_scale": float(check[3])})
     ds_ms = next(r["median_ms"] for r in out if r["impl"] == "deepspeed" and r["mode"].startswith("capacity"))
@@ -155,8 +172,17 @@ def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[di
     torch.set_num_threads(1)
     from deepspeed.utils import logger as ds_logger
 
+    from moe_trainer.host_memory import retain_freed_memory
     from moe_trainer.parallel.comm import init_process_group, new_group
 
+    retain_freed_memory()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    args = {**args, "matmul_flops": 5 * 2 * 2048**3 / (time.perf_counter() - t0)}
     ds_logger.setLevel(logging.WARNING)
     init_process_group("gloo", "127.0.0.1", port, rank, world, args["timeout_s"])
     group = new_group(list(range(world)), args["timeout_s"])
@@ -194,6 +220,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-ds-dropless", dest="ds_dropless", action="store_false",
                         help="leave out DeepSpeed's dropless row (drop_tokens=False)")
+    parser.add_argument("--a2a-chunks", type=int, default=2,
+                        help="chunks of the overlapped variant (parallel.a2a_chunks); 1 leaves it out")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = vars(parser.parse_args())
     if args["top_k"] != 2:
@@ -202,7 +230,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = run_ranks(rank_main, 2, args)[0]
     print_table(rows, ["experts", "tokens_per_rank", "impl", "mode", "median_ms", "min_ms", "p25_ms", "p75_ms",
-                       "ratio", "ratio_paired", "expert_rows_per_rank", "dropped", "max_abs_diff"])
+                       "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "dropped", "max_abs_diff"])
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
     print(write_json("moe_layer", {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,

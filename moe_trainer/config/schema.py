@@ -67,7 +67,7 @@ class ParallelConfig:
     cpus_per_actor: float = 1.0  # CPUs reserved per actor in the placement group
     num_coordinators: int = 1  # disaggregated: actors running attention
     num_expert_actors: int = 2  # disaggregated: actors holding only experts
-    micro_batches: int = 1  # disaggregated: pipeline depth
+    micro_batches: int = 1  # disaggregated: pipeline depth; expert_parallel: micro-batches overlapping all-to-alls
     a2a_chunks: int = 1  # expert_parallel: chunks of local experts whose all-to-alls overlap expert compute; 1 = off
     placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes
     timeout_s: float = 300.0  # every collective (and the rendezvous) fails after this long

@@ -29,6 +29,11 @@ from moe_trainer.config.schema import (
 AVAILABLE_STRATEGIES = STRATEGIES
 
 
+
+def micro_batches(cfg: Config) -> int:
+    """Micro-batches per rank and step: the disaggregated and expert_parallel strategies pipeline them."""
+    return cfg.parallel.micro_batches if cfg.parallel.strategy in ("disaggregated", "expert_parallel") else 1
+
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)
     if value not in allowed:
@@ -105,7 +110,12 @@ def validate_parallel(cfg: Config) -> None:
             raise ConfigError("moe.num_experts", cfg.moe.num_experts,
                               f"must be divisible by parallel.ep_size={ep} so every actor holds the same number of "
                               f"experts; try moe.num_experts={ep * max(1, round(cfg.moe.num_experts / ep))}")
+        _positive("parallel.micro_batches", p.micro_batches)
         _positive("parallel.a2a_chunks", p.a2a_chunks)
+        if p.a2a_chunks > 1 and p.micro_batches > 1:
+            raise ConfigError("parallel.a2a_chunks", p.a2a_chunks, "overlaps within a micro-batch; with "
+                              f"parallel.micro_batches={p.micro_batches} the micro-batches already overlap each "
+                              "other's all-to-alls: set one of the two to 1")
         if p.a2a_chunks > 1 and (ep == 1 or p.a2a_chunks > cfg.moe.num_experts // ep):
             raise ConfigError("parallel.a2a_chunks", p.a2a_chunks,
                               f"must be between 1 and the {cfg.moe.num_experts // ep} experts each actor holds "
@@ -116,15 +126,15 @@ def validate_parallel(cfg: Config) -> None:
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
     dp_world = {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
-    micro = p.micro_batches if p.strategy == "disaggregated" else 1
+    micro = micro_batches(cfg)
     groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world * micro
     if groups % (dp_world * micro):
         raise ConfigError("moe.routing_groups", groups,
                           f"must be a multiple of the {dp_world * micro} data-parallel ranks x micro-batches")
     if cfg.train.batch_size % groups:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by the {groups} routing groups (moe.routing_groups / data-parallel "
-                          "ranks), so every group holds whole sequences")
+                          f"must be divisible by the {groups} routing groups (moe.routing_groups; by default "
+                          "data-parallel ranks x parallel.micro_batches), so every group holds whole sequences")
 
 
 def validate_disaggregated(cfg: Config) -> None:

@@ -104,8 +104,9 @@ class Transformer(nn.Module):
 
         At each MoE block every micro-batch is routed and dispatched before any is
         finished, so remote experts can work on micro-batch i while this process runs
-        attention for micro-batch i+1. With local experts the result equals running
-        the micro-batches one by one.
+        attention for micro-batch i+1 (disaggregated), or micro-batch i's all-to-all
+        travels meanwhile (expert_parallel, ``parallel/async_a2a.py``). With local
+        experts the result equals running the micro-batches one by one.
         """
         xs = [self.embed(idx) for idx in idx_list]
         stats: list[list[MoEStats]] = [[] for _ in idx_list]
@@ -115,8 +116,11 @@ class Transformer(nn.Module):
                 for i in range(len(xs)):
                     xs[i] = block.attend(xs[i])
                     pending.append(block.ffn.start(block.ffn_norm(xs[i]), num_groups))
-                for i, p in enumerate(pending):
-                    y, layer_stats = block.ffn.finish(p)
+                # every micro-batch's experts before any combine: an asynchronous dispatcher's
+                # combine of micro-batch i travels while micro-batch i+1's experts compute
+                computed = [block.ffn.compute(p) for p in pending]
+                for i, p in enumerate(computed):
+                    y, layer_stats = block.ffn.complete(p)
                     xs[i] = xs[i] + y
                     stats[i].append(layer_stats)
             else:

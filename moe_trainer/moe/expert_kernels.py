@@ -86,6 +86,7 @@ class Saved:
 
     x_ND: Tensor
     h_NF2: Tensor  # gate and up pre-activations, side by side
+    s_NF: Tensor  # silu(gate): kept, recomputing it costs an extra pass in the backward
     a_NF: Tensor  # silu(gate) * up
 
 
@@ -99,11 +100,12 @@ def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, cou
     h_NF2 = x_ND.new_empty(x_ND.shape[0], 2 * hidden)
     for x, w, out in zip(x_ND.split(counts), w_gate_up_EDF2.unbind(0), h_NF2.split(counts), strict=True):
         torch.mm(x, w, out=out)
-    a_NF = F.silu(h_NF2[:, :hidden]) * h_NF2[:, hidden:]
+    s_NF = F.silu(h_NF2[:, :hidden])
+    a_NF = s_NF * h_NF2[:, hidden:]
     y_ND = x_ND.new_empty(x_ND.shape[0], w_down_EFD.shape[2])
     for a, w, out in zip(a_NF.split(counts), w_down_EFD.unbind(0), y_ND.split(counts), strict=True):
         torch.mm(a, w, out=out)
-    return y_ND, Saved(x_ND, h_NF2, a_NF)
+    return y_ND, Saved(x_ND, h_NF2, s_NF, a_NF)
 
 
 def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, counts: list[int],
@@ -127,7 +129,7 @@ def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_
     gate, up = saved.h_NF2[:, :hidden], saved.h_NF2[:, hidden:]
     dh_NF2 = dy_ND.new_empty(dy_ND.shape[0], 2 * hidden)
     torch.ops.aten.silu_backward(da_NF * up, gate, grad_input=dh_NF2[:, :hidden])
-    torch.mul(da_NF, F.silu(gate), out=dh_NF2[:, hidden:])
+    torch.mul(da_NF, saved.s_NF, out=dh_NF2[:, hidden:])
     dh_runs = dh_NF2.split(counts)
     if g_gate_up is not None:
         for x_t, dh, g in zip(saved.x_ND.t().split(counts, dim=1), dh_runs, g_gate_up.unbind(0), strict=True):

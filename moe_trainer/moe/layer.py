@@ -6,7 +6,7 @@ dispatcher and another expert shard, nothing else.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -51,6 +51,7 @@ class PendingMoE:
     x_TD: Tensor
     routing: Routing
     dispatched: Dispatched
+    y_ND: Tensor | None = None  # expert outputs, once :meth:`MoELayer.compute` ran
 
 
 class MoELayer(nn.Module):
@@ -89,9 +90,17 @@ class MoELayer(nn.Module):
 
     def finish(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
         """Runs the local experts on the dispatched rows, combines, adds shared experts."""
+        return self.complete(self.compute(pending))
+
+    def compute(self, pending: PendingMoE) -> PendingMoE:
+        """The local experts' part; an asynchronous dispatcher leaves the results in flight."""
+        return replace(pending, y_ND=self.dispatcher.run_experts(self.experts, pending.dispatched))
+
+    def complete(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
+        """Combines the expert outputs back into token order, adds shared experts, gathers statistics."""
         dispatched, routing, x_TD = pending.dispatched, pending.routing, pending.x_TD
-        y_ND = self.dispatcher.run_experts(self.experts, dispatched)
-        y_TD = self.dispatcher.combine(y_ND, dispatched)
+        assert pending.y_ND is not None, "compute() first"
+        y_TD = self.dispatcher.combine(pending.y_ND, dispatched)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         with torch.no_grad():

@@ -52,13 +52,6 @@ def squared_norms(dense: list[Tensor], expert: list[Tensor], device: torch.devic
     return sq
 
 
-def clip_(grads: list[Tensor], total_norm: Tensor, max_norm: float) -> None:
-    if max_norm > 0:
-        coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(coef.to(g.dtype))
-
-
 @dataclass(frozen=True)
 class Groups:
     """Which process group each reduction uses (``None`` = the world group)."""
@@ -99,7 +92,7 @@ class DistributedContext:
             g.div_(self.dp_world)
         self._sync_seconds += now(self.device) - t0
 
-    def clip_gradients(self, model: nn.Module, max_norm: float) -> Tensor:
+    def grad_norm(self, model: nn.Module) -> Tensor:
         dense, expert = self._split(model)
         sq = squared_norms(dense, expert, self.device)
         if self.groups.norm is not None:
@@ -107,9 +100,7 @@ class DistributedContext:
                 sq[0] = 0.0
             guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM,
                                                                           group=self.groups.norm))
-        total = sq.sum().sqrt().float()
-        clip_(dense + expert, total, max_norm)
-        return total
+        return sq.sum().sqrt().float()
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         out = t.detach().to(self.device, copy=True)

@@ -32,10 +32,10 @@ from moe_trainer.config.schema import Config
 from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, guarded
-from moe_trainer.parallel.context import clip_, squared_norms
+from moe_trainer.parallel.context import squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
 from moe_trainer.timing import now
-from moe_trainer.train.optim import build_optimizer, set_lr
+from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
 from moe_trainer.train.trainer import process_memory_mb
 
 _NOBODY = -(2**62)  # what expert actors contribute to an announcement (coordinators' values win a MAX)
@@ -214,13 +214,12 @@ class ExpertServer:
         for g in grads:  # each coordinator's loss is a mean over its rows: the global gradient is the average
             g.div_(self.roles.num_coordinators)
         sq = squared_norms([], grads, self.ctx.device)
-        # the coordinators' clip_gradients, same collective
+        # the coordinators' grad_norm, same collective
         guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
         t0 = now(self.ctx.device)
         norm = sq.sum().sqrt().float()
-        clip_(grads, norm, self.cfg.train.grad_clip)
         if torch.isfinite(norm):  # same global norm as the coordinators: same decision
-            self.optimizer.step()
+            clipped_step(self.optimizer, norm, self.cfg.train.grad_clip)
         clock.busy += now(self.ctx.device) - t0
         self.step += 1
         total = now(self.ctx.device) - t_start

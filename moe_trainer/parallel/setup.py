@@ -17,6 +17,7 @@ from moe_trainer.data import build_batch_source, build_tokenizer
 from moe_trainer.engine import build_model
 from moe_trainer.moe.dispatcher import LocalDispatcher
 from moe_trainer.moe.layer import Dispatcher
+from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
 from moe_trainer.parallel.comm import init_process_group, new_group
 from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.disaggregated import ExpertServer, Roles, announce
@@ -89,7 +90,10 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     edp_group = _groups_containing(rank, topo.edp_groups(), timeout)
     counters = CommCounters()
     dispatcher: Dispatcher
-    if topo.ep_size > 1 and cfg.parallel.a2a_chunks > 1:
+    if topo.ep_size > 1 and cfg.parallel.micro_batches > 1:
+        dispatcher = AsyncAllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group, topo.ep_size,
+                                             topo.ep_rank, counters)
+    elif topo.ep_size > 1 and cfg.parallel.a2a_chunks > 1:
         dispatcher = OverlappedAllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group,
                                                   topo.ep_size, topo.ep_rank, cfg.parallel.a2a_chunks, counters)
     elif topo.ep_size > 1:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from moe_trainer.config.schema import TrainConfig
 
@@ -22,6 +22,33 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+
+
+def clipped_step(optimizer: torch.optim.Optimizer, total_norm: Tensor, max_norm: float) -> None:
+    """One optimizer step on the gradients clipped to global norm ``max_norm`` (0: no clipping).
+
+    The clip is folded into the fused AdamW kernel through ``optimizer.grad_scale``, the
+    hook ``torch.amp.GradScaler`` uses: the kernel divides each gradient by it as it reads
+    it (and writes the clipped gradient back), so clipping costs no separate pass over all
+    gradients (at 128 experts that pass was 5 ms of a 260 ms step, benchmarks/expert_scaling.py).
+    """
+    if max_norm <= 0:
+        optimizer.step()
+        return
+    coef = torch.clamp(max_norm / (total_norm.float() + 1e-6), max=1.0)
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):  # not fused: scale the gradients
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+        optimizer.step()
+        return
+    device = optimizer.param_groups[0]["params"][0].device
+    optimizer.grad_scale = (1.0 / coef).to(device)  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.grad_scale
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_trainer.config.schema import Config
+from moe_trainer.config.validate import micro_batches
 from moe_trainer.model.transformer import Transformer
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
-from moe_trainer.train.optim import build_optimizer, set_lr
+from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
 
 
 class BatchSource(Protocol):
@@ -40,8 +41,8 @@ class ParallelContext(Protocol):
     def sync_gradients(self, model: Transformer) -> None:
         """Makes every gradient the gradient of the global-batch loss."""
 
-    def clip_gradients(self, model: Transformer, max_norm: float) -> Tensor:
-        """Clips by the norm over the *whole* model (all shards) and returns that norm."""
+    def grad_norm(self, model: Transformer) -> Tensor:
+        """The gradient norm over the *whole* model (all shards); clipping happens in the optimizer step."""
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         """Sums a tensor over the data-parallel ranks."""
@@ -60,11 +61,9 @@ class SingleContext:
     def sync_gradients(self, model: Transformer) -> None:
         return None
 
-    def clip_gradients(self, model: Transformer, max_norm: float) -> Tensor:
-        params = [p for p in model.parameters() if p.grad is not None]
-        if max_norm > 0:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False)
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    def grad_norm(self, model: Transformer) -> Tensor:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return t
@@ -79,11 +78,6 @@ def process_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
     return psutil.Process().memory_info().rss / 2**20
-
-
-def micro_batches(cfg: Config) -> int:
-    """Micro-batches per rank and step: only the disaggregated strategy pipelines them."""
-    return cfg.parallel.micro_batches if cfg.parallel.strategy == "disaggregated" else 1
 
 
 def resolve_routing_groups(cfg: Config, dp_world: int) -> int:
@@ -145,11 +139,11 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.ctx.sync_gradients(self.model)
-        grad_norm = self.ctx.clip_gradients(self.model, self.cfg.train.grad_clip)
+        grad_norm = self.ctx.grad_norm(self.model)
         # the norm is global (every rank computes the same value), so every rank makes the same choice
         finite = bool(torch.isfinite(grad_norm))
         if finite:
-            self.optimizer.step()
+            clipped_step(self.optimizer, grad_norm, self.cfg.train.grad_clip)
 
         counts = self._global_counts(parts.counts)
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):

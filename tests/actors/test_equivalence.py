@@ -36,11 +36,12 @@ def run(run_dir: Path, *overrides: str) -> tuple[dict[int, float], dict[str, tor
     return losses, {k: v for k, v in entries.items() if k.startswith("model/")}, summary
 
 
-CASES = [
-    ("data_parallel", ["parallel=data_parallel", "parallel.num_actors=2"], 2),
-    ("expert_parallel", ["parallel=expert_parallel", "parallel.num_actors=2"], 2),
-    ("expert_parallel_overlap", ["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], 2),
-    ("expert_parallel_ep2_of_4", ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4),
+CASES = [  # (name, overrides, processes, routing groups: processes x micro-batches)
+    ("data_parallel", ["parallel=data_parallel", "parallel.num_actors=2"], 2, 2),
+    ("expert_parallel", ["parallel=expert_parallel", "parallel.num_actors=2"], 2, 2),
+    ("expert_parallel_chunks", ["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], 2, 2),
+    ("expert_parallel_2mb", ["parallel=expert_parallel", "parallel.num_actors=2", "parallel.micro_batches=2"], 2, 4),
+    ("expert_parallel_ep2_of_4", ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4, 4),
 ]
 MODES = [("dropless", "moe.capacity_factor=null"), ("capacity", "moe.capacity_factor=1.0")]
 DISAGGREGATED = [  # (coordinators, micro-batches): the reference uses coordinators x micro-batches groups
@@ -50,10 +51,10 @@ DISAGGREGATED = [  # (coordinators, micro-batches): the reference uses coordinat
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,mode_override", MODES, ids=[m[0] for m in MODES])
-@pytest.mark.parametrize("name,overrides,ranks", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,overrides,ranks,groups", CASES, ids=[c[0] for c in CASES])
 def test_strategy_matches_single(ray_cluster: object, tmp_path: Path, name: str, overrides: list[str], ranks: int,
-                                 mode: str, mode_override: str) -> None:
-    ref_losses, ref_params, _ = run(tmp_path / "single", mode_override, f"moe.routing_groups={ranks}")
+                                 groups: int, mode: str, mode_override: str) -> None:
+    ref_losses, ref_params, _ = run(tmp_path / "single", mode_override, f"moe.routing_groups={groups}")
     losses, params, summary = run(tmp_path / name, mode_override, *overrides)
     assert summary["processes"] == ranks
     assert sorted(losses) == list(range(1, STEPS + 1))

@@ -51,6 +51,9 @@ PARALLEL = [
     (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.ep_size=1", "parallel.a2a_chunks=2"],
      "parallel.a2a_chunks"),
     (["parallel=data_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
+    (["parallel=expert_parallel", "parallel.micro_batches=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
+    (["parallel=expert_parallel", "parallel.micro_batches=0"], "parallel.micro_batches"),
+    (["parallel=expert_parallel", "parallel.micro_batches=3"], "train.batch_size"),  # 4 rows, 2 ranks x 3 groups
 ]
 
 

@@ -43,6 +43,7 @@ def inputs(world: int, skew: bool, num_experts: int) -> tuple[torch.Tensor, torc
 
 @ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
 def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool, chunks: int = 1) -> dict[str, Any]:
+    from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
     from moe_trainer.parallel.comm import init_process_group, new_group
     from moe_trainer.parallel.dispatcher import AllToAllDispatcher
     from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
@@ -50,12 +51,22 @@ def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool, chun
     init_process_group("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
     group = new_group(list(range(world)), 60)
     local = cfg.num_experts // world
-    dispatcher = (AllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank) if chunks == 1 else
-                  OverlappedAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank, chunks))
+    if chunks == 1:
+        dispatcher: Any = AllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank)
+    elif chunks > 1:
+        dispatcher = OverlappedAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank, chunks)
+    else:  # two micro-batches in lockstep, asynchronous all-to-alls (one routing group each)
+        dispatcher = AsyncAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank)
     layer = make_layer(cfg, (rank * local, local), dispatcher)
     x_all, g_all = inputs(world, skew, cfg.num_experts)
     x = x_all[rank * TOKENS:(rank + 1) * TOKENS].clone().requires_grad_(True)
-    y, stats = layer(x[None], num_groups=1)
+    if chunks > 0:
+        y, stats = layer(x[None], num_groups=1)
+    else:
+        pending = [layer.compute(layer.start(half[None], 1)) for half in x.chunk(2)]
+        done = [layer.complete(p) for p in pending]
+        y = torch.cat([d[0] for d in done], dim=1)
+        stats = done[0][1]
     (y[0] * g_all[rank * TOKENS:(rank + 1) * TOKENS]).sum().backward()
     return {"y": y[0].detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad,
             "up_grad": layer.experts.w_gate_up_EDF2.grad, "counters": dispatcher.counters.take(),
@@ -68,12 +79,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("chunks", [1, 2, 3], ids=["sync", "overlap2", "overlap3"])
+@pytest.mark.parametrize("chunks", [1, 2, 3, 0], ids=["sync", "overlap2", "overlap3", "async_2microbatches"])
 @pytest.mark.parametrize("skew", [False, True], ids=["random", "all_to_expert0"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
 def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: bool,
                                                      capacity_factor: float | None, chunks: int) -> None:
-    """``chunks > 1``: the overlapped pipeline (3 chunks of 3 local experts: uneven, some chunks empty under skew)."""
+    """``chunks > 1``: the overlapped pipeline (3 chunks of 3 local experts: uneven, some chunks empty under skew).
+
+    ``chunks == 0``: asynchronous all-to-alls with two micro-batches in lockstep; the reference
+    then routes in one group per rank and micro-batch.
+    """
     world = 2
     cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=4, capacity_factor=capacity_factor)
     port = free_port()
@@ -82,7 +97,8 @@ def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: 
     ref = make_layer(cfg)
     x_all, g_all = inputs(world, skew, cfg.num_experts)
     x_ref = x_all.clone().requires_grad_(True)
-    y_ref, stats = ref(x_ref[None], num_groups=world)
+    groups = world if chunks > 0 else 2 * world
+    y_ref, stats = ref(x_ref[None], num_groups=groups)
     (y_ref[0] * g_all).sum().backward()
 
     torch.testing.assert_close(torch.cat([r["y"] for r in results]), y_ref[0].detach())
@@ -92,7 +108,7 @@ def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: 
     torch.testing.assert_close(torch.cat([r["up_grad"] for r in results]), ref.experts.w_gate_up_EDF2.grad)
 
     # what the routing implies: each group's kept assignments to experts owned by the other rank
-    plan = ref.dispatcher.dispatch(x_all, ref.router(x_all), num_groups=world).plan
+    plan = ref.dispatcher.dispatch(x_all, ref.router(x_all, groups), num_groups=groups).plan
     expert_N = torch.repeat_interleave(torch.arange(cfg.num_experts), plan.tokens_per_expert_E)
     owner_N, source_N = expert_N // (cfg.num_experts // world), plan.token_idx_N // TOKENS
     for rank, r in enumerate(results):

@@ -1,0 +1,172 @@
+"""Expert parallelism with asynchronous all-to-alls overlapped across micro-batches.
+
+With ``parallel.micro_batches=M`` the expert-parallel step runs M micro-batches in
+lockstep through every block (``Transformer.forward_microbatches``), and every
+all-to-all is split into two autograd nodes: *issue* (starts the transfer, returns
+the receive buffer) and *wait* (blocks until it has landed). Between the two, this
+rank computes another micro-batch, so a transfer and the peer's lateness (ranks
+drift apart by milliseconds at every collective on a shared machine) are hidden
+behind useful work instead of being waited out:
+
+    forward, per MoE block:  attend(0) route(0) issue dispatch(0) | attend(1) ...
+                             wait dispatch(0) experts(0) issue combine(0) | experts(1) ...
+                             wait combine(0) ...
+    backward: the autograd engine runs ready nodes latest-created first, so after a
+    micro-batch issues its gradient all-to-all the engine works on the other
+    micro-batch's nodes before it reaches the matching wait.
+
+Every rank builds the same graph, and the engine's order is deterministic, so
+issues and waits happen in the same order on every rank (gloo and NCCL need that).
+Routing, capacity and drops are those of the synchronous dispatcher with one
+routing group per rank and micro-batch (the same function as ``single`` with
+``moe.routing_groups = ranks x M``).
+
+Shape legend: T tokens, D width, N rows sent, M rows received.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import deepspeed.comm as dist
+import torch
+from torch import Tensor
+
+from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.router import Routing
+from moe_trainer.parallel.comm import all_to_all_counts, guarded
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
+from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timing import now
+
+
+@dataclass
+class Transfer:
+    """One all-to-all and its gradient's all-to-all: split sizes, phases and the in-flight work."""
+
+    out_splits: list[int]  # rows received from each peer (forward)
+    in_splits: list[int]  # rows sent to each peer (forward)
+    group: Any
+    me: int
+    counters: CommCounters
+    phase: str  # dispatch | combine; the gradient's phase is ``phase + "_bwd"``
+    label: str
+    work: Any = None
+    held: list[Tensor] = field(default_factory=list)  # tensors the transfer reads or writes, kept alive
+
+    def issue(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> None:
+        t0 = now(inp.device)
+        self.work = guarded(f"{self.label} ({phase})", lambda: dist.all_to_all_single(
+            out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
+        self.held = [out, inp]
+        row_bytes = inp.shape[-1] * inp.element_size()
+        self.counters.add(phase, sum(in_splits) - in_splits[self.me], sum(out_splits) - out_splits[self.me],
+                          row_bytes, now(inp.device) - t0)
+
+    def wait(self, phase: str, device: torch.device) -> None:
+        t0 = now(device)
+        guarded(f"{self.label} ({phase}, wait)", self.work.wait)
+        self.work, self.held = None, []  # the caller took what it needs from ``held`` before
+        self.counters.add(phase, 0, 0, 0, now(device) - t0)
+
+
+class IssueAllToAll(torch.autograd.Function):
+    """Starts the transfer and returns its receive buffer (not yet filled: pass it to :class:`AwaitAllToAll`).
+
+    Backward: waits for the gradient's transfer, which ``AwaitAllToAll.backward`` started,
+    and returns what it received (the incoming gradient is the one already sent).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_ND: Tensor, transfer: Transfer) -> Tensor:
+        out = x_ND.new_empty(sum(transfer.out_splits), x_ND.shape[-1])
+        transfer.issue(out, x_ND.contiguous(), transfer.out_splits, transfer.in_splits, transfer.phase)
+        ctx.transfer = transfer
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        t = ctx.transfer
+        grad_in = t.held[0]  # the receive buffer of the gradient's transfer
+        t.wait(t.phase + "_bwd", grad_out.device)
+        return grad_in, None
+
+
+class AwaitAllToAll(torch.autograd.Function):
+    """Waits for the transfer :class:`IssueAllToAll` started; returns the filled buffer.
+
+    Backward: starts the gradient's transfer back (splits swapped) and returns at once,
+    so the engine can run other nodes while it travels; ``IssueAllToAll.backward``
+    waits for it and hands its receive buffer on as the input's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, buffer: Tensor, transfer: Transfer) -> Tensor:
+        transfer.wait(transfer.phase, buffer.device)
+        ctx.transfer = transfer
+        return buffer
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None]:
+        t = ctx.transfer
+        grad_in = grad_out.new_empty(sum(t.in_splits), grad_out.shape[-1])
+        grad_out = grad_out.contiguous()
+        t.issue(grad_in, grad_out, t.in_splits, t.out_splits, t.phase + "_bwd")
+        return grad_out, None
+
+
+@dataclass(frozen=True)
+class AsyncMeta:
+    dispatch: Transfer  # rows to the experts' owners
+    combine: Transfer  # expert outputs back (the same rows, the other way)
+    regroup_idx_M: Tensor
+
+
+class AsyncAllToAllDispatcher(AllToAllDispatcher):
+    """Expert-parallel dispatcher whose row all-to-alls are issued now and awaited later.
+
+    ``dispatch`` issues the rows (after a synchronous count exchange: receive sizes must
+    be known first); :meth:`run_experts` awaits them, runs the experts and issues the
+    results back; ``combine`` awaits those and un-permutes. The lockstep caller puts the
+    other micro-batches' work between each issue and its wait.
+    """
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
+        num_tokens = x_TD.shape[0]
+        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
+        x_ND = permute(x_TD, plan.token_idx_N)
+        self.dispatches += 1
+        label = f"all_to_all dispatch of MoE block {layer}"
+        t0 = now(x_TD.device)
+        recv_counts_PL = all_to_all_counts(plan.tokens_per_expert_E, self.group, label)
+        self.counters.add("dispatch", 0, 0, 0, now(x_TD.device) - t0)
+        send_splits = plan.tokens_per_expert_E.view(self.group_size, -1).sum(1).tolist()
+        recv_splits = recv_counts_PL.sum(1).tolist()
+        meta = AsyncMeta(
+            Transfer(recv_splits, send_splits, self.group, self.group_rank, self.counters, "dispatch", label),
+            Transfer(send_splits, recv_splits, self.group, self.group_rank, self.counters, "combine",
+                     f"all_to_all combine of MoE block {layer}"),
+            regroup_index(recv_counts_PL))
+        x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
+        assert isinstance(x_in_flight, Tensor)
+        return Dispatched(x_in_flight, recv_counts_PL.sum(0), plan, num_tokens, meta)
+
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        meta = dispatched.comm
+        assert isinstance(meta, AsyncMeta)
+        x_MD = AwaitAllToAll.apply(dispatched.x_ND, meta.dispatch)
+        assert isinstance(x_MD, Tensor)
+        y_MD = experts(x_MD.index_select(0, meta.regroup_idx_M), dispatched.tokens_per_expert_E)
+        y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
+        y_in_flight = IssueAllToAll.apply(y_peer_MD, meta.combine)
+        assert isinstance(y_in_flight, Tensor)
+        return y_in_flight
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        meta = dispatched.comm
+        assert isinstance(meta, AsyncMeta)
+        y_back = AwaitAllToAll.apply(y_ND, meta.combine)
+        assert isinstance(y_back, Tensor)
+        plan = dispatched.plan
+        return unpermute(y_back, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
