@@ -35,7 +35,8 @@ this row's median (> 1: ours faster); ``ratio_paired`` = median over iterations 
 same-iteration ratio (steadier when other processes share the cores).
 
 Both processes keep freed memory in the heap (``moe_trainer.host_memory``, what the
-trainer does by default), which applies to both layers alike. ``floor_ms``: the expert
+trainer does by default), which applies to both layers alike; ``--malloc default``
+leaves glibc's defaults (what a DeepSpeed user gets) for both instead. ``floor_ms``: the expert
 matmul FLOPs of the row (forward + backward, rows actually computed) at the 2048x2048
 matmul rate measured in the same process: no implementation of that row can be faster.
 """
@@ -175,7 +176,8 @@ def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[di
     from moe_trainer.host_memory import retain_freed_memory
     from moe_trainer.parallel.comm import init_process_group, new_group
 
-    retain_freed_memory()
+    if args["malloc"] == "retain":
+        retain_freed_memory()
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     for _ in range(2):
         a @ b
@@ -222,6 +224,8 @@ def main() -> None:
                         help="leave out DeepSpeed's dropless row (drop_tokens=False)")
     parser.add_argument("--a2a-chunks", type=int, default=2,
                         help="chunks of the overlapped variant (parallel.a2a_chunks); 1 leaves it out")
+    parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
+                        help="retain: freed memory stays in the heap (the trainer's default); default: glibc's")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = vars(parser.parse_args())
     if args["top_k"] != 2:
@@ -233,7 +237,8 @@ def main() -> None:
                        "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "dropped", "max_abs_diff"])
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
-    print(write_json("moe_layer", {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
+    name = "moe_layer" if args["malloc"] == "retain" else "moe_layer_default_malloc"
+    print(write_json(name, {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
                                    "targets": goals, "wall_s": time.perf_counter() - t0,
                                    "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
