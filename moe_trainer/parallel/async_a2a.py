@@ -33,9 +33,9 @@ import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import all_to_all_counts, guarded
+from moe_trainer.parallel.comm import guarded
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
@@ -134,12 +134,11 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
-        x_ND = permute(x_TD, plan.token_idx_N)
         self.dispatches += 1
         label = f"all_to_all dispatch of MoE block {layer}"
-        t0 = now(x_TD.device)
-        recv_counts_PL = all_to_all_counts(plan.tokens_per_expert_E, self.group, label)
-        self.counters.add("dispatch", 0, 0, 0, now(x_TD.device) - t0)
+        x_ND, recv_counts_PL, blocked = self.permute_while_counting(x_TD, plan.token_idx_N,
+                                                                    plan.tokens_per_expert_E, label)
+        self.counters.add("dispatch", 0, 0, 0, blocked)
         send_splits = plan.tokens_per_expert_E.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         meta = AsyncMeta(

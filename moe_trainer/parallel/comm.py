@@ -51,14 +51,27 @@ def new_group(ranks: list[int], timeout_s: float) -> Any:
     return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s))
 
 
-def all_to_all_counts(counts_E: Tensor, group: Any, label: str = "") -> Tensor:
-    """Exchanges per-expert counts: rank r sends ``counts[p*E_local:(p+1)*E_local]`` to rank p.
+def start_counts_exchange(counts_E: Tensor, group: Any, label: str = "") -> Callable[[], Tensor]:
+    """Starts exchanging per-expert counts; the returned function waits and gives ``[P, E_local]``.
 
-    Returns ``[P, E_local]``: row p = how many rows peer p will send for each of my experts.
+    Rank r sends ``counts[p*E_local:(p+1)*E_local]`` to rank p; row p of the result = how many
+    rows peer p will send for each of my experts. Asynchronous so the caller can permute its
+    rows while the (latency-bound) exchange travels.
     """
     out = torch.empty_like(counts_E)
-    guarded(f"all_to_all of token counts ({label})", lambda: dist.all_to_all_single(out, counts_E, group=group))
-    return out.view(dist.get_world_size(group), -1)
+    work = guarded(f"all_to_all of token counts ({label})",
+                   lambda: dist.all_to_all_single(out, counts_E, group=group, async_op=True))
+
+    def wait() -> Tensor:
+        guarded(f"all_to_all of token counts ({label}, wait)", work.wait)
+        return out.view(dist.get_world_size(group), -1)
+
+    return wait
+
+
+def all_to_all_counts(counts_E: Tensor, group: Any, label: str = "") -> Tensor:
+    """:func:`start_counts_exchange`, waited for at once."""
+    return start_counts_exchange(counts_E, group, label)()
 
 
 # Phases of the backward all-to-alls, as announced to expert actors (see parallel/disaggregated.py).

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from moe_trainer.moe.dispatcher import Dispatched, RunsExpertsHere, permute, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, all_to_all_counts
+from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, start_counts_exchange
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 
@@ -68,13 +68,12 @@ class AllToAllDispatcher(RunsExpertsHere):
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
-        x_ND = permute(x_TD, plan.token_idx_N)  # already ordered by global expert, hence by owner rank
         index = self.dispatches
         self.dispatches += 1
-        t0 = now(x_TD.device)
         counts = self.send_counts(plan.tokens_per_expert_E)
         label = f"all_to_all dispatch of MoE block {layer}"
-        recv_counts_PL = all_to_all_counts(counts, self.group, label)
+        x_ND, recv_counts_PL, blocked = self.permute_while_counting(x_TD, plan.token_idx_N, counts, label)
+        t0 = now(x_TD.device) - blocked  # the dispatch's time counts communication only, not the permute
         send_splits = counts.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
@@ -83,6 +82,21 @@ class AllToAllDispatcher(RunsExpertsHere):
                     now(x_MD.device) - t0)
         meta = ExpertParallelMeta(send_splits, recv_splits, index, layer)
         return Dispatched(x_MD, recv_counts_PL, plan, num_tokens, meta)
+
+    def permute_while_counting(self, x_TD: Tensor, token_idx_N: Tensor, counts: Tensor,
+                               label: str) -> tuple[Tensor, Tensor, float]:
+        """Gathers the rows to send while the per-expert counts travel (a latency-bound exchange).
+
+        Returns the rows (ordered by global expert, hence by owner rank), the counts received
+        ``[P, E_local]`` and the seconds spent blocked in the exchange.
+        """
+        t0 = now(x_TD.device)
+        counts_in_flight = start_counts_exchange(counts, self.group, label)
+        blocked = now(x_TD.device) - t0
+        x_ND = permute(x_TD, token_idx_N)
+        t0 = now(x_TD.device)
+        recv_counts_PL = counts_in_flight()
+        return x_ND, recv_counts_PL, blocked + now(x_TD.device) - t0
 
     def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm

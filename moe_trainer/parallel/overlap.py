@@ -26,11 +26,11 @@ import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
 from moe_trainer.moe.expert_kernels import Saved, swiglu_backward, swiglu_forward
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import all_to_all_counts, guarded
+from moe_trainer.parallel.comm import guarded
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
@@ -207,14 +207,11 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
         order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds)
         plan = replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
         self.dispatches += 1
-        t0 = now(x_TD.device)
-        send_counts_PL = plan.tokens_per_expert_E.view(self.group_size, -1)
-        recv_counts_PL = all_to_all_counts(plan.tokens_per_expert_E, self.group,
-                                           f"all_to_all dispatch of MoE block {layer}")
-        self.counters.add("dispatch", 0, 0, 0, now(x_TD.device) - t0)
-        chunks = plan_chunks(send_counts_PL, recv_counts_PL, self.bounds)
-        return Dispatched(permute(x_TD, plan.token_idx_N), recv_counts_PL, plan, num_tokens,
-                          OverlapMeta(chunks, layer))
+        x_ND, recv_counts_PL, blocked = self.permute_while_counting(
+            x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
+        self.counters.add("dispatch", 0, 0, 0, blocked)
+        chunks = plan_chunks(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL, self.bounds)
+        return Dispatched(x_ND, recv_counts_PL, plan, num_tokens, OverlapMeta(chunks, layer))
 
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
