@@ -8,7 +8,7 @@ share of an expert-parallel training step; 2 gloo processes, one thread each.
 Part 1, bandwidth. Each rank routes its ``--tokens`` random rows with a top-2 router
 (``--experts`` experts, half per rank, dropless) and times ``AllToAllDispatcher``
 ``dispatch`` + ``combine`` (forward, no experts in between): plan, permute, count exchange,
-row all-to-all, and back. The raw row is two ``deepspeed.comm.all_to_all_single``
+row all-to-all, regroup, and back. The raw row is two ``deepspeed.comm.all_to_all_single``
 calls with exactly the same split sizes on preallocated tensors, i.e. the same bytes on
 the wire and nothing else. Bandwidth = bytes this rank sends to the other rank (rows
 that stay local are not counted) / time; time = slowest rank, median over ``--iters``

@@ -82,7 +82,7 @@ def measure(d: int, f: int, experts: int, tokens: int, iters: int, square: int) 
     x = torch.randn(tokens, d)
     with torch.no_grad():
         dispatched = LocalDispatcher(experts, None).dispatch(x, router(x), 1)
-    counts = dispatched.counts
+    counts = dispatched.tokens_per_expert_E
     rows = int(counts.sum())
     module = SwiGLUExperts(experts, d, f)
     x_nd = dispatched.x_ND.detach().clone().requires_grad_(True)

@@ -87,8 +87,8 @@ def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: i
 class Dispatched:
     """Rows for the local experts plus what ``combine`` needs to undo the dispatch."""
 
-    x_ND: Tensor  # rows for the local experts
-    counts: Tensor  # int64 [E_local] rows per local expert, or [P, E_local] by (source rank, expert)
+    x_ND: Tensor  # rows for the local experts, contiguous per local expert
+    tokens_per_expert_E: Tensor  # int64 [E_local]: run length of each local expert
     plan: DispatchPlan  # the local plan (source side)
     num_tokens: int
     comm: Any = None  # what a communicating dispatcher needs to route the rows back
@@ -98,7 +98,7 @@ class RunsExpertsHere:
     """The dispatched rows are all in this process when the experts run (no overlap)."""
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
-        y_ND = experts(dispatched.x_ND, dispatched.counts)
+        y_ND = experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
         assert isinstance(y_ND, Tensor)
         return y_ND
 

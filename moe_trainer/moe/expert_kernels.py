@@ -7,9 +7,8 @@ Here each expert's weight gradient is written by its matmul straight into a grad
 buffer that lives as long as the parameter (see :class:`GradBuffer`), and the
 elementwise parts run once over all rows instead of once per expert.
 
-Rows may come in several runs per expert (one per source rank, as an all-to-all delivers
-them; see :func:`runs`), and the functions take any slice of the local experts, so a
-pipelined caller can run one chunk of experts at a time (see :mod:`moe_trainer.parallel.overlap`).
+The functions take a range of local experts so a pipelined caller can run one chunk of
+experts at a time (see :mod:`moe_trainer.parallel.overlap`).
 
 Shape legend: N rows (grouped by expert), D width, F expert hidden width, E local experts.
 """
@@ -91,82 +90,56 @@ class Saved:
     a_NF: Tensor  # silu(gate) * up
 
 
-def runs(counts_PL: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
-    """The runs of rows as they lie: ``(rows, local expert, first run of that expert)`` per run.
+def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, counts: list[int]) -> tuple[Tensor, Saved]:
+    """``y = (silu(x W_gate) * (x W_up)) W_down`` per expert run; ``counts[e]`` rows for expert ``e``.
 
-    ``counts_PL[p][e]``: rows from source ``p`` for local expert ``e``, laid out source-major,
-    which is how an all-to-all delivers them, so no regrouping copy is needed. One source:
-    simply one run per expert.
-    """
-    rows = [n for counts in counts_PL for n in counts]
-    experts = [e for counts in counts_PL for e in range(len(counts))]
-    return rows, experts, list(range(len(counts_PL[0])))
-
-
-def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor,
-                   counts_PL: list[list[int]]) -> tuple[Tensor, Saved]:
-    """``y = (silu(x W_gate) * (x W_up)) W_down`` per run of rows (see :func:`runs`).
-
-    Per run only the matmul runs in Python; views come from one ``split`` each (at 128
+    Per expert only the matmul runs in Python; views come from one ``split`` each (at 128
     experts per-expert slicing cost as much as the small matmuls' own overhead).
     """
     hidden = w_down_EFD.shape[1]
-    rows, experts, _ = runs(counts_PL)
-    w_gate_up, w_down = w_gate_up_EDF2.unbind(0), w_down_EFD.unbind(0)
     h_NF2 = x_ND.new_empty(x_ND.shape[0], 2 * hidden)
-    for x, e, out in zip(x_ND.split(rows), experts, h_NF2.split(rows), strict=True):
-        torch.mm(x, w_gate_up[e], out=out)
+    for x, w, out in zip(x_ND.split(counts), w_gate_up_EDF2.unbind(0), h_NF2.split(counts), strict=True):
+        torch.mm(x, w, out=out)
     s_NF = F.silu(h_NF2[:, :hidden])
     a_NF = s_NF * h_NF2[:, hidden:]
     y_ND = x_ND.new_empty(x_ND.shape[0], w_down_EFD.shape[2])
-    for a, e, out in zip(a_NF.split(rows), experts, y_ND.split(rows), strict=True):
-        torch.mm(a, w_down[e], out=out)
+    for a, w, out in zip(a_NF.split(counts), w_down_EFD.unbind(0), y_ND.split(counts), strict=True):
+        torch.mm(a, w, out=out)
     return y_ND, Saved(x_ND, h_NF2, s_NF, a_NF)
 
 
-def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor,
-                    counts_PL: list[list[int]], grads: tuple[Tensor | None, Tensor | None],
-                    overwrite: tuple[bool, bool], need_dx: bool = True) -> Tensor | None:
+def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, counts: list[int],
+                    grads: tuple[Tensor | None, Tensor | None], overwrite: tuple[bool, bool],
+                    need_dx: bool = True) -> Tensor | None:
     """Writes the weight gradients of these experts into ``grads`` (gate_up, down; None = not needed).
 
-    ``overwrite[i]``: replace rather than add to ``grads[i]`` (see :meth:`GradBuffer.claim`);
-    only an expert's first run replaces, later runs (other sources) add. Returns ``dx``
-    (None unless ``need_dx``).
+    ``overwrite[i]``: replace rather than add to ``grads[i]`` (see :meth:`GradBuffer.claim`).
+    Returns ``dx`` (None unless ``need_dx``).
     """
     hidden = w_down_EFD.shape[1]
-    rows, experts, first = runs(counts_PL)
     g_gate_up, g_down = grads
     dy_ND = dy_ND.contiguous()
-    dy_runs = dy_ND.split(rows)
+    dy_runs = dy_ND.split(counts)
     da_NF = dy_ND.new_empty(dy_ND.shape[0], hidden)
-    w_down_t = w_down_EFD.transpose(1, 2).unbind(0)
-    for dy, e, out in zip(dy_runs, experts, da_NF.split(rows), strict=True):
-        torch.mm(dy, w_down_t[e], out=out)
+    for dy, w_t, out in zip(dy_runs, w_down_EFD.transpose(1, 2).unbind(0), da_NF.split(counts), strict=True):
+        torch.mm(dy, w_t, out=out)
     if g_down is not None:
-        g = g_down.unbind(0)
-        for i, (a_t, dy, e) in enumerate(zip(saved.a_NF.t().split(rows, dim=1), dy_runs, experts, strict=True)):
-            write_matmul(g[e], a_t, dy, overwrite[1] and first[e] == i)
+        for a_t, dy, g in zip(saved.a_NF.t().split(counts, dim=1), dy_runs, g_down.unbind(0), strict=True):
+            write_matmul(g, a_t, dy, overwrite[1])
     gate, up = saved.h_NF2[:, :hidden], saved.h_NF2[:, hidden:]
     dh_NF2 = dy_ND.new_empty(dy_ND.shape[0], 2 * hidden)
     torch.ops.aten.silu_backward(da_NF * up, gate, grad_input=dh_NF2[:, :hidden])
     torch.mul(da_NF, saved.s_NF, out=dh_NF2[:, hidden:])
-    dh_runs = dh_NF2.split(rows)
+    dh_runs = dh_NF2.split(counts)
     if g_gate_up is not None:
-        g = g_gate_up.unbind(0)
-        for i, (x_t, dh, e) in enumerate(zip(saved.x_ND.t().split(rows, dim=1), dh_runs, experts, strict=True)):
-            write_matmul(g[e], x_t, dh, overwrite[0] and first[e] == i)
+        for x_t, dh, g in zip(saved.x_ND.t().split(counts, dim=1), dh_runs, g_gate_up.unbind(0), strict=True):
+            write_matmul(g, x_t, dh, overwrite[0])
     if not need_dx:
         return None
     dx_ND = dy_ND.new_empty(dy_ND.shape[0], w_gate_up_EDF2.shape[1])
-    w_gate_up_t = w_gate_up_EDF2.transpose(1, 2).unbind(0)
-    for dh, e, out in zip(dh_runs, experts, dx_ND.split(rows), strict=True):
-        torch.mm(dh, w_gate_up_t[e], out=out)
+    for dh, w_t, out in zip(dh_runs, w_gate_up_EDF2.transpose(1, 2).unbind(0), dx_ND.split(counts), strict=True):
+        torch.mm(dh, w_t, out=out)
     return dx_ND
-
-
-def counts_by_source(counts: Tensor) -> list[list[int]]:
-    """``[L]`` (rows grouped by expert) or ``[P, L]`` (grouped by source, then expert) as lists."""
-    return [counts.tolist()] if counts.dim() == 1 else counts.tolist()
 
 
 class GroupedSwiGLU(torch.autograd.Function):
@@ -174,10 +147,10 @@ class GroupedSwiGLU(torch.autograd.Function):
     in place under ``.backward()``, and returned as usual under ``torch.autograd.grad``."""
 
     @staticmethod
-    def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, counts_PL: list[list[int]],
+    def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, counts: list[int],
                 sinks: tuple[GradBuffer, GradBuffer]) -> Tensor:
-        y_ND, saved = swiglu_forward(x_ND, w_gate_up, w_down, counts_PL)
-        ctx.saved, ctx.counts, ctx.sinks = saved, counts_PL, sinks
+        y_ND, saved = swiglu_forward(x_ND, w_gate_up, w_down, counts)
+        ctx.saved, ctx.counts, ctx.sinks = saved, counts, sinks
         ctx.params = (w_gate_up, w_down)  # the Parameter objects, whose .grad the backward fills
         ctx.save_for_backward(w_gate_up, w_down)  # autograd's check that no step changed them in between
         return y_ND

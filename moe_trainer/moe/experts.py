@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.moe.expert_kernels import GradBuffer, GroupedSwiGLU, counts_by_source
+from moe_trainer.moe.expert_kernels import GradBuffer, GroupedSwiGLU
 
 
 class SwiGLUExperts(nn.Module):
@@ -37,16 +37,15 @@ class SwiGLUExperts(nn.Module):
     def num_local(self) -> int:
         return self.w_down_EFD.shape[0]
 
-    def forward(self, x_ND: Tensor, counts: Tensor) -> Tensor:
-        """``counts[e]``: consecutive rows of ``x_ND`` for local expert ``e``; or ``counts[p, e]``, rows
-        laid out by source ``p`` then expert, as an all-to-all delivers them.
+    def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
+        """``x_ND`` holds ``tokens_per_expert_E[e]`` consecutive rows for local expert ``e``.
 
         Empty runs still count: every local expert gets a (zero) gradient, so gradient
         syncs see the same tensors on every rank.
         """
         if self.num_local == 0:  # a shard with no experts (a coordinator): keep the graph connected
             return x_ND * 0.0
-        y_ND = GroupedSwiGLU.apply(x_ND, self.w_gate_up_EDF2, self.w_down_EFD, counts_by_source(counts),
+        y_ND = GroupedSwiGLU.apply(x_ND, self.w_gate_up_EDF2, self.w_down_EFD, tokens_per_expert_E.tolist(),
                                    self.grad_sinks)
         assert isinstance(y_ND, Tensor)
         return y_ND

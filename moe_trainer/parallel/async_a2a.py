@@ -36,7 +36,7 @@ from torch import Tensor
 from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import guarded
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 
@@ -120,6 +120,7 @@ class AwaitAllToAll(torch.autograd.Function):
 class AsyncMeta:
     dispatch: Transfer  # rows to the experts' owners
     combine: Transfer  # expert outputs back (the same rows, the other way)
+    regroup_idx_M: Tensor
 
 
 class AsyncAllToAllDispatcher(AllToAllDispatcher):
@@ -144,18 +145,20 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
         meta = AsyncMeta(
             Transfer(recv_splits, send_splits, self.group, self.group_rank, self.counters, "dispatch", label),
             Transfer(send_splits, recv_splits, self.group, self.group_rank, self.counters, "combine",
-                     f"all_to_all combine of MoE block {layer}"))
+                     f"all_to_all combine of MoE block {layer}"),
+            regroup_index(recv_counts_PL))
         x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
         assert isinstance(x_in_flight, Tensor)
-        return Dispatched(x_in_flight, recv_counts_PL, plan, num_tokens, meta)
+        return Dispatched(x_in_flight, recv_counts_PL.sum(0), plan, num_tokens, meta)
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, AsyncMeta)
         x_MD = AwaitAllToAll.apply(dispatched.x_ND, meta.dispatch)
         assert isinstance(x_MD, Tensor)
-        y_MD = experts(x_MD, dispatched.counts)  # rows by (source, expert), as they arrived
-        y_in_flight = IssueAllToAll.apply(y_MD, meta.combine)
+        y_MD = experts(x_MD.index_select(0, meta.regroup_idx_M), dispatched.tokens_per_expert_E)
+        y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
+        y_in_flight = IssueAllToAll.apply(y_peer_MD, meta.combine)
         assert isinstance(y_in_flight, Tensor)
         return y_in_flight
 

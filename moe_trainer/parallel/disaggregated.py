@@ -33,6 +33,7 @@ from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, guarded
 from moe_trainer.parallel.context import squared_norms
+from moe_trainer.parallel.dispatcher import regroup_index
 from moe_trainer.timing import now
 from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
 from moe_trainer.train.trainer import process_memory_mb
@@ -112,7 +113,8 @@ class _Served:
     """One dispatch served by this expert actor, kept for its backward."""
 
     recv_splits: list[int]
-    x_MD: Tensor  # leaf: the rows received, by (coordinator, local expert)
+    regroup_idx_M: Tensor
+    x_MD: Tensor  # leaf: the rows received, in local-expert order
     y_MD: Tensor  # the experts' output for them
 
 
@@ -160,14 +162,16 @@ class ExpertServer:
                 x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
                 self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
                 t0 = now(self.ctx.device)
-                x_MD = x_peer_MD.requires_grad_(keep)
+                regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
+                x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
                 clock.rows += x_MD.shape[0]
                 with torch.set_grad_enabled(keep):
-                    y_MD = experts(x_MD, recv_counts_PL.cpu())
+                    y_MD = experts(x_MD, recv_counts_PL.sum(0))
                 clock.busy += now(self.ctx.device) - t0
-                pending.append((index, _Served(recv_splits, x_MD, y_MD)))
+                pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
             for index, item in pending:
-                self._a2a(f"all_to_all combine of MoE block {block} (expert actor)", empty.clone(), item.y_MD.detach(),
+                y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
+                self._a2a(f"all_to_all combine of MoE block {block} (expert actor)", empty.clone(), y_peer_MD,
                           [0] * self.roles.world, item.recv_splits)
                 if keep:
                     served[index] = item
@@ -185,11 +189,12 @@ class ExpertServer:
                 self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
                           [0] * self.roles.world)
                 t0 = now(self.ctx.device)
-                item.y_MD.backward(grad_peer_MD)
+                item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
                 clock.busy += now(self.ctx.device) - t0
             else:
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
-                self._a2a("all_to_all dispatch backward (expert actor)", empty.clone(), grad_MD,
+                grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
+                self._a2a("all_to_all dispatch backward (expert actor)", empty.clone(), grad_peer_MD,
                           [0] * self.roles.world, item.recv_splits)
                 del served[index]
 

@@ -1,10 +1,8 @@
 """Expert-parallel dispatcher: the local plan, then all-to-all to the experts' owners and back.
 
 dispatch: plan + permute (local, as in the reference) -> exchange per-expert counts
--> all-to-all the rows (variable split sizes, no padding). The received rows stay as
-they arrive, by (source rank, local expert): the experts run one matmul per such run
-(``moe/expert_kernels.py``), so no regrouping copy is made either way. combine
-undoes each step in reverse. Router and experts are
+-> all-to-all the rows (variable split sizes, no padding) -> regroup the received
+rows by local expert. combine undoes each step in reverse. Router and experts are
 the single-device modules; only this class communicates.
 
 Shape legend: T tokens, D width, E global experts, L local experts, P ranks in the
@@ -31,8 +29,20 @@ from moe_trainer.timing import now
 class ExpertParallelMeta:
     send_splits: list[int]  # rows this rank sends to each peer
     recv_splits: list[int]  # rows this rank receives from each peer
+    regroup_idx_M: Tensor  # received order (peer, expert) -> local-expert order
     index: int  # running number of this dispatch on this rank (names it in the backward schedule)
     layer: int  # block index of the MoE layer (for error messages)
+
+
+def regroup_index(recv_counts_PL: Tensor) -> Tensor:
+    """Permutation from received order (peer, local expert) to (local expert, peer).
+
+    A stable sort keeps each peer's rows in its own priority order, and peers in rank
+    order, which is the order the single-process reference gives each expert's rows.
+    """
+    peers, local = recv_counts_PL.shape
+    local_expert_M = torch.repeat_interleave(torch.arange(local).repeat(peers), recv_counts_PL.flatten())
+    return torch.argsort(local_expert_M, stable=True)
 
 
 class AllToAllDispatcher(RunsExpertsHere):
@@ -80,8 +90,9 @@ class AllToAllDispatcher(RunsExpertsHere):
                           self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND), label)
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
                     now(x_MD.device) - t0)
-        meta = ExpertParallelMeta(send_splits, recv_splits, index, layer)
-        return Dispatched(x_MD, recv_counts_PL, plan, num_tokens, meta)
+        regroup_idx_M = regroup_index(recv_counts_PL)
+        meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index, layer)
+        return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
 
     def permute_while_counting(self, x_TD: Tensor, token_idx_N: Tensor, counts: Tensor,
                                label: str) -> tuple[Tensor, Tensor, float]:
@@ -101,10 +112,11 @@ class AllToAllDispatcher(RunsExpertsHere):
     def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, ExpertParallelMeta)
+        y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
         t0 = now(y_MD.device)
-        y_ND = all_to_all(y_MD, meta.recv_splits, meta.send_splits, self.group,
+        y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group,
                           self._announcer(meta.index, COMBINE_BWD),
-                          self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_MD),
+                          self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD),
                           f"all_to_all combine of MoE block {meta.layer}")
         self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
                     now(y_ND.device) - t0)

@@ -31,7 +31,7 @@ from moe_trainer.moe.expert_kernels import Saved, swiglu_backward, swiglu_forwar
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import guarded
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 
@@ -45,7 +45,8 @@ class Chunk:
     src_offset: int  # where the chunk's rows start in the chunk-major source rows
     send_splits: list[int]  # rows this rank sends each peer (forward dispatch)
     recv_splits: list[int]  # rows this rank receives from each peer
-    counts_PL: list[list[int]]  # rows from each peer for each of the chunk's experts, as they arrive
+    counts: list[int]  # rows per local expert of the chunk, once regrouped
+    regroup_idx: Tensor  # received (peer, expert) order -> (expert, peer) order
 
     @property
     def src_rows(self) -> int:
@@ -77,7 +78,8 @@ def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tup
     for first, last in bounds:
         recv_part = recv_counts_PL[:, first:last]
         send_splits = send_counts_PL[:, first:last].sum(1).tolist()
-        chunks.append(Chunk(first, last, offset, send_splits, recv_part.sum(1).tolist(), recv_part.tolist()))
+        chunks.append(Chunk(first, last, offset, send_splits, recv_part.sum(1).tolist(), recv_part.sum(0).tolist(),
+                            regroup_index(recv_part)))
         offset += sum(send_splits)
     return chunks
 
@@ -112,7 +114,7 @@ def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases:
                           compute: Any) -> Tensor:
     """The pipeline shared by forward and backward: rows out to the owners, ``compute``, results back.
 
-    ``compute(c, rows) -> rows`` runs chunk ``c``'s experts on its rows as received (by peer, expert).
+    ``compute(c, rows_in_expert_order) -> rows_in_expert_order`` runs chunk ``c``'s experts.
     """
     out_ND = torch.empty_like(x_ND)
     recv = [x_ND.new_empty(c.recv_rows, x_ND.shape[1]) for c in chunks]
@@ -127,13 +129,14 @@ def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases:
     for i, c in enumerate(chunks):
         following = send(i + 1) if i + 1 < len(chunks) else None
         wire.wait(in_flight, phases[0], x_ND)
-        result = compute(i, recv[i])
+        result = compute(i, recv[i].index_select(0, c.regroup_idx))
         if result is not None:
+            back = torch.empty_like(result).index_copy_(0, c.regroup_idx, result)
             dest = out_ND[c.src_offset:c.src_offset + c.src_rows]
-            returns.append((wire.start(dest, result, c.send_splits, c.recv_splits, phases[1]), result))
+            returns.append((wire.start(dest, back, c.send_splits, c.recv_splits, phases[1]), back))
         recv[i] = x_ND.new_empty(0)  # let the received rows go once the experts have them
         in_flight = following
-    for work, _ in returns:  # ``result`` stays referenced until its transfer is done
+    for work, _ in returns:  # ``back`` stays referenced until its transfer is done
         wire.wait(work, phases[1], x_ND)
     return out_ND
 
@@ -148,7 +151,7 @@ class OverlappedExperts(torch.autograd.Function):
 
         def compute(i: int, rows: Tensor) -> Tensor:
             c = chunks[i]
-            y, s = swiglu_forward(rows, w_gate_up[c.first:c.last], w_down[c.first:c.last], c.counts_PL)
+            y, s = swiglu_forward(rows, w_gate_up[c.first:c.last], w_down[c.first:c.last], c.counts)
             saved.append(s)
             return y
 
@@ -171,7 +174,7 @@ class OverlappedExperts(torch.autograd.Function):
             c = chunks[i]
             part = slice(c.first, c.last)
             grads = (None if g_gate_up is None else g_gate_up[part], None if g_down is None else g_down[part])
-            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts_PL, grads,
+            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts, grads,
                                  (over_gate_up, over_down), need_dx=need_dx)
             saved[i] = None  # activations of a finished chunk can go
             return dx
@@ -211,7 +214,7 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
             x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
         self.counters.add("dispatch", 0, 0, 0, blocked)
         chunks = plan_chunks(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL, self.bounds)
-        return Dispatched(x_ND, recv_counts_PL, plan, num_tokens, OverlapMeta(chunks, layer))
+        return Dispatched(x_ND, recv_counts_PL.sum(0), plan, num_tokens, OverlapMeta(chunks, layer))
 
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm

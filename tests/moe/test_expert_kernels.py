@@ -79,26 +79,3 @@ def test_backward_inputs_leaves_weights_alone(setup: tuple[SwiGLUExperts, Tensor
     experts, x, dy = setup
     experts(x, torch.tensor(COUNTS)).backward(dy, inputs=[x])
     assert x.grad is not None and all(p.grad is None for p in params(experts))
-
-
-def test_rows_by_source_then_expert_equal_rows_by_expert(setup: tuple[SwiGLUExperts, Tensor, Tensor]) -> None:
-    """Rows as an all-to-all delivers them ([P, L] counts) give the same outputs and gradients."""
-    experts, _, _ = setup
-    counts_PL = torch.tensor([[2, 0, 3, 1, 0], [1, 0, 4, 0, 4]])  # 2 sources, an expert nobody chose
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(int(counts_PL.sum()), D, generator=gen, dtype=torch.float64, requires_grad=True)
-    dy = torch.randn(x.shape, generator=gen, dtype=torch.float64)
-    source = torch.arange(2).repeat_interleave(counts_PL.sum(1))
-    expert = torch.cat([torch.arange(5).repeat_interleave(row) for row in counts_PL])
-    by_expert = torch.argsort(expert * 2 + source, stable=True)  # the regrouping the runs make unnecessary
-
-    y = experts(x, counts_PL)
-    y.backward(dy)
-    got = [x.grad.clone(), *(p.grad.clone() for p in params(experts))]  # type: ignore[union-attr]
-    x.grad = None
-    experts.zero_grad(set_to_none=True)
-    y_ref = experts(x[by_expert], counts_PL.sum(0))
-    y_ref.backward(dy[by_expert])
-    torch.testing.assert_close(y[by_expert], y_ref)
-    for g, w in zip(got, [x.grad, *(p.grad for p in params(experts))], strict=True):
-        torch.testing.assert_close(g, w)
