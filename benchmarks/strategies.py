@@ -4,7 +4,10 @@
 
 Runs each configuration through the same driver ``moe-train`` uses (embedded local
 Ray, default model, W&B off) and reads the per-step records. Steady state: the first
-``--warmup`` steps are left out of the means.
+``--warmup`` steps are left out of the means. Per process count N: ``single`` (one
+process with N torch threads, no Ray), ``data_parallel`` xN, ``expert_parallel`` xN
+(plain and with ``parallel.micro_batches=2``), ``disaggregated`` N/2 coordinators +
+N/2 expert actors (1 and 4 micro-batches); one CPU (one thread) per actor.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
 from benchmarks.common import config, print_table, write_json
 from moe_trainer.config.validate import validate
 from moe_trainer.driver import run_training
-from moe_trainer.engine import Engine
+from moe_trainer.engine import Engine, LocalEngine
 from moe_trainer.outputs import RunOutputs
 
 
@@ -29,20 +33,27 @@ def layouts(processes: int) -> list[tuple[str, list[str]]]:
     experts = processes - coords
     disagg = ["parallel=disaggregated", f"parallel.num_coordinators={coords}", f"parallel.num_expert_actors={experts}"]
     return [
+        (f"single, {processes} threads", ["parallel=single"]),
+        (f"data_parallel x{processes}", ["parallel=data_parallel", f"parallel.num_actors={processes}"]),
         (f"expert_parallel x{processes}", ["parallel=expert_parallel", f"parallel.num_actors={processes}"]),
+        (f"expert_parallel x{processes} mb=2", ["parallel=expert_parallel", f"parallel.num_actors={processes}",
+                                                 "parallel.micro_batches=2"]),
         (f"disaggregated {coords}c+{experts}e mb=1", [*disagg, "parallel.micro_batches=1"]),
         (f"disaggregated {coords}c+{experts}e mb=4", [*disagg, "parallel.micro_batches=4"]),
     ]
 
 
-def measure(name: str, overrides: list[str], steps: int, warmup: int, cpus: float) -> dict[str, Any]:
+def measure(name: str, overrides: list[str], steps: int, warmup: int, cpus: float,
+            processes: int) -> dict[str, Any]:
     from actors.engine import RayEngine
 
     cfg, resolved = config([*overrides, f"train.max_steps={steps}", f"train.eval_every={steps}",
                             "train.eval_batches=1", "train.checkpoint_every=0", "train.log_every=1",
                             "logger.mode=disabled", "logger.progress=false", f"parallel.cpus_per_actor={cpus}"])
     validate(cfg)
-    engine: Engine = RayEngine(cfg)
+    if cfg.parallel.strategy == "single":
+        torch.set_num_threads(processes)
+    engine: Engine = LocalEngine(cfg) if cfg.parallel.strategy == "single" else RayEngine(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         outputs = RunOutputs(Path(tmp), resolved, cfg.logger, cfg.parallel.strategy)
         records: list[dict[str, Any]] = []
@@ -67,7 +78,7 @@ def measure(name: str, overrides: list[str], steps: int, warmup: int, cpus: floa
 
     step_time = mean("step_time_s_max")
     return {
-        "name": name, "processes": len(records[0].get("step_time_s_per_rank", [])) or None,
+        "name": name, "processes": len(records[0].get("step_time_s_per_rank", [])) or 1,
         "tokens_per_s": statistics.fmean(r["tokens_step"] / r["step_time_s_max"] for r in steady),
         "step_time_s": step_time,
         "a2a_share": mean("a2a_time_s") / step_time,
@@ -92,7 +103,7 @@ def main() -> None:
     rows = []
     for processes in args.processes:
         for name, overrides in layouts(processes):
-            rows.append(measure(name, overrides, args.steps, args.warmup, cpus=1.0))
+            rows.append(measure(name, overrides, args.steps, args.warmup, cpus=1.0, processes=processes))
             print(f"done: {name}", flush=True)
     ray.shutdown()
     print_table(rows, ["name", "tokens_per_s", "step_time_s", "a2a_share", "coord_idle_share", "expert_idle_share",

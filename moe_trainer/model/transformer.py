@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats
+from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats, PendingMoE
 
 
 def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
@@ -110,21 +110,39 @@ class Transformer(nn.Module):
         """
         xs = [self.embed(idx) for idx in idx_list]
         stats: list[list[MoEStats]] = [[] for _ in idx_list]
+        # MoE outputs still travelling back (asynchronous dispatcher), landed just before each
+        # micro-batch next needs its residual stream: the last micro-batch's combine then
+        # overlaps the next block's attention for the first micro-batches
+        in_flight: list[tuple[MoELayer, PendingMoE] | None] = [None] * len(xs)
+
+        def land(i: int) -> None:
+            if in_flight[i] is not None:
+                layer, p = in_flight[i]  # type: ignore[misc]
+                y, layer_stats = layer.complete(p)
+                xs[i] = xs[i] + y
+                stats[i].append(layer_stats)
+                in_flight[i] = None
+
         for block in self.blocks:
             if isinstance(block.ffn, MoELayer):
                 pending = []
                 for i in range(len(xs)):
+                    land(i)
                     xs[i] = block.attend(xs[i])
                     pending.append(block.ffn.start(block.ffn_norm(xs[i]), num_groups))
                 # every micro-batch's experts before any combine: an asynchronous dispatcher's
                 # combine of micro-batch i travels while micro-batch i+1's experts compute
-                computed = [block.ffn.compute(p) for p in pending]
-                for i, p in enumerate(computed):
-                    y, layer_stats = block.ffn.complete(p)
-                    xs[i] = xs[i] + y
-                    stats[i].append(layer_stats)
+                for i, p in enumerate(pending):
+                    in_flight[i] = (block.ffn, block.ffn.compute(p))
+                if not block.ffn.dispatcher.asynchronous:
+                    for i in range(len(xs)):
+                        land(i)
             else:
+                for i in range(len(xs)):
+                    land(i)
                 xs = [block(x, num_groups)[0] for x in xs]
+        for i in range(len(xs)):
+            land(i)
         return [self._output(x, s) for x, s in zip(xs, stats, strict=True)]
 
     def _output(self, x_BSD: Tensor, stats: list[MoEStats]) -> ModelOutput:

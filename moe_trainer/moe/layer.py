@@ -22,6 +22,8 @@ from moe_trainer.moe.router import Router, Routing
 class Dispatcher(Protocol):
     """Moves rows to the owners of their experts and back; the only part that communicates."""
 
+    asynchronous: bool  # results of ``run_experts`` still travel: callers may defer ``combine``
+
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched: ...
 
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:

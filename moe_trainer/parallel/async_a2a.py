@@ -132,6 +132,8 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
     other micro-batches' work between each issue and its wait.
     """
 
+    asynchronous = True
+
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
