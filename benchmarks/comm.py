@@ -29,7 +29,8 @@ function, same loss curve). Every ``--overrides ...`` adds one row with those Hy
 overrides on top; an override the config schema does not know is reported and its row
 skipped. The overlap table gives, per overlap row, the relative reduction of the
 exposed all-to-all share against its baseline (target: >= 30 %) and the largest
-relative difference between the two runs' per-step losses.
+relative difference between the two runs' per-step losses, for each of ``--repeats``
+rounds (every row once per round), and the median over rounds.
 """
 
 from __future__ import annotations
@@ -173,6 +174,14 @@ OVERLAP = [  # (name, overrides, name of the no-overlap row computing the same f
 
 
 def overlap_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per overlap row and repeat: reduction of the exposed share against its baseline of the same repeat."""
+    out = []
+    for repeat in sorted({r["repeat"] for r in rows}):
+        out += _overlap_targets([r for r in rows if r["repeat"] == repeat], repeat)
+    return out
+
+
+def _overlap_targets(rows: list[dict[str, Any]], repeat: int) -> list[dict[str, Any]]:
     by_name = {r["name"]: r for r in rows if "a2a_share" in r}
     out = []
     for name, _, base_name in OVERLAP:
@@ -181,7 +190,7 @@ def overlap_targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row, base = by_name[name], by_name[base_name]
         reduction = 1 - row["a2a_share"] / base["a2a_share"]
         loss_diff = max(abs(a - b) / abs(b) for a, b in zip(row["losses"], base["losses"], strict=True))
-        out.append({"overlap": name, "baseline": base_name, "base_share": base["a2a_share"],
+        out.append({"repeat": repeat, "overlap": name, "baseline": base_name, "base_share": base["a2a_share"],
                     "share": row["a2a_share"], "reduction": reduction,
                     "speedup": base["step_time_s_max"] / row["step_time_s_max"], "loss_max_rel_diff": loss_diff,
                     "holds": reduction >= 0.3 and loss_diff < 1e-4})
@@ -199,6 +208,8 @@ def main() -> None:
     parser.add_argument("--base", nargs="*", default=[], help="Hydra overrides for every part-2 row")
     parser.add_argument("--overrides", nargs="+", action="append", default=[],
                         help="one extra part-2 row with these Hydra overrides (repeatable)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="part-2 rounds (all rows each round): the shares move by a few points run to run")
     parser.add_argument("--skip-bandwidth", action="store_true")
     parser.add_argument("--skip-step", action="store_true")
     args = parser.parse_args()
@@ -213,17 +224,25 @@ def main() -> None:
     step_rows: list[dict[str, Any]] = []
     if not args.skip_step:
         variants = [(name, extra) for name, extra, _ in OVERLAP] + [(" ".join(o), o) for o in args.overrides]
-        for name, extra in variants:
-            step_rows.append(step_share(name, [*STEP_OVERRIDES, *args.base, *extra], args.steps, args.warmup))
-            print(f"done: {name}", flush=True)
-        print_table(step_rows, ["name", "tokens_per_s", "step_time_s", "a2a_time_s", "a2a_share", "a2a_share_max",
-                                "dispatch_ms", "combine_ms", "dispatch_bwd_ms", "combine_bwd_ms", "a2a_mb_sent",
-                                "grad_sync_share", "note"])
+        for repeat in range(args.repeats):
+            for name, extra in variants:
+                row = step_share(name, [*STEP_OVERRIDES, *args.base, *extra], args.steps, args.warmup)
+                step_rows.append({"repeat": repeat, **row})
+                print(f"done: {name} (round {repeat + 1}/{args.repeats})", flush=True)
+        print_table(step_rows, ["repeat", "name", "tokens_per_s", "step_time_s", "a2a_time_s", "a2a_share",
+                                "a2a_share_max", "dispatch_ms", "combine_ms", "dispatch_bwd_ms", "combine_bwd_ms",
+                                "a2a_mb_sent", "grad_sync_share", "note"])
     goals = overlap_targets(step_rows)
-    print_table(goals, ["overlap", "baseline", "base_share", "share", "reduction", "speedup", "loss_max_rel_diff",
-                        "holds"])
+    print_table(goals, ["repeat", "overlap", "baseline", "base_share", "share", "reduction", "speedup",
+                        "loss_max_rel_diff", "holds"])
+    summary = [{"overlap": name, "median_reduction": statistics.median(g["reduction"] for g in goals
+                                                                         if g["overlap"] == name),
+                "rounds_holding": f"{sum(g['holds'] for g in goals if g['overlap'] == name)}/{args.repeats}"}
+               for name in dict.fromkeys(g["overlap"] for g in goals)]
+    print_table(summary, ["overlap", "median_reduction", "rounds_holding"])
     print(write_json("comm", {"args": vars(args), "processes": 2, "threads_per_process": 1, "bandwidth": bw_rows,
-                              "step": step_rows, "overlap": goals, "wall_s": time.perf_counter() - t0,
+                              "step": step_rows, "overlap": goals, "overlap_summary": summary,
+                              "wall_s": time.perf_counter() - t0,
                               "loadavg_start": load_start, "loadavg_end": loadavg()}))
 
 
