@@ -51,3 +51,16 @@ def loadavg() -> list[float]:
     import os
 
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def square_matmul_flops(side: int = 2048, iters: int = 5) -> float:
+    """FLOP/s of a ``side`` x ``side`` fp32 matmul in this process: the practical peak work is compared with."""
+    import time
+
+    a, b = torch.randn(side, side), torch.randn(side, side)
+    for _ in range(2):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    return iters * 2 * side**3 / (time.perf_counter() - t0)

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.common import loadavg, print_table, write_json
+from benchmarks.common import loadavg, print_table, square_matmul_flops, write_json
 from benchmarks.procs import run_ranks, timed_after_barrier
 from moe_trainer.model.layers import SwiGLU
 
@@ -180,13 +180,7 @@ def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[di
 
     if args["malloc"] == "retain":
         retain_freed_memory()
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(2):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    args = {**args, "matmul_flops": 5 * 2 * 2048**3 / (time.perf_counter() - t0)}
+    args = {**args, "matmul_flops": square_matmul_flops()}
     ds_logger.setLevel(logging.WARNING)
     init_process_group("gloo", "127.0.0.1", port, rank, world, args["timeout_s"])
     group = new_group(list(range(world)), args["timeout_s"])

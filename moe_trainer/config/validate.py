@@ -29,10 +29,10 @@ from moe_trainer.config.schema import (
 AVAILABLE_STRATEGIES = STRATEGIES
 
 
-
 def micro_batches(cfg: Config) -> int:
     """Micro-batches per rank and step: the disaggregated and expert_parallel strategies pipeline them."""
     return cfg.parallel.micro_batches if cfg.parallel.strategy in ("disaggregated", "expert_parallel") else 1
+
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
     allowed = tuple(allowed)

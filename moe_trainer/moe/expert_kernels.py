@@ -27,7 +27,7 @@ from torch.autograd.graph import get_gradient_edge
 class GradBuffer:
     """Hands out ``param.grad`` for in-place writes, reusing one buffer across steps.
 
-    ``claim`` at the start of a backward: when the parameter has no gradient (the
+    At the start of a backward (:func:`claim_weight_grads`): when the parameter has no gradient (the
     optimizer's ``zero_grad(set_to_none=True)`` ran) the persistent buffer becomes
     ``param.grad`` and the backward overwrites it; otherwise the backward accumulates
     into the existing gradient, as autograd would (micro-batches, several calls).
@@ -59,6 +59,27 @@ class GradBuffer:
             buf = self.buffer = torch.empty_like(param, memory_format=torch.contiguous_format)
         param.grad = buf
         return buf, True
+
+
+@dataclass(frozen=True)
+class WeightGrads:
+    """Where one backward writes the two expert weight gradients (gate_up, down)."""
+
+    targets: tuple[Tensor | None, Tensor | None]  # None: that gradient is not needed
+    overwrite: tuple[bool, bool]  # replace rather than add (see :meth:`GradBuffer.claim`)
+    returned: tuple[bool, bool]  # goes back to autograd (``autograd.grad``) instead of staying in ``.grad``
+
+    def for_autograd(self) -> tuple[Tensor | None, Tensor | None]:
+        """What the autograd function returns for the two weights."""
+        gate_up, down = (t if r else None for t, r in zip(self.targets, self.returned, strict=True))
+        return gate_up, down
+
+
+def claim_weight_grads(sinks: tuple[GradBuffer, GradBuffer], params: tuple[Tensor, Tensor],
+                       needed: tuple[bool, bool]) -> WeightGrads:
+    """:meth:`GradBuffer.target` for both weights of a backward."""
+    (g0, o0, r0), (g1, o1, r1) = (sink.target(p, n) for sink, p, n in zip(sinks, params, needed, strict=True))
+    return WeightGrads((g0, g1), (o0, o1), (r0, r1))
 
 
 def accumulates_into_grad(param: Tensor) -> bool:
@@ -158,10 +179,8 @@ class GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
         w_gate_up, w_down = ctx.saved_tensors
-        (g_gate_up, over_gate_up, ret_gate_up), (g_down, over_down, ret_down) = (
-            sink.target(param, needed)
-            for sink, param, needed in zip(ctx.sinks, ctx.params, ctx.needs_input_grad[1:3], strict=True))
-        dx = swiglu_backward(dy_ND, ctx.saved, w_gate_up, w_down, ctx.counts, (g_gate_up, g_down),
-                             (over_gate_up, over_down), need_dx=ctx.needs_input_grad[0])
+        grads = claim_weight_grads(ctx.sinks, ctx.params, ctx.needs_input_grad[1:3])
+        dx = swiglu_backward(dy_ND, ctx.saved, w_gate_up, w_down, ctx.counts, grads.targets, grads.overwrite,
+                             need_dx=ctx.needs_input_grad[0])
         ctx.saved = ctx.params = None
-        return dx, g_gate_up if ret_gate_up else None, g_down if ret_down else None, None, None
+        return dx, *grads.for_autograd(), None, None

@@ -29,46 +29,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
 from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import guarded
+from moe_trainer.parallel.comm import AsyncWire
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
-from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
 
 
 @dataclass
 class Transfer:
-    """One all-to-all and its gradient's all-to-all: split sizes, phases and the in-flight work."""
+    """One all-to-all and its gradient's all-to-all: split sizes, phase and the work in flight."""
 
     out_splits: list[int]  # rows received from each peer (forward)
     in_splits: list[int]  # rows sent to each peer (forward)
-    group: Any
-    me: int
-    counters: CommCounters
+    wire: AsyncWire
     phase: str  # dispatch | combine; the gradient's phase is ``phase + "_bwd"``
-    label: str
     work: Any = None
     held: list[Tensor] = field(default_factory=list)  # tensors the transfer reads or writes, kept alive
 
     def issue(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> None:
-        t0 = now(inp.device)
-        self.work = guarded(f"{self.label} ({phase})", lambda: dist.all_to_all_single(
-            out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
+        self.work = self.wire.start(out, inp, out_splits, in_splits, phase)
         self.held = [out, inp]
-        row_bytes = inp.shape[-1] * inp.element_size()
-        self.counters.add(phase, sum(in_splits) - in_splits[self.me], sum(out_splits) - out_splits[self.me],
-                          row_bytes, now(inp.device) - t0)
 
     def wait(self, phase: str, device: torch.device) -> None:
-        t0 = now(device)
-        guarded(f"{self.label} ({phase}, wait)", self.work.wait)
+        self.wire.wait(self.work, phase, device)
         self.work, self.held = None, []  # the caller took what it needs from ``held`` before
-        self.counters.add(phase, 0, 0, 0, now(device) - t0)
 
 
 class IssueAllToAll(torch.autograd.Function):
@@ -138,17 +125,14 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
         self.dispatches += 1
-        label = f"all_to_all dispatch of MoE block {layer}"
-        x_ND, recv_counts_PL, blocked = self.permute_while_counting(x_TD, plan.token_idx_N,
-                                                                    plan.tokens_per_expert_E, label)
+        x_ND, recv_counts_PL, blocked = self.permute_while_counting(
+            x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
         self.counters.add("dispatch", 0, 0, 0, blocked)
         send_splits = plan.tokens_per_expert_E.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
-        meta = AsyncMeta(
-            Transfer(recv_splits, send_splits, self.group, self.group_rank, self.counters, "dispatch", label),
-            Transfer(send_splits, recv_splits, self.group, self.group_rank, self.counters, "combine",
-                     f"all_to_all combine of MoE block {layer}"),
-            regroup_index(recv_counts_PL))
+        wire = AsyncWire(self.group, self.group_rank, self.counters, layer)
+        meta = AsyncMeta(Transfer(recv_splits, send_splits, wire, "dispatch"),
+                         Transfer(send_splits, recv_splits, wire, "combine"), regroup_index(recv_counts_PL))
         x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
         assert isinstance(x_in_flight, Tensor)
         return Dispatched(x_in_flight, recv_counts_PL.sum(0), plan, num_tokens, meta)

@@ -7,6 +7,7 @@ sizes swapped, so gradients travel back along the path the tokens came.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch.distributed
 from torch import Tensor
 
 from moe_trainer.config.errors import CollectiveError
+from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 
 
@@ -72,6 +74,33 @@ def start_counts_exchange(counts_E: Tensor, group: Any, label: str = "") -> Call
 def all_to_all_counts(counts_E: Tensor, group: Any, label: str = "") -> Tensor:
     """:func:`start_counts_exchange`, waited for at once."""
     return start_counts_exchange(counts_E, group, label)()
+
+
+@dataclass
+class AsyncWire:
+    """Asynchronous all-to-alls of one MoE block: issues them and counts rows, bytes and blocked time.
+
+    Telemetry gets the time spent issuing plus the time spent waiting, i.e. the part of the
+    transfer the rank could not hide behind other work.
+    """
+
+    group: Any
+    me: int  # this rank in the group
+    counters: CommCounters
+    layer: int
+
+    def start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Any:
+        t0 = now(inp.device)
+        work = guarded(f"all_to_all {phase} of MoE block {self.layer}", lambda: dist.all_to_all_single(
+            out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
+        self.counters.add_transfer(phase, in_splits, out_splits, self.me, inp.shape[-1] * inp.element_size(),
+                                   now(inp.device) - t0)
+        return work
+
+    def wait(self, work: Any, phase: str, device: torch.device) -> None:
+        t0 = now(device)
+        guarded(f"all_to_all {phase} of MoE block {self.layer} (wait)", work.wait)
+        self.counters.add(phase, 0, 0, 0, now(device) - t0)
 
 
 # Phases of the backward all-to-alls, as announced to expert actors (see parallel/disaggregated.py).

@@ -83,13 +83,14 @@ class AllToAllDispatcher(RunsExpertsHere):
         counts = self.send_counts(plan.tokens_per_expert_E)
         label = f"all_to_all dispatch of MoE block {layer}"
         x_ND, recv_counts_PL, blocked = self.permute_while_counting(x_TD, plan.token_idx_N, counts, label)
-        t0 = now(x_TD.device) - blocked  # the dispatch's time counts communication only, not the permute
         send_splits = counts.view(self.group_size, -1).sum(1).tolist()
         recv_splits = recv_counts_PL.sum(1).tolist()
+        t0 = now(x_ND.device)
         x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
                           self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND), label)
+        # communication only: the count exchange's blocked time and the rows, not the permute
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
-                    now(x_MD.device) - t0)
+                    blocked + now(x_MD.device) - t0)
         regroup_idx_M = regroup_index(recv_counts_PL)
         meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index, layer)
         return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
@@ -133,5 +134,4 @@ class AllToAllDispatcher(RunsExpertsHere):
         return lambda seconds: self._count(phase, send, recv, row_bytes, seconds)
 
     def _count(self, phase: str, send: list[int], recv: list[int], row_bytes: int, seconds: float) -> None:
-        me = self.group_rank
-        self.counters.add(phase, sum(send) - send[me], sum(recv) - recv[me], row_bytes, seconds)
+        self.counters.add_transfer(phase, send, recv, self.group_rank, row_bytes, seconds)

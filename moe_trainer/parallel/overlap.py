@@ -22,18 +22,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 from torch import Tensor
 
 from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
-from moe_trainer.moe.expert_kernels import Saved, swiglu_backward, swiglu_forward
+from moe_trainer.moe.expert_kernels import Saved, claim_weight_grads, swiglu_backward, swiglu_forward
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Routing
-from moe_trainer.parallel.comm import guarded
+from moe_trainer.parallel.comm import AsyncWire
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
 
 
 @dataclass(frozen=True)
@@ -84,33 +82,7 @@ def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tup
     return chunks
 
 
-@dataclass
-class Wire:
-    """Issues asynchronous all-to-alls and counts the time spent waiting for them."""
-
-    group: Any
-    me: int  # this rank in the group
-    counters: CommCounters
-    layer: int
-
-    def start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Any:
-        t0 = now(inp.device)
-        work = guarded(f"all_to_all {phase} of MoE block {self.layer}", lambda: dist.all_to_all_single(
-            out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
-        self._count(phase, in_splits, out_splits, inp, now(inp.device) - t0)
-        return work
-
-    def wait(self, work: Any, phase: str, like: Tensor) -> None:
-        t0 = now(like.device)
-        guarded(f"all_to_all {phase} of MoE block {self.layer} (wait)", work.wait)
-        self.counters.add(phase, 0, 0, 0, now(like.device) - t0)
-
-    def _count(self, phase: str, sent: list[int], recv: list[int], like: Tensor, seconds: float) -> None:
-        row_bytes = like.shape[-1] * like.element_size()
-        self.counters.add(phase, sum(sent) - sent[self.me], sum(recv) - recv[self.me], row_bytes, seconds)
-
-
-def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases: tuple[str, str],
+def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: AsyncWire, phases: tuple[str, str],
                           compute: Any) -> Tensor:
     """The pipeline shared by forward and backward: rows out to the owners, ``compute``, results back.
 
@@ -128,7 +100,7 @@ def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases:
     returns = []
     for i, c in enumerate(chunks):
         following = send(i + 1) if i + 1 < len(chunks) else None
-        wire.wait(in_flight, phases[0], x_ND)
+        wire.wait(in_flight, phases[0], x_ND.device)
         result = compute(i, recv[i].index_select(0, c.regroup_idx))
         if result is not None:
             back = torch.empty_like(result).index_copy_(0, c.regroup_idx, result)
@@ -137,7 +109,7 @@ def _exchange_and_compute(x_ND: Tensor, chunks: list[Chunk], wire: Wire, phases:
         recv[i] = x_ND.new_empty(0)  # let the received rows go once the experts have them
         in_flight = following
     for work, _ in returns:  # ``back`` stays referenced until its transfer is done
-        wire.wait(work, phases[1], x_ND)
+        wire.wait(work, phases[1], x_ND.device)
     return out_ND
 
 
@@ -145,7 +117,7 @@ class OverlappedExperts(torch.autograd.Function):
     """Dispatch all-to-all, local experts and combine all-to-all of one MoE layer, pipelined by chunk."""
 
     @staticmethod
-    def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, chunks: list[Chunk], wire: Wire,
+    def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, chunks: list[Chunk], wire: AsyncWire,
                 experts: SwiGLUExperts) -> Tensor:
         saved: list[Saved] = []
 
@@ -164,25 +136,23 @@ class OverlappedExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         w_gate_up, w_down = ctx.saved_tensors
-        (g_gate_up, over_gate_up, ret_gate_up), (g_down, over_down, ret_down) = (
-            sink.target(param, needed)
-            for sink, param, needed in zip(ctx.experts.grad_sinks, ctx.params, ctx.needs_input_grad[1:3], strict=True))
+        grads = claim_weight_grads(ctx.experts.grad_sinks, ctx.params, ctx.needs_input_grad[1:3])
         chunks, saved = ctx.chunks, ctx.saved
         need_dx = ctx.needs_input_grad[0]
 
         def compute(i: int, dy: Tensor) -> Tensor | None:
             c = chunks[i]
             part = slice(c.first, c.last)
-            grads = (None if g_gate_up is None else g_gate_up[part], None if g_down is None else g_down[part])
-            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts, grads,
-                                 (over_gate_up, over_down), need_dx=need_dx)
+            g_gate_up, g_down = grads.targets
+            targets = (None if g_gate_up is None else g_gate_up[part], None if g_down is None else g_down[part])
+            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts, targets, grads.overwrite,
+                                 need_dx=need_dx)
             saved[i] = None  # activations of a finished chunk can go
             return dx
 
         dx_ND = _exchange_and_compute(dy_ND.contiguous(), chunks, ctx.wire, ("combine_bwd", "dispatch_bwd"), compute)
         ctx.saved = ctx.params = ctx.experts = None
-        return (dx_ND if need_dx else None, g_gate_up if ret_gate_up else None, g_down if ret_down else None,
-                None, None, None)
+        return (dx_ND if need_dx else None, *grads.for_autograd(), None, None, None)
 
 
 @dataclass(frozen=True)
@@ -219,7 +189,7 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, OverlapMeta)
-        wire = Wire(self.group, self.group_rank, self.counters, meta.layer)
+        wire = AsyncWire(self.group, self.group_rank, self.counters, meta.layer)
         y_ND = OverlappedExperts.apply(dispatched.x_ND, experts.w_gate_up_EDF2, experts.w_down_EFD, meta.chunks,
                                        wire, experts)
         assert isinstance(y_ND, Tensor)

@@ -31,6 +31,11 @@ class CommCounters:
         self.bytes_sent[phase] += rows_sent * row_bytes
         self.seconds[phase] += seconds
 
+    def add_transfer(self, phase: str, sent_splits: list[int], recv_splits: list[int], me: int, row_bytes: int,
+                     seconds: float) -> None:
+        """One all-to-all seen from rank ``me`` of its group: rows to and from itself do not count."""
+        self.add(phase, sum(sent_splits) - sent_splits[me], sum(recv_splits) - recv_splits[me], row_bytes, seconds)
+
     def take(self) -> dict[str, float]:
         out: dict[str, float] = {}
         for phase in PHASES:
