@@ -78,6 +78,9 @@ class RayEngine:
             **self._model_counts(),
         }
 
+    def gradients(self) -> list[dict[str, Any]]:
+        return self.group.call("gradients")
+
     def _model_counts(self) -> dict[str, int]:
         from moe_trainer.engine import build_model
         from moe_trainer.model.transformer import count_parameters

@@ -74,6 +74,12 @@ class TrainWorker:
             return None
         return self.setup.runner.evaluate()
 
+    def gradients(self) -> dict[str, torch.Tensor]:
+        """This rank's gradients under checkpoint keys (see ``Engine.gradients``)."""
+        from moe_trainer.train.sharded_checkpoint import canonical_grads
+
+        return canonical_grads(self.setup.runner)
+
     def save(self, directory: str) -> None:
         from moe_trainer.train.sharded_checkpoint import save_shard
 

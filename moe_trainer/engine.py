@@ -14,12 +14,13 @@ from typing import Any, Protocol
 import torch
 
 from moe_trainer.config.schema import Config
+from moe_trainer.config.validate import sequences_per_group
 from moe_trainer.data import build_batch_source, build_tokenizer
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
-from moe_trainer.train.sharded_checkpoint import load_into, save_shard
+from moe_trainer.train.sharded_checkpoint import canonical_grads, load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
 
 
@@ -43,13 +44,31 @@ class Engine(Protocol):
     def info(self) -> dict[str, Any]:
         """Static facts for the run summary: parameter counts, memory per process."""
 
+    def gradients(self) -> list[dict[str, torch.Tensor]]:
+        """Each process's gradients after the last step, keyed like checkpoint entries (global experts).
+
+        For checking a layout against ``single`` gradient by gradient; with ``train.grad_clip>0``
+        they are the clipped gradients the optimizer applied.
+        """
+
     def close(self, keep_cluster: bool = False) -> None: ...
 
 
+def objective_signature(cfg: Config) -> dict[str, Any]:
+    """The settings that define what is optimised beyond the model's shape, with their effective values.
+
+    ``moe.group_sequences`` is recorded as the group size actually used: with null it follows
+    the layout (one group per rank and micro-batch), and resuming under a layout that cuts
+    other groups would silently change the objective.
+    """
+    return {"moe.group_sequences": sequences_per_group(cfg), "moe.aux_loss_scope": cfg.moe.aux_loss_scope}
+
+
 def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
-    """What must match for a checkpoint to load into this model."""
+    """What must match for a checkpoint to load into this model (layout and strategy may differ)."""
     moe = cfg.moe
     return {
+        "objective": objective_signature(cfg),
         "model": asdict(cfg.model),
         "experts": {"num_experts": moe.num_experts, "expert_hidden": moe.expert_hidden, "every": moe.every,
                     "num_shared_experts": moe.num_shared_experts,
@@ -97,6 +116,9 @@ class LocalEngine:
         counts = count_parameters(self.trainer.model)
         return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts,
                 "processes": 1}
+
+    def gradients(self) -> list[dict[str, torch.Tensor]]:
+        return [canonical_grads(self.trainer)]
 
     def close(self, keep_cluster: bool = False) -> None:
         return None

@@ -18,6 +18,7 @@ from omegaconf import MISSING
 STRATEGIES = ("single", "data_parallel", "expert_parallel", "disaggregated")
 ROUTER_TYPES = ("topk", "switch", "expert_choice")
 SCORE_ORDERS = ("softmax_topk", "topk_softmax")
+AUX_LOSS_SCOPES = ("global", "group")
 ARCHS = ("moe", "dense")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 TOKENIZERS = ("byte",)
@@ -55,7 +56,8 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # step size of that bias update
     num_shared_experts: int = 0  # DeepSeekMoE shared experts every token passes through
     shared_expert_hidden: int = 256  # hidden width of each shared expert
-    routing_groups: int | None = None  # null = one group per data-parallel rank (see docs)
+    aux_loss_scope: str = "global"  # global: f_i, P_i over the whole global batch | group: per routing group
+    group_sequences: int | None = 1  # sequences per routing group (capacity, expert choice); null = one per rank
 
 
 @dataclass

@@ -13,6 +13,7 @@ from pathlib import Path
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import (
     ARCHS,
+    AUX_LOSS_SCOPES,
     DATA_FORMATS,
     LOGGER_MODES,
     NAN_POLICIES,
@@ -32,6 +33,23 @@ AVAILABLE_STRATEGIES = STRATEGIES
 def micro_batches(cfg: Config) -> int:
     """Micro-batches per rank and step: the disaggregated and expert_parallel strategies pipeline them."""
     return cfg.parallel.micro_batches if cfg.parallel.strategy in ("disaggregated", "expert_parallel") else 1
+
+
+def data_parallel_ranks(cfg: Config) -> int:
+    """Ranks that each train on their own rows of the global batch (disaggregated: the coordinators)."""
+    p = cfg.parallel
+    return {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
+
+
+def sequences_per_group(cfg: Config) -> int:
+    """Sequences in one routing group: ``moe.group_sequences``, or (null) one rank's micro-batch.
+
+    A fixed number makes capacity, expert choice and the per-group aux loss independent of
+    the layout; null is GShard's one group per rank and micro-batch, which is not.
+    """
+    if cfg.moe.group_sequences is not None:
+        return cfg.moe.group_sequences
+    return cfg.train.batch_size // (data_parallel_ranks(cfg) * micro_batches(cfg))
 
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
@@ -83,8 +101,9 @@ def validate_moe(cfg: Config) -> None:
     _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
     _positive("moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
     _positive("moe.shared_expert_hidden", moe.shared_expert_hidden)
-    if moe.routing_groups is not None:
-        _positive("moe.routing_groups", moe.routing_groups)
+    _one_of("moe.aux_loss_scope", moe.aux_loss_scope, AUX_LOSS_SCOPES)
+    if moe.group_sequences is not None:
+        _positive("moe.group_sequences", moe.group_sequences)
 
 
 def validate_parallel(cfg: Config) -> None:
@@ -125,16 +144,17 @@ def validate_parallel(cfg: Config) -> None:
                           f"all-to-alls with expert compute; use 1 with parallel.strategy={p.strategy}")
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
-    dp_world = {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
-    micro = micro_batches(cfg)
-    groups = cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world * micro
-    if groups % (dp_world * micro):
-        raise ConfigError("moe.routing_groups", groups,
-                          f"must be a multiple of the {dp_world * micro} data-parallel ranks x micro-batches")
-    if cfg.train.batch_size % groups:
+    dp_world, micro = data_parallel_ranks(cfg), micro_batches(cfg)
+    if cfg.train.batch_size % (dp_world * micro):
         raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by the {groups} routing groups (moe.routing_groups; by default "
-                          "data-parallel ranks x parallel.micro_batches), so every group holds whole sequences")
+                          f"must be divisible by the {dp_world} data-parallel ranks x {micro} micro-batches "
+                          f"(parallel.strategy={p.strategy}), so every micro-batch holds whole sequences")
+    rows = cfg.train.batch_size // (dp_world * micro)
+    if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
+        raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
+                          f"must divide the {rows} sequences of each micro-batch (train.batch_size="
+                          f"{cfg.train.batch_size} / {dp_world} data-parallel ranks / {micro} micro-batches), so "
+                          "every layout routes the same groups; try moe.group_sequences=1")
 
 
 def validate_disaggregated(cfg: Config) -> None:

@@ -58,7 +58,7 @@ class Block(nn.Module):
 @dataclass
 class ModelOutput:
     logits_BSV: Tensor
-    aux_loss: Tensor  # mean over MoE layers (0 for dense)
+    aux_loss: Tensor  # per-group aux loss, mean over MoE layers (0 for dense and with aux_loss_scope=global)
     z_loss: Tensor  # mean over MoE layers (0 for dense)
     moe_stats: list[MoEStats] = field(default_factory=list)  # one per MoE layer, in depth order
 

@@ -37,7 +37,8 @@ class Dispatcher(Protocol):
 class MoEStats:
     """Per-layer losses (with grad) and detached load statistics of one forward pass."""
 
-    aux_loss: Tensor  # load-balancing loss (differentiable)
+    aux_loss: Tensor  # per-group load-balancing loss (differentiable; 0 with aux_loss_scope=global)
+    mean_probs_E: Tensor  # fp32 [E] mean router probability over the batch (differentiable; global aux loss)
     z_loss: Tensor  # router z-loss (differentiable)
     tokens_per_expert_E: Tensor  # int64 [E] assignments per expert before drops
     dropped: Tensor  # int64 scalar: assignments dropped past capacity
@@ -110,6 +111,7 @@ class MoELayer(nn.Module):
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
         stats = MoEStats(
             aux_loss=routing.aux_loss,
+            mean_probs_E=routing.probs_TE.mean(dim=0),
             z_loss=routing.z_loss,
             tokens_per_expert_E=routing.tokens_per_expert_E.detach(),
             dropped=dispatched.plan.dropped,

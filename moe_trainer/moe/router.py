@@ -7,10 +7,12 @@ expert a token goes to.
 Shape legend: T tokens, D model width, E experts, K experts per token,
 G routing groups, A assignments (token-expert pairs, ``T * K`` for token choice).
 
-Routing groups: load-balancing statistics and capacities are computed per group
-of ``T / G`` consecutive tokens (GShard's "groups"). A data-parallel rank is one
-group, so a single process that splits its batch into as many groups as there
-are ranks computes exactly what the distributed run computes.
+Routing groups: capacities (and expert choice) are computed per group of ``T / G``
+consecutive tokens, a fixed number of whole sequences (``moe.group_sequences``), so
+every layout cuts the global batch into the same groups. The load-balancing loss is
+either per group (``moe.aux_loss_scope=group``, GShard) or over the whole global
+batch (``global``, formed by the trainer from every rank's counts with
+:func:`global_load_balancing_loss`); see docs/architecture.md, "Routing groups".
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ class Routing:
     token_idx_A: Tensor  # int64 [A]: the token of each assignment
     expert_idx_A: Tensor  # int64 [A]: the (global) expert of each assignment
     weight_A: Tensor  # fp32 [A]: gate weight applied to the expert's output
-    aux_loss: Tensor  # fp32 scalar: load-balancing loss, mean over groups
+    aux_loss: Tensor  # fp32 scalar: per-group load-balancing loss, mean over groups (0 when scope is global)
     z_loss: Tensor  # fp32 scalar: router z-loss, mean over tokens
     probs_TE: Tensor  # fp32 [T, E]: softmax over all experts (for entropy metrics)
     tokens_per_expert_E: Tensor  # int64 [E]: assignments per expert before any drop
@@ -58,6 +60,23 @@ def load_balancing_loss(probs_GTE: Tensor, expert_idx_GTK: Tensor, num_experts: 
     f_GE = counts_GE / (tokens * k)
     p_GE = probs_GTE.mean(dim=1)
     return (num_experts * (f_GE * p_GE).sum(dim=-1)).mean()
+
+
+def global_load_balancing_loss(mean_probs_LE: Tensor, tokens_per_expert_LE: Tensor) -> Tensor:
+    """Global-batch load-balancing loss ``E * sum_i f_i * P_i``, averaged over MoE layers.
+
+    ``f_i`` is counted over the *whole global batch* (``tokens_per_expert_LE`` summed over
+    micro-batches and data-parallel ranks; no gradient), ``P_i`` is this rank's mean router
+    probability (``mean_probs_LE``, differentiable). Every rank adds its own term to its
+    loss; averaged over ranks, as the gradients are, the terms give ``E * sum_i f_i * P_i``
+    of the global batch, value and gradient, whatever the layout. Balancing the global batch
+    rather than each micro-batch also lets experts specialise by domain (Qiu et al.,
+    "Demons in the Detail", https://arxiv.org/abs/2501.11873; Megatron-Core's global aux loss).
+    """
+    num_experts = mean_probs_LE.shape[-1]
+    counts_LE = tokens_per_expert_LE.to(mean_probs_LE)
+    f_LE = counts_LE / counts_LE.sum(dim=-1, keepdim=True).clamp_min(1.0)
+    return (num_experts * (f_LE * mean_probs_LE).sum(dim=-1)).mean()
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
@@ -117,11 +136,14 @@ class Router(nn.Module):
             if self.cfg.router == "topk" and self.cfg.normalize_topk:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
 
-        aux_loss = load_balancing_loss(
-            probs_TE.view(num_groups, -1, self.num_experts),
-            expert_idx_TK.view(num_groups, -1, self.top_k),
-            self.num_experts,
-        )
+        if self.cfg.aux_loss_scope == "group":
+            aux_loss = load_balancing_loss(
+                probs_TE.view(num_groups, -1, self.num_experts),
+                expert_idx_TK.view(num_groups, -1, self.top_k),
+                self.num_experts,
+            )
+        else:  # global: needs every rank's counts, formed by the trainer
+            aux_loss = probs_TE.new_zeros(())
         # k-major flattening: every token's first choice outranks any second choice.
         token_idx_A = torch.arange(tokens, device=x_TD.device).repeat(self.top_k)
         expert_idx_A = expert_idx_TK.t().reshape(-1)

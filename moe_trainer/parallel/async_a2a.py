@@ -17,9 +17,9 @@ behind useful work instead of being waited out:
 
 Every rank builds the same graph, and the engine's order is deterministic, so
 issues and waits happen in the same order on every rank (gloo and NCCL need that).
-Routing, capacity and drops are those of the synchronous dispatcher with one
-routing group per rank and micro-batch (the same function as ``single`` with
-``moe.routing_groups = ranks x M``).
+Routing, capacity and drops are those of the synchronous dispatcher: routing groups
+are whole sequences (``moe.group_sequences``), so micro-batches change nothing but the
+schedule, and the result equals ``single``'s.
 
 Shape legend: T tokens, D width, N rows sent, M rows received.
 """

@@ -118,6 +118,12 @@ def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError("train.resume", str(path), f"checkpoint metadata is unreadable ({err})") from err
+    saved_objective, objective = meta.get("objective") or {}, expected_meta.get("objective", {})
+    for setting, want in objective.items():  # name the setting, so the user knows what to change
+        if saved_objective.get(setting) != want:
+            raise ConfigError(setting, want, f"checkpoint {path} was trained with {setting}="
+                              f"{saved_objective.get(setting)!r}, a different objective; resume with that value "
+                              "(or start a new run without train.resume)")
     for key, want in expected_meta.items():
         if meta.get(key) != want:
             raise ConfigError("train.resume", str(path),

@@ -42,21 +42,23 @@ def _param_names(trainer: Trainer) -> list[str]:
     return [by_id[id(p)] for group in trainer.optimizer.param_groups for p in group["params"]]
 
 
+def _put(out: dict[str, Tensor], prefix: str, name: str, tensor: Tensor, expert_first: dict[str, int],
+         dense: bool, experts: bool) -> None:
+    """Adds ``tensor`` under its canonical key: stacked expert tensors one global expert at a time."""
+    if name in expert_first:
+        if experts:
+            for e in range(tensor.shape[0]):
+                out[f"{prefix}/{name}/expert{expert_first[name] + e}"] = tensor[e].detach().cpu().clone()
+    elif dense:
+        out[f"{prefix}/{name}"] = tensor.detach().cpu().clone()
+
+
 def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True) -> dict[str, Tensor]:
     """Flat ``{key: tensor}`` of the parts of model and optimizer this process should write."""
     expert_first = _expert_params(trainer)
     out: dict[str, Tensor] = {}
-
-    def put(prefix: str, name: str, tensor: Tensor) -> None:
-        if name in expert_first:
-            if experts:
-                for e in range(tensor.shape[0]):
-                    out[f"{prefix}/{name}/expert{expert_first[name] + e}"] = tensor[e].detach().cpu().clone()
-        elif dense:
-            out[f"{prefix}/{name}"] = tensor.detach().cpu().clone()
-
     for name, tensor in trainer.model.state_dict().items():
-        put("model", name, tensor)
+        _put(out, "model", name, tensor, expert_first, dense, experts)
     state = trainer.optimizer.state_dict()["state"]
     for index, name in enumerate(_param_names(trainer)):
         for field, value in state.get(index, {}).items():
@@ -64,10 +66,24 @@ def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True) 
                 if dense or (experts and name in expert_first):
                     out[f"optim/{name}/step"] = value.detach().cpu().clone()
             else:
-                put(f"optim.{field}", name, value)
+                _put(out, f"optim.{field}", name, value, expert_first, dense, experts)
     if dense:
         out["trainer/step"] = torch.tensor(trainer.step)
         out["trainer/tokens_seen"] = torch.tensor(trainer.tokens_seen)
+    return out
+
+
+def canonical_grads(trainer: Trainer, dense: bool = True, experts: bool = True) -> dict[str, Tensor]:
+    """This process's current gradients under the checkpoint keys (``grad/<name>[/expertN]``).
+
+    Keyed by global expert index like the checkpoint, so gradients of any two layouts can be
+    compared entry by entry (what the equivalence tests do).
+    """
+    expert_first = _expert_params(trainer)
+    out: dict[str, Tensor] = {}
+    for name, param in trainer.model.named_parameters():
+        if param.grad is not None:
+            _put(out, "grad", name, param.grad, expert_first, dense, experts)
     return out
 
 

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_trainer.config.schema import Config
-from moe_trainer.config.validate import micro_batches
-from moe_trainer.model.transformer import Transformer
+from moe_trainer.config.validate import micro_batches, sequences_per_group
+from moe_trainer.model.transformer import ModelOutput, Transformer
+from moe_trainer.moe.router import global_load_balancing_loss
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import now
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
@@ -80,14 +81,13 @@ def process_memory_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def resolve_routing_groups(cfg: Config, dp_world: int) -> int:
-    """Routing groups of the global batch: ``moe.routing_groups``, else one per rank and micro-batch."""
-    return cfg.moe.routing_groups if cfg.moe.routing_groups is not None else dp_world * micro_batches(cfg)
-
-
 @dataclass
 class LossParts:
-    """This rank's losses for one batch (means over its micro-batches) and its router loads."""
+    """This rank's losses for one batch (means over its micro-batches) and the router loads.
+
+    ``counts`` covers the whole global batch (summed over ranks) for a training batch, this
+    rank's rows for an evaluation batch.
+    """
 
     total: Tensor
     lm: Tensor
@@ -111,23 +111,40 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # global tokens trained on
         self.micro_batches = micro_batches(cfg)
-        groups = resolve_routing_groups(cfg, ctx.dp_world)
-        self.groups_per_micro_batch = groups // ctx.dp_world // self.micro_batches
+        rows = cfg.train.batch_size // ctx.dp_world // self.micro_batches
+        self.groups_per_micro_batch = rows // sequences_per_group(cfg)
 
-    def loss(self, inputs: Tensor, targets: Tensor) -> LossParts:
+    def loss(self, inputs: Tensor, targets: Tensor, training: bool = True) -> LossParts:
         """LM cross-entropy (mean over this rank's tokens) plus weighted router losses.
 
         Micro-batches have equal sizes, so the mean of their means is the mean over the rows.
+        Training sums the router loads over the data-parallel ranks here, before backward:
+        the global aux loss needs them, and the bias update and metrics reuse them.
         """
         chunks = list(inputs.chunk(self.micro_batches))
         outs = self.model.forward_microbatches(chunks, self.groups_per_micro_batch)
         lm = torch.stack([F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), t.flatten())
                           for out, t in zip(outs, targets.chunk(self.micro_batches), strict=True)]).mean()
-        aux = torch.stack([out.aux_loss for out in outs]).mean()
         z = torch.stack([out.z_loss for out in outs]).mean()
-        total = lm + self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
         counts = LoadCounts.total([LoadCounts.from_stats(out.moe_stats, self.cfg.moe.num_experts) for out in outs])
+        if training:
+            counts = self._global_counts(counts)
+        aux = self._aux_loss(outs, counts, training)
+        total = lm + self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
         return LossParts(total, lm, aux, z, counts)
+
+    def _aux_loss(self, outs: list[ModelOutput], counts: LoadCounts, training: bool) -> Tensor:
+        """Per-group aux loss from the router, or the global-batch one from the summed counts.
+
+        Expert choice is balanced by construction (no aux loss); evaluation needs none.
+        """
+        moe = self.cfg.moe
+        if moe.aux_loss_scope == "group" or moe.router == "expert_choice" or not outs[0].moe_stats:
+            return torch.stack([out.aux_loss for out in outs]).mean()
+        if not training:
+            return outs[0].aux_loss.new_zeros(())
+        mean_probs_LE = torch.stack([torch.stack([s.mean_probs_E for s in out.moe_stats]) for out in outs]).mean(0)
+        return global_load_balancing_loss(mean_probs_LE, counts.tokens_per_expert_LE.to(mean_probs_LE.device))
 
     def train_step(self) -> StepResult:
         self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
@@ -145,7 +162,7 @@ class Trainer:
         if finite:
             clipped_step(self.optimizer, grad_norm, self.cfg.train.grad_clip)
 
-        counts = self._global_counts(parts.counts)
+        counts = parts.counts  # the global batch's loads
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
             if finite:
                 layer.router.update_bias(load_E)
@@ -190,7 +207,7 @@ class Trainer:
         lo = self.ctx.dp_rank * rows
         total = torch.zeros((), dtype=torch.float64)
         for inputs, targets in batches:
-            parts = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])))
+            parts = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])), training=False)
             total += parts.lm.double().cpu()
         total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
         return float(total / max(1, len(batches)))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.moe.layer import MoELayer
+from moe_trainer.moe.router import global_load_balancing_loss
 
 
 def make_layer(cfg: MoEConfig, d_model: int = 8, seed: int = 0) -> MoELayer:
@@ -87,7 +88,9 @@ def _train_router(cfg: MoEConfig, steps: int = 150) -> float:
     for step in range(steps):
         x = torch.randn(256, 16) + 1.0
         y, stats = layer(x[None])
-        loss = F.mse_loss(y[0], target(x).detach()) + cfg.aux_loss_coef * stats.aux_loss
+        aux = (stats.aux_loss if cfg.aux_loss_scope == "group"
+               else global_load_balancing_loss(stats.mean_probs_E[None], stats.tokens_per_expert_E[None]))
+        loss = F.mse_loss(y[0], target(x).detach()) + cfg.aux_loss_coef * aux
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -97,8 +100,9 @@ def _train_router(cfg: MoEConfig, steps: int = 150) -> float:
     return float(load.max() / load.mean())
 
 
-def test_aux_loss_reduces_load_imbalance() -> None:
-    base = dict(num_experts=8, top_k=2, expert_hidden=16, z_loss_coef=0.0)
+@pytest.mark.parametrize("scope", ["global", "group"])
+def test_aux_loss_reduces_load_imbalance(scope: str) -> None:
+    base = dict(num_experts=8, top_k=2, expert_hidden=16, z_loss_coef=0.0, aux_loss_scope=scope)
     unbalanced = _train_router(MoEConfig(**base, aux_loss_coef=0.0))
     balanced = _train_router(MoEConfig(**base, aux_loss_coef=1.0))
     assert unbalanced > 2.0

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from moe_trainer.config.schema import MoEConfig
-from moe_trainer.moe.router import Router, capacity, load_balancing_loss, router_z_loss
+from moe_trainer.moe.router import Router, capacity, global_load_balancing_loss, load_balancing_loss, router_z_loss
 
 
 def identity_router(cfg: MoEConfig) -> Router:
@@ -68,6 +68,25 @@ def test_load_balancing_loss_is_a_mean_over_groups() -> None:
     probs = torch.tensor([[[0.75, 0.25], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]])
     idx = torch.tensor([[[0], [0]], [[0], [1]]])
     assert load_balancing_loss(probs, idx, 2).item() == pytest.approx((1.25 + 1.0) / 2)
+
+
+def test_global_loss_is_the_one_group_loss_of_the_global_batch_in_value_and_gradient() -> None:
+    """Two ranks, each adding E sum f_i(global) P_i(own rows), averaged as gradients are: single's loss."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)  # [ranks, tokens, experts]
+    idx = logits.detach().topk(2, dim=-1).indices  # top-2
+    counts = torch.bincount(idx.flatten(), minlength=4)[None]  # summed over both ranks
+    single = load_balancing_loss(logits.softmax(-1).reshape(1, 12, 4), idx.reshape(1, 12, 2), 4)
+    (single_grad,) = torch.autograd.grad(single, logits)
+    per_rank = [global_load_balancing_loss(logits[r].softmax(-1).mean(0)[None], counts) for r in range(2)]
+    averaged = torch.stack(per_rank).mean()
+    (grad,) = torch.autograd.grad(averaged, logits)
+    assert averaged.item() == pytest.approx(single.item(), rel=1e-12)
+    torch.testing.assert_close(grad, single_grad, rtol=1e-12, atol=1e-15)
+    # local counts instead of the global ones give another value: the test would see that bug
+    local = torch.bincount(idx[0].flatten(), minlength=4)[None]
+    assert global_load_balancing_loss(logits[0].softmax(-1).mean(0)[None], local).item() != pytest.approx(
+        per_rank[0].item(), rel=1e-3)
 
 
 def test_z_loss_hand_computed() -> None:
