@@ -30,7 +30,7 @@ def panel(key: str) -> str | None:
         return "train"
     if key == "val_loss":
         return "eval"
-    if key in _BALANCE:
+    if key in _BALANCE or key.startswith("load_imbalance_local"):  # per rank: mean, _max, _argmax
         return "balance"
     if key.startswith(("a2a_", "grad_sync_", "comm_")):
         return "comm"

@@ -1,8 +1,17 @@
-"""Test helpers written once: comparisons of tensors by relative error."""
+"""Test helpers written once: reading a run's records, comparing tensors by relative error."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
+
+
+def read_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of a run's ``metrics.jsonl`` (training steps, evaluations, events)."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:

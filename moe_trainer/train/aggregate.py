@@ -12,8 +12,8 @@ from typing import Any
 
 from moe_trainer.parallel.telemetry import PHASES
 
-PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "grad_sync_time_s", "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv",
-                 "a2a_bytes_sent", *(f"a2a_{phase}_{what}" for phase in PHASES
+PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "load_imbalance_local", "grad_sync_time_s", "a2a_time_s",
+                 "a2a_rows_sent", "a2a_rows_recv", "a2a_bytes_sent", *(f"a2a_{phase}_{what}" for phase in PHASES
                                      for what in ("rows_sent", "rows_recv", "time_s")))
 
 

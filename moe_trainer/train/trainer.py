@@ -86,7 +86,7 @@ class LossParts:
     """This rank's losses for one batch (means over its micro-batches) and the router loads.
 
     ``counts`` covers the whole global batch (summed over ranks) for a training batch, this
-    rank's rows for an evaluation batch.
+    rank's rows for an evaluation batch; ``local_counts`` always this rank's rows.
     """
 
     total: Tensor
@@ -94,6 +94,7 @@ class LossParts:
     aux: Tensor
     z: Tensor
     counts: LoadCounts
+    local_counts: LoadCounts
 
 
 @dataclass
@@ -126,12 +127,11 @@ class Trainer:
         lm = torch.stack([F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), t.flatten())
                           for out, t in zip(outs, targets.chunk(self.micro_batches), strict=True)]).mean()
         z = torch.stack([out.z_loss for out in outs]).mean()
-        counts = LoadCounts.total([LoadCounts.from_stats(out.moe_stats, self.cfg.moe.num_experts) for out in outs])
-        if training:
-            counts = self._global_counts(counts)
+        local = LoadCounts.total([LoadCounts.from_stats(out.moe_stats, self.cfg.moe.num_experts) for out in outs])
+        counts = self._global_counts(local) if training else local
         aux = self._aux_loss(outs, counts, training)
         total = lm + self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
-        return LossParts(total, lm, aux, z, counts)
+        return LossParts(total, lm, aux, z, counts, local)
 
     def _aux_loss(self, outs: list[ModelOutput], counts: LoadCounts, training: bool) -> Tensor:
         """Per-group aux loss from the router, or the global-batch one from the summed counts.
@@ -162,7 +162,7 @@ class Trainer:
         if finite:
             clipped_step(self.optimizer, grad_norm, self.cfg.train.grad_clip)
 
-        counts = parts.counts  # the global batch's loads
+        counts = parts.counts  # the global batch's loads: every replica makes the same bias update
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
             if finite:
                 layer.router.update_bias(load_E)
@@ -186,6 +186,8 @@ class Trainer:
             "step_time_s": step_time,
             "tokens_per_s": tokens / step_time,
             **balance_metrics(counts),
+            # this rank's own rows: how far local batches are from the global balance
+            "load_imbalance_local": balance_metrics(parts.local_counts)["load_imbalance"],
             "mem_rss_mb": process_memory_mb(),
             **self.ctx.telemetry(),
         }

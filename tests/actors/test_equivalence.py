@@ -16,13 +16,14 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
-from moe_trainer.cli import make_engine
+from moe_trainer.cli import make_engine, train
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.train.sharded_checkpoint import read_entries
 from tests.conftest import compose_dict
-from tests.helpers import assert_rel_close, rel_error
+from tests.helpers import assert_rel_close, read_records, rel_error
 
 STEPS = 4
 REL = 1e-5  # fp32: sums in another order differ by ~1e-7 relative
@@ -146,3 +147,32 @@ def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:
     assert all(r["dropped_frac"] == 0 for r in dropless.records)
     assert all(v != 0 for layer in dropless.records[0]["expert_bias"] for v in layer)  # moved after step 1
     assert {k.split("/")[1] for k in dropless.grads[0] if "shared" in k}  # the shared expert has gradients
+
+
+CLI_STEPS = 10
+CLI_LAYOUTS = {  # the layouts a new user tries first, through the whole `moe-train` path (clipping on)
+    "expert_parallel_2mb": ["parallel=expert_parallel", "parallel.micro_batches=2"],
+    "disaggregated_2mb": ["parallel=disaggregated", "parallel.micro_batches=2"],
+    "expert_parallel_4_ep2": ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2",
+                              "parallel.cpus_per_actor=0.5"],
+}
+
+
+def cli_records(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
+    dcfg = compose_dict(["experiment=debug", f"train.max_steps={CLI_STEPS}", "train.log_every=1",
+                         "train.batch_size=8", *overrides])
+    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    return [r for r in read_records(run_dir) if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(CLI_LAYOUTS))
+def test_moe_train_matches_single_with_no_routing_override(ray_cluster: object, tmp_path: Path,
+                                                           layout: str) -> None:
+    ref = cli_records(tmp_path / "single")
+    got = cli_records(tmp_path / layout, *CLI_LAYOUTS[layout])
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, CLI_STEPS + 1))
+    assert any(r["grad_norm"] > 1.0 for r in ref)  # the clip is active: the norm itself must match
+    for rec, ref_rec in zip(got, ref, strict=True):
+        for key in ("loss", "grad_norm"):
+            assert rec[key] == pytest.approx(ref_rec[key], rel=REL), f"{key} at step {rec['step']}"
