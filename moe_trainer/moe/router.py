@@ -165,7 +165,9 @@ class Router(nn.Module):
         cap = min(per_group, capacity(per_group, self.cfg.top_k, self.num_experts, cf))
         scores_GET = probs_TE.view(num_groups, per_group, self.num_experts).transpose(1, 2)
         select_GET = scores_GET + self.expert_bias[:, None] if self.cfg.bias_balancing else scores_GET
-        local_idx_GEC = select_GET.topk(cap, dim=-1).indices
+        # a stable sort, not topk: tokens with equal scores (repeated tokens in equal contexts tie
+        # exactly) go by position, so every layout picks the same ones (topk's tie order varies)
+        local_idx_GEC = torch.sort(select_GET, dim=-1, descending=True, stable=True).indices[..., :cap]
         weight_GEC = scores_GET.gather(2, local_idx_GEC)
         offsets_G = torch.arange(num_groups, device=probs_TE.device) * per_group
         token_idx_GEC = local_idx_GEC + offsets_G[:, None, None]

@@ -39,6 +39,12 @@ MIXES = {
     "switch": ["moe.router=switch", "moe.capacity_factor=1.25"],
     "expert_choice": ["moe.router=expert_choice"],
 }
+# Expert choice cuts each expert's tokens at a score rank, and on this corpus tokens tie there
+# (runs of one byte at a sequence start have bit-identical states); after one update the weights
+# differ by float rounding between layouts, which breaks such ties differently and sends whole
+# tokens elsewhere. So expert choice is compared on its first step only (every gradient, every
+# statistic), where both runs route from the same weights (docs/architecture.md, "Routing groups").
+STEPS_OF = {"expert_choice": 1}
 LAYOUTS = {  # name: (overrides, processes)
     "data_parallel": (["parallel=data_parallel", "parallel.num_actors=2"], 2),
     "expert_parallel": (["parallel=expert_parallel", "parallel.num_actors=2"], 2),
@@ -63,14 +69,15 @@ class Trace:
     processes: int
 
 
-def trace(directory: Path, *overrides: str) -> Trace:
-    cfg = to_dataclass(compose_dict([*BASE, *overrides]))
+def trace(directory: Path, mix: str, *overrides: str) -> Trace:
+    cfg = to_dataclass(compose_dict([*BASE, *MIXES[mix], *overrides]))
     validate(cfg)
     engine = make_engine(cfg)
     try:
         records = engine.train(1)
         grads = engine.gradients()
-        records += engine.train(STEPS - 1)
+        if STEPS_OF.get(mix, STEPS) > 1:
+            records += engine.train(STEPS_OF.get(mix, STEPS) - 1)
         state = read_entries(engine.save(directory))
         processes = engine.info()["processes"]
     finally:
@@ -85,7 +92,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     def get(mix: str) -> Trace:
         if mix not in cache:
-            cache[mix] = trace(tmp_path_factory.mktemp(f"single-{mix}"), *MIXES[mix])
+            cache[mix] = trace(tmp_path_factory.mktemp(f"single-{mix}"), mix)
         return cache[mix]
 
     return get
@@ -109,7 +116,7 @@ def assert_same_run(got: Trace, ref: Trace) -> float:
     assert grads.keys() == ref_grads.keys()
     for key, ref_g in ref_grads.items():
         assert_rel_close(grads[key], ref_g, REL, key)
-    assert [r["step"] for r in got.records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in got.records] == [r["step"] for r in ref.records]
     for rec, ref_rec in zip(got.records, ref.records, strict=True):
         step = rec["step"]
         for key in ("loss", "aux_loss", "z_loss", "total_loss", "grad_norm"):
@@ -134,7 +141,7 @@ def test_layout_computes_what_single_computes(ray_cluster: object, reference: An
                                               mix: str) -> None:
     overrides, processes = LAYOUTS[layout]
     ref = reference(mix)
-    got = trace(tmp_path, *MIXES[mix], *overrides)
+    got = trace(tmp_path, mix, *overrides)
     assert got.processes == processes
     worst = assert_same_run(got, ref)
     print(f"{layout}/{mix}: largest relative gradient difference {worst:.2e}")

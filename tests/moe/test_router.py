@@ -117,6 +117,16 @@ def test_expert_choice_gives_each_expert_exactly_its_capacity() -> None:
     assert not r.drops_allowed and r.aux_loss.item() == 0.0
 
 
+def test_expert_choice_breaks_exact_ties_by_position() -> None:
+    """Tokens with equal scores (identical states) go to an expert in sequence order, in any layout."""
+    cfg = MoEConfig(num_experts=2, top_k=1, router="expert_choice", capacity_factor=1.0)
+    router = identity_router(cfg)
+    x = torch.tensor([[0.0, 1.0]] + [[1.0, 0.0]] * 7)  # 7 identical tokens; capacity 4 per expert
+    r = router(x)
+    picked_by_0 = sorted(r.token_idx_A[r.expert_idx_A == 0].tolist())
+    assert picked_by_0 == [1, 2, 3, 4]  # the first four of the tied tokens, not whichever topk returns
+
+
 def test_bias_balancing_changes_selection_not_weights_and_updates_by_sign() -> None:
     cfg = MoEConfig(num_experts=4, top_k=1, router="topk", bias_balancing=True, bias_update_rate=0.5)
     router = identity_router(cfg)
