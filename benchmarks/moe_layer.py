@@ -76,7 +76,8 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     d, hidden, k, cf = args["d_model"], args["expert_hidden"], args["top_k"], args["capacity_factor"]
     local = experts // world
     torch.manual_seed(0)  # same router on every rank (it is replicated); experts: this rank's shard
-    cfg = MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden, capacity_factor=cf)
+    # the per-group aux loss, computed inside the layer like DeepSpeed's gate loss (same work)
+    cfg = MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden, capacity_factor=cf, aux_loss_scope="group")
     ours = MoELayer(d, cfg, dispatcher=AllToAllDispatcher(experts, cf, group, world, rank),
                     expert_range=(rank * local, local))
     ds = MoE(d, SwiGLU(d, hidden), num_experts=experts, ep_size=world, k=k, capacity_factor=cf,

@@ -60,6 +60,27 @@ def test_resuming_a_different_model_shape_is_refused(tmp_path: Path) -> None:
     assert err.value.setting == "train.resume" and "num_experts" in str(err.value)
 
 
+@pytest.mark.parametrize("change,setting", [
+    ("moe.aux_loss_scope=group", "moe.aux_loss_scope"),
+    ("moe.group_sequences=2", "moe.group_sequences"),
+    ("moe.group_sequences=null", "moe.group_sequences"),  # single's one group of 4 sequences: another objective
+])
+def test_resuming_under_another_objective_is_refused_naming_the_setting(tmp_path: Path, change: str,
+                                                                       setting: str) -> None:
+    run(tmp_path / "a", "train.max_steps=3")
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "b", change, f"train.resume={tmp_path / 'a'}")
+    assert err.value.setting == setting and "different objective" in str(err.value)
+    assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_an_objective_that_does_not_change_resumes(tmp_path: Path) -> None:
+    """group_sequences=null with 1 sequence per micro-batch is the same objective as 1: resumes."""
+    run(tmp_path / "a", "train.max_steps=3", "train.batch_size=1")
+    summary = run(tmp_path / "b", "train.batch_size=1", "moe.group_sequences=null", f"train.resume={tmp_path / 'a'}")
+    assert summary["start_step"] == 3
+
+
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     run(tmp_path, "train.max_steps=12", "train.checkpoint_every=2", "train.keep_last=2")
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000010", "step_00000012"]
