@@ -17,6 +17,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
+from actors.engine import RayEngine
 from moe_trainer.cli import train
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import MoEConfig, to_dataclass
@@ -103,6 +104,40 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     for key, value in want.items():
         if key.startswith("model/"):
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def announce_one_dispatch_early(worker: Any) -> None:
+    """Runs inside each actor: coordinator rank 1 announces every backward all-to-all one dispatch early.
+
+    Coordinator 0's (larger) numbers win the MAX all-reduce, so an expert actor that did not
+    check the header would play coordinator 0's all-to-all and wait in it for ``parallel.timeout_s``.
+    """
+    from moe_trainer.parallel.disaggregated import announce
+
+    if worker.rank == 1:
+        for layer in worker.setup.runner.model.moe_layers():
+            layer.dispatcher.announce = lambda index, phase: announce(index - 1, phase)
+
+
+def test_coordinators_that_disagree_stop_every_rank_within_seconds(ray_cluster: object, make_config: Any) -> None:
+    timeout_s = 120  # a rank left waiting in a collective would fail only after this
+    cfg = make_config("parallel=disaggregated", "parallel.num_coordinators=2", "parallel.num_expert_actors=1",
+                      f"parallel.timeout_s={timeout_s}")
+    engine = RayEngine(cfg)
+    try:
+        engine.group.call("__ray_call__", announce_one_dispatch_early)
+        start = time.monotonic()
+        refs = [actor.train.remote(1) for actor in engine.group.actors]  # every rank's own outcome, not the first
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=30)
+        assert not pending, f"ranks {[refs.index(r) for r in pending]} still running after 30 s"
+        seconds = time.monotonic() - start
+        for rank, ref in enumerate(refs):
+            with pytest.raises(CollectiveError, match="disagree on the backward schedule") as err:
+                ray.get(ref)
+            assert f"rank {rank}:" in str(err.value)
+        print(f"every rank failed within {seconds:.3f} s (parallel.timeout_s={timeout_s})")
+    finally:
+        engine.close(keep_cluster=True)
 
 
 @ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
