@@ -234,13 +234,16 @@ class ExpertServer:
         guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
         t0 = now(self.ctx.device)
         norm = sq.sum().sqrt().float()
-        if torch.isfinite(norm):  # same global norm as the coordinators: same decision
+        finite = bool(torch.isfinite(norm))  # same global norm as the coordinators: same decision
+        if finite:
             clipped_step(self.optimizer, norm, self.cfg.train.grad_clip)
         clock.busy += now(self.ctx.device) - t0
         self.step += 1
         total = now(self.ctx.device) - t_start
-        return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
-                "expert_step_time_s": total, "expert_rows_recv": clock.rows, "expert_mem_rss_mb": process_memory_mb()}
+        # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
+        return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": clock.busy,
+                "expert_wait_s": total - clock.busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
+                "expert_mem_rss_mb": process_memory_mb()}
 
     def evaluate(self, batches: int) -> None:
         clock = _StepClock()

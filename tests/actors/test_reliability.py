@@ -106,6 +106,35 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
 
 
+def poison_coordinator(worker: Any) -> None:
+    """Runs inside each actor (``__ray_call__``): a NaN weight on the coordinator makes every step non-finite."""
+    if worker.setup.role == "coordinator":
+        with torch.no_grad():
+            worker.setup.runner.model.lm_head.weight[0, 0] = float("nan")
+
+
+def runner_step(worker: Any) -> int:
+    return worker.setup.runner.step
+
+
+def test_every_rank_stops_at_the_skipped_step_that_ends_training(ray_cluster: object,
+                                                                  make_config: Any) -> None:
+    # coordinators (TrainWorker) and expert actors (ExpertServer) must leave the chunk together
+    cfg = make_config("parallel=disaggregated", "train.on_nan=skip", "train.max_skipped_steps=3",
+                      "parallel.timeout_s=60")
+    engine = RayEngine(cfg)
+    try:
+        assert not engine.train(1)[0]["step_skipped"]
+        engine.group.call("__ray_call__", poison_coordinator)
+        assert [r["step_skipped"] for r in engine.train(2)] == [True, True]
+        records = engine.train(5)  # the 3rd skip in a row, counted across chunks, ends this chunk
+        assert [(r["step"], r["step_skipped"]) for r in records] == [(4, True)]
+        assert engine.group.call("__ray_call__", runner_step) == [4, 4, 4]
+        assert engine.nonfinite_state() == ["rank 0: model/lm_head.weight"]
+    finally:
+        engine.close(keep_cluster=True)
+
+
 def announce_one_dispatch_early(worker: Any) -> None:
     """Runs inside each actor: coordinator rank 1 announces every backward all-to-all one dispatch early.
 
