@@ -69,6 +69,8 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
     if engine.step == 0:
         summary["initial_val_loss"] = engine.evaluate()
         outputs.log({"step": 0, "val_loss": summary["initial_val_loss"]})
+    elif (first := outputs.logged_val_loss(0)) is not None:  # a restart, or a resume in the same run dir
+        summary["initial_val_loss"] = first
     policy = SkipPolicy.from_config(t)  # decides like the engine's, from the same records
     bar = tqdm(total=t.max_steps, initial=engine.step, disable=not cfg.logger.progress, unit="step",
                dynamic_ncols=True)

@@ -92,6 +92,7 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     restarts = [r for r in records if "restart" in r]
     assert len(restarts) == 1 and "restart 1/1" in err
+    assert f"val_loss {records[0]['val_loss']:.4f} -> " in out  # the first attempt's step-0 evaluation, not nan
     assert restarts[0]["step"] % 10 == 0 and restarts[0]["failed_at_step"] - restarts[0]["step"] < 10 + 5
     print(f"death -> resumed: {restarts[0]['restart_time_s']:.1f} s rebuild, steps lost "
           f"{restarts[0]['failed_at_step'] - restarts[0]['step']}, kill at {killed_at:.1f}")
