@@ -52,6 +52,10 @@ class RayEngine:
     def evaluate(self) -> float:
         return self.group.call("evaluate")[0]
 
+    def nonfinite_state(self) -> list[str]:
+        return [f"rank {rank}: {name}" for rank, names in enumerate(self.group.call("nonfinite_state"))
+                for name in names]
+
     def save(self, root: Path) -> Path:
         meta = checkpoint_signature(self.cfg, self.vocab_size)
         return save_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), meta)

@@ -20,6 +20,7 @@ import torch
 
 from moe_trainer.config.schema import Config
 from moe_trainer.host_memory import retain_freed_memory
+from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 
 
 @ray.remote
@@ -35,6 +36,7 @@ class TrainWorker:
         if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
             os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         self.setup: Any = None
+        self.skips = SkipPolicy.from_config(cfg.train)
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port; rank 0's becomes everyone's rendezvous.
@@ -65,8 +67,8 @@ class TrainWorker:
     def train(self, num_steps: int) -> list[dict[str, Any]]:
         runner = self.setup.runner
         if self.setup.role == "experts":
-            return [runner.train_step() for _ in range(num_steps)]
-        return [runner.train_step().record for _ in range(num_steps)]
+            return run_steps(runner.train_step, num_steps, self.skips)
+        return run_steps(lambda: runner.train_step().record, num_steps, self.skips)
 
     def evaluate(self) -> float | None:
         if self.setup.role == "experts":
@@ -79,6 +81,9 @@ class TrainWorker:
         from moe_trainer.train.sharded_checkpoint import canonical_grads
 
         return canonical_grads(self.setup.runner)
+
+    def nonfinite_state(self) -> list[str]:
+        return nonfinite_tensors(self.setup.runner.model, self.setup.runner.optimizer)
 
     def save(self, directory: str) -> None:
         from moe_trainer.train.sharded_checkpoint import save_shard

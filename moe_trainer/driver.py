@@ -1,13 +1,14 @@
 """The driver loop shared by every strategy: chunks of steps, evaluation, checkpoints, logging.
 
 It knows nothing about how steps are computed; it asks an :class:`Engine` for
-chunks that end at the next log, eval or checkpoint boundary.
+chunks that end at the next log, eval or checkpoint boundary (or earlier, at a
+non-finite step that ends training: see :mod:`moe_trainer.train.nan_guard`).
 """
 
 from __future__ import annotations
 
-import math
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
@@ -16,15 +17,47 @@ from moe_trainer import STARTED_AT
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
 from moe_trainer.outputs import RunOutputs
-from moe_trainer.train.checkpoint import prune_checkpoints
+from moe_trainer.train.checkpoint import list_checkpoints, prune_checkpoints
+from moe_trainer.train.nan_guard import SkipPolicy
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+    """The loss, gradient or weights became NaN or infinite; the last good checkpoint is left untouched."""
 
 
 def _next_boundary(step: int, every: int, last: int) -> int:
     return min(last, (step // every + 1) * every) if every > 0 else last
+
+
+def _last_checkpoint(ckpt_root: Path) -> str:
+    found = list_checkpoints(ckpt_root)
+    return f"the last finite checkpoint is {found[-1]}" if found else f"no checkpoint was saved in {ckpt_root}"
+
+
+def _non_finite(record: dict[str, Any]) -> str:
+    return f"non-finite loss {record['loss']}, gradient norm {record['grad_norm']} at step {record['step']}"
+
+
+def _diverged(record: dict[str, Any], policy: SkipPolicy, ckpt_root: Path) -> TrainingDiverged:
+    what = _non_finite(record)
+    if policy.on_nan == "stop":
+        return TrainingDiverged(f"{what}; stopping (train.on_nan=stop). The update was not applied and "
+                                f"{_last_checkpoint(ckpt_root)}, intact.")
+    return TrainingDiverged(f"{what}: {policy.consecutive} steps in a row were skipped "
+                            f"(train.max_skipped_steps={policy.max_skipped}); stopping, the model has probably "
+                            f"gone non-finite. {_last_checkpoint(ckpt_root)}; resume from it with a lower train.lr, "
+                            "or raise train.max_skipped_steps if the bad batches are transient.")
+
+
+def _save(engine: Engine, ckpt_root: Path, keep_last: int) -> None:
+    """Saves and prunes, unless the state went non-finite: that one is never written (and nothing pruned)."""
+    bad = engine.nonfinite_state()
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise TrainingDiverged(f"the model state at step {engine.step} holds NaN/inf ({', '.join(bad[:3])}{more}); "
+                               f"it was not saved and no checkpoint was pruned: {_last_checkpoint(ckpt_root)}.")
+    engine.save(ckpt_root)
+    prune_checkpoints(ckpt_root, keep_last)
 
 
 def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, Any]:
@@ -36,6 +69,9 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
     if engine.step == 0:
         summary["initial_val_loss"] = engine.evaluate()
         outputs.log({"step": 0, "val_loss": summary["initial_val_loss"]})
+    elif (first := outputs.logged_val_loss(0)) is not None:  # a restart, or a resume in the same run dir
+        summary["initial_val_loss"] = first
+    policy = SkipPolicy.from_config(t)  # decides like the engine's, from the same records
     bar = tqdm(total=t.max_steps, initial=engine.step, disable=not cfg.logger.progress, unit="step",
                dynamic_ncols=True)
     tokens_per_s: list[float] = []
@@ -51,15 +87,15 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 summary["time_to_first_step_s"] = first_done - STARTED_AT
             bar.update(len(records))
             for record in records:
-                if record.get("step_skipped") or not math.isfinite(record["loss"]):
-                    what = f"loss {record['loss']}, gradient norm {record['grad_norm']} at step {record['step']}"
-                    if t.on_nan == "stop":
-                        raise TrainingDiverged(f"non-finite {what}; stopping (train.on_nan=stop). The update was "
-                                               f"not applied and the last good checkpoint in {ckpt_root} is intact.")
-                    bar.write(f"warning: non-finite {what}; update skipped (train.on_nan=skip)")
-                tokens_per_s.append(record["tokens_per_s"])
-                if record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
+                ends = policy.must_stop(record)
+                if ends or record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
                     outputs.log(record)
+                if ends:  # the engine ended the chunk right after this step, on every rank
+                    raise _diverged(record, policy, ckpt_root)
+                if record.get("step_skipped"):
+                    bar.write(f"warning: {_non_finite(record)}; update skipped (train.on_nan=skip, "
+                              f"{policy.consecutive} in a row, at most train.max_skipped_steps={policy.max_skipped})")
+                tokens_per_s.append(record["tokens_per_s"])
             last = records[-1]
             bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
             if engine.step % t.eval_every == 0 or engine.step == t.max_steps:
@@ -68,8 +104,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 summary["final_val_loss"] = val
                 bar.write(f"step {engine.step}: val_loss {val:.4f}")
             if (t.checkpoint_every and engine.step % t.checkpoint_every == 0) or engine.step == t.max_steps:
-                engine.save(ckpt_root)
-                prune_checkpoints(ckpt_root, t.keep_last)
+                _save(engine, ckpt_root, t.keep_last)
             summary["final_loss"] = last["loss"]
     finally:
         bar.close()

@@ -20,6 +20,7 @@ from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 from moe_trainer.train.sharded_checkpoint import canonical_grads, load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
 
@@ -33,9 +34,16 @@ class Engine(Protocol):
     def step(self) -> int: ...
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
-        """Runs ``num_steps`` optimizer steps and returns one metrics record per step."""
+        """Runs up to ``num_steps`` optimizer steps and returns one metrics record per step run.
+
+        Fewer records come back when a non-finite step ends training (``train.on_nan``,
+        ``train.max_skipped_steps``): the chunk ends right after that step, on every rank.
+        """
 
     def evaluate(self) -> float: ...
+
+    def nonfinite_state(self) -> list[str]:
+        """Names (with the rank) of parameters or optimizer state holding NaN/inf on any process."""
 
     def save(self, root: Path) -> Path: ...
 
@@ -92,6 +100,7 @@ class LocalEngine:
         self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
         data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
         self.trainer = Trainer(cfg, build_model(cfg, self.vocab_size), data, SingleContext())
+        self.skips = SkipPolicy.from_config(cfg.train)
 
     @property
     def step(self) -> int:
@@ -99,10 +108,13 @@ class LocalEngine:
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
         # one rank: aggregation only adds the mean/_max/_per_rank keys every strategy logs
-        return aggregate_chunk([[self.trainer.train_step().record for _ in range(num_steps)]])
+        return aggregate_chunk([run_steps(lambda: self.trainer.train_step().record, num_steps, self.skips)])
 
     def evaluate(self) -> float:
         return self.trainer.evaluate()
+
+    def nonfinite_state(self) -> list[str]:
+        return nonfinite_tensors(self.trainer.model, self.trainer.optimizer)
 
     def save(self, root: Path) -> Path:
         meta = checkpoint_signature(self.cfg, self.vocab_size)

@@ -88,6 +88,22 @@ class RunOutputs:
             for i, layer in enumerate(record.get("layers", [])):
                 self._load_rows.extend([record["step"], i, e, n] for e, n in enumerate(layer["tokens_per_expert"]))
 
+    def logged_val_loss(self, step: int) -> float | None:
+        """The last ``val_loss`` logged at ``step`` in this run dir's ``metrics.jsonl`` (None if there is none).
+
+        A restart or a resume in the same run dir starts past step 0 without evaluating
+        there; the run's first evaluation is the one an earlier attempt logged.
+        """
+        found = None
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash mid-write
+                continue
+            if isinstance(record, dict) and record.get("step") == step and "val_loss" in record:
+                found = float(record["val_loss"])
+        return found
+
     def write_processes(self, info: dict[str, Any]) -> None:
         """``processes.json``: which process (pid, node) is which rank, rewritten after each restart."""
         (self.run_dir / "processes.json").write_text(json.dumps(info, indent=1))

@@ -113,6 +113,7 @@ class TrainConfig:
     resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
     keep_last: int = 3  # checkpoints kept on disk (older ones deleted after a successful save); 0 = all
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)
+    max_skipped_steps: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     retain_freed_memory: bool = True  # keep freed host memory for reuse instead of re-faulting it each step
 
 

@@ -217,6 +217,10 @@ def validate_train(cfg: Config) -> None:
     _positive("train.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive("train.keep_last", t.keep_last, allow_zero=True)
     _one_of("train.on_nan", t.on_nan, NAN_POLICIES)
+    if t.max_skipped_steps < 1:
+        raise ConfigError("train.max_skipped_steps", t.max_skipped_steps,
+                          "must be >= 1: a run whose every step is skipped must stop (1 = stop at the first "
+                          "skipped step, like train.on_nan=stop)")
     _positive("fault_tolerance.max_restarts", cfg.fault_tolerance.max_restarts, allow_zero=True)
 
 

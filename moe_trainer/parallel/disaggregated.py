@@ -73,17 +73,33 @@ def announce(index: int, phase: int) -> None:
     Every coordinator sends ``(index, phase)`` and its negation, so one MAX all-reduce
     also reveals whether the coordinators disagree (their graphs must be identical).
     """
-    header = torch.tensor([index, phase, -index, -phase], dtype=torch.int64)
-    guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
-    if header[0] != -header[2] or header[1] != -header[3]:
-        raise RuntimeError(f"coordinators disagree on the backward schedule: {header.tolist()}")
+    _reduce_announcement(torch.tensor([index, phase, -index, -phase], dtype=torch.int64))
 
 
 def await_announcement() -> tuple[int, int]:
-    """Expert-actor side of :func:`announce`."""
-    header = torch.full((4,), _NOBODY, dtype=torch.int64)
+    """Expert-actor side of :func:`announce`.
+
+    Expert actors see the same reduced header as the coordinators, so they detect a
+    disagreement in the same all-reduce and fail with them, instead of playing one
+    coordinator's side and waiting in the next all-to-all until ``parallel.timeout_s``.
+    """
+    return guarded("backward announcement (expert actor)",
+                   lambda: _reduce_announcement(torch.full((4,), _NOBODY, dtype=torch.int64)))
+
+
+def _reduce_announcement(header: Tensor) -> tuple[int, int]:
+    """MAX all-reduce of ``header``; the announced ``(index, phase)``, or an error if coordinators differ.
+
+    After the reduction the header is ``(max index, max phase, -min index, -min phase)``
+    over the coordinators: they agree exactly when max and min coincide.
+    """
     guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
-    return int(header[0]), int(header[1])
+    high, low = (int(header[0]), int(header[1])), (-int(header[2]), -int(header[3]))
+    if high != low:
+        raise RuntimeError(f"coordinators disagree on the backward schedule: they announced dispatches "
+                           f"{low[0]}..{high[0]}, phases {low[1]}..{high[1]} for the same all-to-all; their autograd "
+                           "graphs must be identical (same model and parallel.micro_batches on every coordinator)")
+    return high
 
 
 class ExpertShardModel(nn.Module):
@@ -218,13 +234,16 @@ class ExpertServer:
         guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
         t0 = now(self.ctx.device)
         norm = sq.sum().sqrt().float()
-        if torch.isfinite(norm):  # same global norm as the coordinators: same decision
+        finite = bool(torch.isfinite(norm))  # same global norm as the coordinators: same decision
+        if finite:
             clipped_step(self.optimizer, norm, self.cfg.train.grad_clip)
         clock.busy += now(self.ctx.device) - t0
         self.step += 1
         total = now(self.ctx.device) - t_start
-        return {"step": self.step, "lr": lr, "expert_busy_s": clock.busy, "expert_wait_s": total - clock.busy,
-                "expert_step_time_s": total, "expert_rows_recv": clock.rows, "expert_mem_rss_mb": process_memory_mb()}
+        # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
+        return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": clock.busy,
+                "expert_wait_s": total - clock.busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
+                "expert_mem_rss_mb": process_memory_mb()}
 
     def evaluate(self, batches: int) -> None:
         clock = _StepClock()

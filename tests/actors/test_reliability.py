@@ -17,6 +17,7 @@ import ray
 import torch
 from omegaconf import OmegaConf
 
+from actors.engine import RayEngine
 from moe_trainer.cli import train
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import MoEConfig, to_dataclass
@@ -26,7 +27,7 @@ from tests.conftest import compose_dict
 STEPS = 10
 # 4 routing groups in every layout, so all of them compute the same function (docs/architecture.md)
 BASE = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", f"train.eval_every={STEPS}", "train.log_every=1",
-        "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4", "moe.routing_groups=4",
+        "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4",
         "parallel.cpus_per_actor=0.5"]
 
 
@@ -91,6 +92,7 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     restarts = [r for r in records if "restart" in r]
     assert len(restarts) == 1 and "restart 1/1" in err
+    assert f"val_loss {records[0]['val_loss']:.4f} -> " in out  # the first attempt's step-0 evaluation, not nan
     assert restarts[0]["step"] % 10 == 0 and restarts[0]["failed_at_step"] - restarts[0]["step"] < 10 + 5
     print(f"death -> resumed: {restarts[0]['restart_time_s']:.1f} s rebuild, steps lost "
           f"{restarts[0]['failed_at_step'] - restarts[0]['step']}, kill at {killed_at:.1f}")
@@ -103,6 +105,69 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     for key, value in want.items():
         if key.startswith("model/"):
             torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def poison_coordinator(worker: Any) -> None:
+    """Runs inside each actor (``__ray_call__``): a NaN weight on the coordinator makes every step non-finite."""
+    if worker.setup.role == "coordinator":
+        with torch.no_grad():
+            worker.setup.runner.model.lm_head.weight[0, 0] = float("nan")
+
+
+def runner_step(worker: Any) -> int:
+    return worker.setup.runner.step
+
+
+def test_every_rank_stops_at_the_skipped_step_that_ends_training(ray_cluster: object,
+                                                                  make_config: Any) -> None:
+    # coordinators (TrainWorker) and expert actors (ExpertServer) must leave the chunk together
+    cfg = make_config("parallel=disaggregated", "train.on_nan=skip", "train.max_skipped_steps=3",
+                      "parallel.timeout_s=60")
+    engine = RayEngine(cfg)
+    try:
+        assert not engine.train(1)[0]["step_skipped"]
+        engine.group.call("__ray_call__", poison_coordinator)
+        assert [r["step_skipped"] for r in engine.train(2)] == [True, True]
+        records = engine.train(5)  # the 3rd skip in a row, counted across chunks, ends this chunk
+        assert [(r["step"], r["step_skipped"]) for r in records] == [(4, True)]
+        assert engine.group.call("__ray_call__", runner_step) == [4, 4, 4]
+        assert engine.nonfinite_state() == ["rank 0: model/lm_head.weight"]
+    finally:
+        engine.close(keep_cluster=True)
+
+
+def announce_one_dispatch_early(worker: Any) -> None:
+    """Runs inside each actor: coordinator rank 1 announces every backward all-to-all one dispatch early.
+
+    Coordinator 0's (larger) numbers win the MAX all-reduce, so an expert actor that did not
+    check the header would play coordinator 0's all-to-all and wait in it for ``parallel.timeout_s``.
+    """
+    from moe_trainer.parallel.disaggregated import announce
+
+    if worker.rank == 1:
+        for layer in worker.setup.runner.model.moe_layers():
+            layer.dispatcher.announce = lambda index, phase: announce(index - 1, phase)
+
+
+def test_coordinators_that_disagree_stop_every_rank_within_seconds(ray_cluster: object, make_config: Any) -> None:
+    timeout_s = 120  # a rank left waiting in a collective would fail only after this
+    cfg = make_config("parallel=disaggregated", "parallel.num_coordinators=2", "parallel.num_expert_actors=1",
+                      f"parallel.timeout_s={timeout_s}")
+    engine = RayEngine(cfg)
+    try:
+        engine.group.call("__ray_call__", announce_one_dispatch_early)
+        start = time.monotonic()
+        refs = [actor.train.remote(1) for actor in engine.group.actors]  # every rank's own outcome, not the first
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=30)
+        assert not pending, f"ranks {[refs.index(r) for r in pending]} still running after 30 s"
+        seconds = time.monotonic() - start
+        for rank, ref in enumerate(refs):
+            with pytest.raises(CollectiveError, match="disagree on the backward schedule") as err:
+                ray.get(ref)
+            assert f"rank {rank}:" in str(err.value)
+        print(f"every rank failed within {seconds:.3f} s (parallel.timeout_s={timeout_s})")
+    finally:
+        engine.close(keep_cluster=True)
 
 
 @ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process

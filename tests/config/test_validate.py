@@ -29,6 +29,7 @@ BATTERY = [
     ("train.beta1=1.0", "train.beta1"),
     ("train.on_nan=ignore", "train.on_nan"),
     ("train.keep_last=-1", "train.keep_last"),
+    ("train.max_skipped_steps=0", "train.max_skipped_steps"),
     ("data.seq_len=4096", "data.seq_len"),  # over model.max_seq_len
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.paths=[/no/such/file.txt]", "data.paths"),

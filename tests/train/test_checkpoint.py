@@ -15,7 +15,7 @@ from moe_trainer.config.schema import to_dataclass
 from moe_trainer.driver import TrainingDiverged, run_training
 from moe_trainer.engine import LocalEngine
 from moe_trainer.outputs import RunOutputs
-from moe_trainer.train.checkpoint import list_checkpoints
+from moe_trainer.train.checkpoint import list_checkpoints, resolve_resume
 from tests.conftest import compose_dict
 
 
@@ -86,8 +86,10 @@ def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
     assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000010", "step_00000012"]
 
 
-def poisoned_engine(make_config, tmp_path: Path, on_nan: str) -> tuple[LocalEngine, RunOutputs, object]:
-    cfg = make_config(f"train.on_nan={on_nan}", "train.max_steps=6")
+def poisoned_engine(make_config, tmp_path: Path, on_nan: str,
+                    *overrides: str) -> tuple[LocalEngine, RunOutputs, object]:
+    """Trained and checkpointed to step 3, then one weight set to NaN: every later step is non-finite."""
+    cfg = make_config(f"train.on_nan={on_nan}", "train.max_steps=6", *overrides)
     engine = LocalEngine(cfg)
     outputs = RunOutputs(tmp_path, {}, cfg.logger, "single")
     engine.train(3)
@@ -97,25 +99,65 @@ def poisoned_engine(make_config, tmp_path: Path, on_nan: str) -> tuple[LocalEngi
     return engine, outputs, cfg
 
 
-def test_nan_loss_stops_with_the_last_good_checkpoint_intact(make_config, tmp_path: Path) -> None:
-    engine, outputs, cfg = poisoned_engine(make_config, tmp_path, "stop")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_00000003").iterdir()}
-    embed_before = engine.trainer.model.embed.weight.detach().clone()
-    with pytest.raises(TrainingDiverged, match="train.on_nan=stop"):
+def logged(tmp_path: Path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+
+
+def checkpoints(tmp_path: Path) -> list[str]:
+    return [p.name for p in list_checkpoints(tmp_path / "checkpoints")]
+
+
+def diverging_run(make_config, tmp_path: Path, on_nan: str, match: str, *overrides: str) -> tuple[LocalEngine, str]:
+    """Trains the poisoned engine until the run stops; returns the engine and the error message."""
+    engine, outputs, cfg = poisoned_engine(make_config, tmp_path, on_nan, *overrides)
+    with pytest.raises(TrainingDiverged, match=match) as err:
         run_training(cfg, engine, outputs)
     outputs.close()
-    assert [p.name for p in list_checkpoints(tmp_path / "checkpoints")] == ["step_00000003"]
-    after = {p.name: p.read_bytes() for p in (tmp_path / "checkpoints" / "step_00000003").iterdir()}
-    assert before == after
+    return engine, str(err.value)
+
+
+def test_nan_loss_stops_at_that_step_with_the_last_good_checkpoint_intact(make_config, tmp_path: Path) -> None:
+    first = tmp_path / "checkpoints" / "step_00000003"
+    # one chunk covers steps 4-6: the run must stop after step 4, not after the chunk
+    engine, outputs, cfg = poisoned_engine(make_config, tmp_path, "stop", "train.log_every=3")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    embed_before = engine.trainer.model.embed.weight.detach().clone()
+    with pytest.raises(TrainingDiverged, match="train.on_nan=stop") as err:
+        run_training(cfg, engine, outputs)
+    outputs.close()
+    assert engine.step == 4 and str(first) in str(err.value)
+    assert [r["step"] for r in logged(tmp_path) if r.get("step_skipped")] == [4]
+    assert checkpoints(tmp_path) == ["step_00000003"]
+    assert before == {p.name: p.read_bytes() for p in first.iterdir()}
     assert torch.equal(engine.trainer.model.embed.weight, embed_before)  # the bad update was not applied
 
 
-def test_nan_loss_skips_the_update_when_asked(make_config, tmp_path: Path) -> None:
+def test_skip_stops_after_max_skipped_steps_in_a_row(make_config, tmp_path: Path) -> None:
+    engine, message = diverging_run(make_config, tmp_path, "skip", "train.max_skipped_steps=2",
+                                    "train.max_skipped_steps=2", "train.log_every=3")
+    assert engine.step == 5 and "step_00000003" in message
+    assert checkpoints(tmp_path) == ["step_00000003"]
+
+
+def test_non_finite_state_is_never_saved_and_the_last_finite_checkpoint_is_kept(make_config, tmp_path: Path) -> None:
+    engine, message = diverging_run(make_config, tmp_path, "skip", "not saved", "train.max_skipped_steps=100",
+                                    "train.keep_last=1")
+    assert engine.step == 6  # every step skipped, up to the save at the end
+    assert "model/lm_head.weight" in message and "step_00000003" in message
+    assert checkpoints(tmp_path) == ["step_00000003"]
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / "step_00000003"
+
+
+def test_a_transient_nan_skips_the_update_and_training_goes_on(make_config, tmp_path: Path) -> None:
     engine, outputs, cfg = poisoned_engine(make_config, tmp_path, "skip")
     embed_before = engine.trainer.model.embed.weight.detach().clone()
+    weight = engine.trainer.model.lm_head.weight
+    assert engine.train(1)[0]["step_skipped"]
+    assert torch.equal(engine.trainer.model.embed.weight, embed_before)  # the update was not applied
+    with torch.no_grad():
+        weight[0, 0] = 0.0  # the cause goes away
     summary = run_training(cfg, engine, outputs)
     outputs.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 6
-    assert all(r["step_skipped"] for r in records if "loss" in r)
-    assert torch.equal(engine.trainer.model.embed.weight, embed_before)
+    assert not any(r.get("step_skipped") for r in logged(tmp_path))
+    assert checkpoints(tmp_path)[-1] == "step_00000006"

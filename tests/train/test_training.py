@@ -9,9 +9,11 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from moe_trainer.cli import train
+from moe_trainer.cli import _train_with_restarts, train
 from moe_trainer.config.schema import to_dataclass
+from moe_trainer.engine import EngineLost, LocalEngine
 from moe_trainer.logging import read_offline_run
+from moe_trainer.outputs import RunOutputs
 from tests.conftest import compose_dict
 
 
@@ -55,9 +57,31 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, extra: list[str]) 
 
 
 def test_resume_auto_uses_latest_checkpoint_in_run_dir(tmp_path: Path) -> None:
-    run(tmp_path, "train.max_steps=3")
+    first, _ = run(tmp_path, "train.max_steps=3")
     summary, _ = run(tmp_path, "train.max_steps=6", "train.resume=auto")
     assert summary["start_step"] == 3
+    assert summary["initial_val_loss"] == first["initial_val_loss"]  # the run's step-0 evaluation, not nan
+
+
+class LosesItsProcessAtStep4(LocalEngine):
+    """A LocalEngine that fails at step 4 the way a Ray engine does when an actor dies."""
+
+    def train(self, num_steps: int) -> list[dict[str, Any]]:
+        if self.step == 4:
+            raise EngineLost("injected: actor rank 1 died")
+        return super().train(num_steps)
+
+
+def test_restart_reports_the_first_attempts_initial_val_loss(tmp_path: Path) -> None:
+    dcfg = compose_dict(["experiment=debug", "fault_tolerance.max_restarts=1"])
+    cfg = to_dataclass(dcfg)
+    outputs = RunOutputs(tmp_path, {}, cfg.logger, "single")
+    summary, engine = _train_with_restarts(cfg, LosesItsProcessAtStep4(cfg), outputs)  # rebuilt: a LocalEngine
+    outputs.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert summary["restarts"] == 1 and summary["start_step"] == 3 and engine.step == 6
+    assert summary["initial_val_loss"] == records[0]["val_loss"]
+    assert records[0]["step"] == 0
 
 
 def test_dense_baseline_trains_with_equal_active_parameters(tmp_path: Path) -> None:
