@@ -25,7 +25,7 @@ from moe_trainer.train.sharded_checkpoint import read_entries
 from tests.conftest import compose_dict
 
 STEPS = 10
-# 4 routing groups in every layout, so all of them compute the same function (docs/architecture.md)
+# routing groups are whole sequences, so every layout computes the same function (docs/architecture.md)
 BASE = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", f"train.eval_every={STEPS}", "train.log_every=1",
         "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4",
         "parallel.cpus_per_actor=0.5"]
