@@ -99,6 +99,11 @@ def validate_moe(cfg: Config) -> None:
     _positive("moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
     _positive("moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
     _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
+    if moe.bias_balancing and moe.router == "expert_choice":
+        raise ConfigError("moe.bias_balancing", True, "does nothing with moe.router=expert_choice: a per-expert "
+                          "bias shifts all of an expert's scores alike, so it cannot change which tokens that "
+                          "expert picks (expert choice is balanced by construction); use moe.bias_balancing=false, "
+                          "or a token-choice router (topk, switch) for aux-loss-free balancing")
     _positive("moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
     _positive("moe.shared_expert_hidden", moe.shared_expert_hidden)
     _one_of("moe.aux_loss_scope", moe.aux_loss_scope, AUX_LOSS_SCOPES)
@@ -118,30 +123,15 @@ def validate_parallel(cfg: Config) -> None:
     _one_of("parallel.placement", p.placement, PLACEMENTS)
     _positive("parallel.timeout_s", p.timeout_s)
     if p.strategy == "expert_parallel":
-        ep = p.ep_size if p.ep_size is not None else p.num_actors
-        if p.ep_size is not None and not 1 <= p.ep_size <= p.num_actors:
-            raise ConfigError("parallel.ep_size", p.ep_size,
-                              f"must be between 1 and parallel.num_actors={p.num_actors}")
-        if p.num_actors % ep:
-            raise ConfigError("parallel.ep_size", ep, f"must divide parallel.num_actors={p.num_actors} so every "
-                              "expert-parallel group is complete")
-        if cfg.moe.num_experts % ep:
-            raise ConfigError("moe.num_experts", cfg.moe.num_experts,
-                              f"must be divisible by parallel.ep_size={ep} so every actor holds the same number of "
-                              f"experts; try moe.num_experts={ep * max(1, round(cfg.moe.num_experts / ep))}")
-        _positive("parallel.micro_batches", p.micro_batches)
-        _positive("parallel.a2a_chunks", p.a2a_chunks)
-        if p.a2a_chunks > 1 and p.micro_batches > 1:
-            raise ConfigError("parallel.a2a_chunks", p.a2a_chunks, "overlaps within a micro-batch; with "
-                              f"parallel.micro_batches={p.micro_batches} the micro-batches already overlap each "
-                              "other's all-to-alls: set one of the two to 1")
-        if p.a2a_chunks > 1 and (ep == 1 or p.a2a_chunks > cfg.moe.num_experts // ep):
-            raise ConfigError("parallel.a2a_chunks", p.a2a_chunks,
-                              f"must be between 1 and the {cfg.moe.num_experts // ep} experts each actor holds "
-                              f"(moe.num_experts / parallel.ep_size), and 1 when parallel.ep_size=1 (no all-to-all)")
+        validate_expert_parallel(cfg)
     elif p.a2a_chunks != 1:
         raise ConfigError("parallel.a2a_chunks", p.a2a_chunks, "only parallel.strategy=expert_parallel overlaps "
                           f"all-to-alls with expert compute; use 1 with parallel.strategy={p.strategy}")
+    if p.strategy not in ("expert_parallel", "disaggregated") and p.micro_batches != 1:
+        raise ConfigError("parallel.micro_batches", p.micro_batches,
+                          "only parallel.strategy=expert_parallel (micro-batches overlapping each other's "
+                          "all-to-alls) and disaggregated (micro-batches pipelined between coordinators and expert "
+                          f"actors) use micro-batches; parallel.strategy={p.strategy} has nothing to overlap: use 1")
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
     dp_world, micro = data_parallel_ranks(cfg), micro_batches(cfg)
@@ -155,6 +145,43 @@ def validate_parallel(cfg: Config) -> None:
                           f"must divide the {rows} sequences of each micro-batch (train.batch_size="
                           f"{cfg.train.batch_size} / {dp_world} data-parallel ranks / {micro} micro-batches), so "
                           "every layout routes the same groups; try moe.group_sequences=1")
+
+
+def validate_expert_parallel(cfg: Config) -> None:
+    """Errors name the setting the user wrote: with ``ep_size`` unset the size is ``num_actors``."""
+    p, experts = cfg.parallel, cfg.moe.num_experts
+    if p.ep_size is not None and not 1 <= p.ep_size <= p.num_actors:
+        raise ConfigError("parallel.ep_size", p.ep_size, f"must be between 1 and parallel.num_actors={p.num_actors}")
+    ep = p.ep_size if p.ep_size is not None else p.num_actors
+    size = "parallel.ep_size" if p.ep_size is not None else "parallel.num_actors"
+    size_text = f"{size}={ep}" + ("" if p.ep_size is not None else " (the expert-parallel size while "
+                                                                    "parallel.ep_size is unset)")
+    if p.num_actors % ep:
+        raise ConfigError("parallel.ep_size", ep, f"must divide parallel.num_actors={p.num_actors} so every "
+                          "expert-parallel group is complete")
+    if experts % ep:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+        if ep > experts:  # more actors than experts: the size is what is wrong
+            raise ConfigError(size, ep, f"is more than the moe.num_experts={experts} experts to share out; every "
+                              f"actor of an expert-parallel group needs the same number of experts: use {size} in "
+                              f"{divisors}" + ("" if p.ep_size is not None else
+                                              ", or keep the actors and set parallel.ep_size in "
+                                              f"{[d for d in divisors if p.num_actors % d == 0]} (the other "
+                                              "actors hold expert-data-parallel replicas)"))
+        raise ConfigError("moe.num_experts", experts,
+                          f"must be divisible by {size_text} so every actor holds the same number of experts; "
+                          f"try moe.num_experts={ep * max(1, round(experts / ep))}")
+    _positive("parallel.micro_batches", p.micro_batches)
+    _positive("parallel.a2a_chunks", p.a2a_chunks)
+    if p.a2a_chunks > 1 and p.micro_batches > 1:
+        raise ConfigError("parallel.a2a_chunks", p.a2a_chunks, "overlaps within a micro-batch; with "
+                          f"parallel.micro_batches={p.micro_batches} the micro-batches already overlap each "
+                          "other's all-to-alls: set one of the two to 1")
+    if p.a2a_chunks > 1 and (ep == 1 or p.a2a_chunks > experts // ep):
+        raise ConfigError("parallel.a2a_chunks", p.a2a_chunks,
+                          f"must be between 1 and the {experts // ep} experts each actor holds "
+                          f"(moe.num_experts / {size_text}), and 1 when the expert-parallel size is 1 "
+                          "(no all-to-all)")
 
 
 def validate_disaggregated(cfg: Config) -> None:

@@ -57,6 +57,11 @@ PARALLEL = [
     (["parallel=expert_parallel", "parallel.micro_batches=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
     (["parallel=expert_parallel", "parallel.micro_batches=0"], "parallel.micro_batches"),
     (["parallel=expert_parallel", "parallel.micro_batches=3"], "train.batch_size"),  # 4 rows, 2 ranks x 3 groups
+    (["parallel=data_parallel", "parallel.micro_batches=2"], "parallel.micro_batches"),  # nothing to pipeline
+    (["parallel.micro_batches=2"], "parallel.micro_batches"),  # single
+    (["moe.router=expert_choice", "moe.bias_balancing=true"], "moe.bias_balancing"),  # bias cannot change picks
+    (["parallel=expert_parallel", "parallel.num_actors=8"], "parallel.num_actors"),  # 4 experts, ep_size unset
+    (["parallel=expert_parallel", "parallel.num_actors=8", "parallel.ep_size=8"], "parallel.ep_size"),
 ]
 
 
@@ -79,3 +84,26 @@ def test_messages_name_value_constraint_and_allowed_values(make_config: Callable
     with pytest.raises(ConfigError) as err:
         validate(make_config("moe.router=hash"))
     assert str(err.value) == "moe.router='hash': must be one of topk, switch, expert_choice"
+
+
+@pytest.mark.parametrize("overrides,named,not_named", [
+    # ep_size left unset: the expert-parallel size is num_actors, and that is what messages name
+    (["parallel.num_actors=3"], "parallel.num_actors=3", "parallel.ep_size="),
+    (["parallel.num_actors=8"], "parallel.num_actors=8", "parallel.ep_size="),
+    (["parallel.num_actors=4", "parallel.a2a_chunks=2"], "parallel.num_actors=4", "parallel.ep_size="),
+    (["parallel.num_actors=4", "parallel.ep_size=4", "parallel.a2a_chunks=2"], "parallel.ep_size=4",
+     "parallel.num_actors=4 ("),
+])
+def test_expert_parallel_errors_name_the_setting_the_user_wrote(make_config: Callable[..., Config],
+                                                                overrides: list[str], named: str,
+                                                                not_named: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_config("parallel=expert_parallel", *overrides))
+    assert named in str(err.value) and not_named not in str(err.value)
+
+
+def test_the_first_error_of_a_newcomers_64_actors_names_num_actors(make_config: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(make_config("parallel=expert_parallel", "parallel.num_actors=64"))
+    assert err.value.setting == "parallel.num_actors" and err.value.value == 64
+    assert "[1, 2, 4]" in str(err.value)  # the valid sizes for the debug model's 4 experts
