@@ -1,12 +1,39 @@
-"""Test helpers written once: reading a run's records, comparing tensors by relative error."""
+"""Test helpers written once: training a run the way ``moe-train`` does, reading its records, comparing tensors."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
+
+from moe_trainer.cli import train
+from moe_trainer.config.schema import to_dataclass
+from tests.conftest import compose_dict
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]  # what ``train`` returned (also in summary.json)
+    records: list[dict[str, Any]]  # every line of metrics.jsonl
+
+    @property
+    def train_records(self) -> list[dict[str, Any]]:
+        return [r for r in self.records if "loss" in r]
+
+    @property
+    def losses(self) -> dict[int, float]:
+        return {r["step"]: r["loss"] for r in self.train_records}
+
+
+def train_run(run_dir: Path, *overrides: str) -> RunResult:
+    """Composes ``experiment=debug`` plus ``overrides`` as Hydra does and trains into ``run_dir``."""
+    dcfg = compose_dict(["experiment=debug", *overrides])
+    summary = train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    return RunResult(summary, read_records(run_dir))
 
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_trainer.logging import read_offline_run
+from tests.helpers import read_records
 
 BIN = Path(sys.executable).parent
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64", "moe.num_experts=4",
@@ -35,7 +35,7 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
         logged = read_offline_run(offline)
         assert logged.group == "compare_strategies" and logged.job_type == run.name.split("-", 1)[1]
         keys[run.name] = {k for k in logged.metric_keys() if not k.startswith("roles/")}
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        records = read_records(run)
         metric_keys[run.name] = {k for r in records if "loss" in r for k in r if not k.startswith(("coord_",
                                                                                                     "expert_"))}
         assert "params_total" in logged.summary and "mem_rss_mb_per_process" in logged.summary

@@ -16,14 +16,13 @@ from typing import Any
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from moe_trainer.cli import make_engine, train
+from moe_trainer.cli import make_engine
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.train.sharded_checkpoint import read_entries
 from tests.conftest import compose_dict
-from tests.helpers import assert_rel_close, read_records, rel_error
+from tests.helpers import assert_rel_close, rel_error, train_run
 
 STEPS = 4
 REL = 1e-5  # fp32: sums in another order differ by ~1e-7 relative
@@ -166,10 +165,8 @@ CLI_LAYOUTS = {  # the layouts a new user tries first, through the whole `moe-tr
 
 
 def cli_records(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
-    dcfg = compose_dict(["experiment=debug", f"train.max_steps={CLI_STEPS}", "train.log_every=1",
-                         "train.batch_size=8", *overrides])
-    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
-    return [r for r in read_records(run_dir) if "loss" in r]
+    return train_run(run_dir, f"train.max_steps={CLI_STEPS}", "train.log_every=1", "train.batch_size=8",
+                     *overrides).train_records
 
 
 @pytest.mark.slow

@@ -15,14 +15,12 @@ from typing import Any
 import pytest
 import ray
 import torch
-from omegaconf import OmegaConf
 
 from actors.engine import RayEngine
-from moe_trainer.cli import train
 from moe_trainer.config.errors import CollectiveError
-from moe_trainer.config.schema import MoEConfig, to_dataclass
+from moe_trainer.config.schema import MoEConfig
 from moe_trainer.train.sharded_checkpoint import read_entries
-from tests.conftest import compose_dict
+from tests.helpers import train_run
 
 STEPS = 10
 # routing groups are whole sequences, so every layout computes the same function (docs/architecture.md)
@@ -32,10 +30,7 @@ BASE = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", f"train.eval_eve
 
 
 def run(run_dir: Path, *overrides: str) -> dict[int, float]:
-    dcfg = compose_dict(["experiment=debug", *BASE, *overrides])
-    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return train_run(run_dir, *BASE, *overrides).losses
 
 
 LAYOUTS = {

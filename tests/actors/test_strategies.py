@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import ray
-from omegaconf import OmegaConf
 
-from moe_trainer.cli import train
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.config.schema import to_dataclass
-from tests.conftest import compose_dict
+from tests.helpers import train_run
 
 FAST = ["train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=0", "train.log_every=1",
         "parallel.cpus_per_actor=0.5"]
 
 
 def run(run_dir: Path, *overrides: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    dcfg = compose_dict(["experiment=debug", *FAST, *overrides])
-    summary = train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, [r for r in records if "loss" in r]
+    result = train_run(run_dir, *FAST, *overrides)
+    return result.summary, result.train_records
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from launch import auth
 from launch import runtime_env as renv
 from launch.jobs import failure_report, outcome
 from launch.submit import entrypoint, main, program_for
+from tests.helpers import read_records
 
 BIN = Path(sys.executable).parent
 MOE_SUBMIT = str(BIN / "moe-submit")
@@ -301,7 +302,7 @@ def test_expert_parallel_job_runs_on_the_cluster_with_overrides(head: Head, tmp_
     assert config["parallel"]["strategy"] == "expert_parallel"
     assert config["parallel"]["num_actors"] == 2 and config["parallel"]["cpus_per_actor"] == 0.5
     assert config["moe"]["num_experts"] == 8 and config["train"]["max_steps"] == 3
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(run_dir)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3]
     assert all(len(layer["tokens_per_expert"]) == 8 for layer in steps[0]["layers"])

@@ -19,6 +19,7 @@ from moe_trainer.config.schema import to_dataclass
 from moe_trainer.report import build_report, main
 from moe_trainer.report.summary import COLUMNS
 from tests.conftest import compose_dict
+from tests.helpers import read_records
 
 MOE_REPORT = str(Path(sys.executable).parent / "moe-report")
 LINE_PLOTS = ("tokens_per_s.png", "comm_share.png", "load_imbalance.png", "loss_vs_step.png", "loss_vs_tokens.png")
@@ -39,7 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return read_records(run_dir)
 
 
 def table(md: str) -> list[dict[str, str]]:

@@ -7,21 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from moe_trainer.cli import train
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.config.schema import to_dataclass
 from moe_trainer.driver import TrainingDiverged, run_training
 from moe_trainer.engine import LocalEngine
 from moe_trainer.outputs import RunOutputs
 from moe_trainer.train.checkpoint import list_checkpoints, resolve_resume
-from tests.conftest import compose_dict
+from tests.helpers import read_records, train_run
 
 
 def run(run_dir: Path, *overrides: str) -> dict:
-    dcfg = compose_dict(["experiment=debug", *overrides])
-    return train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+    return train_run(run_dir, *overrides).summary
 
 
 def test_truncated_checkpoint_is_refused_and_auto_takes_the_earlier_one(tmp_path: Path,
@@ -100,7 +96,7 @@ def poisoned_engine(make_config, tmp_path: Path, on_nan: str,
 
 
 def logged(tmp_path: Path) -> list[dict]:
-    return [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return read_records(tmp_path)
 
 
 def checkpoints(tmp_path: Path) -> list[str]:

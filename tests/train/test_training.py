@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
-from omegaconf import OmegaConf
 
-from moe_trainer.cli import _train_with_restarts, train
+from moe_trainer.cli import _train_with_restarts
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.engine import EngineLost, LocalEngine
 from moe_trainer.logging import read_offline_run
 from moe_trainer.outputs import RunOutputs
 from tests.conftest import compose_dict
+from tests.helpers import read_records, train_run
 
 
 def run(run_dir: Path, *overrides: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    dcfg = compose_dict(["experiment=debug", *overrides])
-    summary = train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return summary, records
+    result = train_run(run_dir, *overrides)
+    return result.summary, result.records
 
 
 def train_losses(records: list[dict[str, Any]]) -> dict[int, float]:
@@ -78,7 +75,7 @@ def test_restart_reports_the_first_attempts_initial_val_loss(tmp_path: Path) -> 
     outputs = RunOutputs(tmp_path, {}, cfg.logger, "single")
     summary, engine = _train_with_restarts(cfg, LosesItsProcessAtStep4(cfg), outputs)  # rebuilt: a LocalEngine
     outputs.close()
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_records(tmp_path)
     assert summary["restarts"] == 1 and summary["start_step"] == 3 and engine.step == 6
     assert summary["initial_val_loss"] == records[0]["val_loss"]
     assert records[0]["step"] == 0
