@@ -20,7 +20,7 @@ from actors.engine import RayEngine
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.train.sharded_checkpoint import read_entries
-from tests.helpers import train_run
+from tests.helpers import assert_rel_close, train_run
 
 STEPS = 10
 # routing groups are whole sequences, so every layout computes the same function (docs/architecture.md)
@@ -59,7 +59,8 @@ def test_checkpoint_from_4_actors_resumes_under_other_layouts(ray_cluster: objec
         resumed = read_entries(tmp_path / name / "checkpoints" / f"step_{STEPS:08d}")
         for key, ref in final.items():  # weights and optimizer moments of every expert carried over
             if key.startswith(("model/", "optim.")):
-                torch.testing.assert_close(resumed[key], ref, rtol=1e-3, atol=1e-6, msg=f"{name}: {key}")
+                # relative: Adam's second moments are ~1e-8, an absolute 1e-6 would pass anything
+                assert_rel_close(resumed[key], ref, 1e-4, f"{name}: {key}")
 
 
 @pytest.mark.slow
@@ -99,7 +100,7 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     want = read_entries(ref_dir / "checkpoints" / f"step_{steps:08d}")
     for key, value in want.items():
         if key.startswith("model/"):
-            torch.testing.assert_close(got[key], value, rtol=0, atol=1e-5, msg=key)
+            assert_rel_close(got[key], value, 1e-4, key)
 
 
 def poison_coordinator(worker: Any) -> None:
