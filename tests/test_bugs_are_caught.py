@@ -49,7 +49,7 @@ MUTATIONS = {
         "for g in dense + expert:\n            g.div_(self.dp_world)",
         "for g in dense + expert:\n            g.div_(self.dp_world)\n"
         "        for g in expert:\n            g.mul_(2.0)",
-        "expert_parallel-switch", "relative difference"),
+        "expert_parallel-dropless", "relative difference"),
     "bias_update_from_local_counts": Mutation(
         "moe_trainer/train/trainer.py",
         "zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True)",
