@@ -81,13 +81,17 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
             stop = min(_next_boundary(engine.step, every, t.max_steps)
                        for every in (t.log_every, t.eval_every, t.checkpoint_every))
             chunk_start = time.time()
-            records = engine.train(stop - engine.step)
+            asked = stop - engine.step
+            records = engine.train(asked)
             if "time_to_first_step_s" not in summary:  # from the `moe-train` start (first package import)
                 first_done = chunk_start + records[0].get("step_time_s_max", records[0]["step_time_s"])
                 summary["time_to_first_step_s"] = first_done - STARTED_AT
             bar.update(len(records))
-            for record in records:
-                ends = policy.must_stop(record)
+            for i, record in enumerate(records):
+                # the engine's own policy (which may have counted skips before this call) is authoritative:
+                # a chunk that ended early ended at a step that stops training
+                cut_short = i == len(records) - 1 and len(records) < asked
+                ends = policy.must_stop(record) or cut_short
                 if ends or record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
                     outputs.log(record)
                 if ends:  # the engine ended the chunk right after this step, on every rank

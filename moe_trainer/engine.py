@@ -69,7 +69,11 @@ def objective_signature(cfg: Config) -> dict[str, Any]:
     the layout (one group per rank and micro-batch), and resuming under a layout that cuts
     other groups would silently change the objective.
     """
-    return {"moe.group_sequences": sequences_per_group(cfg), "moe.aux_loss_scope": cfg.moe.aux_loss_scope}
+    moe = cfg.moe
+    grouped = moe.capacity_factor is not None or moe.router == "expert_choice" or moe.aux_loss_scope == "group"
+    # dropless token choice with the global loss uses no groups: any group size is the same objective
+    size = sequences_per_group(cfg) if grouped else "unused"
+    return {"moe.group_sequences": size, "moe.aux_loss_scope": moe.aux_loss_scope}
 
 
 def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:

@@ -135,10 +135,16 @@ def validate_parallel(cfg: Config) -> None:
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
     dp_world, micro = data_parallel_ranks(cfg), micro_batches(cfg)
-    if cfg.train.batch_size % (dp_world * micro):
+    ranks = {"single": "parallel.strategy=single", "disaggregated": "parallel.num_coordinators"}.get(
+        p.strategy, "parallel.num_actors")
+    if cfg.train.batch_size % dp_world:
         raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by the {dp_world} data-parallel ranks x {micro} micro-batches "
-                          f"(parallel.strategy={p.strategy}), so every micro-batch holds whole sequences")
+                          f"must be divisible by the {dp_world} data-parallel ranks ({ranks}={dp_world}), so every "
+                          "rank trains on whole sequences")
+    if (cfg.train.batch_size // dp_world) % micro:
+        raise ConfigError("parallel.micro_batches", micro,
+                          f"must divide the {cfg.train.batch_size // dp_world} sequences each rank gets per step "
+                          f"(train.batch_size={cfg.train.batch_size} / {ranks}={dp_world})")
     rows = cfg.train.batch_size // (dp_world * micro)
     if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
         raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
@@ -195,14 +201,6 @@ def validate_disaggregated(cfg: Config) -> None:
                           f"must be divisible by parallel.num_expert_actors={p.num_expert_actors} so every expert "
                           "actor holds the same number of experts")
     _positive("parallel.micro_batches", p.micro_batches)
-    rows = cfg.train.batch_size // p.num_coordinators if cfg.train.batch_size % p.num_coordinators == 0 else None
-    if rows is None:
-        raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by parallel.num_coordinators={p.num_coordinators}")
-    if rows % p.micro_batches:
-        raise ConfigError("parallel.micro_batches", p.micro_batches,
-                          f"must divide the {rows} sequences each coordinator gets per step "
-                          f"(train.batch_size={cfg.train.batch_size} / {p.num_coordinators} coordinators)")
     if cfg.model.arch == "dense":
         raise ConfigError("model.arch", "dense", "the disaggregated strategy needs MoE layers to hand to expert "
                           "actors; use data_parallel for the dense baseline")

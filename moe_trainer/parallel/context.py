@@ -102,9 +102,9 @@ class DistributedContext:
                                                                           group=self.groups.norm))
         return sq.sum().sqrt().float()
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
+    def all_reduce_sum(self, t: Tensor, label: str = "metrics") -> Tensor:
         out = t.detach().to(self.device, copy=True)
-        guarded("all_reduce of metrics", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.data))
+        guarded(f"all_reduce of {label}", lambda: dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.groups.data))
         return out.to(t.device)
 
     def telemetry(self) -> dict[str, float]:

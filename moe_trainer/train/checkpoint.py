@@ -118,13 +118,18 @@ def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError("train.resume", str(path), f"checkpoint metadata is unreadable ({err})") from err
-    saved_objective, objective = meta.get("objective") or {}, expected_meta.get("objective", {})
-    for setting, want in objective.items():  # name the setting, so the user knows what to change
-        if saved_objective.get(setting) != want:
-            raise ConfigError(setting, want, f"checkpoint {path} was trained with {setting}="
-                              f"{saved_objective.get(setting)!r}, a different objective; resume with that value "
-                              "(or start a new run without train.resume)")
+    objective = expected_meta.get("objective", {})
     for key, want in expected_meta.items():
-        if meta.get(key) != want:
+        if key != "objective" and meta.get(key) != want:
             raise ConfigError("train.resume", str(path),
                               f"checkpoint was saved with {key}={meta.get(key)!r}, this run has {want!r}")
+    if objective and "objective" not in meta:
+        raise ConfigError("train.resume", str(path), "checkpoint predates recorded training objectives (its routing "
+                          "groups followed the layout it was trained with), so it cannot be resumed as the same "
+                          "objective; start a new run")
+    for setting, want in objective.items():  # name the setting, so the user knows what to change
+        saved = meta["objective"].get(setting)
+        if saved != want:
+            raise ConfigError(setting, want, f"checkpoint {path} was trained with {setting}={saved!r} (effective "
+                              "value under its layout), a different objective; resume with that value (or start "
+                              "a new run without train.resume)")

@@ -45,8 +45,8 @@ class ParallelContext(Protocol):
     def grad_norm(self, model: Transformer) -> Tensor:
         """The gradient norm over the *whole* model (all shards); clipping happens in the optimizer step."""
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        """Sums a tensor over the data-parallel ranks."""
+    def all_reduce_sum(self, t: Tensor, label: str = "metrics") -> Tensor:
+        """Sums a tensor over the data-parallel ranks (``label`` names it in a collective error)."""
 
     def telemetry(self) -> dict[str, float]:
         """Per-rank communication counters since the last call (empty when nothing communicates)."""
@@ -66,7 +66,7 @@ class SingleContext:
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
+    def all_reduce_sum(self, t: Tensor, label: str = "metrics") -> Tensor:
         return t
 
     def telemetry(self) -> dict[str, float]:
@@ -197,7 +197,7 @@ class Trainer:
         return StepResult(self.step, record)
 
     def _global_counts(self, local: LoadCounts) -> LoadCounts:
-        summed = self.ctx.all_reduce_sum(local.as_tensor())
+        summed = self.ctx.all_reduce_sum(local.as_tensor(), "router loads (global aux loss, bias, metrics)")
         return LoadCounts.from_tensor(summed, local.num_layers, self.cfg.moe.num_experts)
 
     @torch.no_grad()

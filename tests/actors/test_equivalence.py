@@ -160,6 +160,9 @@ def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:
     capacity, dropless = reference("capacity"), reference("dropless")
     assert all(r["dropped_frac"] > 0.01 for r in capacity.records)
     assert all(r["dropped_frac"] == 0 for r in dropless.records)
+    for mix in ("dropless", "capacity", "switch"):  # the trainer really adds a load-balancing loss (~1)
+        assert all(r["aux_loss"] > 0.5 for r in reference(mix).records), mix
+    assert all(r["aux_loss"] == 0 for r in reference("expert_choice").records)  # balanced by construction
     assert all(v != 0 for layer in dropless.records[0]["expert_bias"] for v in layer)  # moved after step 1
     assert {k.split("/")[1] for k in dropless.grads[0] if "shared" in k}  # the shared expert has gradients
 

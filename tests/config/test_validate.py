@@ -56,7 +56,7 @@ PARALLEL = [
     (["parallel=data_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
     (["parallel=expert_parallel", "parallel.micro_batches=2", "parallel.a2a_chunks=2"], "parallel.a2a_chunks"),
     (["parallel=expert_parallel", "parallel.micro_batches=0"], "parallel.micro_batches"),
-    (["parallel=expert_parallel", "parallel.micro_batches=3"], "train.batch_size"),  # 4 rows, 2 ranks x 3 groups
+    (["parallel=expert_parallel", "parallel.micro_batches=3"], "parallel.micro_batches"),  # 2 rows per rank
     (["parallel=data_parallel", "parallel.micro_batches=2"], "parallel.micro_batches"),  # nothing to pipeline
     (["parallel.micro_batches=2"], "parallel.micro_batches"),  # single
     (["moe.router=expert_choice", "moe.bias_balancing=true"], "moe.bias_balancing"),  # bias cannot change picks

@@ -56,6 +56,9 @@ def test_resuming_a_different_model_shape_is_refused(tmp_path: Path) -> None:
     assert err.value.setting == "train.resume" and "num_experts" in str(err.value)
 
 
+CAPACITY = "moe.capacity_factor=1.0"  # capacity is per routing group: the group size is part of the objective
+
+
 @pytest.mark.parametrize("change,setting", [
     ("moe.aux_loss_scope=group", "moe.aux_loss_scope"),
     ("moe.group_sequences=2", "moe.group_sequences"),
@@ -63,18 +66,34 @@ def test_resuming_a_different_model_shape_is_refused(tmp_path: Path) -> None:
 ])
 def test_resuming_under_another_objective_is_refused_naming_the_setting(tmp_path: Path, change: str,
                                                                        setting: str) -> None:
-    run(tmp_path / "a", "train.max_steps=3")
+    run(tmp_path / "a", "train.max_steps=3", CAPACITY)
     with pytest.raises(ConfigError) as err:
-        run(tmp_path / "b", change, f"train.resume={tmp_path / 'a'}")
+        run(tmp_path / "b", CAPACITY, change, f"train.resume={tmp_path / 'a'}")
     assert err.value.setting == setting and "different objective" in str(err.value)
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
-def test_an_objective_that_does_not_change_resumes(tmp_path: Path) -> None:
-    """group_sequences=null with 1 sequence per micro-batch is the same objective as 1: resumes."""
-    run(tmp_path / "a", "train.max_steps=3", "train.batch_size=1")
-    summary = run(tmp_path / "b", "train.batch_size=1", "moe.group_sequences=null", f"train.resume={tmp_path / 'a'}")
+@pytest.mark.parametrize("first,second", [
+    # null with 1 sequence per micro-batch is the same group size as 1
+    ([CAPACITY, "train.batch_size=1"], [CAPACITY, "train.batch_size=1", "moe.group_sequences=null"]),
+    # dropless token choice with the global loss uses no groups at all
+    ([], ["moe.group_sequences=null"]),
+])
+def test_an_objective_that_does_not_change_resumes(tmp_path: Path, first: list[str], second: list[str]) -> None:
+    run(tmp_path / "a", "train.max_steps=3", *first)
+    summary = run(tmp_path / "b", *second, f"train.resume={tmp_path / 'a'}")
     assert summary["start_step"] == 3
+
+
+def test_a_checkpoint_without_a_recorded_objective_is_refused_with_the_reason(tmp_path: Path) -> None:
+    run(tmp_path / "a", "train.max_steps=3")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["objective"]  # as written before objectives were recorded
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="predates recorded training objectives") as err:
+        run(tmp_path / "b", f"train.resume={ckpt}")
+    assert err.value.setting == "train.resume"
 
 
 def test_keep_last_prunes_old_checkpoints(tmp_path: Path) -> None:
@@ -129,8 +148,8 @@ def test_nan_loss_stops_at_that_step_with_the_last_good_checkpoint_intact(make_c
 
 
 def test_skip_stops_after_max_skipped_steps_in_a_row(make_config, tmp_path: Path) -> None:
-    engine, message = diverging_run(make_config, tmp_path, "skip", "train.max_skipped_steps=2",
-                                    "train.max_skipped_steps=2", "train.log_every=3")
+    engine, message = diverging_run(make_config, tmp_path, "skip", "train.max_skipped_steps=2",  # match, then
+                                    "train.max_skipped_steps=2", "train.log_every=3")  # the overrides
     assert engine.step == 5 and "step_00000003" in message
     assert checkpoints(tmp_path) == ["step_00000003"]
 
