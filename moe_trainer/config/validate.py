@@ -41,6 +41,11 @@ def data_parallel_ranks(cfg: Config) -> int:
     return {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
 
 
+def sequences_per_micro_batch(cfg: Config) -> int:
+    """Sequences of the global batch that one rank runs in one micro-batch."""
+    return cfg.train.batch_size // (data_parallel_ranks(cfg) * micro_batches(cfg))
+
+
 def sequences_per_group(cfg: Config) -> int:
     """Sequences in one routing group: ``moe.group_sequences``, or (null) one rank's micro-batch.
 
@@ -49,7 +54,7 @@ def sequences_per_group(cfg: Config) -> int:
     """
     if cfg.moe.group_sequences is not None:
         return cfg.moe.group_sequences
-    return cfg.train.batch_size // (data_parallel_ranks(cfg) * micro_batches(cfg))
+    return sequences_per_micro_batch(cfg)
 
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
@@ -145,7 +150,7 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.micro_batches", micro,
                           f"must divide the {cfg.train.batch_size // dp_world} sequences each rank gets per step "
                           f"(train.batch_size={cfg.train.batch_size} / {ranks}={dp_world})")
-    rows = cfg.train.batch_size // (dp_world * micro)
+    rows = sequences_per_micro_batch(cfg)
     if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
         raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
                           f"must divide the {rows} sequences of each micro-batch (train.batch_size="

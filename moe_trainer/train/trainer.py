@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_trainer.config.schema import Config
-from moe_trainer.config.validate import micro_batches, sequences_per_group
+from moe_trainer.config.validate import micro_batches, sequences_per_group, sequences_per_micro_batch
 from moe_trainer.model.transformer import ModelOutput, Transformer
 from moe_trainer.moe.router import global_load_balancing_loss
 from moe_trainer.parallel.telemetry import CommCounters
@@ -112,8 +112,7 @@ class Trainer:
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # global tokens trained on
         self.micro_batches = micro_batches(cfg)
-        rows = cfg.train.batch_size // ctx.dp_world // self.micro_batches
-        self.groups_per_micro_batch = rows // sequences_per_group(cfg)
+        self.groups_per_micro_batch = sequences_per_micro_batch(cfg) // sequences_per_group(cfg)
 
     def loss(self, inputs: Tensor, targets: Tensor, training: bool = True) -> LossParts:
         """LM cross-entropy (mean over this rank's tokens) plus weighted router losses.
