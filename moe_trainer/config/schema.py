@@ -25,6 +25,9 @@ TOKENIZERS = ("byte",)
 DATA_FORMATS = ("auto", "text", "json", "parquet")
 PLACEMENTS = ("pack", "spread")
 NAN_POLICIES = ("stop", "skip")
+PRECISIONS = ("fp32", "bf16")
+RECOMPUTE_MODES = ("none", "attention", "block")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -115,6 +118,10 @@ class TrainConfig:
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)
     max_skipped_steps: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     retain_freed_memory: bool = True  # keep freed host memory for reuse instead of re-faulting it each step
+    precision: str = "fp32"  # fp32 | bf16: bf16 compute, fp32 master weights, optimizer state, router and losses
+    recompute: str = "none"  # none | attention | block: activations recomputed in backward (never an all-to-all)
+    grad_accum_steps: int = 1  # forwards per optimizer step; each holds batch_size / grad_accum_steps sequences
+    device: str = "auto"  # single: auto (cuda when present) | cpu | cuda; Ray strategies: parallel.gpus_per_actor
 
 
 @dataclass

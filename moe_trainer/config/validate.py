@@ -15,9 +15,12 @@ from moe_trainer.config.schema import (
     ARCHS,
     AUX_LOSS_SCOPES,
     DATA_FORMATS,
+    DEVICES,
     LOGGER_MODES,
     NAN_POLICIES,
     PLACEMENTS,
+    PRECISIONS,
+    RECOMPUTE_MODES,
     ROUTER_TYPES,
     SCORE_ORDERS,
     STRATEGIES,
@@ -251,6 +254,10 @@ def validate_train(cfg: Config) -> None:
         raise ConfigError("train.max_skipped_steps", t.max_skipped_steps,
                           "must be >= 1: a run whose every step is skipped must stop (1 = stop at the first "
                           "skipped step, like train.on_nan=stop)")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.recompute", t.recompute, RECOMPUTE_MODES)
+    _one_of("train.device", t.device, DEVICES)
+    _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("fault_tolerance.max_restarts", cfg.fault_tolerance.max_restarts, allow_zero=True)
 
 
