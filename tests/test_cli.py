@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -62,20 +61,6 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, override: st
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
     assert not (tmp_path / "wandb").exists()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("strategy,processes", [("expert_parallel", 2), ("data_parallel", 2), ("disaggregated", 3)])
-def test_ray_strategy_runs_out_of_the_box(tmp_path: Path, strategy: str, processes: int) -> None:
-    """The README command with a strategy: moe-train starts its own embedded Ray (token auth on)."""
-    run_dir = tmp_path / "run"
-    proc = moe_train("experiment=debug", f"parallel={strategy}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["processes"] == processes and summary["backend"] == "gloo"
-    # security default of the embedded Ray: every process on loopback
-    assert set(json.loads((run_dir / "processes.json").read_text())["nodes"]) == {"127.0.0.1"}
 
 
 def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:

@@ -1,7 +1,12 @@
-"""The README's strategy comparison: a Hydra multirun of the three Ray strategies, then moe-report on it."""
+"""The README's strategy comparison: a Hydra multirun of the three Ray strategies, then moe-report on it.
+
+No ``cluster.address``: each run starts the embedded local Ray the README's first command uses
+(token auth on, every process on loopback), so this is also each Ray strategy out of the box.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,7 +35,11 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     assert [p.name for p in runs] == ["0-data_parallel", "1-expert_parallel", "2-disaggregated"]
 
     keys, metric_keys = {}, {}
-    for run in runs:
+    for run, processes in zip(runs, (2, 2, 3), strict=True):
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["processes"] == processes and summary["backend"] == "gloo", run.name
+        # security default of the embedded Ray: every process on loopback
+        assert set(json.loads((run / "processes.json").read_text())["nodes"]) == {"127.0.0.1"}, run.name
         (offline,) = sorted((run / "wandb").glob("offline-run-*"))
         logged = read_offline_run(offline)
         assert logged.group == "compare_strategies" and logged.job_type == run.name.split("-", 1)[1]
