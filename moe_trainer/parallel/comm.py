@@ -12,7 +12,9 @@ it is :mod:`moe_trainer.parallel.torch_comm`, the same collectives of ``torch.di
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -56,6 +58,23 @@ def init_process_group(backend: str, master_addr: str, master_port: int, rank: i
         timeout=timedelta(seconds=timeout_s),
         verbose=False,
     )
+
+
+@contextlib.contextmanager
+def one_rank_group(backend: str, timeout_s: float = 60.0) -> Iterator[Any]:
+    """This process alone as a whole process group (``gloo`` on CPU, ``nccl`` on one GPU), left at exit.
+
+    Runs the distributed dispatch code, all-to-alls included, on one device: the
+    one-GPU check (``benchmarks/gpu_check.py``) and the host-sync count use it.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_process_group(backend, "127.0.0.1", port, 0, 1, timeout_s)
+    try:
+        yield torch.distributed.group.WORLD
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def new_group(ranks: list[int], timeout_s: float) -> Any:

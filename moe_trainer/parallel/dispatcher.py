@@ -69,7 +69,8 @@ class AllToAllDispatcher(RunsExpertsHere):
 
     def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
                  group_rank: int, counters: CommCounters | None = None, owner_offset: int = 0,
-                 num_owners: int | None = None, announce: Callable[[int, int, torch.device], None] | None = None) -> None:
+                 num_owners: int | None = None,
+                 announce: Callable[[int, int, torch.device], None] | None = None) -> None:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.group = group
