@@ -9,7 +9,6 @@ that takes the counts as a device tensor removes it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,7 +17,6 @@ import torch
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.host_syncs import HostSyncCounter, moe_layer_syncs
 from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
-from moe_trainer.parallel.comm import one_rank_group
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 
@@ -44,10 +42,9 @@ def test_the_counter_sees_every_kind_of_host_read() -> None:
     assert t.tolist() == [1, 0, 2]  # the patched methods are restored
 
 
-@pytest.fixture(scope="module")
-def group() -> Iterator[Any]:
-    with one_rank_group("gloo") as world:
-        yield world
+@pytest.fixture
+def group(one_rank_gloo: Any) -> Any:
+    return one_rank_gloo
 
 
 # (path, capacity factor, micro-batches, syncs outside the experts in forward): one read of the split sizes per
