@@ -9,7 +9,7 @@ from actors.cluster import Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
-from moe_trainer.engine import checkpoint_signature
+from moe_trainer.engine import checkpoint_signature, model_parameter_counts
 from moe_trainer.parallel.setup import world_size
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
@@ -79,18 +79,11 @@ class RayEngine:
             "params_per_actor": [i["params_local"] for i in infos],
             "expert_params_per_actor": [i["expert_params_local"] for i in infos],
             "expert_range_per_actor": [i["expert_range"] for i in infos],
-            **self._model_counts(),
+            **model_parameter_counts(self.cfg, self.vocab_size),
         }
 
     def gradients(self) -> list[dict[str, Any]]:
         return self.group.call("gradients")
-
-    def _model_counts(self) -> dict[str, int]:
-        from moe_trainer.engine import build_model
-        from moe_trainer.model.transformer import count_parameters
-
-        counts = count_parameters(build_model(self.cfg, self.vocab_size))
-        return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts}
 
     def close(self, keep_cluster: bool = False) -> None:
         """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts)."""

@@ -8,16 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-from moe_trainer.cli import CONF_DIR
-from moe_trainer.config.schema import Config, register_configs, to_dataclass
+from moe_trainer.config.schema import Config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def config(overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    # Hydra only here: the torch-only GPU check imports this module for its tables
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from moe_trainer.cli import CONF_DIR
+    from moe_trainer.config.schema import register_configs, to_dataclass
+
     register_configs()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         dcfg = compose(config_name="config", overrides=overrides)

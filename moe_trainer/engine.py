@@ -16,6 +16,7 @@ import torch
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import sequences_per_group
 from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
@@ -93,17 +94,36 @@ def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
     return Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, **kwargs)
 
 
+def model_parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:
+    """Total, active and expert parameters of the full model, without allocating or initialising it.
+
+    The model is built on the ``meta`` device (shapes, no storage), so the counts come from
+    the model code itself at no memory cost: the full fp32 Mixtral-8x7B shape would take
+    about 190 GB of host memory to build for real.
+    """
+    with torch.device("meta"):
+        counts = count_parameters(build_model(cfg, vocab_size))
+    return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts}
+
+
 class LocalEngine:
-    """The ``single`` strategy: one process, everything local, the reference for all others."""
+    """The ``single`` strategy: one process, everything local, the reference for all others.
+
+    Runs on ``train.device`` (``auto``: the GPU when one is visible). The model is built
+    and initialised on the CPU, then moved, so its weights are the same on every device.
+    """
 
     def __init__(self, cfg: Config) -> None:
         if cfg.train.retain_freed_memory:
             retain_freed_memory()
         torch.manual_seed(cfg.train.seed)
         self.cfg = cfg
+        device = single_device(cfg.train.device)
+        configure_process(device)
         self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
         data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
-        self.trainer = Trainer(cfg, build_model(cfg, self.vocab_size), data, SingleContext())
+        model = build_model(cfg, self.vocab_size).to(device)
+        self.trainer = Trainer(cfg, model, data, SingleContext(device))
         self.skips = SkipPolicy.from_config(cfg.train)
 
     @property
@@ -129,9 +149,7 @@ class LocalEngine:
         load_into(path, self.trainer)
 
     def info(self) -> dict[str, Any]:
-        counts = count_parameters(self.trainer.model)
-        return {"params_total": counts.total, "params_active": counts.active, "params_experts": counts.experts,
-                "processes": 1}
+        return {**model_parameter_counts(self.cfg, self.vocab_size), "processes": 1}
 
     def gradients(self) -> list[dict[str, torch.Tensor]]:
         return [canonical_grads(self.trainer)]

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -43,6 +44,18 @@ def make_config() -> Callable[..., Config]:
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"
+
+
+@pytest.fixture(scope="session")
+def one_rank_gloo() -> Iterator[Any]:
+    """This test process as a one-rank gloo group, for the distributed dispatchers in-process.
+
+    Session-wide: joining it initialises DeepSpeed's communication backend, which costs seconds.
+    """
+    from moe_trainer.parallel.comm import one_rank_group
+
+    with one_rank_group("gloo") as world:
+        yield world
 
 
 @pytest.fixture(scope="session")

@@ -214,6 +214,40 @@ def validate_disaggregated(cfg: Config) -> None:
                           "actors; use data_parallel for the dense baseline")
 
 
+def validate_device(cfg: Config) -> None:
+    """Where ranks compute: ``train.device`` for ``single``, one whole GPU per rank (or none) for Ray strategies.
+
+    Every Ray rank joins one NCCL communicator when GPUs are asked for, and NCCL refuses
+    two ranks of a communicator on one GPU; a rank drives one device, so a second GPU
+    per actor would only be reserved and sit idle.
+    """
+    t, p = cfg.train, cfg.parallel
+    if p.strategy == "single":
+        if t.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("train.device", "cuda", "no CUDA GPU is visible to this process "
+                                  "(torch.cuda.is_available() is False); use train.device=auto (a GPU when there is "
+                                  "one, else the CPU) or train.device=cpu")
+        return
+    gpus = p.gpus_per_actor
+    if 0 < gpus < 1:
+        raise ConfigError("parallel.gpus_per_actor", gpus,
+                          "a fraction of a GPU would put several ranks of one NCCL communicator on one GPU, which "
+                          "NCCL refuses; use parallel.gpus_per_actor=1 (one GPU per actor) or 0 (CPU, gloo)")
+    if gpus not in (0, 1):
+        raise ConfigError("parallel.gpus_per_actor", gpus,
+                          "must be 0 (CPU, gloo) or 1 (one GPU per actor, NCCL): each rank computes on one "
+                          "device, so more GPUs per actor would be reserved and stay idle; for more GPUs use more "
+                          "actors (parallel.num_actors, or parallel.num_coordinators/num_expert_actors)")
+    if t.device != "auto" and (t.device == "cuda") != (gpus == 1):
+        wanted = "parallel.gpus_per_actor=1" if t.device == "cuda" else "parallel.gpus_per_actor=0"
+        raise ConfigError("train.device", t.device,
+                          f"Ray strategies place each rank by parallel.gpus_per_actor (here {gpus:g}), which "
+                          f"disagrees; use train.device=auto (follow parallel.gpus_per_actor) or set {wanted}")
+
+
 def validate_data(cfg: Config) -> None:
     d = cfg.data
     _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
@@ -268,5 +302,6 @@ def validate_logger(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Raises the first :class:`ConfigError` found; returns silently when the config is usable."""
-    for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_logger):
+    for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_device,
+                  validate_logger):
         check(cfg)

@@ -163,8 +163,11 @@ def init_weights(model: nn.Module, seed: int, cfg: ModelConfig) -> None:
     """Normal(0, std) for matrices, ones for norms; residual outputs scaled by ``1/sqrt(2L)`` (GPT-2).
 
     Every tensor draws from its own generator seeded by (seed, name[, global expert]),
-    so the result is independent of construction order and of expert placement.
+    so the result is independent of construction order and of expert placement. A model
+    built on the ``meta`` device (shapes only, for counting) has no values to draw.
     """
+    if any(p.is_meta for p in model.parameters()):
+        return
     out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     for mod_name, module in model.named_modules():
         if isinstance(module, RMSNorm):

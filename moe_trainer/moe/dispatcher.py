@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.router import Routing, capacity
+from moe_trainer.moe.router import Routing, capacity, count_per_expert
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ def plan_dispatch(
     priority order, so "position in segment" is the slot an assignment takes in that
     expert's per-group buffer. Rows whose slot is ``>= capacity`` are dropped (their
     token keeps only the residual). ``capacity_factor=None`` means dropless.
+
+    Dropless planning never reads the device: the kept rows are all rows. With a capacity,
+    selecting the kept rows has a data-dependent length (one host read per call).
     """
     expert_idx_A = routing.expert_idx_A
     group_A = routing.token_idx_A // (num_tokens // num_groups)
@@ -52,19 +55,22 @@ def plan_dispatch(
     order_A = torch.argsort(key_A, stable=True)
     if capacity_factor is None or not routing.drops_allowed:
         keep_order = order_A
+        tokens_per_expert_E = count_per_expert(expert_idx_A, num_experts)
+        dropped = expert_idx_A.new_zeros(())
     else:
         top_k = expert_idx_A.numel() // num_tokens
         cap = capacity(num_tokens // num_groups, top_k, num_experts, capacity_factor)
-        seg_counts = torch.bincount(key_A, minlength=num_experts * num_groups)
+        seg_counts = count_per_expert(key_A, num_experts * num_groups)
         seg_starts = torch.cumsum(seg_counts, 0) - seg_counts
         slot_A = torch.arange(order_A.numel(), device=order_A.device) - seg_starts[key_A[order_A]]
         keep_order = order_A[slot_A < cap]
-    kept_experts = expert_idx_A[keep_order]
+        tokens_per_expert_E = seg_counts.clamp(max=cap).view(num_experts, num_groups).sum(1)
+        dropped = (slot_A >= cap).sum()
     return DispatchPlan(
         token_idx_N=routing.token_idx_A[keep_order],
         weight_N=routing.weight_A[keep_order],
-        tokens_per_expert_E=torch.bincount(kept_experts, minlength=num_experts),
-        dropped=torch.tensor(expert_idx_A.numel() - keep_order.numel()),
+        tokens_per_expert_E=tokens_per_expert_E,
+        dropped=dropped,
     )
 
 

@@ -87,6 +87,16 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
+def count_per_expert(expert_idx_A: Tensor, num_experts: int) -> Tensor:
+    """int64 ``[E]``: how many of ``expert_idx_A`` name each expert.
+
+    A scatter-add into ``E`` zeros rather than ``torch.bincount``, whose output length
+    depends on the largest index: on CUDA that costs a device-to-host read per call.
+    """
+    counts_E = torch.zeros(num_experts, dtype=torch.int64, device=expert_idx_A.device)
+    return counts_E.scatter_add_(0, expert_idx_A, torch.ones_like(expert_idx_A))
+
+
 def capacity(tokens_per_group: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
     """Slots per expert per routing group: ``ceil(cf * tokens * k / E)`` (GShard)."""
     return max(1, math.ceil(capacity_factor * tokens_per_group * top_k / num_experts))
@@ -154,7 +164,7 @@ class Router(nn.Module):
             aux_loss=aux_loss,
             z_loss=z_loss,
             probs_TE=probs_TE,
-            tokens_per_expert_E=torch.bincount(expert_idx_A, minlength=self.num_experts),
+            tokens_per_expert_E=count_per_expert(expert_idx_A, self.num_experts),
             drops_allowed=True,
         )
 
@@ -181,7 +191,7 @@ class Router(nn.Module):
             aux_loss=probs_TE.new_zeros(()),
             z_loss=z_loss,
             probs_TE=probs_TE,
-            tokens_per_expert_E=torch.bincount(expert_idx_A, minlength=self.num_experts),
+            tokens_per_expert_E=count_per_expert(expert_idx_A, self.num_experts),
             drops_allowed=False,
         )
 

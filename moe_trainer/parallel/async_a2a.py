@@ -35,7 +35,7 @@ from torch import Tensor
 from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import AsyncWire
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher, host_splits, regroup_index
 
 
 @dataclass
@@ -125,14 +125,13 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
         self.dispatches += 1
-        x_ND, recv_counts_PL, blocked = self.permute_while_counting(
+        x_ND, recv_counts_PL = self.permute_while_counting(
             x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
-        self.counters.add("dispatch", 0, 0, 0, blocked)
-        send_splits = plan.tokens_per_expert_E.view(self.group_size, -1).sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
+        send_splits, recv_splits = host_splits(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL)
         wire = AsyncWire(self.group, self.group_rank, self.counters, layer)
         meta = AsyncMeta(Transfer(recv_splits, send_splits, wire, "dispatch"),
-                         Transfer(send_splits, recv_splits, wire, "combine"), regroup_index(recv_counts_PL))
+                         Transfer(send_splits, recv_splits, wire, "combine"),
+                         regroup_index(recv_counts_PL, sum(recv_splits)))
         x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
         assert isinstance(x_in_flight, Tensor)
         return Dispatched(x_in_flight, recv_counts_PL.sum(0), plan, num_tokens, meta)

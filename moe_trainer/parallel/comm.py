@@ -2,23 +2,35 @@
 
 The all-to-all's backward is another all-to-all with send and receive split
 sizes swapped, so gradients travel back along the path the tokens came.
+Communication time is recorded as :class:`~moe_trainer.timing.Span` regions (CUDA
+events on GPU), never by synchronising the device here.
+
+Every module of ``parallel/`` reaches the collectives through ``dist`` below. Without
+DeepSpeed installed (only the torch-only one-GPU check, ``benchmarks/gpu_check.py``)
+it is :mod:`moe_trainer.parallel.torch_comm`, the same collectives of ``torch.distributed``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 import torch.distributed
 from torch import Tensor
 
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
+from moe_trainer.timing import Span, mark
+
+try:
+    import deepspeed.comm as dist
+except ImportError:  # the torch-only GPU check machine; the product requires DeepSpeed
+    from moe_trainer.parallel import torch_comm as dist  # type: ignore[no-redef]
 
 
 def guarded(label: str, fn: Callable[[], Any]) -> Any:
@@ -46,6 +58,23 @@ def init_process_group(backend: str, master_addr: str, master_port: int, rank: i
         timeout=timedelta(seconds=timeout_s),
         verbose=False,
     )
+
+
+@contextlib.contextmanager
+def one_rank_group(backend: str, timeout_s: float = 60.0) -> Iterator[Any]:
+    """This process alone as a whole process group (``gloo`` on CPU, ``nccl`` on one GPU), left at exit.
+
+    Runs the distributed dispatch code, all-to-alls included, on one device: the
+    one-GPU check (``benchmarks/gpu_check.py``) and the host-sync count use it.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_process_group(backend, "127.0.0.1", port, 0, 1, timeout_s)
+    try:
+        yield torch.distributed.group.WORLD
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def new_group(ranks: list[int], timeout_s: float) -> Any:
@@ -90,17 +119,17 @@ class AsyncWire:
     layer: int
 
     def start(self, out: Tensor, inp: Tensor, out_splits: list[int], in_splits: list[int], phase: str) -> Any:
-        t0 = now(inp.device)
+        t0 = mark(inp.device)
         work = guarded(f"all_to_all {phase} of MoE block {self.layer}", lambda: dist.all_to_all_single(
             out, inp, output_split_sizes=out_splits, input_split_sizes=in_splits, group=self.group, async_op=True))
         self.counters.add_transfer(phase, in_splits, out_splits, self.me, inp.shape[-1] * inp.element_size(),
-                                   now(inp.device) - t0)
+                                   Span.since(t0, inp.device))
         return work
 
     def wait(self, work: Any, phase: str, device: torch.device) -> None:
-        t0 = now(device)
+        t0 = mark(device)
         guarded(f"all_to_all {phase} of MoE block {self.layer} (wait)", work.wait)
-        self.counters.add(phase, 0, 0, 0, now(device) - t0)
+        self.counters.add(phase, 0, 0, 0, Span.since(t0, device))
 
 
 # Phases of the backward all-to-alls, as announced to expert actors (see parallel/disaggregated.py).
@@ -117,7 +146,7 @@ class AllToAll(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
                 announce: Callable[[], None] | None = None,
-                timed: Callable[[float], None] | None = None, label: str = "all_to_all") -> Tensor:
+                timed: Callable[[Span], None] | None = None, label: str = "all_to_all") -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
         ctx.announce, ctx.timed, ctx.label = announce, timed, label
         out = x_ND.new_empty(sum(recv_splits), x_ND.shape[-1])
@@ -127,7 +156,7 @@ class AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
-        t0 = now(grad_out.device)
+        t0 = mark(grad_out.device)
         if ctx.announce is not None:
             guarded(f"backward announcement of {ctx.label}", ctx.announce)
         grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
@@ -135,14 +164,14 @@ class AllToAll(torch.autograd.Function):
             grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
             input_split_sizes=ctx.recv_splits, group=ctx.group))
         if ctx.timed is not None:
-            ctx.timed(now(grad_out.device) - t0)
+            ctx.timed(Span.since(t0, grad_out.device))
         return grad_in, None, None, None, None, None, None
 
 
 def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
-               announce: Callable[[], None] | None = None, timed: Callable[[float], None] | None = None,
+               announce: Callable[[], None] | None = None, timed: Callable[[Span], None] | None = None,
                label: str = "all_to_all") -> Tensor:
-    """``AllToAll`` as a function; ``timed`` receives the seconds the backward all-to-all took."""
+    """``AllToAll`` as a function; ``timed`` receives the region of the backward all-to-all."""
     out = AllToAll.apply(x_ND, send_splits, recv_splits, group, announce, timed, label)
     assert isinstance(out, Tensor)
     return out

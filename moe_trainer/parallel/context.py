@@ -18,13 +18,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.parallel.comm import guarded
+from moe_trainer.parallel.comm import dist, guarded
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
+from moe_trainer.timing import Elapsed, Span, mark
 
 
 def _is_expert(name: str) -> bool:
@@ -72,7 +71,7 @@ class DistributedContext:
         self.groups = groups
         self.counters = counters
         self.device = device
-        self._sync_seconds = 0.0
+        self._sync_time = Elapsed()
 
     def _split(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor]]:
         dense, expert = [], []
@@ -83,14 +82,14 @@ class DistributedContext:
         return dense, expert
 
     def sync_gradients(self, model: nn.Module) -> None:
-        t0 = now(self.device)
+        t0 = mark(self.device)
         dense, expert = self._split(model)
         all_reduce_flat(dense, self.groups.data, "all_reduce of dense gradients")
         if self.groups.replicas > 1:
             all_reduce_flat(expert, self.groups.expert_replicas, "all_reduce of expert gradients")
         for g in dense + expert:
             g.div_(self.dp_world)
-        self._sync_seconds += now(self.device) - t0
+        self._sync_time.add(Span.since(t0, self.device))
 
     def grad_norm(self, model: nn.Module) -> Tensor:
         dense, expert = self._split(model)
@@ -108,6 +107,4 @@ class DistributedContext:
         return out.to(t.device)
 
     def telemetry(self) -> dict[str, float]:
-        out = {**self.counters.take(), "grad_sync_time_s": self._sync_seconds}
-        self._sync_seconds = 0.0
-        return out
+        return {**self.counters.take(), "grad_sync_time_s": self._sync_time.take()}

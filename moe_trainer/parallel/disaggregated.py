@@ -21,20 +21,19 @@ Shape legend: D width, M rows received by an expert actor, L local experts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import deepspeed.comm as dist
 import torch
 from torch import Tensor, nn
 
 from moe_trainer.config.schema import Config
 from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, guarded
+from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, dist, guarded
 from moe_trainer.parallel.context import squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
-from moe_trainer.timing import now
+from moe_trainer.timing import Elapsed, Span, mark
 from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
 from moe_trainer.train.trainer import process_memory_mb
 
@@ -67,16 +66,17 @@ class Roles:
         return (rank - self.num_coordinators) * self.experts_per_actor, self.experts_per_actor
 
 
-def announce(index: int, phase: int) -> None:
+def announce(index: int, phase: int, device: torch.device) -> None:
     """Coordinator side: tells the expert actors which backward all-to-all comes next.
 
     Every coordinator sends ``(index, phase)`` and its negation, so one MAX all-reduce
     also reveals whether the coordinators disagree (their graphs must be identical).
+    The header lives on the rank's device: NCCL reduces only CUDA tensors.
     """
-    _reduce_announcement(torch.tensor([index, phase, -index, -phase], dtype=torch.int64))
+    _reduce_announcement(torch.tensor([index, phase, -index, -phase], dtype=torch.int64, device=device))
 
 
-def await_announcement() -> tuple[int, int]:
+def await_announcement(device: torch.device) -> tuple[int, int]:
     """Expert-actor side of :func:`announce`.
 
     Expert actors see the same reduced header as the coordinators, so they detect a
@@ -84,17 +84,19 @@ def await_announcement() -> tuple[int, int]:
     coordinator's side and waiting in the next all-to-all until ``parallel.timeout_s``.
     """
     return guarded("backward announcement (expert actor)",
-                   lambda: _reduce_announcement(torch.full((4,), _NOBODY, dtype=torch.int64)))
+                   lambda: _reduce_announcement(torch.full((4,), _NOBODY, dtype=torch.int64, device=device)))
 
 
 def _reduce_announcement(header: Tensor) -> tuple[int, int]:
     """MAX all-reduce of ``header``; the announced ``(index, phase)``, or an error if coordinators differ.
 
     After the reduction the header is ``(max index, max phase, -min index, -min phase)``
-    over the coordinators: they agree exactly when max and min coincide.
+    over the coordinators: they agree exactly when max and min coincide. Read on the host
+    in one go: the schedule is host control flow.
     """
     guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
-    high, low = (int(header[0]), int(header[1])), (-int(header[2]), -int(header[3]))
+    max_index, max_phase, neg_min_index, neg_min_phase = header.tolist()
+    high, low = (max_index, max_phase), (-neg_min_index, -neg_min_phase)
     if high != low:
         raise RuntimeError(f"coordinators disagree on the backward schedule: they announced dispatches "
                            f"{low[0]}..{high[0]}, phases {low[1]}..{high[1]} for the same all-to-all; their autograd "
@@ -136,7 +138,7 @@ class _Served:
 
 @dataclass
 class _StepClock:
-    busy: float = 0.0  # computing experts / optimizer
+    busy: Elapsed = field(default_factory=Elapsed)  # computing experts / optimizer (resolved at the step's end)
     rows: int = 0  # rows received from coordinators
 
 
@@ -177,13 +179,13 @@ class ExpertServer:
                 recv_splits = recv_counts_PL.sum(1).tolist()
                 x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
                 self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
-                t0 = now(self.ctx.device)
-                regroup_idx_M = regroup_index(recv_counts_PL.cpu()).to(device)
+                t0 = mark(device)
+                regroup_idx_M = regroup_index(recv_counts_PL, x_peer_MD.shape[0])
                 x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
                 clock.rows += x_MD.shape[0]
                 with torch.set_grad_enabled(keep):
                     y_MD = experts(x_MD, recv_counts_PL.sum(0))
-                clock.busy += now(self.ctx.device) - t0
+                clock.busy.add(Span.since(t0, device))
                 pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
             for index, item in pending:
                 y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
@@ -198,15 +200,15 @@ class ExpertServer:
         device = self.ctx.device
         empty = torch.empty(0, self.d_model, device=device)
         for _ in range(2 * len(served)):
-            index, phase = await_announcement()
+            index, phase = await_announcement(device)
             item = served[index]
             if phase == COMBINE_BWD:
                 grad_peer_MD = torch.empty(sum(item.recv_splits), self.d_model, device=device)
                 self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
                           [0] * self.roles.world)
-                t0 = now(self.ctx.device)
+                t0 = mark(device)
                 item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
-                clock.busy += now(self.ctx.device) - t0
+                clock.busy.add(Span.since(t0, device))
             else:
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
                 grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
@@ -220,7 +222,7 @@ class ExpertServer:
 
     def train_step(self) -> dict[str, Any]:
         clock = _StepClock()
-        t_start = now(self.ctx.device)
+        t_start = mark(self.ctx.device)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
@@ -232,17 +234,18 @@ class ExpertServer:
         sq = squared_norms([], grads, self.ctx.device)
         # the coordinators' grad_norm, same collective
         guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
-        t0 = now(self.ctx.device)
+        t0 = mark(self.ctx.device)
         norm = sq.sum().sqrt().float()
         finite = bool(torch.isfinite(norm))  # same global norm as the coordinators: same decision
         if finite:
             clipped_step(self.optimizer, norm, self.cfg.train.grad_clip)
-        clock.busy += now(self.ctx.device) - t0
+        clock.busy.add(Span.since(t0, self.ctx.device))
         self.step += 1
-        total = now(self.ctx.device) - t_start
+        total = Span.since(t_start, self.ctx.device).seconds()  # the step's one wait for its timings
+        busy = clock.busy.take()
         # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
-        return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": clock.busy,
-                "expert_wait_s": total - clock.busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
+        return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": busy,
+                "expert_wait_s": total - busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
                 "expert_mem_rss_mb": process_memory_mb()}
 
     def evaluate(self, batches: int) -> None:

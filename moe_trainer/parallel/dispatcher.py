@@ -5,6 +5,10 @@ dispatch: plan + permute (local, as in the reference) -> exchange per-expert cou
 rows by local expert. combine undoes each step in reverse. Router and experts are
 the single-device modules; only this class communicates.
 
+Host reads: the all-to-all of rows needs its split sizes as Python ints, so each
+dispatch reads the sent and received split sizes once, together (:func:`host_splits`);
+nothing else in dispatch or combine waits for the device.
+
 Shape legend: T tokens, D width, E global experts, L local experts, P ranks in the
 expert-parallel group, N rows sent, M rows received.
 """
@@ -22,7 +26,7 @@ from moe_trainer.moe.dispatcher import Dispatched, RunsExpertsHere, permute, pla
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import COMBINE_BWD, DISPATCH_BWD, all_to_all, start_counts_exchange
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
+from moe_trainer.timing import Span, mark
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,24 @@ class ExpertParallelMeta:
     layer: int  # block index of the MoE layer (for error messages)
 
 
-def regroup_index(recv_counts_PL: Tensor) -> Tensor:
-    """Permutation from received order (peer, local expert) to (local expert, peer).
+def regroup_index(recv_counts_PL: Tensor, rows: int) -> Tensor:
+    """Permutation from received order (peer, local expert) to (local expert, peer), on the counts' device.
 
     A stable sort keeps each peer's rows in its own priority order, and peers in rank
     order, which is the order the single-process reference gives each expert's rows.
+    ``rows`` (the received total, known on the host from the split sizes) fixes the
+    output length, so building the index never reads the device.
     """
     peers, local = recv_counts_PL.shape
-    local_expert_M = torch.repeat_interleave(torch.arange(local).repeat(peers), recv_counts_PL.flatten())
+    local_ids_PL = torch.arange(local, device=recv_counts_PL.device).repeat(peers)
+    local_expert_M = torch.repeat_interleave(local_ids_PL, recv_counts_PL.flatten(), output_size=rows)
     return torch.argsort(local_expert_M, stable=True)
+
+
+def host_splits(send_counts_PL: Tensor, recv_counts_PL: Tensor) -> tuple[list[int], list[int]]:
+    """Rows sent to and received from each peer, as Python ints: one device-to-host read for both."""
+    both = torch.stack([send_counts_PL.sum(1), recv_counts_PL.sum(1)]).tolist()
+    return both[0], both[1]
 
 
 class AllToAllDispatcher(RunsExpertsHere):
@@ -56,7 +69,8 @@ class AllToAllDispatcher(RunsExpertsHere):
 
     def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
                  group_rank: int, counters: CommCounters | None = None, owner_offset: int = 0,
-                 num_owners: int | None = None, announce: Callable[[int, int], None] | None = None) -> None:
+                 num_owners: int | None = None,
+                 announce: Callable[[int, int, torch.device], None] | None = None) -> None:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
         self.group = group
@@ -82,56 +96,57 @@ class AllToAllDispatcher(RunsExpertsHere):
         self.dispatches += 1
         counts = self.send_counts(plan.tokens_per_expert_E)
         label = f"all_to_all dispatch of MoE block {layer}"
-        x_ND, recv_counts_PL, blocked = self.permute_while_counting(x_TD, plan.token_idx_N, counts, label)
-        send_splits = counts.view(self.group_size, -1).sum(1).tolist()
-        recv_splits = recv_counts_PL.sum(1).tolist()
-        t0 = now(x_ND.device)
-        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD),
+        x_ND, recv_counts_PL = self.permute_while_counting(x_TD, plan.token_idx_N, counts, label)
+        send_splits, recv_splits = host_splits(counts.view(self.group_size, -1), recv_counts_PL)
+        t0 = mark(x_ND.device)
+        x_MD = all_to_all(x_ND, send_splits, recv_splits, self.group, self._announcer(index, DISPATCH_BWD, x_ND.device),
                           self._backward_timer("dispatch_bwd", recv_splits, send_splits, x_ND), label)
-        # communication only: the count exchange's blocked time and the rows, not the permute
+        # communication only: the count exchange's blocked time (counted above) and the rows, not the permute
         self._count("dispatch", send_splits, recv_splits, x_MD.shape[-1] * x_MD.element_size(),
-                    blocked + now(x_MD.device) - t0)
-        regroup_idx_M = regroup_index(recv_counts_PL)
+                    Span.since(t0, x_MD.device))
+        regroup_idx_M = regroup_index(recv_counts_PL, sum(recv_splits))
         meta = ExpertParallelMeta(send_splits, recv_splits, regroup_idx_M, index, layer)
         return Dispatched(x_MD.index_select(0, regroup_idx_M), recv_counts_PL.sum(0), plan, num_tokens, meta)
 
     def permute_while_counting(self, x_TD: Tensor, token_idx_N: Tensor, counts: Tensor,
-                               label: str) -> tuple[Tensor, Tensor, float]:
+                               label: str) -> tuple[Tensor, Tensor]:
         """Gathers the rows to send while the per-expert counts travel (a latency-bound exchange).
 
-        Returns the rows (ordered by global expert, hence by owner rank), the counts received
-        ``[P, E_local]`` and the seconds spent blocked in the exchange.
+        Returns the rows (ordered by global expert, hence by owner rank) and the counts
+        received ``[P, E_local]``; the time spent starting and awaiting the exchange counts
+        as ``dispatch`` communication time.
         """
-        t0 = now(x_TD.device)
+        t0 = mark(x_TD.device)
         counts_in_flight = start_counts_exchange(counts, self.group, label)
-        blocked = now(x_TD.device) - t0
+        self.counters.add("dispatch", 0, 0, 0, Span.since(t0, x_TD.device))
         x_ND = permute(x_TD, token_idx_N)
-        t0 = now(x_TD.device)
+        t0 = mark(x_TD.device)
         recv_counts_PL = counts_in_flight()
-        return x_ND, recv_counts_PL, blocked + now(x_TD.device) - t0
+        self.counters.add("dispatch", 0, 0, 0, Span.since(t0, x_TD.device))
+        return x_ND, recv_counts_PL
 
     def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, ExpertParallelMeta)
         y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
-        t0 = now(y_MD.device)
+        t0 = mark(y_MD.device)
         y_ND = all_to_all(y_peer_MD, meta.recv_splits, meta.send_splits, self.group,
-                          self._announcer(meta.index, COMBINE_BWD),
+                          self._announcer(meta.index, COMBINE_BWD, y_MD.device),
                           self._backward_timer("combine_bwd", meta.send_splits, meta.recv_splits, y_peer_MD),
                           f"all_to_all combine of MoE block {meta.layer}")
         self._count("combine", meta.recv_splits, meta.send_splits, y_ND.shape[-1] * y_ND.element_size(),
-                    now(y_ND.device) - t0)
+                    Span.since(t0, y_ND.device))
         plan = dispatched.plan
         return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
 
-    def _announcer(self, index: int, phase: int) -> Callable[[], None] | None:
+    def _announcer(self, index: int, phase: int, device: torch.device) -> Callable[[], None] | None:
         announce = self.announce
-        return None if announce is None else (lambda: announce(index, phase))
+        return None if announce is None else (lambda: announce(index, phase, device))
 
-    def _backward_timer(self, phase: str, send: list[int], recv: list[int], like: Tensor) -> Callable[[float], None]:
+    def _backward_timer(self, phase: str, send: list[int], recv: list[int], like: Tensor) -> Callable[[Span], None]:
         """Counts the backward all-to-all, which sends ``send`` rows and receives ``recv`` rows."""
         row_bytes = like.shape[-1] * like.element_size()
         return lambda seconds: self._count(phase, send, recv, row_bytes, seconds)
 
-    def _count(self, phase: str, send: list[int], recv: list[int], row_bytes: int, seconds: float) -> None:
+    def _count(self, phase: str, send: list[int], recv: list[int], row_bytes: int, seconds: Span) -> None:
         self.counters.add_transfer(phase, send, recv, self.group_rank, row_bytes, seconds)

@@ -61,23 +61,34 @@ def chunk_bounds(num_local: int, chunks: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:], strict=True))
 
 
-def chunk_major_order(tokens_per_expert_E: Tensor, num_local: int, bounds: list[tuple[int, int]]) -> Tensor:
-    """Permutation of plan rows (sorted by global expert) into (chunk, peer, expert) order."""
-    chunk_of_local = torch.empty(num_local, dtype=torch.long)
-    for c, (first, last) in enumerate(bounds):
-        chunk_of_local[first:last] = c
-    experts = torch.arange(tokens_per_expert_E.numel(), device=tokens_per_expert_E.device)
-    chunk_N = chunk_of_local.to(experts.device)[experts.remainder(num_local)].repeat_interleave(tokens_per_expert_E)
+def chunk_major_order(tokens_per_expert_E: Tensor, num_local: int, bounds: list[tuple[int, int]],
+                      rows: int) -> Tensor:
+    """Permutation of plan rows (sorted by global expert) into (chunk, peer, expert) order.
+
+    Built on the counts' device; ``rows`` (the plan's row count) fixes the expanded length,
+    so no device read is needed.
+    """
+    device = tokens_per_expert_E.device
+    chunk_of_local = torch.cat([torch.full((last - first,), c, dtype=torch.long, device=device)
+                                for c, (first, last) in enumerate(bounds)])
+    experts = torch.arange(tokens_per_expert_E.numel(), device=device)
+    chunk_N = chunk_of_local[experts.remainder(num_local)].repeat_interleave(tokens_per_expert_E, output_size=rows)
     return torch.argsort(chunk_N, stable=True)
 
 
 def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tuple[int, int]]) -> list[Chunk]:
+    """Each chunk's split sizes and run lengths: every count the chunks need, read from the device at once."""
+    sums = [torch.stack([send_counts_PL[:, first:last].sum(1), recv_counts_PL[:, first:last].sum(1)])
+            for first, last in bounds]
+    host = torch.cat([torch.stack(sums).flatten(), recv_counts_PL.sum(0)]).tolist()  # [C, 2, P], then [L]
+    peers = send_counts_PL.shape[0]
+    per_expert = host[2 * peers * len(bounds):]
     chunks, offset = [], 0
-    for first, last in bounds:
-        recv_part = recv_counts_PL[:, first:last]
-        send_splits = send_counts_PL[:, first:last].sum(1).tolist()
-        chunks.append(Chunk(first, last, offset, send_splits, recv_part.sum(1).tolist(), recv_part.sum(0).tolist(),
-                            regroup_index(recv_part)))
+    for c, (first, last) in enumerate(bounds):
+        send_splits = host[2 * peers * c:2 * peers * c + peers]
+        recv_splits = host[2 * peers * c + peers:2 * peers * (c + 1)]
+        chunks.append(Chunk(first, last, offset, send_splits, recv_splits, per_expert[first:last],
+                            regroup_index(recv_counts_PL[:, first:last], sum(recv_splits))))
         offset += sum(send_splits)
     return chunks
 
@@ -177,12 +188,12 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
         plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
-        order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds)
+        order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds,
+                                  plan.token_idx_N.numel())
         plan = replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
         self.dispatches += 1
-        x_ND, recv_counts_PL, blocked = self.permute_while_counting(
+        x_ND, recv_counts_PL = self.permute_while_counting(
             x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
-        self.counters.add("dispatch", 0, 0, 0, blocked)
         chunks = plan_chunks(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL, self.bounds)
         return Dispatched(x_ND, recv_counts_PL.sum(0), plan, num_tokens, OverlapMeta(chunks, layer))
 

@@ -14,6 +14,7 @@ import torch.distributed
 
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.device import configure_process
 from moe_trainer.engine import build_model
 from moe_trainer.moe.dispatcher import LocalDispatcher
 from moe_trainer.moe.layer import Dispatcher
@@ -55,6 +56,7 @@ class RankSetup:
 
 
 def _device(cfg: Config) -> tuple[str, torch.device]:
+    """One GPU per rank with NCCL (Ray gives the actor exactly one: validation allows only 0 or 1), else gloo."""
     if cfg.parallel.gpus_per_actor > 0:
         return "nccl", torch.device("cuda", torch.cuda.current_device())
     return "gloo", torch.device("cpu")
@@ -80,6 +82,7 @@ def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int],
 def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> RankSetup:
     """Joins the process group as ``rank`` and builds what this rank runs."""
     backend, device = _device(cfg)
+    configure_process(device)
     timeout = cfg.parallel.timeout_s
     init_process_group(backend, master_addr, master_port, rank, world_size(cfg), timeout)
     if cfg.parallel.strategy == "disaggregated":

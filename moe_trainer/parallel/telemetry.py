@@ -1,14 +1,24 @@
-"""All-to-all counters a rank keeps per step; plain Python, so the driver can read them without torch.distributed."""
+"""All-to-all counters a rank keeps per step; no torch.distributed, so the driver can read what they give.
+
+Times are kept as :class:`~moe_trainer.timing.Elapsed` totals: on GPU the regions are CUDA
+event pairs, resolved in :meth:`CommCounters.take`, once per step (see :mod:`moe_trainer.timing`).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from moe_trainer.timing import Elapsed, Span
 
 PHASES = ("dispatch", "combine", "dispatch_bwd", "combine_bwd")
 
 
 def _zeros() -> dict[str, float]:
     return dict.fromkeys(PHASES, 0.0)
+
+
+def _clocks() -> dict[str, Elapsed]:
+    return {phase: Elapsed() for phase in PHASES}
 
 
 @dataclass
@@ -23,29 +33,31 @@ class CommCounters:
     rows_sent: dict[str, float] = field(default_factory=_zeros)
     rows_recv: dict[str, float] = field(default_factory=_zeros)
     bytes_sent: dict[str, float] = field(default_factory=_zeros)
-    seconds: dict[str, float] = field(default_factory=_zeros)
+    seconds: dict[str, Elapsed] = field(default_factory=_clocks)
 
-    def add(self, phase: str, rows_sent: int, rows_recv: int, row_bytes: int, seconds: float) -> None:
+    def add(self, phase: str, rows_sent: int, rows_recv: int, row_bytes: int, seconds: float | Span) -> None:
         self.rows_sent[phase] += rows_sent
         self.rows_recv[phase] += rows_recv
         self.bytes_sent[phase] += rows_sent * row_bytes
-        self.seconds[phase] += seconds
+        self.seconds[phase].add(seconds)
 
     def add_transfer(self, phase: str, sent_splits: list[int], recv_splits: list[int], me: int, row_bytes: int,
-                     seconds: float) -> None:
+                     seconds: float | Span) -> None:
         """One all-to-all seen from rank ``me`` of its group: rows to and from itself do not count."""
         self.add(phase, sum(sent_splits) - sent_splits[me], sum(recv_splits) - recv_splits[me], row_bytes, seconds)
 
     def take(self) -> dict[str, float]:
+        """Everything since the last call (times resolved now: on GPU the one wait of the step), then zeros."""
         out: dict[str, float] = {}
+        seconds = {phase: clock.take() for phase, clock in self.seconds.items()}
         for phase in PHASES:
             out[f"a2a_{phase}_rows_sent"] = self.rows_sent[phase]
             out[f"a2a_{phase}_rows_recv"] = self.rows_recv[phase]
-            out[f"a2a_{phase}_time_s"] = self.seconds[phase]
+            out[f"a2a_{phase}_time_s"] = seconds[phase]
         out["a2a_rows_sent"] = sum(self.rows_sent.values())
         out["a2a_rows_recv"] = sum(self.rows_recv.values())
         out["a2a_bytes_sent"] = sum(self.bytes_sent.values())
-        out["a2a_time_s"] = sum(self.seconds.values())
-        for counter in (self.rows_sent, self.rows_recv, self.bytes_sent, self.seconds):
+        out["a2a_time_s"] = sum(seconds.values())
+        for counter in (self.rows_sent, self.rows_recv, self.bytes_sent):
             counter.update(_zeros())
         return out

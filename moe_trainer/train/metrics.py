@@ -2,7 +2,9 @@
 
 Counts are summed over the global batch (all micro-batches and ranks) *before*
 these ratios are formed, so a distributed run reports the same numbers as the
-single-process reference.
+single-process reference. They stay on the device of the router's statistics until
+the step's metrics are formed (one host copy, in :func:`balance_metrics`), so the
+forward pass never waits for them.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ class LoadCounts:
     dropped_L: Tensor  # float64 [L] assignments dropped past capacity
     assignments_L: Tensor  # float64 [L] assignments made
     entropy_sum_L: Tensor  # float64 [L] router entropy summed over routed batches (for means)
-    batches: int  # forward passes summed into this record
+    batches: int  # forward passes summed into this record (host-side: never all-reduced)
 
     @classmethod
     def from_stats(cls, stats: list[MoEStats], num_experts: int) -> LoadCounts:
         if not stats:
             empty = torch.zeros(0, dtype=torch.float64)
             return cls(torch.zeros(0, num_experts, dtype=torch.float64), empty, empty, empty, 1)
+        device = stats[0].tokens_per_expert_E.device
         return cls(
-            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]).double().cpu(),
-            dropped_L=torch.stack([s.dropped.to(s.tokens_per_expert_E.device) for s in stats]).double().cpu(),
-            assignments_L=torch.tensor([float(s.assignments) for s in stats], dtype=torch.float64),
-            entropy_sum_L=torch.stack([s.router_entropy for s in stats]).double().cpu(),
+            tokens_per_expert_LE=torch.stack([s.tokens_per_expert_E for s in stats]).double(),
+            dropped_L=torch.stack([s.dropped.to(device) for s in stats]).double(),
+            assignments_L=torch.tensor([float(s.assignments) for s in stats], dtype=torch.float64, device=device),
+            entropy_sum_L=torch.stack([s.router_entropy.to(device) for s in stats]).double(),
             batches=1,
         )
 
@@ -47,18 +50,18 @@ class LoadCounts:
         """Sum of several records (micro-batches of one step)."""
         first = parts[0]
         return cls.from_tensor(torch.stack([p.as_tensor() for p in parts]).sum(0), first.num_layers,
-                               first.tokens_per_expert_LE.shape[1])
+                               first.tokens_per_expert_LE.shape[1], sum(p.batches for p in parts))
 
     def as_tensor(self) -> Tensor:
-        """Flattens into one float64 vector, so one all-reduce sums every field."""
+        """Flattens the tensor fields into one float64 vector, so one all-reduce sums them all."""
         return torch.cat([self.tokens_per_expert_LE.flatten(), self.dropped_L, self.assignments_L,
-                          self.entropy_sum_L, torch.tensor([float(self.batches)], dtype=torch.float64)])
+                          self.entropy_sum_L])
 
     @classmethod
-    def from_tensor(cls, flat: Tensor, num_layers: int, num_experts: int) -> LoadCounts:
+    def from_tensor(cls, flat: Tensor, num_layers: int, num_experts: int, batches: int) -> LoadCounts:
         le, n = num_layers * num_experts, num_layers
         return cls(flat[:le].view(n, num_experts), flat[le:le + n], flat[le + n:le + 2 * n],
-                   flat[le + 2 * n:le + 3 * n], int(flat[-1].item()))
+                   flat[le + 2 * n:le + 3 * n], batches)
 
 
 def balance_metrics(counts: LoadCounts) -> dict[str, object]:
@@ -66,6 +69,8 @@ def balance_metrics(counts: LoadCounts) -> dict[str, object]:
 
     max/mean is 1 for perfect balance and E when every token goes to one expert.
     """
+    counts = LoadCounts.from_tensor(counts.as_tensor().cpu(), counts.num_layers, counts.tokens_per_expert_LE.shape[1],
+                                    counts.batches)  # one device-to-host copy for every number below
     layers = []
     for i in range(counts.tokens_per_expert_LE.shape[0]):
         load = counts.tokens_per_expert_LE[i]

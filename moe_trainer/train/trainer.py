@@ -11,17 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import psutil
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import micro_batches, sequences_per_group, sequences_per_micro_batch
+from moe_trainer.device import to_device
 from moe_trainer.model.transformer import ModelOutput, Transformer
 from moe_trainer.moe.router import global_load_balancing_loss
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.timing import now
+from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
 
@@ -57,7 +57,9 @@ class SingleContext:
 
     dp_rank = 0
     dp_world = 1
-    device = torch.device("cpu")
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device if device is not None else torch.device("cpu")
 
     def sync_gradients(self, model: Transformer) -> None:
         return None
@@ -75,9 +77,20 @@ class SingleContext:
 
 
 def process_memory_mb() -> float:
-    """Resident memory of this process (MiB); on GPU, the peak allocated CUDA memory instead."""
+    """Resident memory of this process (MiB); on GPU, the peak allocated CUDA memory instead.
+
+    Without psutil (the torch-only GPU check machine) the resident size comes from
+    ``/proc/self/statm`` (Linux).
+    """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        import psutil
+    except ImportError:
+        import os
+
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     return psutil.Process().memory_info().rss / 2**20
 
 
@@ -147,7 +160,7 @@ class Trainer:
 
     def train_step(self) -> StepResult:
         self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
-        t0 = now(self.ctx.device)
+        t0 = mark(self.ctx.device)
         inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
@@ -167,7 +180,7 @@ class Trainer:
                 layer.router.update_bias(load_E)
         losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
         losses = losses / self.ctx.dp_world
-        step_time = now(self.ctx.device) - t0
+        step_time = Span.since(t0, self.ctx.device).seconds()  # on GPU: the step's one wait for its timings
         tokens = inputs.numel() * self.ctx.dp_world
         self.step += 1
         self.tokens_seen += tokens
@@ -197,7 +210,9 @@ class Trainer:
 
     def _global_counts(self, local: LoadCounts) -> LoadCounts:
         summed = self.ctx.all_reduce_sum(local.as_tensor(), "router loads (global aux loss, bias, metrics)")
-        return LoadCounts.from_tensor(summed, local.num_layers, self.cfg.moe.num_experts)
+        # every data-parallel rank runs the same number of micro-batches
+        return LoadCounts.from_tensor(summed, local.num_layers, self.cfg.moe.num_experts,
+                                      local.batches * self.ctx.dp_world)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -206,12 +221,12 @@ class Trainer:
         batches = self.data.val_batches(self.cfg.train.eval_batches, self.cfg.train.batch_size)
         rows = self.cfg.train.batch_size // self.ctx.dp_world
         lo = self.ctx.dp_rank * rows
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for inputs, targets in batches:
             parts = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])), training=False)
-            total += parts.lm.double().cpu()
+            total += parts.lm.double()
         total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
         return float(total / max(1, len(batches)))
 
     def _to_device(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        return batch[0].to(self.ctx.device), batch[1].to(self.ctx.device)
+        return to_device(batch[0], self.ctx.device), to_device(batch[1], self.ctx.device)

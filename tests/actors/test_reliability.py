@@ -142,7 +142,7 @@ def announce_one_dispatch_early(worker: Any) -> None:
 
     if worker.rank == 1:
         for layer in worker.setup.runner.model.moe_layers():
-            layer.dispatcher.announce = lambda index, phase: announce(index - 1, phase)
+            layer.dispatcher.announce = lambda index, phase, device: announce(index - 1, phase, device)
 
 
 def test_coordinators_that_disagree_stop_every_rank_within_seconds(ray_cluster: object, make_config: Any) -> None:

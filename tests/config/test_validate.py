@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import Config
@@ -63,6 +64,17 @@ PARALLEL = [
     (["parallel=expert_parallel", "parallel.num_actors=8"], "parallel.num_actors"),  # 4 experts, ep_size unset
     (["parallel=expert_parallel", "parallel.num_actors=8", "parallel.ep_size=8"], "parallel.ep_size"),
 ]
+# where ranks compute: one whole GPU per Ray rank (NCCL), train.device agreeing with it; single needs a GPU for cuda
+DEVICE = [
+    (["parallel=data_parallel", "parallel.gpus_per_actor=0.5"], "parallel.gpus_per_actor", "NCCL refuses"),
+    (["parallel=disaggregated", "parallel.gpus_per_actor=0.25"], "parallel.gpus_per_actor", "NCCL refuses"),
+    (["parallel=expert_parallel", "parallel.gpus_per_actor=2"], "parallel.gpus_per_actor", "idle"),
+    (["parallel=expert_parallel", "parallel.gpus_per_actor=1.5"], "parallel.gpus_per_actor", "must be 0"),
+    (["parallel=expert_parallel", "train.device=cuda"], "train.device", "parallel.gpus_per_actor=1"),
+    (["parallel=data_parallel", "parallel.gpus_per_actor=1", "train.device=cpu"], "train.device",
+     "parallel.gpus_per_actor=0"),
+    (["train.device=cuda"], "train.device", "no CUDA GPU is visible"),  # single, and this machine has none
+]
 
 
 @pytest.mark.parametrize("override,setting", BATTERY, ids=[b[0] for b in BATTERY])
@@ -78,6 +90,28 @@ def test_parallel_battery(make_config: Callable[..., Config], overrides: list[st
     with pytest.raises(ConfigError) as err:
         validate(make_config(*overrides))
     assert err.value.setting == setting
+
+
+@pytest.mark.parametrize("overrides,setting,reason", DEVICE, ids=[" ".join(p[0]) for p in DEVICE])
+def test_device_battery(make_config: Callable[..., Config], overrides: list[str], setting: str, reason: str,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as err:
+        validate(make_config(*overrides))
+    assert err.value.setting == setting and reason in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["train.device=cuda"],  # single, with a GPU visible
+    ["parallel=data_parallel", "parallel.gpus_per_actor=1"],
+    ["parallel=expert_parallel", "parallel.gpus_per_actor=1", "train.device=cuda"],
+    ["parallel=expert_parallel", "train.device=cpu"],
+    ["parallel=single", "parallel.gpus_per_actor=0.5"],  # single never reads it
+])
+def test_device_settings_that_agree_pass(make_config: Callable[..., Config], overrides: list[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    validate(make_config(*overrides))
 
 
 def test_messages_name_value_constraint_and_allowed_values(make_config: Callable[..., Config]) -> None:
