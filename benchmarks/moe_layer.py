@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.moe_layer [--experts 8 32 128] [--tokens 2048 8192]
         [--d-model 256] [--expert-hidden 512] [--iters 10] [--warmup 3] [--no-ds-dropless] [--a2a-chunks 2]
+        [--precision fp32|bf16] [--malloc retain|default] [--tag NAME] [--quick]
 
 Two spawned processes, one thread each, join one gloo group through
 ``moe_trainer.parallel.comm.init_process_group`` (``deepspeed.init_distributed``);
@@ -33,6 +34,12 @@ alike), after a barrier; a variant's time is the slowest rank's forward + backwa
 ``--iters`` iterations after ``--warmup``. ``ratio`` = DeepSpeed capacity-mode median /
 this row's median (> 1: ours faster); ``ratio_paired`` = median over iterations of the
 same-iteration ratio (steadier when other processes share the cores).
+
+``--precision bf16``: both layers run under ``torch.autocast("cpu", torch.bfloat16)``
+(fp32 master weights, inputs and input gradients; the expert matmuls in bf16 on both
+sides), and ``floor_ms`` uses the bf16 2048x2048 matmul rate. ``--quick``: 8 and 128
+experts, 2048 tokens per rank, 6 iterations after 2, no DeepSpeed dropless or overlap row
+(well under a minute). ``--tag``: appended to the JSON name (wider-expert configurations).
 
 Both processes keep freed memory in the heap (``moe_trainer.host_memory``, what the
 trainer does by default), which applies to both layers alike; ``--malloc default``
@@ -116,16 +123,22 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     chunks = args["a2a_chunks"]
     overlapped = OverlappedAllToAllDispatcher(experts, cf, group, world, rank, chunks) if chunks > 1 else None
 
+    bf16 = args["precision"] == "bf16"
+
     def run_ours(capacity: float | None, dispatcher: Any = plain) -> None:
         ours.dispatcher = dispatcher
         ours.dispatcher.capacity_factor = capacity
-        y, stats = ours(x[None], 1)
-        ((y[0] * g).sum() + 0.01 * stats.aux_loss).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, stats = ours(x[None], 1)
+            loss = (y[0].float() * g).sum() + 0.01 * stats.aux_loss
+        loss.backward()
 
     def run_ds(drop: bool) -> None:
         ds.deepspeed_moe.gate.drop_tokens = drop
-        y, l_aux, _ = ds(x)
-        ((y * g).sum() + 0.01 * l_aux).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, l_aux, _ = ds(x)
+            loss = (y.float() * g).sum() + 0.01 * l_aux
+        loss.backward()
 
     variants: list[tuple[str, str, Any]] = [
         ("ours", f"capacity {cf}", lambda: run_ours(cf)),
@@ -181,7 +194,8 @@ def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[di
 
     if args["malloc"] == "retain":
         retain_freed_memory()
-    args = {**args, "matmul_flops": square_matmul_flops()}
+    dtype = torch.bfloat16 if args["precision"] == "bf16" else torch.float32
+    args = {**args, "matmul_flops": square_matmul_flops(dtype=dtype)}
     ds_logger.setLevel(logging.WARNING)
     init_process_group("gloo", "127.0.0.1", port, rank, world, args["timeout_s"])
     group = new_group(list(range(world)), args["timeout_s"])
@@ -223,8 +237,14 @@ def main() -> None:
                         help="chunks of the overlapped variant (parallel.a2a_chunks); 1 leaves it out")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="retain: freed memory stays in the heap (the trainer's default); default: glibc's")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both layers under torch.autocast(cpu, bfloat16)")
+    parser.add_argument("--tag", default="", help="appended to the JSON result's name")
+    parser.add_argument("--quick", action="store_true", help="8 and 128 experts, 2048 tokens, 6 iterations")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = vars(parser.parse_args())
+    if args["quick"]:
+        args.update(experts=[8, 128], tokens=[2048], iters=6, warmup=2, ds_dropless=False, a2a_chunks=1)
     if args["top_k"] != 2:
         print("note: k != 2 uses DeepSpeed's topkgating, whose drop policy ('probs') differs from ours")
     load_start = loadavg()
@@ -234,7 +254,8 @@ def main() -> None:
                        "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "dropped", "max_abs_diff"])
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
-    name = "moe_layer" if args["malloc"] == "retain" else "moe_layer_default_malloc"
+    name = "moe_layer" + ("" if args["malloc"] == "retain" else "_default_malloc") + (
+        "_bf16" if args["precision"] == "bf16" else "") + (f"_{args['tag']}" if args["tag"] else "")
     print(write_json(name, {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
                                    "targets": goals, "wall_s": time.perf_counter() - t0,
                                    "loadavg_start": load_start, "loadavg_end": loadavg()}))

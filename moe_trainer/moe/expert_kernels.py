@@ -17,13 +17,17 @@ Matmul kernels (:func:`choose_kernels`, chosen once per expert shape, dtype and 
   the kernel's stride rule), CUDA outside bf16 (torch's fallback there copies the offsets
   to the host on every call: six syncs per layer instead of the loop's one), or on request
   (``SwiGLUExperts.kernel = "loop"``, the reference the benchmarks compare against).
-- weight gradients: ``grouped_mm``'s 2-D x 2-D form (per-expert ``x^T dy``) where memory
-  is a caching allocator (CUDA); on host memory they are written per expert straight into
-  ``param.grad`` (``torch.mm(out=)`` / ``addmm_``), because the grouped call can only
-  return a fresh weight-sized tensor: on CPU that costs page faults every step under
-  glibc's default allocator (blocks above 32 MB are mmap'ed; measured 19.4 vs 8.6 ms for
-  128 experts' ``[128, 128, 512]`` gradient) or an extra copy pass with retained memory
-  (10.3 vs 8.8 ms).
+- weight gradients: ``grouped_mm``'s 2-D x 2-D form (per-expert ``x^T dy``). It can only
+  return a fresh weight-sized tensor, which then becomes ``param.grad`` without a copy
+  (``Tensor.set_``) when the gradient is replaced; on CUDA it is otherwise added or copied.
+  On host memory the fresh tensor is cheap only where freed memory is retained
+  (``train.retain_freed_memory``, :func:`moe_trainer.host_memory.retaining`): under glibc's
+  default, blocks above 32 MB are mmap'ed and page-fault in every step (measured 19.4 vs
+  8.6 ms for 128 experts' ``[128, 128, 512]`` gradient), and adding or casting it is an
+  extra pass (10.3 vs 8.8 ms). So on CPU the grouped form serves fp32 gradients that are
+  replaced whole with memory retained; the rest (accumulating micro-batches, bf16 products,
+  a chunk's slice in the overlapped pipeline, glibc's default allocator) is written per
+  expert straight into ``param.grad`` (``torch.mm(out=)`` / ``addmm_``).
 
 Why a hand-written backward: autograd's backward of ``grouped_mm`` fails on a stride-0
 upstream gradient (``y.sum().backward()``) and would end in fresh weight-sized gradients
@@ -60,12 +64,16 @@ class Kernels:
     """Which matmul forms the expert math uses (see the module docstring)."""
 
     grouped: bool  # forward and input-gradient products through grouped_mm
-    grouped_wgrad: bool  # weight gradients through grouped_mm (else written per expert into .grad)
+    grouped_wgrad: bool  # weight gradients through grouped_mm: always on CUDA; on CPU where they can be adopted
 
 
 @functools.cache
-def choose_kernels(kernel: str, d_model: int, hidden: int, dtype: torch.dtype, device: torch.device) -> Kernels:
-    """The kernels for experts of this shape, chosen once and cached (``kernel``: one of :data:`KERNELS`)."""
+def choose_kernels(kernel: str, d_model: int, hidden: int, dtype: torch.dtype, device: torch.device,
+                   retained: bool = False) -> Kernels:
+    """The kernels for experts of this shape, chosen once and cached (``kernel``: one of :data:`KERNELS`).
+
+    ``retained``: freed host memory is kept (:func:`moe_trainer.host_memory.retaining`).
+    """
     if kernel not in KERNELS:
         raise ValueError(f"SwiGLUExperts.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
     if kernel == "loop":
@@ -75,7 +83,7 @@ def choose_kernels(kernel: str, d_model: int, hidden: int, dtype: torch.dtype, d
         raise ValueError(f"SwiGLUExperts.kernel='grouped': torch.nn.functional.grouped_mm cannot run experts of "
                          f"d_model={d_model}, expert_hidden={hidden} in {dtype} on {device.type} "
                          "(float64, rows not a multiple of 16 bytes, or no kernel there); use kernel='auto'")
-    return Kernels(serves, serves and device.type == "cuda")
+    return Kernels(serves, serves and (device.type == "cuda" or (retained and dtype == torch.float32)))
 
 
 @functools.cache
@@ -141,9 +149,13 @@ def expert_weight_grad(a_NK: Tensor, b_NM: Tensor, runs: Runs, kernels: Kernels,
 
     An expert without rows gets a zero gradient (replaced) or keeps its value (added).
     """
-    if kernels.grouped_wgrad:
+    # adopt: the fresh result becomes the gradient's storage (a whole fp32 tensor being replaced)
+    adopt = overwrite and grad_EKM._base is None and grad_EKM.dtype == a_NK.dtype
+    if kernels.grouped_wgrad and (adopt or a_NK.device.type == "cuda"):
         g_EKM = F.grouped_mm(a_NK.t(), b_NM, offs=runs.offs_E)
-        if overwrite:
+        if adopt and g_EKM.is_contiguous():
+            grad_EKM.set_(g_EKM)  # param.grad (and its GradBuffer) now hold the result: no copy
+        elif overwrite:
             grad_EKM.copy_(g_EKM)
         else:
             grad_EKM.add_(g_EKM)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from moe_trainer.host_memory import retaining
 from moe_trainer.moe.expert_kernels import ExpertCall, GradBuffer, GroupedSwiGLU, Runs, choose_kernels, compute_dtype
 
 
@@ -48,7 +49,8 @@ class SwiGLUExperts(nn.Module):
     def call_for(self, x_ND: Tensor) -> tuple[Tensor, ExpertCall]:
         """The rows in the compute dtype (autocast's when on) and the kernels for them (chosen once, cached)."""
         x_ND = x_ND.to(compute_dtype(x_ND))
-        kernels = choose_kernels(self.kernel, self.w_down_EFD.shape[2], self.hidden, x_ND.dtype, x_ND.device)
+        kernels = choose_kernels(self.kernel, self.w_down_EFD.shape[2], self.hidden, x_ND.dtype, x_ND.device,
+                                 retaining())
         return x_ND, ExpertCall(kernels, self.recompute)
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:

@@ -61,6 +61,9 @@ def run(experts: SwiGLUExperts, x: Tensor, dy: Tensor, counts: list[int] = COUNT
 def test_kernels_are_chosen_once_by_what_grouped_mm_serves() -> None:
     cpu = torch.device("cpu")
     assert choose_kernels("auto", D, H, torch.float32, cpu).grouped
+    assert not choose_kernels("auto", D, H, torch.float32, cpu).grouped_wgrad  # glibc's default: faults
+    assert choose_kernels("auto", D, H, torch.float32, cpu, retained=True).grouped_wgrad
+    assert not choose_kernels("auto", D, H, torch.bfloat16, cpu, retained=True).grouped_wgrad  # a cast pass
     assert choose_kernels("auto", D, H, torch.bfloat16, cpu).grouped
     assert not choose_kernels("auto", D, H, torch.float64, cpu).grouped  # grouped_mm refuses float64
     assert not choose_kernels("auto", 10, H, torch.float32, cpu).grouped  # 40-byte rows: not 16-byte aligned
@@ -119,7 +122,8 @@ def test_gradients_accumulate_over_micro_batches_into_existing_grad(kernel: str)
         assert_rel_close(p.grad, w1 + w2, REL[torch.float32], "sum of both micro-batches")
 
 
-def test_weight_gradient_buffer_is_reused_across_steps() -> None:
+def test_weight_gradient_buffer_is_reused_across_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("moe_trainer.moe.experts.retaining", lambda: False)  # written in place, per expert
     experts, x, dy = make()
     counts = torch.tensor(COUNTS)
     experts(x, counts).backward(dy)
@@ -225,13 +229,18 @@ def test_overlapped_pipeline_runs_the_same_expert_function(dtype: torch.dtype, r
     assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want, strict=True))
 
 
+@pytest.fixture
+def retained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in the trainer with ``train.retain_freed_memory=true``: fresh weight-sized tensors are cheap."""
+    monkeypatch.setattr("moe_trainer.moe.experts.retaining", lambda: True)
+
+
+@pytest.mark.usefixtures("retained")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_grouped_weight_gradients_as_on_cuda(monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype) -> None:
-    """The 2-D x 2-D grouped weight gradient (chosen on CUDA) also runs here: replaced, then accumulated."""
+def test_grouped_weight_gradients_with_retained_memory(dtype: torch.dtype) -> None:
+    """fp32: the 2-D x 2-D grouped product becomes ``.grad`` (replaced), then the next backward adds per expert."""
     experts, x, dy = make("grouped", dtype=dtype)
-    monkeypatch.setattr(expert_kernels, "choose_kernels", lambda *_a: expert_kernels.Kernels(True, True))
-    monkeypatch.setattr("moe_trainer.moe.experts.choose_kernels", expert_kernels.choose_kernels)
-    assert experts.call_for(x)[1].kernels.grouped_wgrad
+    assert experts.call_for(x)[1].kernels.grouped_wgrad == (dtype == torch.float32)
     _, grads = run(experts, x, dy)
     want = reference(experts, x, dy, COUNTS)[1]
     for g, w in zip(grads[1:], want[1:], strict=True):
@@ -239,3 +248,13 @@ def test_grouped_weight_gradients_as_on_cuda(monkeypatch: pytest.MonkeyPatch, dt
     experts(x, torch.tensor(COUNTS)).backward(dy)
     for p, w in zip(params(experts), want[1:], strict=True):
         assert_rel_close(p.grad, 2 * w, REL[dtype], "accumulated weight gradient")
+        assert p.grad is not None and not p.grad[1].any()
+    got = torch.autograd.grad(experts(x, torch.tensor(COUNTS)), params(experts), dy)  # returned, not adopted
+    for g, w in zip(got, want[1:], strict=True):
+        assert_rel_close(g, w, REL[dtype], "returned weight gradient")
+
+
+@pytest.mark.usefixtures("retained")
+def test_overlapped_pipeline_with_retained_memory() -> None:
+    """Chunks write slices of the gradient (never adopted): still the experts' own gradients."""
+    test_overlapped_pipeline_runs_the_same_expert_function(torch.float32, False)
