@@ -46,12 +46,15 @@ trainer does by default), which applies to both layers alike; ``--malloc default
 leaves glibc's defaults (what a DeepSpeed user gets) for both instead. ``floor_ms``: the expert
 matmul FLOPs of the row (forward + backward, rows actually computed) at the 2048x2048
 matmul rate measured in the same process: no implementation of that row can be faster.
+``page_faults``: minor page faults per iteration (median, the larger rank): memory the
+allocator had to fetch from the kernel again, the cost ``--malloc default`` exposes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import time
 from typing import Any
@@ -152,19 +155,23 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     iters, warmup = args["iters"], args["warmup"]
     times = torch.zeros(len(variants), iters, dtype=torch.float64)
     expert_rows = torch.zeros(len(variants), dtype=torch.float64)
+    faults = torch.zeros(len(variants), iters, dtype=torch.float64)  # minor page faults (fresh memory touched)
     for it in range(warmup + iters):
         for v, (impl, _, fn) in enumerate(variants):
             ours.zero_grad(set_to_none=True)
             ds.zero_grad(set_to_none=True)
             x.grad = None
+            flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             dt = timed_after_barrier(fn, group)
             if it >= warmup:
                 times[v, it - warmup] = dt
+                faults[v, it - warmup] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt
             # the overlapped path calls no expert module (no hook): it computes the capacity row's plan
             expert_rows[v] = expert_rows[0] if "overlap" in variants[v][1] else rows_seen[
                 "ours" if impl == "ours" else "ds"]
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX, group=group)  # a step lasts as long as its slowest rank
     tdist.all_reduce(expert_rows, group=group)
+    tdist.all_reduce(faults, op=tdist.ReduceOp.MAX, group=group)
     out = []
     flops_per_row = 3 * (2 * d * 2 * hidden + 2 * hidden * d)  # forward + backward (2x) of both matmuls
     ds_v = next(v for v, (impl, mode, _) in enumerate(variants) if impl == "deepspeed" and mode.startswith("capacity"))
@@ -177,6 +184,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
                     "ratio_paired": statistics.median((times[ds_v] / times[v]).tolist()),
                     "expert_rows_per_rank": float(expert_rows[v]) / world,
                     "floor_ms": float(expert_rows[v]) / world * flops_per_row / args["matmul_flops"] * 1e3,
+                    "page_faults": float(faults[v].median()),
                     "dropped": 0 if mode == "dropless" else int(check[0]) if impl == "ours" else int(check[1]),
                     "max_abs_diff": float(check[2]), "out_scale": float(check[3])})
     ds_ms = next(r["median_ms"] for r in out if r["impl"] == "deepspeed" and r["mode"].startswith("capacity"))
@@ -251,7 +259,8 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = run_ranks(rank_main, 2, args)[0]
     print_table(rows, ["experts", "tokens_per_rank", "impl", "mode", "median_ms", "min_ms", "p25_ms", "p75_ms",
-                       "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "dropped", "max_abs_diff"])
+                       "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "page_faults", "dropped",
+                       "max_abs_diff"])
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
     name = "moe_layer" + ("" if args["malloc"] == "retain" else "_default_malloc") + (

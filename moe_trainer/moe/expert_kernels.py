@@ -57,6 +57,9 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 KERNELS = ("auto", "grouped", "loop")  # SwiGLUExperts.kernel: auto picks grouped where it serves
+# glibc mmaps blocks above its dynamic threshold (at most 32 MiB) and unmaps them on free: keep each
+# activation of a chunk of experts well under it so the heap recycles it from step to step
+HEAP_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,7 @@ class Kernels:
 
     grouped: bool  # forward and input-gradient products through grouped_mm
     grouped_wgrad: bool  # weight gradients through grouped_mm: always on CUDA; on CPU where they can be adopted
+    chunk_bytes: int | None = None  # run experts in chunks whose activations stay below this (see expert_chunks)
 
 
 @functools.cache
@@ -77,13 +81,15 @@ def choose_kernels(kernel: str, d_model: int, hidden: int, dtype: torch.dtype, d
     if kernel not in KERNELS:
         raise ValueError(f"SwiGLUExperts.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
     if kernel == "loop":
-        return Kernels(False, False)
+        return Kernels(False, False, None if device.type == "cuda" or retained else HEAP_CHUNK_BYTES)
     serves = grouped_mm_serves(d_model, hidden, dtype, device)
     if kernel == "grouped" and not serves:
         raise ValueError(f"SwiGLUExperts.kernel='grouped': torch.nn.functional.grouped_mm cannot run experts of "
                          f"d_model={d_model}, expert_hidden={hidden} in {dtype} on {device.type} "
                          "(float64, rows not a multiple of 16 bytes, or no kernel there); use kernel='auto'")
-    return Kernels(serves, serves and (device.type == "cuda" or (retained and dtype == torch.float32)))
+    # host memory under glibc's default allocator: activations in pieces it recycles (see expert_chunks)
+    chunk_bytes = None if device.type == "cuda" or retained else HEAP_CHUNK_BYTES
+    return Kernels(serves, serves and (device.type == "cuda" or (retained and dtype == torch.float32)), chunk_bytes)
 
 
 @functools.cache
@@ -324,29 +330,78 @@ def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_
     return expert_mm(dh_NF2, w_gate_up.transpose(1, 2), runs, kernels)
 
 
+@dataclass(frozen=True)
+class ExpertChunk:
+    """Local experts ``first:last`` and their rows ``rows`` of the call's rows."""
+
+    first: int
+    last: int
+    rows: slice
+    runs: Runs
+
+
+def expert_chunks(runs: Runs, num_rows: int, num_local: int, row_bytes: int,
+                  chunk_bytes: int | None) -> list[ExpertChunk]:
+    """Consecutive experts grouped so that a chunk's widest activation (``rows * row_bytes``) stays under
+    ``chunk_bytes``; one chunk of everything when it fits or ``chunk_bytes`` is None (then the counts are not
+    read on the host).
+
+    Why: one ``[N, 2F]`` tensor over all rows passes glibc's 32 MiB mmap cap at wide experts
+    (4096 rows at F = 1024 in fp32), so under the default allocator every step's activations
+    are mmap'ed and page-faulted in again; per-chunk pieces come from the heap. An expert
+    whose rows alone pass the bound is a chunk of its own.
+    """
+    if chunk_bytes is None or num_rows * row_bytes <= chunk_bytes:
+        return [ExpertChunk(0, num_local, slice(0, num_rows), runs)]
+    chunks, first, start, rows = [], 0, 0, 0
+    counts = runs.counts
+    for e, n in enumerate([*counts, 0]):
+        if e == num_local or (rows and (rows + n) * row_bytes > chunk_bytes):
+            chunks.append(ExpertChunk(first, e, slice(start, start + rows),
+                                      Runs(runs.counts_E[first:e], counts[first:e])))
+            first, start, rows = e, start + rows, 0
+        rows += n
+    return chunks
+
+
 class GroupedSwiGLU(torch.autograd.Function):
     """Autograd wrapper: ``x`` gets its gradient returned; the weights get theirs written into ``.grad``
     in place under ``.backward()``, and returned as usual under ``torch.autograd.grad``.
 
     Runs with autocast off: the dtype contract is this module's (compute in ``x.dtype``).
+    The experts run in one piece, or in chunks on host memory under glibc's default allocator
+    (:func:`expert_chunks`).
     """
 
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, runs: Runs, call: ExpertCall,
                 sinks: tuple[GradBuffer, GradBuffer]) -> Tensor:
+        row_bytes = w_gate_up.shape[2] * x_ND.element_size()
+        chunks = expert_chunks(runs, x_ND.shape[0], w_down.shape[0], row_bytes, call.kernels.chunk_bytes)
         with torch.autocast(x_ND.device.type, enabled=False):
-            y_ND, saved = swiglu_forward(x_ND, w_gate_up, w_down, runs, call)
-        ctx.saved, ctx.call, ctx.sinks = saved, call, sinks
+            if len(chunks) == 1:
+                outs = [swiglu_forward(x_ND, w_gate_up, w_down, runs, call)]
+            else:
+                outs = [swiglu_forward(x_ND[c.rows], w_gate_up[c.first:c.last], w_down[c.first:c.last], c.runs,
+                                       call) for c in chunks]
+        ctx.chunks, ctx.saved, ctx.call, ctx.sinks = chunks, [s for _, s in outs], call, sinks
         ctx.params = (w_gate_up, w_down)  # the Parameter objects, whose .grad the backward fills
         ctx.save_for_backward(w_gate_up, w_down)  # autograd's check that no step changed them in between
-        return y_ND
+        return outs[0][0] if len(outs) == 1 else torch.cat([y for y, _ in outs])
 
     @staticmethod
     def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, ...]:
         w_gate_up, w_down = ctx.saved_tensors
         grads = claim_weight_grads(ctx.sinks, ctx.params, ctx.needs_input_grad[1:3])
+        need_dx = ctx.needs_input_grad[0]
+        whole = len(ctx.chunks) == 1
         with torch.autocast(dy_ND.device.type, enabled=False):
-            dx = swiglu_backward(dy_ND, ctx.saved, w_gate_up, w_down, ctx.call, grads,
-                                 need_dx=ctx.needs_input_grad[0])
-        ctx.saved = ctx.params = None
+            if whole:
+                dxs = [swiglu_backward(dy_ND, ctx.saved[0], w_gate_up, w_down, ctx.call, grads, need_dx=need_dx)]
+            else:
+                dxs = [swiglu_backward(dy_ND[c.rows], saved, w_gate_up[c.first:c.last], w_down[c.first:c.last],
+                                       ctx.call, grads.part(c.first, c.last), need_dx=need_dx)
+                       for c, saved in zip(ctx.chunks, ctx.saved, strict=True)]
+        ctx.saved = ctx.params = ctx.chunks = None
+        dx = None if not need_dx else dxs[0] if whole else torch.cat(dxs)  # type: ignore[arg-type]
         return dx, *grads.for_autograd(), None, None, None

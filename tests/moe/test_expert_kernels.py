@@ -6,6 +6,7 @@ experts under test keep fp32 master weights and take fp32 or bf16 rows.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -174,7 +175,7 @@ def test_recompute_gives_identical_gradients(kernel: str, dtype: torch.dtype) ->
 def test_recompute_keeps_only_the_input_rows() -> None:
     experts, x, _ = make("grouped", recompute=True)
     y = experts(x, torch.tensor(COUNTS))
-    saved = y.grad_fn.saved  # type: ignore[union-attr]
+    (saved,) = y.grad_fn.saved  # type: ignore[union-attr]
     assert saved.x_ND is x and saved.h_NF2 is None and saved.s_NF is None and saved.a_NF is None
     assert saved.weights is None
 
@@ -258,3 +259,23 @@ def test_grouped_weight_gradients_with_retained_memory(dtype: torch.dtype) -> No
 def test_overlapped_pipeline_with_retained_memory() -> None:
     """Chunks write slices of the gradient (never adopted): still the experts' own gradients."""
     test_overlapped_pipeline_runs_the_same_expert_function(torch.float32, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_chunked_experts_equal_one_piece(monkeypatch: pytest.MonkeyPatch, kernel: str, dtype: torch.dtype) -> None:
+    """Experts in chunks (host memory, glibc's default allocator) give the one-piece result exactly."""
+    want_y, want = run(*make(kernel, dtype=dtype))
+    row_bytes = 2 * H * dtype.itemsize
+    chunk_bytes = 7 * row_bytes  # COUNTS [3, 0, 7, 1, 4]: chunks [3, 0], [7], [1, 4]
+    assert [(c.first, c.last) for c in expert_kernels.expert_chunks(
+        expert_kernels.Runs(torch.tensor(COUNTS)), sum(COUNTS), len(COUNTS), row_bytes, chunk_bytes)] == [
+        (0, 2), (2, 3), (3, 5)]
+    chosen = expert_kernels.choose_kernels
+    monkeypatch.setattr("moe_trainer.moe.experts.choose_kernels",
+                        lambda *a: dataclasses.replace(chosen(*a), chunk_bytes=chunk_bytes))
+    experts, x, dy = make(kernel, dtype=dtype)
+    assert len(experts(x, torch.tensor(COUNTS)).grad_fn.chunks) == 3  # type: ignore[union-attr]
+    y, grads = run(experts, x, dy)
+    assert torch.equal(y, want_y)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want, strict=True))
