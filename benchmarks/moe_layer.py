@@ -39,7 +39,8 @@ same-iteration ratio (steadier when other processes share the cores).
 (fp32 master weights, inputs and input gradients; the expert matmuls in bf16 on both
 sides), and ``floor_ms`` uses the bf16 2048x2048 matmul rate. ``--quick``: 8 and 128
 experts, 2048 tokens per rank, 6 iterations after 2, no DeepSpeed dropless or overlap row
-(well under a minute). ``--tag``: appended to the JSON name (wider-expert configurations).
+(well under a minute; its JSON name ends in ``_quick``). ``--tag``: appended to the JSON
+name (wider-expert configurations).
 
 Both processes keep freed memory in the heap (``moe_trainer.host_memory``, what the
 trainer does by default), which applies to both layers alike; ``--malloc default``
@@ -264,7 +265,8 @@ def main() -> None:
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
     name = "moe_layer" + ("" if args["malloc"] == "retain" else "_default_malloc") + (
-        "_bf16" if args["precision"] == "bf16" else "") + (f"_{args['tag']}" if args["tag"] else "")
+        "_bf16" if args["precision"] == "bf16" else "") + (f"_{args['tag']}" if args["tag"] else "") + (
+        "_quick" if args["quick"] else "")
     print(write_json(name, {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
                                    "targets": goals, "wall_s": time.perf_counter() - t0,
                                    "loadavg_start": load_start, "loadavg_end": loadavg()}))
