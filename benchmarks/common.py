@@ -57,11 +57,12 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def square_matmul_flops(side: int = 2048, iters: int = 5) -> float:
-    """FLOP/s of a ``side`` x ``side`` fp32 matmul in this process: the practical peak work is compared with."""
+def square_matmul_flops(side: int = 2048, iters: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of a ``side`` x ``side`` matmul (fp32 unless told) in this process: the practical peak work is
+    compared with."""
     import time
 
-    a, b = torch.randn(side, side), torch.randn(side, side)
+    a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
     for _ in range(2):
         a @ b
     t0 = time.perf_counter()

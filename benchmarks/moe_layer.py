@@ -2,6 +2,7 @@
 
     .venv/bin/python -m benchmarks.moe_layer [--experts 8 32 128] [--tokens 2048 8192]
         [--d-model 256] [--expert-hidden 512] [--iters 10] [--warmup 3] [--no-ds-dropless] [--a2a-chunks 2]
+        [--precision fp32|bf16] [--malloc retain|default] [--tag NAME] [--quick]
 
 Two spawned processes, one thread each, join one gloo group through
 ``moe_trainer.parallel.comm.init_process_group`` (``deepspeed.init_distributed``);
@@ -34,17 +35,27 @@ alike), after a barrier; a variant's time is the slowest rank's forward + backwa
 this row's median (> 1: ours faster); ``ratio_paired`` = median over iterations of the
 same-iteration ratio (steadier when other processes share the cores).
 
+``--precision bf16``: both layers run under ``torch.autocast("cpu", torch.bfloat16)``
+(fp32 master weights, inputs and input gradients; the expert matmuls in bf16 on both
+sides), and ``floor_ms`` uses the bf16 2048x2048 matmul rate. ``--quick``: 8 and 128
+experts, 2048 tokens per rank, 6 iterations after 2, no DeepSpeed dropless or overlap row
+(well under a minute; its JSON name ends in ``_quick``). ``--tag``: appended to the JSON
+name (wider-expert configurations).
+
 Both processes keep freed memory in the heap (``moe_trainer.host_memory``, what the
 trainer does by default), which applies to both layers alike; ``--malloc default``
 leaves glibc's defaults (what a DeepSpeed user gets) for both instead. ``floor_ms``: the expert
 matmul FLOPs of the row (forward + backward, rows actually computed) at the 2048x2048
 matmul rate measured in the same process: no implementation of that row can be faster.
+``page_faults``: minor page faults per iteration (median, the larger rank): memory the
+allocator had to fetch from the kernel again, the cost ``--malloc default`` exposes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import statistics
 import time
 from typing import Any
@@ -116,16 +127,22 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     chunks = args["a2a_chunks"]
     overlapped = OverlappedAllToAllDispatcher(experts, cf, group, world, rank, chunks) if chunks > 1 else None
 
+    bf16 = args["precision"] == "bf16"
+
     def run_ours(capacity: float | None, dispatcher: Any = plain) -> None:
         ours.dispatcher = dispatcher
         ours.dispatcher.capacity_factor = capacity
-        y, stats = ours(x[None], 1)
-        ((y[0] * g).sum() + 0.01 * stats.aux_loss).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, stats = ours(x[None], 1)
+            loss = (y[0].float() * g).sum() + 0.01 * stats.aux_loss
+        loss.backward()
 
     def run_ds(drop: bool) -> None:
         ds.deepspeed_moe.gate.drop_tokens = drop
-        y, l_aux, _ = ds(x)
-        ((y * g).sum() + 0.01 * l_aux).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y, l_aux, _ = ds(x)
+            loss = (y.float() * g).sum() + 0.01 * l_aux
+        loss.backward()
 
     variants: list[tuple[str, str, Any]] = [
         ("ours", f"capacity {cf}", lambda: run_ours(cf)),
@@ -139,19 +156,23 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     iters, warmup = args["iters"], args["warmup"]
     times = torch.zeros(len(variants), iters, dtype=torch.float64)
     expert_rows = torch.zeros(len(variants), dtype=torch.float64)
+    faults = torch.zeros(len(variants), iters, dtype=torch.float64)  # minor page faults (fresh memory touched)
     for it in range(warmup + iters):
         for v, (impl, _, fn) in enumerate(variants):
             ours.zero_grad(set_to_none=True)
             ds.zero_grad(set_to_none=True)
             x.grad = None
+            flt = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             dt = timed_after_barrier(fn, group)
             if it >= warmup:
                 times[v, it - warmup] = dt
+                faults[v, it - warmup] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - flt
             # the overlapped path calls no expert module (no hook): it computes the capacity row's plan
             expert_rows[v] = expert_rows[0] if "overlap" in variants[v][1] else rows_seen[
                 "ours" if impl == "ours" else "ds"]
     tdist.all_reduce(times, op=tdist.ReduceOp.MAX, group=group)  # a step lasts as long as its slowest rank
     tdist.all_reduce(expert_rows, group=group)
+    tdist.all_reduce(faults, op=tdist.ReduceOp.MAX, group=group)
     out = []
     flops_per_row = 3 * (2 * d * 2 * hidden + 2 * hidden * d)  # forward + backward (2x) of both matmuls
     ds_v = next(v for v, (impl, mode, _) in enumerate(variants) if impl == "deepspeed" and mode.startswith("capacity"))
@@ -164,6 +185,7 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
                     "ratio_paired": statistics.median((times[ds_v] / times[v]).tolist()),
                     "expert_rows_per_rank": float(expert_rows[v]) / world,
                     "floor_ms": float(expert_rows[v]) / world * flops_per_row / args["matmul_flops"] * 1e3,
+                    "page_faults": float(faults[v].median()),
                     "dropped": 0 if mode == "dropless" else int(check[0]) if impl == "ours" else int(check[1]),
                     "max_abs_diff": float(check[2]), "out_scale": float(check[3])})
     ds_ms = next(r["median_ms"] for r in out if r["impl"] == "deepspeed" and r["mode"].startswith("capacity"))
@@ -181,7 +203,8 @@ def rank_main(rank: int, world: int, port: int, args: dict[str, Any]) -> list[di
 
     if args["malloc"] == "retain":
         retain_freed_memory()
-    args = {**args, "matmul_flops": square_matmul_flops()}
+    dtype = torch.bfloat16 if args["precision"] == "bf16" else torch.float32
+    args = {**args, "matmul_flops": square_matmul_flops(dtype=dtype)}
     ds_logger.setLevel(logging.WARNING)
     init_process_group("gloo", "127.0.0.1", port, rank, world, args["timeout_s"])
     group = new_group(list(range(world)), args["timeout_s"])
@@ -223,18 +246,27 @@ def main() -> None:
                         help="chunks of the overlapped variant (parallel.a2a_chunks); 1 leaves it out")
     parser.add_argument("--malloc", choices=["retain", "default"], default="retain",
                         help="retain: freed memory stays in the heap (the trainer's default); default: glibc's")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: both layers under torch.autocast(cpu, bfloat16)")
+    parser.add_argument("--tag", default="", help="appended to the JSON result's name")
+    parser.add_argument("--quick", action="store_true", help="8 and 128 experts, 2048 tokens, 6 iterations")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     args = vars(parser.parse_args())
+    if args["quick"]:
+        args.update(experts=[8, 128], tokens=[2048], iters=6, warmup=2, ds_dropless=False, a2a_chunks=1)
     if args["top_k"] != 2:
         print("note: k != 2 uses DeepSpeed's topkgating, whose drop policy ('probs') differs from ours")
     load_start = loadavg()
     t0 = time.perf_counter()
     rows = run_ranks(rank_main, 2, args)[0]
     print_table(rows, ["experts", "tokens_per_rank", "impl", "mode", "median_ms", "min_ms", "p25_ms", "p75_ms",
-                       "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "dropped", "max_abs_diff"])
+                       "ratio", "ratio_paired", "floor_ms", "expert_rows_per_rank", "page_faults", "dropped",
+                       "max_abs_diff"])
     goals = targets(rows)
     print_table(goals, ["target", "ratio", "ratio_paired", "holds"])
-    name = "moe_layer" if args["malloc"] == "retain" else "moe_layer_default_malloc"
+    name = "moe_layer" + ("" if args["malloc"] == "retain" else "_default_malloc") + (
+        "_bf16" if args["precision"] == "bf16" else "") + (f"_{args['tag']}" if args["tag"] else "") + (
+        "_quick" if args["quick"] else "")
     print(write_json(name, {"args": args, "processes": 2, "threads_per_process": 1, "rows": rows,
                                    "targets": goals, "wall_s": time.perf_counter() - t0,
                                    "loadavg_start": load_start, "loadavg_end": loadavg()}))

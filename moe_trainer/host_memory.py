@@ -18,12 +18,20 @@ import platform
 M_TRIM_THRESHOLD = -1  # mallopt parameters, glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 1 << 30  # blocks up to 1 GiB come from (and return to) the heap
+_retaining = False  # set once the thresholds were accepted in this process
+
+
+def retaining() -> bool:
+    """Whether this process keeps freed memory (a fresh large tensor then costs no page faults)."""
+    return _retaining
 
 
 def retain_freed_memory(threshold_bytes: int = THRESHOLD_BYTES) -> bool:
     """Applies the thresholds to this process; returns whether glibc accepted them."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
+    global _retaining
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                     threshold_bytes))
+    _retaining = bool(libc.mallopt(M_MMAP_THRESHOLD, threshold_bytes)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
+                                                                                           threshold_bytes))
+    return _retaining

@@ -1,11 +1,11 @@
-"""Experts: the local shard of SwiGLU experts, run as one matmul pair per expert run.
+"""Experts: the local shard of SwiGLU experts, run as grouped matmuls over per-expert row runs.
 
 Rows arrive grouped by expert (see :mod:`moe_trainer.moe.dispatcher`), so each
 expert computes two matmuls over one contiguous slice: a grouped matmul, never a
 loop over tokens. Weights are stacked ``[E_local, ...]`` tensors; ``first_expert``
 records which global experts this shard holds, so checkpoints and initialisation
 are keyed by global expert index and do not depend on how experts are placed.
-The math and its backward live in :mod:`moe_trainer.moe.expert_kernels`.
+The math, its backward and the choice of kernels live in :mod:`moe_trainer.moe.expert_kernels`.
 
 Shape legend: N rows, D width, F expert hidden width, E local experts.
 """
@@ -15,11 +15,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.moe.expert_kernels import GradBuffer, GroupedSwiGLU
+from moe_trainer.host_memory import retaining
+from moe_trainer.moe.expert_kernels import ExpertCall, GradBuffer, GroupedSwiGLU, Runs, choose_kernels, compute_dtype
 
 
 class SwiGLUExperts(nn.Module):
-    """``E_local`` SwiGLU FFNs: ``w2(silu(x w_gate) * (x w_up))`` (Shazeer, https://arxiv.org/abs/2002.05202)."""
+    """``E_local`` SwiGLU FFNs: ``w2(silu(x w_gate) * (x w_up))`` (Shazeer, https://arxiv.org/abs/2002.05202).
+
+    ``recompute`` (default False): the forward keeps only its input rows and the backward
+    recomputes the hidden activations (set from ``train.recompute``). ``kernel``:
+    ``auto`` (grouped GEMM where it serves, see :func:`~moe_trainer.moe.expert_kernels.choose_kernels`),
+    ``grouped`` (required: an error where it cannot run) or ``loop`` (one matmul per expert).
+    """
 
     def __init__(self, num_local: int, d_model: int, hidden: int, first_expert: int = 0) -> None:
         super().__init__()
@@ -32,20 +39,31 @@ class SwiGLUExperts(nn.Module):
         nn.init.normal_(self.w_gate_up_EDF2, std=0.02)
         nn.init.normal_(self.w_down_EFD, std=0.02)
         self.grad_sinks = (GradBuffer(), GradBuffer())  # reused weight-gradient storage
+        self.recompute = False
+        self.kernel = "auto"
 
     @property
     def num_local(self) -> int:
         return self.w_down_EFD.shape[0]
 
+    def call_for(self, x_ND: Tensor) -> tuple[Tensor, ExpertCall]:
+        """The rows in the compute dtype (autocast's when on) and the kernels for them (chosen once, cached)."""
+        x_ND = x_ND.to(compute_dtype(x_ND))
+        kernels = choose_kernels(self.kernel, self.w_down_EFD.shape[2], self.hidden, x_ND.dtype, x_ND.device,
+                                 retaining())
+        return x_ND, ExpertCall(kernels, self.recompute)
+
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:
         """``x_ND`` holds ``tokens_per_expert_E[e]`` consecutive rows for local expert ``e``.
 
+        ``tokens_per_expert_E`` stays on the device: the grouped kernel reads it there.
         Empty runs still count: every local expert gets a (zero) gradient, so gradient
         syncs see the same tensors on every rank.
         """
         if self.num_local == 0:  # a shard with no experts (a coordinator): keep the graph connected
             return x_ND * 0.0
-        y_ND = GroupedSwiGLU.apply(x_ND, self.w_gate_up_EDF2, self.w_down_EFD, tokens_per_expert_E.tolist(),
+        x_ND, call = self.call_for(x_ND)
+        y_ND = GroupedSwiGLU.apply(x_ND, self.w_gate_up_EDF2, self.w_down_EFD, Runs(tokens_per_expert_E), call,
                                    self.grad_sinks)
         assert isinstance(y_ND, Tensor)
         return y_ND

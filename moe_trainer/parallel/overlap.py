@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
-from moe_trainer.moe.expert_kernels import Saved, claim_weight_grads, swiglu_backward, swiglu_forward
+from moe_trainer.moe.expert_kernels import ExpertCall, Runs, Saved, claim_weight_grads, swiglu_backward, swiglu_forward
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import AsyncWire
@@ -43,7 +43,7 @@ class Chunk:
     src_offset: int  # where the chunk's rows start in the chunk-major source rows
     send_splits: list[int]  # rows this rank sends each peer (forward dispatch)
     recv_splits: list[int]  # rows this rank receives from each peer
-    counts: list[int]  # rows per local expert of the chunk, once regrouped
+    counts_L: Tensor  # rows per local expert of the chunk, once regrouped (stays on the device)
     regroup_idx: Tensor  # received (peer, expert) order -> (expert, peer) order
 
     @property
@@ -77,18 +77,18 @@ def chunk_major_order(tokens_per_expert_E: Tensor, num_local: int, bounds: list[
 
 
 def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tuple[int, int]]) -> list[Chunk]:
-    """Each chunk's split sizes and run lengths: every count the chunks need, read from the device at once."""
+    """Each chunk's split sizes and run lengths: the split sizes read from the device at once (one host sync), run lengths left on it."""
     sums = [torch.stack([send_counts_PL[:, first:last].sum(1), recv_counts_PL[:, first:last].sum(1)])
             for first, last in bounds]
-    host = torch.cat([torch.stack(sums).flatten(), recv_counts_PL.sum(0)]).tolist()  # [C, 2, P], then [L]
+    host = torch.stack(sums).flatten().tolist()  # [C, 2, P]; run lengths stay on the device
     peers = send_counts_PL.shape[0]
-    per_expert = host[2 * peers * len(bounds):]
     chunks, offset = [], 0
     for c, (first, last) in enumerate(bounds):
         send_splits = host[2 * peers * c:2 * peers * c + peers]
         recv_splits = host[2 * peers * c + peers:2 * peers * (c + 1)]
-        chunks.append(Chunk(first, last, offset, send_splits, recv_splits, per_expert[first:last],
-                            regroup_index(recv_counts_PL[:, first:last], sum(recv_splits))))
+        recv_part = recv_counts_PL[:, first:last]
+        chunks.append(Chunk(first, last, offset, send_splits, recv_splits, recv_part.sum(0),
+                            regroup_index(recv_part, sum(recv_splits))))
         offset += sum(send_splits)
     return chunks
 
@@ -129,41 +129,44 @@ class OverlappedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, w_gate_up: Tensor, w_down: Tensor, chunks: list[Chunk], wire: AsyncWire,
-                experts: SwiGLUExperts) -> Tensor:
-        saved: list[Saved] = []
+                experts: SwiGLUExperts, call: ExpertCall) -> Tensor:
+        saved: list[Saved | None] = []
 
         def compute(i: int, rows: Tensor) -> Tensor:
             c = chunks[i]
-            y, s = swiglu_forward(rows, w_gate_up[c.first:c.last], w_down[c.first:c.last], c.counts)
+            y, s = swiglu_forward(rows, w_gate_up[c.first:c.last], w_down[c.first:c.last], Runs(c.counts_L), call)
             saved.append(s)
             return y
 
-        y_ND = _exchange_and_compute(x_ND.contiguous(), chunks, wire, ("dispatch", "combine"), compute)
-        ctx.chunks, ctx.wire, ctx.saved, ctx.experts = chunks, wire, saved, experts
+        with torch.autocast(x_ND.device.type, enabled=False):
+            y_ND = _exchange_and_compute(x_ND.contiguous(), chunks, wire, ("dispatch", "combine"), compute)
+        ctx.chunks, ctx.wire, ctx.saved, ctx.experts, ctx.call = chunks, wire, saved, experts, call
         ctx.params = (w_gate_up, w_down)
         ctx.save_for_backward(w_gate_up, w_down)
         return y_ND
 
     @staticmethod
-    def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx: Any, dy_ND: Tensor) -> tuple[Tensor | None, ...]:
         w_gate_up, w_down = ctx.saved_tensors
         grads = claim_weight_grads(ctx.experts.grad_sinks, ctx.params, ctx.needs_input_grad[1:3])
-        chunks, saved = ctx.chunks, ctx.saved
+        chunks, saved, call = ctx.chunks, ctx.saved, ctx.call
         need_dx = ctx.needs_input_grad[0]
 
         def compute(i: int, dy: Tensor) -> Tensor | None:
             c = chunks[i]
             part = slice(c.first, c.last)
-            g_gate_up, g_down = grads.targets
-            targets = (None if g_gate_up is None else g_gate_up[part], None if g_down is None else g_down[part])
-            dx = swiglu_backward(dy, saved[i], w_gate_up[part], w_down[part], c.counts, targets, grads.overwrite,
+            chunk_saved = saved[i]
+            assert chunk_saved is not None
+            dx = swiglu_backward(dy, chunk_saved, w_gate_up[part], w_down[part], call, grads.part(c.first, c.last),
                                  need_dx=need_dx)
             saved[i] = None  # activations of a finished chunk can go
             return dx
 
-        dx_ND = _exchange_and_compute(dy_ND.contiguous(), chunks, ctx.wire, ("combine_bwd", "dispatch_bwd"), compute)
+        with torch.autocast(dy_ND.device.type, enabled=False):
+            dx_ND = _exchange_and_compute(dy_ND.contiguous(), chunks, ctx.wire, ("combine_bwd", "dispatch_bwd"),
+                                          compute)
         ctx.saved = ctx.params = ctx.experts = None
-        return (dx_ND if need_dx else None, *grads.for_autograd(), None, None, None)
+        return (dx_ND if need_dx else None, *grads.for_autograd(), None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -201,8 +204,9 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
         meta = dispatched.comm
         assert isinstance(meta, OverlapMeta)
         wire = AsyncWire(self.group, self.group_rank, self.counters, meta.layer)
-        y_ND = OverlappedExperts.apply(dispatched.x_ND, experts.w_gate_up_EDF2, experts.w_down_EFD, meta.chunks,
-                                       wire, experts)
+        x_ND, call = experts.call_for(dispatched.x_ND)  # rows travel in the compute dtype
+        y_ND = OverlappedExperts.apply(x_ND, experts.w_gate_up_EDF2, experts.w_down_EFD, meta.chunks, wire, experts,
+                                       call)
         assert isinstance(y_ND, Tensor)
         return y_ND
 
