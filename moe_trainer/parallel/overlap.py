@@ -77,7 +77,8 @@ def chunk_major_order(tokens_per_expert_E: Tensor, num_local: int, bounds: list[
 
 
 def plan_chunks(send_counts_PL: Tensor, recv_counts_PL: Tensor, bounds: list[tuple[int, int]]) -> list[Chunk]:
-    """Each chunk's split sizes and run lengths: the split sizes read from the device at once (one host sync), run lengths left on it."""
+    """Each chunk's split sizes and run lengths: split sizes read from the device at once (one host sync),
+    run lengths left on it for the grouped experts."""
     sums = [torch.stack([send_counts_PL[:, first:last].sum(1), recv_counts_PL[:, first:last].sum(1)])
             for first, last in bounds]
     host = torch.stack(sums).flatten().tolist()  # [C, 2, P]; run lengths stay on the device
