@@ -94,8 +94,11 @@ def accumulates_into_grad(param: Tensor) -> bool:
 
 
 def write_matmul(out: Tensor, a: Tensor, b: Tensor, overwrite: bool) -> None:
-    """``out = a @ b`` or ``out += a @ b`` without a temporary."""
-    if overwrite:
+    """``out = a @ b`` or ``out += a @ b`` without a temporary (one when bf16 lands in an fp32 gradient)."""
+    if out.dtype != a.dtype:  # bf16 rows, fp32 master gradient (minimal form until the grouped kernel)
+        product = torch.mm(a, b)
+        out.copy_(product) if overwrite else out.add_(product)
+    elif overwrite:
         torch.mm(a, b, out=out)
     else:
         out.addmm_(a, b)
@@ -116,7 +119,9 @@ def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, cou
 
     Per expert only the matmul runs in Python; views come from one ``split`` each (at 128
     experts per-expert slicing cost as much as the small matmuls' own overhead).
+    Computes in the dtype of ``x_ND`` (fp32 master weights are cast once per call).
     """
+    w_gate_up_EDF2, w_down_EFD = w_gate_up_EDF2.to(x_ND.dtype), w_down_EFD.to(x_ND.dtype)
     hidden = w_down_EFD.shape[1]
     h_NF2 = x_ND.new_empty(x_ND.shape[0], 2 * hidden)
     for x, w, out in zip(x_ND.split(counts), w_gate_up_EDF2.unbind(0), h_NF2.split(counts), strict=True):
@@ -135,8 +140,9 @@ def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_
     """Writes the weight gradients of these experts into ``grads`` (gate_up, down; None = not needed).
 
     ``overwrite[i]``: replace rather than add to ``grads[i]`` (see :meth:`GradBuffer.claim`).
-    Returns ``dx`` (None unless ``need_dx``).
+    Returns ``dx`` (None unless ``need_dx``), in the dtype of ``dy_ND``.
     """
+    w_gate_up_EDF2, w_down_EFD = w_gate_up_EDF2.to(dy_ND.dtype), w_down_EFD.to(dy_ND.dtype)
     hidden = w_down_EFD.shape[1]
     g_gate_up, g_down = grads
     dy_ND = dy_ND.contiguous()
