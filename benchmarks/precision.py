@@ -71,6 +71,9 @@ def main() -> None:
         per_step = [r["tokens_step"] / r.get("step_time_s_max", r["step_time_s"]) for r in steady]
         rows.append({"precision": p, "tokens_per_s_median": statistics.median(per_step),
                      "tokens_per_s_mean": statistics.fmean(per_step),
+                     "step_time_s_median": statistics.median(r.get("step_time_s_max", r["step_time_s"])
+                                                             for r in steady),
+                     "a2a_time_s_mean": statistics.fmean(r.get("a2a_time_s", 0.0) for r in steady),
                      "a2a_bytes_per_step": statistics.fmean(r.get("a2a_bytes_sent", 0.0) for r in steady),
                      "initial_val_loss": initial[p], "final_val_loss": engine.evaluate(),
                      "final_train_loss": records[p][-1]["loss"]})
