@@ -83,9 +83,11 @@ def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: i
     """Weights each expert output by its gate and sums the rows back per token.
 
     Tokens with no kept assignment get zeros: the residual connection carries them.
+    The gate weights are fp32, so bf16 rows are weighted and summed in fp32 (the sum joins
+    the fp32 residual stream; the router's gradient through the weights stays fp32).
     """
-    weighted_ND = y_ND * weight_N.to(y_ND.dtype).unsqueeze(-1)
-    out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
+    weighted_ND = y_ND * weight_N.unsqueeze(-1)
+    out_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
     return out_TD.index_add(0, token_idx_N, weighted_ND)
 
 

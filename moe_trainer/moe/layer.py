@@ -19,6 +19,16 @@ from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router, Routing
 
 
+def row_dtype(x: Tensor) -> torch.dtype:
+    """The dtype dispatched rows travel and experts compute in: autocast's when it is on, else ``x``'s.
+
+    Casting once before the dispatch (rather than letting autocast cast inside the experts)
+    is what makes every all-to-all payload bf16 under ``train.precision=bf16``.
+    """
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class Dispatcher(Protocol):
     """Moves rows to the owners of their experts and back; the only part that communicates."""
 
@@ -51,7 +61,7 @@ class PendingMoE:
     """A micro-batch between :meth:`MoELayer.start` and :meth:`MoELayer.finish`."""
 
     x_BSD: Tensor
-    x_TD: Tensor
+    x_TD: Tensor  # the rows in the dispatch dtype (:func:`row_dtype`)
     routing: Routing
     dispatched: Dispatched
     y_ND: Tensor | None = None  # expert outputs, once :meth:`MoELayer.compute` ran
@@ -87,7 +97,8 @@ class MoELayer(nn.Module):
         before finishing any (see ``Transformer.forward_microbatches``).
         """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        routing = self.router(x_TD, num_groups)
+        routing = self.router(x_TD, num_groups)  # fp32 whatever the dtype of x
+        x_TD = x_TD.to(row_dtype(x_TD))  # a no-op in fp32
         dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups, layer=self.layer_index)
         return PendingMoE(x_BSD, x_TD, routing, dispatched)
 
@@ -100,7 +111,11 @@ class MoELayer(nn.Module):
         return replace(pending, y_ND=self.dispatcher.run_experts(self.experts, pending.dispatched))
 
     def complete(self, pending: PendingMoE) -> tuple[Tensor, MoEStats]:
-        """Combines the expert outputs back into token order, adds shared experts, gathers statistics."""
+        """Combines the expert outputs back into token order, adds shared experts, gathers statistics.
+
+        The combine sums gate-weighted rows in fp32 (the gate weights are fp32), so under bf16
+        the layer's output joins the fp32 residual stream with one rounding per expert output.
+        """
         dispatched, routing, x_TD = pending.dispatched, pending.routing, pending.x_TD
         assert pending.y_ND is not None, "compute() first"
         y_TD = self.dispatcher.combine(pending.y_ND, dispatched)

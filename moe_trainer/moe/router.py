@@ -130,7 +130,13 @@ class Router(nn.Module):
         tokens = x_TD.shape[0]
         if tokens % num_groups:
             raise ValueError(f"{tokens} tokens do not split into {num_groups} routing groups")
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        # autocast off: it would run the logits' matmul (and on CPU logsumexp) in bf16
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD.float(), num_groups)
+
+    def _route(self, x_TD: Tensor, num_groups: int) -> Routing:
+        tokens = x_TD.shape[0]
+        logits_TE = F.linear(x_TD, self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         z_loss = router_z_loss(logits_TE)
         if self.cfg.router == "expert_choice":

@@ -35,6 +35,7 @@ from moe_trainer.parallel.context import squared_norms
 from moe_trainer.parallel.dispatcher import regroup_index
 from moe_trainer.timing import Elapsed, Span, mark
 from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
+from moe_trainer.train.precision import compute_dtype
 from moe_trainer.train.trainer import process_memory_mb
 
 _NOBODY = -(2**62)  # what expert actors contribute to an announcement (coordinators' values win a MAX)
@@ -161,12 +162,18 @@ class ExpertServer:
         self.dispatches = 0  # must count exactly like the coordinators' dispatcher
         self.micro_batches = cfg.parallel.micro_batches
         self.d_model = cfg.model.d_model
+        # the coordinators send rows (and gradients) in the compute dtype: receive buffers must match
+        self.payload_dtype = compute_dtype(cfg.train.precision)
+
+    def _rows(self, count: int) -> Tensor:
+        """A receive buffer for ``count`` rows (or an empty send buffer) in the payload dtype."""
+        return torch.empty(count, self.d_model, dtype=self.payload_dtype, device=self.ctx.device)
 
     # ----- forward: replay of Transformer.forward_microbatches -----
     def _forward(self, micro_batches: int, keep: bool, clock: _StepClock) -> dict[int, _Served]:
         served: dict[int, _Served] = {}
         device = self.ctx.device
-        empty = torch.empty(0, self.d_model, device=device)
+        empty = self._rows(0)
         for block, experts in self.model.named_layers():
             pending: list[tuple[int, _Served]] = []
             for _ in range(micro_batches):
@@ -177,7 +184,7 @@ class ExpertServer:
                 label = f"all_to_all dispatch of MoE block {block} (expert actor)"
                 recv_counts_PL = all_to_all_counts(counts, self.group, label)
                 recv_splits = recv_counts_PL.sum(1).tolist()
-                x_peer_MD = torch.empty(sum(recv_splits), self.d_model, device=device)
+                x_peer_MD = self._rows(sum(recv_splits))
                 self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
                 t0 = mark(device)
                 regroup_idx_M = regroup_index(recv_counts_PL, x_peer_MD.shape[0])
@@ -198,12 +205,12 @@ class ExpertServer:
     # ----- backward: driven by the coordinators' announcements -----
     def _backward(self, served: dict[int, _Served], clock: _StepClock) -> None:
         device = self.ctx.device
-        empty = torch.empty(0, self.d_model, device=device)
+        empty = self._rows(0)
         for _ in range(2 * len(served)):
             index, phase = await_announcement(device)
             item = served[index]
             if phase == COMBINE_BWD:
-                grad_peer_MD = torch.empty(sum(item.recv_splits), self.d_model, device=device)
+                grad_peer_MD = self._rows(sum(item.recv_splits))
                 self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
                           [0] * self.roles.world)
                 t0 = mark(device)

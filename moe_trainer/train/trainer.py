@@ -24,6 +24,7 @@ from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
+from moe_trainer.train.precision import autocast
 
 
 class BatchSource(Protocol):
@@ -133,9 +134,11 @@ class Trainer:
         Micro-batches have equal sizes, so the mean of their means is the mean over the rows.
         Training sums the router loads over the data-parallel ranks here, before backward:
         the global aux loss needs them, and the bias update and metrics reuse them.
+        The forward runs under ``train.precision`` (evaluation too); the losses are fp32.
         """
         chunks = list(inputs.chunk(self.micro_batches))
-        outs = self.model.forward_microbatches(chunks, self.groups_per_micro_batch)
+        with autocast(self.cfg.train.precision, self.ctx.device):
+            outs = self.model.forward_microbatches(chunks, self.groups_per_micro_batch)
         lm = torch.stack([F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), t.flatten())
                           for out, t in zip(outs, targets.chunk(self.micro_batches), strict=True)]).mean()
         z = torch.stack([out.z_loss for out in outs]).mean()

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from moe_trainer.moe import expert_kernels
 from moe_trainer.moe.expert_kernels import choose_kernels
-from moe_trainer.moe.experts import SwiGLUExperts
+from moe_trainer.moe.experts import SwiGLUExperts, bucketed, padded_rows
 from moe_trainer.parallel.overlap import OverlappedExperts, chunk_bounds, plan_chunks
 from tests.helpers import assert_rel_close
 
@@ -279,3 +279,39 @@ def test_chunked_experts_equal_one_piece(monkeypatch: pytest.MonkeyPatch, kernel
     y, grads = run(experts, x, dy)
     assert torch.equal(y, want_y)
     assert all(torch.equal(g, w) for g, w in zip(grads, want, strict=True))
+
+
+def test_bf16_rows_with_fp32_weights_match_fp32_and_pad_to_few_shapes() -> None:
+    """bf16 rows: computed in bf16 (runs padded to bucketed sizes on CPU), fp32 weight gradients, same function."""
+    torch.manual_seed(0)
+    counts = [37, 0, 70, 1, 45]
+    experts = SwiGLUExperts(len(counts), D, H)
+    x = torch.randn(sum(counts), D)
+    dy = torch.randn(sum(counts), D)
+    got = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        xi = x.to(dtype, copy=True).requires_grad_()
+        y = experts(xi, torch.tensor(counts))
+        y.backward(dy.to(dtype))
+        assert y.dtype == dtype and xi.grad is not None and xi.grad.dtype == dtype
+        got[dtype] = [y.float(), xi.grad.float(), *(p.grad.clone() for p in params(experts))]
+        assert all(p.grad.dtype == torch.float32 for p in params(experts))
+        experts.zero_grad(set_to_none=True)
+    for name, ref, bf in zip(("y", "dx", "dw_gate_up", "dw_down"), got[torch.float32], got[torch.bfloat16],
+                             strict=True):
+        err = ((bf - ref).norm() / ref.norm()).item()
+        assert 1e-5 < err < 2e-2, f"{name}: relative difference {err:.2e}"  # bf16 rounding, nothing more
+
+
+def test_bucketed_run_lengths_cover_every_run_with_few_sizes() -> None:
+    sizes = bucketed(list(range(5000)))
+    assert all(n <= m for n, m in zip(range(5000), sizes, strict=True))
+    assert all(m - n < max(32, n / 8) for n, m in zip(range(1, 5000), sizes[1:], strict=True))
+    assert sizes[0] == 0 and len(set(sizes[2049:4097])) == 8  # 8 sizes per octave
+
+
+def test_padded_rows_place_each_run_at_its_padded_start() -> None:
+    counts = [3, 0, 2]
+    padded = bucketed(counts)
+    assert padded == [32, 0, 32]
+    assert padded_rows(torch.tensor(counts), counts, padded).tolist() == [0, 1, 2, 32, 33]

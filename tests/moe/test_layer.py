@@ -114,3 +114,38 @@ def test_bias_balancing_reduces_load_imbalance_without_aux_loss() -> None:
     unbalanced = _train_router(MoEConfig(**base))
     balanced = _train_router(MoEConfig(**base, bias_balancing=True, bias_update_rate=0.02))
     assert balanced < 0.6 * unbalanced
+
+
+def test_bf16_layer_dispatches_bf16_rows_routes_in_fp32_and_keeps_fp32_gradients(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under bf16 autocast the rows travel and the experts compute in bf16; router, combine and grads are fp32."""
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=32, num_shared_experts=1, shared_expert_hidden=16)
+    layer = make_layer(cfg, d_model=16).float()
+    x = torch.randn(2, 8, 16)
+    ref, _ = layer(x)
+    seen: dict[str, torch.dtype] = {}
+    dispatcher = layer.dispatcher
+    dispatch, run_experts = dispatcher.dispatch, dispatcher.run_experts
+
+    def spy_dispatch(x_TD: torch.Tensor, routing: object, *args: object, **kwargs: object) -> object:
+        seen["payload"], seen["probs"] = x_TD.dtype, routing.probs_TE.dtype  # type: ignore[attr-defined]
+        seen["weights"] = routing.weight_A.dtype  # type: ignore[attr-defined]
+        return dispatch(x_TD, routing, *args, **kwargs)  # type: ignore[arg-type]
+
+    def spy_experts(experts: object, dispatched: object) -> torch.Tensor:
+        y = run_experts(experts, dispatched)  # type: ignore[arg-type]
+        seen["expert_out"] = y.dtype
+        return y
+
+    monkeypatch.setattr(dispatcher, "dispatch", spy_dispatch)
+    monkeypatch.setattr(dispatcher, "run_experts", spy_experts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, stats = layer(x)
+    assert seen == {"payload": torch.bfloat16, "probs": torch.float32, "weights": torch.float32,
+                    "expert_out": torch.bfloat16}
+    assert y.dtype == torch.float32 and stats.z_loss.dtype == torch.float32  # the fp32 residual add follows
+    assert stats.mean_probs_E.dtype == torch.float32
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert 1e-5 < err < 2e-2  # really bf16 (8 mantissa bits), and still the same function
+    (y.square().sum() + stats.z_loss).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in layer.parameters())
