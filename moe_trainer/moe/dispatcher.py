@@ -77,10 +77,12 @@ def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: i
     """Weights each expert output by its gate and sums the rows back per token.
 
     Tokens with no kept assignment get zeros: the residual connection carries them.
+    An accumulating ``index_put`` saves only the index for its backward; ``index_add``
+    would also keep the weighted rows, a second copy of the expert outputs per layer.
     """
     weighted_ND = y_ND * weight_N.to(y_ND.dtype).unsqueeze(-1)
     out_TD = y_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, token_idx_N, weighted_ND)
+    return out_TD.index_put((token_idx_N,), weighted_ND, accumulate=True)
 
 
 @dataclass(frozen=True)
