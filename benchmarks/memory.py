@@ -1,6 +1,7 @@
 """Peak memory per process with ``train.recompute=none | attention | block``, and what dominates it.
 
     python benchmarks/memory.py [--steps 20] [--seq-len 1024] [--layouts single "expert_parallel x2"]
+                                [--allocator retained|unmapped] [--no-breakdown]
 
 Default model (d_model 128, 4 layers, 8 experts top-2, batch 16) at ``data.seq_len``
 (``model.max_seq_len`` raised to match). Two parts:
@@ -12,13 +13,14 @@ Default model (d_model 128, 4 layers, 8 experts top-2, batch 16) at ``data.seq_l
    after round), so the step-time ratios see the same load from the rest of the machine
    (4 agents share 2 cores here: absolute times are not comparable across runs, ratios
    measured interleaved are). Peak RSS is each process's high-water mark
-   (``getrusage``), read after the last step; the loss curves must be the same.
+   (``VmHWM``), read after the last step; the loss curves must be the same.
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 from collections.abc import Callable
@@ -34,13 +36,31 @@ from moe_trainer.config.validate import validate
 MODES = ("none", "attention", "block")
 
 
-def overrides(seq_len: int, mode: str, extra: list[str]) -> list[str]:
+# ``--allocator unmapped``: glibc serves every block over 128 KiB with its own mmap and unmaps it on
+# free, so resident memory follows the live tensors; the default (``train.retain_freed_memory``)
+# keeps freed blocks in the heap, whose high-water mark adds the heap's fragmentation
+UNMAPPED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def overrides(seq_len: int, mode: str, extra: list[str], allocator: str = "retained") -> list[str]:
+    retain = ["train.retain_freed_memory=false"] if allocator == "unmapped" else []
     return [f"data.seq_len={seq_len}", f"model.max_seq_len={seq_len}", f"train.recompute={mode}",
-            "logger.mode=disabled", "logger.progress=false", "train.checkpoint_every=0", *extra]
+            "logger.mode=disabled", "logger.progress=false", "train.checkpoint_every=0", *retain, *extra]
 
 
 def peak_rss_mb() -> float:
-    """This process's resident-set high-water mark (Linux reports KiB)."""
+    """This process's resident-set high-water mark, MiB.
+
+    ``VmHWM`` belongs to the process's own address space; ``getrusage``'s ``ru_maxrss`` survives
+    ``exec``, so a spawned child would report its parent's size at fork when that was larger.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -138,9 +158,9 @@ LAYOUTS: dict[str, tuple[list[str], Callable[[list[str]], Any]]] = {
 }
 
 
-def side_by_side(layout: str, seq_len: int, steps: int) -> list[dict[str, Any]]:
+def side_by_side(layout: str, seq_len: int, steps: int, allocator: str) -> list[dict[str, Any]]:
     extra, runner = LAYOUTS[layout]
-    runs = {mode: runner(overrides(seq_len, mode, [*extra, f"train.max_steps={steps}"])) for mode in MODES}
+    runs = {mode: runner(overrides(seq_len, mode, [*extra, f"train.max_steps={steps}"], allocator)) for mode in MODES}
     records: dict[str, list[dict[str, Any]]] = {mode: [] for mode in MODES}
     for step in range(steps):
         order = MODES if step % 2 == 0 else MODES[::-1]  # neither mode always runs first in a round
@@ -156,7 +176,7 @@ def side_by_side(layout: str, seq_len: int, steps: int) -> list[dict[str, Any]]:
         ratios = [r["step_time_s_max"] / n["step_time_s_max"] for r, n in zip(recs[1:], ref[1:], strict=True)]
         loss_diff = max(abs(r["loss"] - n["loss"]) / abs(n["loss"]) for r, n in zip(recs, ref, strict=True))
         rows.append({
-            "layout": layout, "mode": mode, "peak_rss_mb_max": max(peaks[mode]),
+            "layout": layout, "allocator": allocator, "mode": mode, "peak_rss_mb_max": max(peaks[mode]),
             "peak_rss_mb_per_process": peaks[mode],
             "rss_vs_none": max(peaks[mode]) / max(peaks["none"]),
             "step_time_s_median": statistics.median(r["step_time_s_max"] for r in recs[1:]),
@@ -174,21 +194,25 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS))
     parser.add_argument("--no-breakdown", action="store_true")
     parser.add_argument("--out", default="memory", help="name of the JSON result in benchmarks/results/")
+    parser.add_argument("--allocator", choices=["retained", "unmapped"], default="retained",
+                        help="retained: train.retain_freed_memory (the default); unmapped: see UNMAPPED_ENV")
     args = parser.parse_args()
     load_before = loadavg()
     kept = [] if args.no_breakdown else breakdown(args.seq_len)
     if kept:
         print_table(kept, ["mode", "part", "kept_mib", "floats_per_token_layer"])
     rows = []
+    env = UNMAPPED_ENV if args.allocator == "unmapped" else {}
+    os.environ.update(env)  # spawned single processes inherit it; Ray actors get it from the job's runtime_env
     if any(runner is RayRun for name, (_, runner) in LAYOUTS.items() if name in args.layouts):
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
-                 num_cpus=6)
+                 num_cpus=6, runtime_env={"env_vars": env})
     for layout in args.layouts:
-        rows += side_by_side(layout, args.seq_len, args.steps)
+        rows += side_by_side(layout, args.seq_len, args.steps, args.allocator)
     if ray.is_initialized():
         ray.shutdown()
-    print_table(rows, ["layout", "mode", "peak_rss_mb_max", "rss_vs_none", "step_time_s_median", "step_time_vs_none",
-                       "loss_last", "loss_rel_diff_vs_none_max"])
+    print_table(rows, ["layout", "allocator", "mode", "peak_rss_mb_max", "rss_vs_none", "step_time_s_median",
+                       "step_time_vs_none", "loss_last", "loss_rel_diff_vs_none_max"])
     print(write_json(args.out, {"args": vars(args), "loadavg_before": load_before, "loadavg_after": loadavg(),
                                 "kept_activations": kept, "rows": rows}))
 
