@@ -68,13 +68,19 @@ def objective_signature(cfg: Config) -> dict[str, Any]:
 
     ``moe.group_sequences`` is recorded as the group size actually used: with null it follows
     the layout (one group per rank and micro-batch), and resuming under a layout that cuts
-    other groups would silently change the objective.
+    other groups would silently change the objective. ``train.grad_accum_steps`` is recorded
+    where it changes the objective: the global load-balancing loss counts each forward's
+    rows, a ``1/grad_accum_steps`` share of the global batch (docs/architecture.md,
+    "Gradient accumulation"); everything else is the large batch's objective exactly.
     """
     moe = cfg.moe
     grouped = moe.capacity_factor is not None or moe.router == "expert_choice" or moe.aux_loss_scope == "group"
     # dropless token choice with the global loss uses no groups: any group size is the same objective
     size = sequences_per_group(cfg) if grouped else "unused"
-    return {"moe.group_sequences": size, "moe.aux_loss_scope": moe.aux_loss_scope}
+    objective: dict[str, Any] = {"moe.group_sequences": size, "moe.aux_loss_scope": moe.aux_loss_scope}
+    if moe.aux_loss_scope == "global" and moe.router != "expert_choice":
+        objective["train.grad_accum_steps"] = cfg.train.grad_accum_steps
+    return objective
 
 
 def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
@@ -91,7 +97,7 @@ def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
 
 
 def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
-    return Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, **kwargs)
+    return Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, recompute=cfg.train.recompute, **kwargs)
 
 
 def model_parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:

@@ -44,9 +44,14 @@ def data_parallel_ranks(cfg: Config) -> int:
     return {"single": 1, "disaggregated": p.num_coordinators}.get(p.strategy, p.num_actors)
 
 
+def sequences_per_forward(cfg: Config) -> int:
+    """Sequences one rank runs in one forward: its share of one accumulation step (``train.grad_accum_steps``)."""
+    return cfg.train.batch_size // (data_parallel_ranks(cfg) * cfg.train.grad_accum_steps)
+
+
 def sequences_per_micro_batch(cfg: Config) -> int:
-    """Sequences of the global batch that one rank runs in one micro-batch."""
-    return cfg.train.batch_size // (data_parallel_ranks(cfg) * micro_batches(cfg))
+    """Sequences of the global batch that one rank runs in one micro-batch of one forward."""
+    return sequences_per_forward(cfg) // micro_batches(cfg)
 
 
 def sequences_per_group(cfg: Config) -> int:
@@ -142,23 +147,6 @@ def validate_parallel(cfg: Config) -> None:
                           f"actors) use micro-batches; parallel.strategy={p.strategy} has nothing to overlap: use 1")
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
-    dp_world, micro = data_parallel_ranks(cfg), micro_batches(cfg)
-    ranks = {"single": "parallel.strategy=single", "disaggregated": "parallel.num_coordinators"}.get(
-        p.strategy, "parallel.num_actors")
-    if cfg.train.batch_size % dp_world:
-        raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by the {dp_world} data-parallel ranks ({ranks}={dp_world}), so every "
-                          "rank trains on whole sequences")
-    if (cfg.train.batch_size // dp_world) % micro:
-        raise ConfigError("parallel.micro_batches", micro,
-                          f"must divide the {cfg.train.batch_size // dp_world} sequences each rank gets per step "
-                          f"(train.batch_size={cfg.train.batch_size} / {ranks}={dp_world})")
-    rows = sequences_per_micro_batch(cfg)
-    if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
-        raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
-                          f"must divide the {rows} sequences of each micro-batch (train.batch_size="
-                          f"{cfg.train.batch_size} / {dp_world} data-parallel ranks / {micro} micro-batches), so "
-                          "every layout routes the same groups; try moe.group_sequences=1")
 
 
 def validate_expert_parallel(cfg: Config) -> None:
@@ -295,6 +283,37 @@ def validate_train(cfg: Config) -> None:
     _positive("fault_tolerance.max_restarts", cfg.fault_tolerance.max_restarts, allow_zero=True)
 
 
+def validate_batch_split(cfg: Config) -> None:
+    """The global batch splits into whole sequences: ranks x accumulation steps x micro-batches x groups.
+
+    Runs after the parallel and train checks, so every divisor here is known to be positive.
+    """
+    dp_world, micro = data_parallel_ranks(cfg), micro_batches(cfg)
+    ranks = {"single": "parallel.strategy=single", "disaggregated": "parallel.num_coordinators"}.get(
+        cfg.parallel.strategy, "parallel.num_actors")
+    if cfg.train.batch_size % dp_world:
+        raise ConfigError("train.batch_size", cfg.train.batch_size,
+                          f"must be divisible by the {dp_world} data-parallel ranks ({ranks}={dp_world}), so every "
+                          "rank trains on whole sequences")
+    accum = cfg.train.grad_accum_steps
+    per_step = f"train.batch_size={cfg.train.batch_size} / {ranks}={dp_world}"
+    if (cfg.train.batch_size // dp_world) % accum:
+        raise ConfigError("train.grad_accum_steps", accum,
+                          f"must divide the {cfg.train.batch_size // dp_world} sequences each rank gets per step "
+                          f"({per_step}), so every accumulation step runs whole sequences")
+    per_forward = per_step + (f" / train.grad_accum_steps={accum}" if accum > 1 else "")
+    if sequences_per_forward(cfg) % micro:
+        raise ConfigError("parallel.micro_batches", micro,
+                          f"must divide the {sequences_per_forward(cfg)} sequences each rank runs per "
+                          f"{'forward' if accum > 1 else 'step'} ({per_forward})")
+    rows = sequences_per_micro_batch(cfg)
+    if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
+        raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
+                          f"must divide the {rows} sequences of each micro-batch ({per_forward} / "
+                          f"parallel.micro_batches={micro}), so every layout routes the same groups; try "
+                          "moe.group_sequences=1")
+
+
 def validate_logger(cfg: Config) -> None:
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
     _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
@@ -302,6 +321,6 @@ def validate_logger(cfg: Config) -> None:
 
 def validate(cfg: Config) -> None:
     """Raises the first :class:`ConfigError` found; returns silently when the config is usable."""
-    for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_device,
-                  validate_logger):
+    for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_batch_split,
+                  validate_device, validate_logger):
         check(cfg)

@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
+from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats, PendingMoE
+from moe_trainer.moe.router import Routing
 
 
 def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
@@ -34,25 +36,57 @@ def active_ffn_hidden(moe_cfg: MoEConfig) -> int:
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``."""
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + ffn(norm(x))``.
 
-    def __init__(self, ffn: nn.Module, cfg: ModelConfig) -> None:
+    ``recompute`` (``train.recompute``) picks which local parts backward recomputes
+    (:mod:`moe_trainer.model.recompute`); the math is the same in every mode.
+    """
+
+    def __init__(self, ffn: nn.Module, cfg: ModelConfig, recompute: str = "none") -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = ffn
+        self.recompute = recompute
+        if isinstance(ffn, MoELayer):
+            ffn.set_recompute(recompute == "block")
 
     def attend(self, x_BSD: Tensor) -> Tensor:
+        if self.recompute == "attention":
+            return recomputed(self._attend, x_BSD)
+        return self._attend(x_BSD)
+
+    def _attend(self, x_BSD: Tensor) -> Tensor:
         return x_BSD + self.attn(self.attn_norm(x_BSD))
 
-    def forward(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, MoEStats | None]:
+    def before_dispatch(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Routing]:
+        """An MoE block up to its first all-to-all: ``(residual after attention, FFN input, routing)``.
+
+        One communication-free region, recomputed as a whole with ``recompute=block``.
+        """
+        assert isinstance(self.ffn, MoELayer)
+        if self.recompute == "block":
+            return recomputed(self._before_dispatch, x_BSD, num_groups, keep_decisions=True)
+        return self._before_dispatch(x_BSD, num_groups)
+
+    def _before_dispatch(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Routing]:
         x_BSD = self.attend(x_BSD)
         h_BSD = self.ffn_norm(x_BSD)
+        return x_BSD, h_BSD, self.ffn.route(h_BSD, num_groups)
+
+    def forward(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, MoEStats | None]:
         if isinstance(self.ffn, MoELayer):
-            y_BSD, stats = self.ffn(h_BSD, num_groups)
+            x_BSD, h_BSD, routing = self.before_dispatch(x_BSD, num_groups)
+            y_BSD, stats = self.ffn.finish(self.ffn.start(h_BSD, num_groups, routing))
             return x_BSD + y_BSD, stats
-        return x_BSD + self.ffn(h_BSD), None
+        if self.recompute == "block":  # a dense block has no communication: recomputed whole
+            return recomputed(self._dense, x_BSD), None
+        return self._dense(x_BSD), None
+
+    def _dense(self, x_BSD: Tensor) -> Tensor:
+        x_BSD = self.attend(x_BSD)
+        return x_BSD + self.ffn(self.ffn_norm(x_BSD))
 
 
 @dataclass
@@ -64,7 +98,8 @@ class ModelOutput:
 
 
 class Transformer(nn.Module):
-    """The LM. ``dispatcher_factory`` and ``expert_range`` let a parallel strategy shard experts."""
+    """The LM. ``dispatcher`` and ``expert_range`` let a parallel strategy shard experts;
+    ``recompute`` is ``train.recompute`` (none | attention | block)."""
 
     def __init__(
         self,
@@ -74,6 +109,7 @@ class Transformer(nn.Module):
         seed: int,
         dispatcher: Dispatcher | None = None,
         expert_range: tuple[int, int] | None = None,
+        recompute: str = "none",
     ) -> None:
         super().__init__()
         self.cfg, self.moe_cfg = cfg, moe_cfg
@@ -87,7 +123,7 @@ class Transformer(nn.Module):
             else:
                 ffn = MoELayer(cfg.d_model, moe_cfg, dispatcher, expert_range)
                 ffn.layer_index = i
-            blocks.append(Block(ffn, cfg))
+            blocks.append(Block(ffn, cfg, recompute))
         self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
@@ -128,8 +164,8 @@ class Transformer(nn.Module):
                 pending = []
                 for i in range(len(xs)):
                     land(i)
-                    xs[i] = block.attend(xs[i])
-                    pending.append(block.ffn.start(block.ffn_norm(xs[i]), num_groups))
+                    xs[i], h_BSD, routing = block.before_dispatch(xs[i], num_groups)
+                    pending.append(block.ffn.start(h_BSD, num_groups, routing))
                 # every micro-batch's experts before any combine: an asynchronous dispatcher's
                 # combine of micro-batch i travels while micro-batch i+1's experts compute
                 for i, p in enumerate(pending):

@@ -85,10 +85,12 @@ def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: i
     Tokens with no kept assignment get zeros: the residual connection carries them.
     The gate weights are fp32, so bf16 rows are weighted and summed in fp32 (the sum joins
     the fp32 residual stream; the router's gradient through the weights stays fp32).
+    An accumulating ``index_put`` saves only the index for its backward; ``index_add``
+    would also keep the weighted rows, a second copy of the expert outputs per layer.
     """
     weighted_ND = y_ND * weight_N.unsqueeze(-1)
     out_TD = weighted_ND.new_zeros(num_tokens, y_ND.shape[-1])
-    return out_TD.index_add(0, token_idx_N, weighted_ND)
+    return out_TD.index_put((token_idx_N,), weighted_ND, accumulate=True)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.model.layers import SwiGLU
+from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.dispatcher import Dispatched, LocalDispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router, Routing
@@ -86,18 +87,30 @@ class MoELayer(nn.Module):
         )
         self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
         self.layer_index = -1  # block index, set by the model; names the layer in communication errors
+        self.recompute = False  # train.recompute=block: shared and routed experts rebuild their activations
+
+    def set_recompute(self, on: bool) -> None:
+        """Whether backward recomputes the experts' hidden activations (the input rows stay kept)."""
+        self.recompute = on
+        self.experts.recompute = on  # the expert function keeps only its input rows
 
     def forward(self, x_BSD: Tensor, num_groups: int = 1) -> tuple[Tensor, MoEStats]:
         return self.finish(self.start(x_BSD, num_groups))
 
-    def start(self, x_BSD: Tensor, num_groups: int = 1) -> PendingMoE:
-        """Routes and dispatches; the experts' work may then happen elsewhere while the caller goes on.
+    def route(self, x_BSD: Tensor, num_groups: int = 1) -> Routing:
+        """The router on the flattened tokens: local math, which a recompute region may include."""
+        return self.router(x_BSD.reshape(-1, x_BSD.shape[-1]), num_groups)
+
+    def start(self, x_BSD: Tensor, num_groups: int = 1, routing: Routing | None = None) -> PendingMoE:
+        """Routes (unless ``routing`` is given) and dispatches; the experts' work may then happen
+        elsewhere while the caller goes on.
 
         Splitting the layer here lets a pipelined caller start several micro-batches
         before finishing any (see ``Transformer.forward_microbatches``).
         """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
-        routing = self.router(x_TD, num_groups)  # fp32 whatever the dtype of x
+        if routing is None:
+            routing = self.route(x_BSD, num_groups)  # fp32 whatever the dtype of x
         x_TD = x_TD.to(row_dtype(x_TD))  # a no-op in fp32
         dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups, layer=self.layer_index)
         return PendingMoE(x_BSD, x_TD, routing, dispatched)
@@ -120,7 +133,7 @@ class MoELayer(nn.Module):
         assert pending.y_ND is not None, "compute() first"
         y_TD = self.dispatcher.combine(pending.y_ND, dispatched)
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + (recomputed(self.shared, x_TD) if self.recompute else self.shared(x_TD))
         with torch.no_grad():
             probs = routing.probs_TE
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()

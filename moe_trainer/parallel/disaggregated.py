@@ -121,6 +121,8 @@ class ExpertShardModel(nn.Module):
             for i in range(cfg.model.n_layers) if is_moe_block(i, cfg.moe)
         })
         init_weights(self, cfg.train.seed, cfg.model)
+        for _, experts in self.named_layers():  # recompute=block reaches the experts wherever they live
+            experts.recompute = cfg.train.recompute == "block"
 
     def named_layers(self) -> list[tuple[int, SwiGLUExperts]]:
         """``(block index, experts)`` of every MoE block, in depth order."""
@@ -161,6 +163,7 @@ class ExpertServer:
         self.tokens_seen = 0
         self.dispatches = 0  # must count exactly like the coordinators' dispatcher
         self.micro_batches = cfg.parallel.micro_batches
+        self.accum_steps = cfg.train.grad_accum_steps  # coordinators run this many forward/backward passes a step
         self.d_model = cfg.model.d_model
         # the coordinators send rows (and gradients) in the compute dtype: receive buffers must match
         self.payload_dtype = compute_dtype(cfg.train.precision)
@@ -233,8 +236,9 @@ class ExpertServer:
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         for p in self.model.parameters():
             p.grad = torch.zeros_like(p)
-        served = self._forward(self.micro_batches, keep=True, clock=clock)
-        self._backward(served, clock)
+        for _ in range(self.accum_steps):  # gradients add up in .grad over the passes, as on the coordinators
+            served = self._forward(self.micro_batches, keep=True, clock=clock)
+            self._backward(served, clock)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         for g in grads:  # each coordinator's loss is a mean over its rows: the global gradient is the average
             g.div_(self.roles.num_coordinators)
@@ -258,7 +262,7 @@ class ExpertServer:
     def evaluate(self, batches: int) -> None:
         clock = _StepClock()
         with torch.no_grad():
-            for _ in range(batches):
+            for _ in range(batches * self.accum_steps):  # coordinators evaluate in the training step's passes
                 self._forward(self.micro_batches, keep=False, clock=clock)
 
 

@@ -21,6 +21,8 @@ from typing import Any
 from moe_trainer.config.errors import ConfigError
 
 META_FILE = "meta.json"
+# objective settings recorded only since a later version: the value a checkpoint without them was trained with
+OBJECTIVE_DEFAULTS: dict[str, Any] = {"train.grad_accum_steps": 1}
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -128,7 +130,7 @@ def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
                           "groups followed the layout it was trained with), so it cannot be resumed as the same "
                           "objective; start a new run")
     for setting, want in objective.items():  # name the setting, so the user knows what to change
-        saved = meta["objective"].get(setting)
+        saved = meta["objective"].get(setting, OBJECTIVE_DEFAULTS.get(setting))
         if saved != want:
             raise ConfigError(setting, want, f"checkpoint {path} was trained with {setting}={saved!r} (effective "
                               "value under its layout), a different objective; resume with that value (or start "

@@ -97,10 +97,11 @@ def process_memory_mb() -> float:
 
 @dataclass
 class LossParts:
-    """This rank's losses for one batch (means over its micro-batches) and the router loads.
+    """This rank's losses for one forward (means over its micro-batches) and the router loads.
 
-    ``counts`` covers the whole global batch (summed over ranks) for a training batch, this
-    rank's rows for an evaluation batch; ``local_counts`` always this rank's rows.
+    ``counts`` covers all data-parallel ranks' rows of the forward (summed over ranks) for a
+    training forward, this rank's rows for an evaluation forward; ``local_counts`` always this
+    rank's rows.
     """
 
     total: Tensor
@@ -109,6 +110,20 @@ class LossParts:
     z: Tensor
     counts: LoadCounts
     local_counts: LoadCounts
+
+    def detached(self) -> LossParts:
+        """The values without the graph, which its backward has used up."""
+        return LossParts(self.total.detach(), self.lm.detach(), self.aux.detach(), self.z.detach(), self.counts,
+                         self.local_counts)
+
+    @classmethod
+    def mean(cls, parts: list[LossParts]) -> LossParts:
+        """The step's values from its accumulation steps: losses averaged, loads summed (exact)."""
+        def avg(name: str) -> Tensor:
+            return torch.stack([getattr(p, name) for p in parts]).mean()
+
+        return cls(avg("total"), avg("lm"), avg("aux"), avg("z"), LoadCounts.total([p.counts for p in parts]),
+                   LoadCounts.total([p.local_counts for p in parts]))
 
 
 @dataclass
@@ -127,13 +142,26 @@ class Trainer:
         self.tokens_seen = 0  # global tokens trained on
         self.micro_batches = micro_batches(cfg)
         self.groups_per_micro_batch = sequences_per_micro_batch(cfg) // sequences_per_group(cfg)
+        self.accum_steps = cfg.train.grad_accum_steps
+
+    def accumulation_shares(self) -> list[tuple[int, int]]:
+        """``(share, shares)`` of the global batch this rank reads in each accumulation step.
+
+        Accumulation step ``a`` is the ``a``-th ``1/grad_accum_steps`` of the global batch, cut
+        over the data-parallel ranks as the whole batch is without accumulation. Every layout
+        thus runs the same global rows in the same forward, which keeps the global aux loss
+        (counted per forward) independent of the layout.
+        """
+        ranks = self.ctx.dp_world
+        return [(a * ranks + self.ctx.dp_rank, self.accum_steps * ranks) for a in range(self.accum_steps)]
 
     def loss(self, inputs: Tensor, targets: Tensor, training: bool = True) -> LossParts:
         """LM cross-entropy (mean over this rank's tokens) plus weighted router losses.
 
         Micro-batches have equal sizes, so the mean of their means is the mean over the rows.
         Training sums the router loads over the data-parallel ranks here, before backward:
-        the global aux loss needs them, and the bias update and metrics reuse them.
+        the global aux loss needs them (this forward's rows of every rank), and the bias update
+        and metrics reuse them (summed over the step's accumulation steps).
         The forward runs under ``train.precision`` (evaluation too); the losses are fp32.
         """
         chunks = list(inputs.chunk(self.micro_batches))
@@ -149,8 +177,11 @@ class Trainer:
         return LossParts(total, lm, aux, z, counts, local)
 
     def _aux_loss(self, outs: list[ModelOutput], counts: LoadCounts, training: bool) -> Tensor:
-        """Per-group aux loss from the router, or the global-batch one from the summed counts.
+        """Per-group aux loss from the router, or the global one from the counts summed over ranks.
 
+        "Global" is every rank's rows of this forward: the global batch, or with
+        ``train.grad_accum_steps > 1`` its accumulation step's share (counts of later passes do
+        not exist before this pass's backward; see docs/architecture.md, "Gradient accumulation").
         Expert choice is balanced by construction (no aux loss); evaluation needs none.
         """
         moe = self.cfg.moe
@@ -162,14 +193,24 @@ class Trainer:
         return global_load_balancing_loss(mean_probs_LE, counts.tokens_per_expert_LE.to(mean_probs_LE.device))
 
     def train_step(self) -> StepResult:
+        """One optimizer step over the global batch, in ``train.grad_accum_steps`` forward/backward passes.
+
+        Each pass's loss is divided by the number of passes, so the accumulated gradient is the
+        mean over the step's rows, as one pass over the whole batch would give.
+        """
         self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
         t0 = mark(self.ctx.device)
-        inputs, targets = self._to_device(self.data.train_batch(self.step, self.ctx.dp_rank, self.ctx.dp_world))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
-        parts = self.loss(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
+        passes, tokens = [], 0
+        for share, shares in self.accumulation_shares():
+            inputs, targets = self._to_device(self.data.train_batch(self.step, share, shares))
+            part = self.loss(inputs, targets)
+            (part.total / self.accum_steps).backward()
+            passes.append(part.detached())
+            tokens += inputs.numel() * self.ctx.dp_world
+        parts = LossParts.mean(passes)
         self.ctx.sync_gradients(self.model)
         grad_norm = self.ctx.grad_norm(self.model)
         # the norm is global (every rank computes the same value), so every rank makes the same choice
@@ -177,14 +218,13 @@ class Trainer:
         if finite:
             clipped_step(self.optimizer, grad_norm, self.cfg.train.grad_clip)
 
-        counts = parts.counts  # the global batch's loads: every replica makes the same bias update
+        counts = parts.counts  # the global batch's loads (all passes): every replica makes the same bias update
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
             if finite:
                 layer.router.update_bias(load_E)
         losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
         losses = losses / self.ctx.dp_world
         step_time = Span.since(t0, self.ctx.device).seconds()  # on GPU: the step's one wait for its timings
-        tokens = inputs.numel() * self.ctx.dp_world
         self.step += 1
         self.tokens_seen += tokens
         record: dict[str, Any] = {
@@ -222,12 +262,13 @@ class Trainer:
         """Mean LM loss over the fixed validation batches (this rank's rows, averaged over ranks)."""
         self.model.eval()
         batches = self.data.val_batches(self.cfg.train.eval_batches, self.cfg.train.batch_size)
-        rows = self.cfg.train.batch_size // self.ctx.dp_world
-        lo = self.ctx.dp_rank * rows
         total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         for inputs, targets in batches:
-            parts = self.loss(*self._to_device((inputs[lo:lo + rows], targets[lo:lo + rows])), training=False)
-            total += parts.lm.double()
+            # the forwards of a training step: same rows per forward, hence the same routing groups
+            for share, shares in self.accumulation_shares():
+                rows = slice(share * inputs.shape[0] // shares, (share + 1) * inputs.shape[0] // shares)
+                parts = self.loss(*self._to_device((inputs[rows], targets[rows])), training=False)
+                total += parts.lm.double() / self.accum_steps
         total = self.ctx.all_reduce_sum(total) / self.ctx.dp_world
         return float(total / max(1, len(batches)))
 

@@ -42,6 +42,9 @@ BATTERY = [
     ("parallel.placement=scatter", "parallel.placement"),
     ("fault_tolerance.max_restarts=-1", "fault_tolerance.max_restarts"),
     ("cluster.connect_timeout_s=0", "cluster.connect_timeout_s"),
+    ("train.recompute=full", "train.recompute"),
+    ("train.grad_accum_steps=0", "train.grad_accum_steps"),
+    ("train.grad_accum_steps=3", "train.grad_accum_steps"),  # 4 sequences do not split into 3 passes
 ]
 PARALLEL = [
     (["parallel=expert_parallel", "parallel.num_actors=2", "moe.num_experts=5"], "moe.num_experts"),
@@ -60,6 +63,9 @@ PARALLEL = [
     (["parallel=expert_parallel", "parallel.micro_batches=3"], "parallel.micro_batches"),  # 2 rows per rank
     (["parallel=data_parallel", "parallel.micro_batches=2"], "parallel.micro_batches"),  # nothing to pipeline
     (["parallel.micro_batches=2"], "parallel.micro_batches"),  # single
+    # 2 sequences per rank, 1 per accumulation step: nothing left to cut into micro-batches
+    (["parallel=expert_parallel", "parallel.micro_batches=2", "train.grad_accum_steps=2"], "parallel.micro_batches"),
+    (["parallel=data_parallel", "parallel.num_actors=2", "train.grad_accum_steps=4"], "train.grad_accum_steps"),
     (["moe.router=expert_choice", "moe.bias_balancing=true"], "moe.bias_balancing"),  # bias cannot change picks
     (["parallel=expert_parallel", "parallel.num_actors=8"], "parallel.num_actors"),  # 4 experts, ep_size unset
     (["parallel=expert_parallel", "parallel.num_actors=8", "parallel.ep_size=8"], "parallel.ep_size"),
@@ -141,3 +147,14 @@ def test_the_first_error_of_a_newcomers_64_actors_names_num_actors(make_config: 
         validate(make_config("parallel=expert_parallel", "parallel.num_actors=64"))
     assert err.value.setting == "parallel.num_actors" and err.value.value == 64
     assert "[1, 2, 4]" in str(err.value)  # the valid sizes for the debug model's 4 experts
+
+
+def test_batch_split_errors_name_the_accumulation_steps(make_config: Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError) as err:  # 4 sequences / 2 passes = 2 per forward: no groups of 4
+        validate(make_config("train.grad_accum_steps=2", "moe.group_sequences=4"))
+    assert err.value.setting == "moe.group_sequences" and "train.grad_accum_steps=2" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(make_config("parallel=disaggregated", "parallel.micro_batches=4", "train.grad_accum_steps=2"))
+    assert err.value.setting == "parallel.micro_batches"
+    assert "the 2 sequences each rank runs per forward" in str(err.value) and "train.grad_accum_steps=2" in str(
+        err.value)

@@ -63,6 +63,7 @@ CAPACITY = "moe.capacity_factor=1.0"  # capacity is per routing group: the group
     ("moe.aux_loss_scope=group", "moe.aux_loss_scope"),
     ("moe.group_sequences=2", "moe.group_sequences"),
     ("moe.group_sequences=null", "moe.group_sequences"),  # single's one group of 4 sequences: another objective
+    ("train.grad_accum_steps=2", "train.grad_accum_steps"),  # the global aux loss counts each pass's rows
 ])
 def test_resuming_under_another_objective_is_refused_naming_the_setting(tmp_path: Path, change: str,
                                                                        setting: str) -> None:
@@ -78,11 +79,25 @@ def test_resuming_under_another_objective_is_refused_naming_the_setting(tmp_path
     ([CAPACITY, "train.batch_size=1"], [CAPACITY, "train.batch_size=1", "moe.group_sequences=null"]),
     # dropless token choice with the global loss uses no groups at all
     ([], ["moe.group_sequences=null"]),
+    # per-group losses and capacities: accumulation is the large batch exactly
+    ([CAPACITY, "moe.aux_loss_scope=group"], [CAPACITY, "moe.aux_loss_scope=group", "train.grad_accum_steps=4"]),
 ])
 def test_an_objective_that_does_not_change_resumes(tmp_path: Path, first: list[str], second: list[str]) -> None:
     run(tmp_path / "a", "train.max_steps=3", *first)
     summary = run(tmp_path / "b", *second, f"train.resume={tmp_path / 'a'}")
     assert summary["start_step"] == 3
+
+
+def test_a_checkpoint_from_before_accumulation_was_recorded_resumes_as_one_pass(tmp_path: Path) -> None:
+    run(tmp_path / "a", "train.max_steps=3")
+    ckpt = tmp_path / "a" / "checkpoints" / "step_00000003"
+    meta = json.loads((ckpt / "meta.json").read_text())
+    del meta["objective"]["train.grad_accum_steps"]  # as written before the setting existed: one pass
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert run(tmp_path / "b", f"train.resume={ckpt}")["start_step"] == 3
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "c", "train.grad_accum_steps=2", f"train.resume={ckpt}")
+    assert err.value.setting == "train.grad_accum_steps"
 
 
 def test_a_checkpoint_without_a_recorded_objective_is_refused_with_the_reason(tmp_path: Path) -> None:
