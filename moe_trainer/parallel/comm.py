@@ -13,7 +13,9 @@ it is :mod:`moe_trainer.parallel.torch_comm`, the same collectives of ``torch.di
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +28,12 @@ from torch import Tensor
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Span, mark
+
+# DeepSpeed JIT-builds a CPU op (shm_comm) on first use into torch's extension cache. The default
+# cache (~/.cache/torch_extensions) is shared by every environment on the machine, and the build
+# records its include paths, so two environments rebuild it in turn (36-118 s each, measured).
+# One cache per environment keeps one build; a user's own TORCH_EXTENSIONS_DIR still wins.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 try:
     import deepspeed.comm as dist
