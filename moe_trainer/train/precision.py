@@ -26,7 +26,13 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 
 def autocast(precision: str, device: torch.device) -> AbstractContextManager[object]:
-    """The context a forward pass (training and evaluation) runs in; nothing at all for fp32."""
+    """The context a forward pass (training and evaluation) runs in; nothing at all for fp32.
+
+    Autocast's weight-cast cache is off: with it, a weight is cast by the first micro-batch
+    that uses it and not by the next ones, so a recompute region (``train.recompute``, which
+    runs without the cache in backward) would see other ops than its forward did and fail.
+    Without it every micro-batch casts its weights (a weight-sized copy per matmul).
+    """
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=compute_dtype(precision))
+    return torch.autocast(device_type=device.type, dtype=compute_dtype(precision), cache_enabled=False)

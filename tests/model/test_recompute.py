@@ -91,3 +91,27 @@ def test_each_mode_drops_what_it_claims(make_config: Callable[..., Config]) -> N
     assert block["router"] == tokens * 2 * (4 + 8)
     assert block["ffn_norm"] == tokens * 32 * 4
     assert sum(block.values()) < 0.7 * sum(attention.values()) < 0.9 * sum(none.values())
+
+
+@pytest.mark.parametrize("mode", ["attention", "block"])
+def test_bf16_micro_batches_recompute_what_their_forward_ran(make_config: Callable[..., Config], mode: str) -> None:
+    """Two micro-batches in one bf16 forward (as expert_parallel and disaggregated run them).
+
+    With autocast's weight cache the second micro-batch skips the weight casts the first one made,
+    and its recompute (which runs without the cache) fails on the mismatch.
+    """
+    from moe_trainer.train.precision import autocast
+
+    grads = {}
+    for recompute in ("none", mode):
+        cfg = make_config(f"train.recompute={recompute}", "train.precision=bf16")
+        model = build_model(cfg, 257)
+        idx = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
+        with autocast("bf16", idx.device):
+            outs = model.forward_microbatches(list(idx.chunk(2)))
+        loss = sum(F.cross_entropy(o.logits_BSV.flatten(0, 1).float(), t.flatten())
+                   for o, t in zip(outs, idx.roll(-1, 1).chunk(2), strict=True))
+        loss.backward()
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for name, ref in grads["none"].items():
+        assert_rel_close(grads[mode][name], ref, REL, name)
