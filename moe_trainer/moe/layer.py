@@ -16,18 +16,9 @@ from moe_trainer.config.schema import MoEConfig
 from moe_trainer.model.layers import SwiGLU
 from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.dispatcher import Dispatched, LocalDispatcher
+from moe_trainer.moe.expert_kernels import compute_dtype
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router, Routing
-
-
-def row_dtype(x: Tensor) -> torch.dtype:
-    """The dtype dispatched rows travel and experts compute in: autocast's when it is on, else ``x``'s.
-
-    Casting once before the dispatch (rather than letting autocast cast inside the experts)
-    is what makes every all-to-all payload bf16 under ``train.precision=bf16``.
-    """
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class Dispatcher(Protocol):
@@ -62,7 +53,7 @@ class PendingMoE:
     """A micro-batch between :meth:`MoELayer.start` and :meth:`MoELayer.finish`."""
 
     x_BSD: Tensor
-    x_TD: Tensor  # the rows in the dispatch dtype (:func:`row_dtype`)
+    x_TD: Tensor  # the rows in the dispatch dtype (:func:`~moe_trainer.moe.expert_kernels.compute_dtype`)
     routing: Routing
     dispatched: Dispatched
     y_ND: Tensor | None = None  # expert outputs, once :meth:`MoELayer.compute` ran
@@ -111,7 +102,9 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if routing is None:
             routing = self.route(x_BSD, num_groups)  # fp32 whatever the dtype of x
-        x_TD = x_TD.to(row_dtype(x_TD))  # a no-op in fp32
+        # cast once before the dispatch (not inside the experts): every all-to-all payload is then
+        # in the compute dtype, bf16 under train.precision=bf16; a no-op in fp32
+        x_TD = x_TD.to(compute_dtype(x_TD))
         dispatched = self.dispatcher.dispatch(x_TD, routing, num_groups, layer=self.layer_index)
         return PendingMoE(x_BSD, x_TD, routing, dispatched)
 

@@ -5,7 +5,7 @@ without loss scaling, which bf16's fp32-sized exponent makes unnecessary): param
 gradients and AdamW's moments are fp32; the forward runs under ``torch.autocast``, which casts
 matmul inputs (linear layers, attention) to bf16; the router, every loss, the norms and the
 residual stream stay fp32. The MoE layer casts the rows it dispatches to the autocast dtype
-(:func:`moe_trainer.moe.layer.row_dtype`) so every all-to-all moves half the bytes, and the
+(:func:`moe_trainer.moe.expert_kernels.compute_dtype`) so every all-to-all moves half the bytes, and the
 experts compute in the dtype of the rows they receive. fp32 enters no autocast region at all,
 so it runs exactly the ops it ran before precision existed.
 """
