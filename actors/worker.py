@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,6 @@ class TrainWorker:
         torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
         if cfg.train.retain_freed_memory:
             retain_freed_memory()
-        # DeepSpeed JIT-builds a small CPU comm op with whichever `ninja` is on PATH; putting this
-        # environment's first keeps one build (and its cache) instead of rebuilding per ninja version
-        bin_dir = str(Path(sys.executable).parent)
-        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
-            os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
         self.setup: Any = None
         self.skips = SkipPolicy.from_config(cfg.train)
 

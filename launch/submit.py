@@ -108,7 +108,7 @@ def program_for(setting: str, address: addr.Address) -> str:
     local head started with ``.venv/bin/ray start`` (venv not activated) has no ``moe-train`` on its
     PATH, while a loopback address may also be an SSH/kubectl port-forward to a remote head, where
     our path means nothing. The script is named, not put on ``PATH``: the job keeps the head's
-    environment (same ``ninja`` for DeepSpeed's JIT ops, whose build cache another ``ninja`` invalidates).
+    environment.
     """
     if setting == "none" or (setting == "auto" and not _is_local(address.url)):
         return "moe-train"

@@ -13,9 +13,7 @@ it is :mod:`moe_trainer.parallel.torch_comm`, the same collectives of ``torch.di
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,16 +27,31 @@ from moe_trainer.config.errors import CollectiveError
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Span, mark
 
-# DeepSpeed JIT-builds a CPU op (shm_comm) on first use into torch's extension cache. The default
-# cache (~/.cache/torch_extensions) is shared by every environment on the machine, and the build
-# records its include paths, so two environments rebuild it in turn (36-118 s each, measured).
-# One cache per environment keeps one build; a user's own TORCH_EXTENSIONS_DIR still wins.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-
 try:
     import deepspeed.comm as dist
 except ImportError:  # the torch-only GPU check machine; the product requires DeepSpeed
     from moe_trainer.parallel import torch_comm as dist  # type: ignore[no-redef]
+
+# DeepSpeed's CPU backend JIT-compiles a shared-memory op (``deepspeed_shm_comm``) when a process
+# group starts. It serves only ``inference_all_reduce`` (DeepSpeed-Inference's tensor parallelism),
+# which nothing here calls; building it cost 36-118 s per environment on 2 cores, and it was rebuilt
+# whenever a process found another ``ninja`` first on PATH. Marking it incompatible skips the build;
+# every collective we use goes to torch.distributed either way.
+SKIPPED_DEEPSPEED_OPS = ("deepspeed_shm_comm",)
+
+
+def _skip_unused_deepspeed_ops() -> None:
+    """Marks the ops of :data:`SKIPPED_DEEPSPEED_OPS` incompatible before DeepSpeed's backend loads them.
+
+    ``deepspeed.ops.__compatible_ops__`` is probed once per process (0.1 s) and kept, so an edit holds.
+    """
+    if dist.__name__ != "deepspeed.comm":
+        return
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    for name in SKIPPED_DEEPSPEED_OPS:
+        compatible[name] = False
 
 
 def guarded(label: str, fn: Callable[[], Any]) -> Any:
@@ -57,6 +70,7 @@ def init_process_group(backend: str, master_addr: str, master_port: int, rank: i
     if torch.distributed.is_initialized():
         # deepspeed would silently keep the old group (and its old rank): refuse instead
         raise RuntimeError("this process already belongs to a process group; use one process per rank")
+    _skip_unused_deepspeed_ops()
     dist.init_distributed(
         dist_backend=backend,
         auto_mpi_discovery=False,
