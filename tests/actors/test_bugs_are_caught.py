@@ -1,27 +1,31 @@
 """The equivalence tests bite: inject known gradient bugs into a copy of the code and watch them fail.
 
-Each mutation edits one place of a copy of the source tree, then runs one test of
-``tests/actors/test_equivalence.py`` on that copy in a fresh pytest process (its own
-Ray cluster; the actors import the mutated code through ``PYTHONPATH``). The test must
-fail, on the assertion that names the quantity the bug corrupts. Without the mutation
-the same test passes in the normal suite.
+Each mutation edits one place of a copy of the source tree. A driver process started in
+that copy (``python -m tests.actors.equivalence``) runs one equivalence case on the
+session's Ray cluster: its Ray job's workers import the driver's directory first, so the
+actors run the mutated code. Its trace is compared with the unmutated ``single``
+reference by the same assertion the equivalence tests use, which must fail on the
+quantity the bug corrupts. Without the mutation the same case passes in
+``tests/actors/test_equivalence.py``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import ray
 
-ROOT = Path(__file__).resolve().parents[1]
-TREE = ("moe_trainer", "actors", "launch", "conf", "tests", "pyproject.toml")
-EQUIVALENCE = "tests/actors/test_equivalence.py::test_layout_computes_what_single_computes"
+from tests.actors.equivalence import FP32, assert_same_run, load_trace
+
+ROOT = Path(__file__).resolve().parents[2]
+TREE = ("moe_trainer", "actors", "conf", "tests")
 
 
 @dataclass(frozen=True)
@@ -29,7 +33,8 @@ class Mutation:
     path: str  # file of the copy to edit
     original: str  # text that must occur exactly once
     mutated: str
-    test: str  # the equivalence case that must fail
+    layout: str  # the equivalence case (layout, mix) that must fail
+    mix: str
     caught_by: str  # regular expression the failing assertion's message matches
 
 
@@ -38,36 +43,32 @@ MUTATIONS = {
         "moe_trainer/parallel/context.py",
         "for g in dense + expert:\n            g.div_(self.dp_world)",
         "for g in expert:\n            g.div_(self.dp_world)",
-        "data_parallel-capacity", "relative difference"),
+        "data_parallel", "capacity", "relative difference"),
     "expert_grads_not_reduced_over_expert_data_parallel_group": Mutation(
         "moe_trainer/parallel/context.py",
         "if self.groups.replicas > 1:",
         "if False:",
-        "expert_parallel_4_ep2-capacity", "relative difference"),
+        "expert_parallel_4_ep2", "capacity", "relative difference"),
     "expert_grads_doubled": Mutation(
         "moe_trainer/parallel/context.py",
         "for g in dense + expert:\n            g.div_(self.dp_world)",
         "for g in dense + expert:\n            g.div_(self.dp_world)\n"
         "        for g in expert:\n            g.mul_(2.0)",
-        "expert_parallel-dropless", "relative difference"),
+        "expert_parallel", "dropless", "relative difference"),
     "bias_update_from_local_counts": Mutation(
         "moe_trainer/train/trainer.py",
         "zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True)",
         "zip(self.model.moe_layers(), parts.local_counts.tokens_per_expert_LE, strict=True)",
         # each replica nudges its own bias: rank 1's routing drifts from rank 0's (which reports the
         # bias), and the per-step losses, loads or biases stop matching single's
-        "data_parallel-dropless", r"(loss|bias|expert loads|grad_norm|drops) at step"),
+        "data_parallel", "dropless", r"(loss|bias|expert loads|grad_norm|drops) at step"),
 }
 
 
 def mutated_copy(root: Path, mutation: Mutation) -> Path:
     copy = root / "tree"
     for name in TREE:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy2(src, copy / name)
+        shutil.copytree(ROOT / name, copy / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     target = copy / mutation.path
     text = target.read_text()
     assert text.count(mutation.original) == 1, f"{mutation.path}: the code to mutate changed; update this test"
@@ -77,14 +78,14 @@ def mutated_copy(root: Path, mutation: Mutation) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS))
-def test_equivalence_fails_when_a_gradient_bug_is_injected(tmp_path: Path, name: str) -> None:
+def test_equivalence_fails_when_a_gradient_bug_is_injected(ray_cluster: Any, reference: Any, tmp_path: Path,
+                                                           name: str) -> None:
     mutation = MUTATIONS[name]
     copy = mutated_copy(tmp_path, mutation)
-    env = {**os.environ, "PYTHONPATH": str(copy)}
-    test_id = f"{EQUIVALENCE}[{mutation.test}]"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_id],
-                          cwd=copy, env=env, capture_output=True, text=True, timeout=420)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, f"{name}: expected the test to fail, pytest exited {proc.returncode}:\n{out[-3000:]}"
-    assert f"FAILED {test_id}" in out, out[-3000:]
-    assert re.search(mutation.caught_by, out), f"{name} failed, but not on '{mutation.caught_by}':\n{out[-3000:]}"
+    out = tmp_path / "trace.pt"
+    env = {**os.environ, "PYTHONPATH": str(copy), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    proc = subprocess.run([sys.executable, "-m", "tests.actors.equivalence", mutation.layout, mutation.mix, str(out)],
+                          cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{name}: the mutated run failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
+    with pytest.raises(AssertionError, match=mutation.caught_by):
+        assert_same_run(load_trace(out), reference(mutation.mix), FP32)
