@@ -1,4 +1,4 @@
-"""The all-to-all dispatcher across real processes (Ray tasks, DeepSpeed gloo groups) vs the local reference.
+"""The all-to-all dispatcher across real processes (Ray actors, a DeepSpeed gloo group) vs the local reference.
 
 Includes the edge cases that hang naive implementations: every token routed to
 one expert, and a rank that owns experts no token chose.
@@ -7,6 +7,7 @@ one expert, and a rank that owns experts no token chose.
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -41,14 +42,13 @@ def inputs(world: int, skew: bool, num_experts: int) -> tuple[torch.Tensor, torc
     return x, torch.randn(world * TOKENS, D, generator=gen, dtype=torch.float64)
 
 
-@ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
-def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool, chunks: int = 1) -> dict[str, Any]:
+def rank_main(rank: int, world: int, cfg: MoEConfig, skew: bool, chunks: int = 1) -> dict[str, Any]:
+    """One rank's share of a case, in a process that already joined the ``world``-rank group."""
     from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
-    from moe_trainer.parallel.comm import init_process_group, new_group
+    from moe_trainer.parallel.comm import new_group
     from moe_trainer.parallel.dispatcher import AllToAllDispatcher
     from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 
-    init_process_group("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
     group = new_group(list(range(world)), 60)
     local = cfg.num_experts // world
     if chunks == 1:
@@ -73,6 +73,36 @@ def rank_main(rank: int, world: int, port: int, cfg: MoEConfig, skew: bool, chun
             "received": stats.tokens_per_expert_E}
 
 
+@ray.remote(num_cpus=0.5)
+class Rank:
+    """A process of one gloo group, kept for the module: every case runs on fresh subgroups of it."""
+
+    def __init__(self, rank: int, world: int, port: int) -> None:
+        from moe_trainer.parallel.comm import init_process_group
+
+        self.rank, self.world = rank, world
+        init_process_group("gloo", "127.0.0.1", port, rank, world, timeout_s=60)
+
+    def run(self, cfg: MoEConfig, skew: bool, chunks: int) -> dict[str, Any]:
+        return rank_main(self.rank, self.world, cfg, skew, chunks)
+
+
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(ray_cluster: object) -> Iterator[list[Any]]:
+    port = free_port()
+    actors = [Rank.remote(r, WORLD, port) for r in range(WORLD)]
+    yield actors
+    for actor in actors:
+        ray.kill(actor)
+
+
+def run_case(ranks: list[Any], cfg: MoEConfig, skew: bool, chunks: int) -> list[dict[str, Any]]:
+    return ray.get([rank.run.remote(cfg, skew, chunks) for rank in ranks], timeout=120)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,17 +112,16 @@ def free_port() -> int:
 @pytest.mark.parametrize("chunks", [1, 2, 3, 0], ids=["sync", "overlap2", "overlap3", "async_2microbatches"])
 @pytest.mark.parametrize("skew", [False, True], ids=["random", "all_to_expert0"])
 @pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
-def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: bool,
-                                                     capacity_factor: float | None, chunks: int) -> None:
+def test_all_to_all_dispatch_matches_local_reference(ranks: list[Any], skew: bool, capacity_factor: float | None,
+                                                     chunks: int) -> None:
     """``chunks > 1``: the overlapped pipeline (3 chunks of 3 local experts: uneven, some chunks empty under skew).
 
     ``chunks == 0``: asynchronous all-to-alls with two micro-batches in lockstep; the reference
     then routes in one group per rank and micro-batch.
     """
-    world = 2
+    world = WORLD
     cfg = MoEConfig(num_experts=6, top_k=2, expert_hidden=4, capacity_factor=capacity_factor)
-    port = free_port()
-    results = ray.get([rank_main.remote(r, world, port, cfg, skew, chunks) for r in range(world)], timeout=120)
+    results = run_case(ranks, cfg, skew, chunks)
 
     ref = make_layer(cfg)
     x_all, g_all = inputs(world, skew, cfg.num_experts)
@@ -129,11 +158,9 @@ def test_all_to_all_dispatch_matches_local_reference(ray_cluster: object, skew: 
 
 
 @pytest.mark.parametrize("chunks", [1, 2], ids=["sync", "overlap"])
-def test_rank_owning_only_unchosen_experts_receives_nothing_and_does_not_hang(ray_cluster: object,
-                                                                              chunks: int) -> None:
-    world, port = 2, free_port()
+def test_rank_owning_only_unchosen_experts_receives_nothing_and_does_not_hang(ranks: list[Any], chunks: int) -> None:
     cfg = MoEConfig(num_experts=4, top_k=1, expert_hidden=4, normalize_topk=False)
-    results = ray.get([rank_main.remote(r, world, port, cfg, True, chunks) for r in range(world)], timeout=120)
+    results = run_case(ranks, cfg, True, chunks)
     # top-1 sends every token to expert 0 on rank 0; rank 1 owns experts 2 and 3 and gets no rows
     assert results[1]["counters"]["a2a_dispatch_rows_recv"] == 0
     assert results[1]["counters"]["a2a_dispatch_rows_sent"] == TOKENS
