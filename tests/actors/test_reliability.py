@@ -93,9 +93,8 @@ def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) 
     print(f"death -> resumed: {restarts[0]['restart_time_s']:.1f} s rebuild, steps lost "
           f"{restarts[0]['failed_at_step'] - restarts[0]['step']}, kill at {killed_at:.1f}")
 
-    ref = subprocess.run([moe_train, *common, f"hydra.run.dir={ref_dir}"], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    # the uninterrupted reference: single computes what expert_parallel computes (tests/actors/test_equivalence.py)
+    train_run(ref_dir, *[o for o in common if not o.startswith(("experiment=", "parallel"))])
     got = read_entries(run_dir / "checkpoints" / f"step_{steps:08d}")
     want = read_entries(ref_dir / "checkpoints" / f"step_{steps:08d}")
     for key, value in want.items():
@@ -193,7 +192,9 @@ def test_stalled_all_to_all_times_out_naming_rank_collective_and_layer(ray_clust
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     timeout_s = 3.0
-    first = ray.get([stalling_rank.remote(r, port, timeout_s) for r in range(2)], timeout=120)[0]
+    refs = [stalling_rank.remote(r, port, timeout_s) for r in range(2)]
+    first = ray.get(refs[0], timeout=120)
+    ray.cancel(refs[1], force=True)  # the stalled rank has served its purpose
     assert first["error"] is not None
     assert "rank 0" in first["error"] and "all_to_all" in first["error"] and "MoE block 3" in first["error"]
     assert first["seconds"] < 3 * timeout_s
