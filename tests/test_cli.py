@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,15 +54,57 @@ BAD_INPUTS = [
 ]
 
 
+# Every bad input through moe-train's entry point, in one process: the entry point runs once per
+# case as the console script would (Hydra parses sys.argv, exits with the code); one interpreter
+# start instead of one per case (4-5 s each).
+ENTRY_POINT_RUNS = """
+import contextlib, io, json, sys
+from moe_trainer.cli import main
+results = []
+for args in json.loads(sys.argv[1]):
+    sys.argv, err, code = ["moe-train", *args], io.StringIO(), 0
+    with contextlib.redirect_stderr(err):
+        try:
+            main()
+        except SystemExit as exit:
+            code = exit.code
+    results.append({"code": code, "stderr": err.getvalue()})
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
+    cwd = tmp_path_factory.mktemp("bad-inputs")
+    argv = [["experiment=debug", "logger.mode=offline", f"hydra.run.dir={cwd / 'out' / str(i)}", override]
+            for i, (override, _) in enumerate(BAD_INPUTS)]
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    return cwd, {override: result for (override, _), result in zip(BAD_INPUTS, results, strict=True)}
+
+
 @pytest.mark.parametrize("override,setting", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_fails_clearly_and_writes_nothing(tmp_path: Path, override: str, setting: str) -> None:
-    run_dir = tmp_path / "out" / "run"
-    proc = moe_train("experiment=debug", "logger.mode=offline", f"hydra.run.dir={run_dir}", override, cwd=tmp_path)
-    assert proc.returncode != 0
-    assert setting in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_bad_input_fails_clearly_and_writes_nothing(bad_input_runs: tuple[Path, dict[str, dict[str, Any]]],
+                                                    override: str, setting: str) -> None:
+    cwd, results = bad_input_runs
+    result, run_dir = results[override], cwd / "out" / str([b[0] for b in BAD_INPUTS].index(override))
+    assert result["code"] not in (0, None)
+    assert setting in result["stderr"]
+    assert "Traceback" not in result["stderr"]
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
-    assert not (tmp_path / "wandb").exists()
+    assert not (cwd / "wandb").exists()
+
+
+def test_the_console_script_exits_2_on_bad_input(tmp_path: Path) -> None:
+    """The installed ``moe-train`` itself (what the batch above calls in-process)."""
+    run_dir = tmp_path / "run"
+    proc = moe_train("experiment=debug", f"hydra.run.dir={run_dir}", "moe.top_k=9", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "moe.top_k" in proc.stderr and "Traceback" not in proc.stderr
+    assert not run_dir.exists()
 
 
 def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:
