@@ -23,13 +23,15 @@ def request_for(cfg: Config) -> Request:
 class RayEngine:
     """Every Ray strategy: one TrainWorker per rank (disaggregated: coordinators first, then expert actors)."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, actors: list[Any] | None = None) -> None:
+        """``actors``: running TrainWorkers to reuse, one per rank (see :class:`ActorGroup`)."""
         self.cfg = cfg
         self.cluster = connect(cfg.cluster)
         try:
-            check_resources(request_for(cfg))
+            if actors is None:
+                check_resources(request_for(cfg))
             self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
-            self.group = ActorGroup(cfg, request_for(cfg))
+            self.group = ActorGroup(cfg, request_for(cfg), actors=actors)
         except BaseException:
             disconnect()
             raise

@@ -34,8 +34,39 @@ class ActorStartupError(RuntimeError):
 
 
 class ActorGroup:
-    def __init__(self, cfg: Config, request: Request, actor_cls: Any = TrainWorker) -> None:
+    """``actors``: running TrainWorkers to reuse instead of creating (and placing) new ones.
+
+    A reused actor leaves its previous process group and joins this one; shutdown then
+    leaves the group and keeps the actor. Starting a Ray worker and importing torch and
+    DeepSpeed costs seconds per actor, which a series of short jobs of the same size (the
+    equivalence tests) pays once this way.
+    """
+
+    def __init__(self, cfg: Config, request: Request, actor_cls: Any = TrainWorker,
+                 actors: list[Any] | None = None) -> None:
         self.cfg = cfg
+        timeout = cfg.parallel.timeout_s
+        self.pg: Any = None
+        self.reused = actors is not None
+        if actors is not None:
+            if len(actors) != request.actors:
+                raise ValueError(f"{len(actors)} actors given for a group of {request.actors}")
+            self.actors = list(actors)
+            ray.get([actor.reuse.remote(cfg, i) for i, actor in enumerate(self.actors)], timeout=timeout)
+        else:
+            self.actors = self._create(cfg, request, actor_cls)
+        self.infos: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        try:
+            addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
+            self.infos = self.call("join", addr, port)
+        except Exception as err:  # a rank that cannot join leaves the others waiting: stop them all
+            self.shutdown()
+            raise ActorStartupError(f"the actors could not form their process group: {err}") from err
+        self.join_time_s = time.perf_counter() - t0
+
+    def _create(self, cfg: Config, request: Request, actor_cls: Any) -> list[Any]:
+        """New actors, one per bundle of one placement group (they start together or not at all)."""
         bundle: dict[str, float] = {"CPU": request.cpus_per_actor}
         if request.gpus_per_actor:
             bundle["GPU"] = request.gpus_per_actor
@@ -49,7 +80,7 @@ class ActorGroup:
             raise ActorStartupError(
                 f"could not place {request.actors} actors with {bundle} each within {timeout:.0f} s; "
                 f"cluster has {ray.available_resources()} available") from err
-        self.actors = [
+        return [
             actor_cls.options(
                 num_cpus=request.cpus_per_actor,
                 num_gpus=request.gpus_per_actor,
@@ -57,15 +88,6 @@ class ActorGroup:
             ).remote(cfg, i)
             for i in range(request.actors)
         ]
-        self.infos: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
-        try:
-            addr, port = ray.get(self.actors[0].rendezvous_address.remote(), timeout=timeout)
-            self.infos = self.call("join", addr, port)
-        except Exception as err:  # a rank that cannot join leaves the others waiting: stop them all
-            self.shutdown()
-            raise ActorStartupError(f"the actors could not form their process group: {err}") from err
-        self.join_time_s = time.perf_counter() - t0
 
     def call(self, method: str, *args: Any) -> list[Any]:
         """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks).
@@ -96,6 +118,14 @@ class ActorGroup:
         return ray.get(refs)
 
     def shutdown(self) -> None:
+        """Stops the actors; reused ones leave the process group and stay (killed if they cannot)."""
+        if self.reused:
+            try:
+                ray.get([actor.leave.remote() for actor in self.actors], timeout=FAILURE_GRACE_S)
+                return
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pass  # stuck in a collective or dead: end them, whoever lent them gets errors, not a hang
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
-        remove_placement_group(self.pg)
+        if self.pg is not None:
+            remove_placement_group(self.pg)

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 import torch
+import torch.distributed
 
 from moe_trainer.config.schema import Config
 from moe_trainer.host_memory import retain_freed_memory
@@ -25,12 +26,30 @@ from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 @ray.remote
 class TrainWorker:
     def __init__(self, cfg: Config, rank: int) -> None:
+        self._configure(cfg, rank)
+
+    def _configure(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
-        if cfg.train.retain_freed_memory:
+        if cfg.train.retain_freed_memory:  # a process setting: a reused actor keeps it
             retain_freed_memory()
         self.setup: Any = None
         self.skips = SkipPolicy.from_config(cfg.train)
+
+    def reuse(self, cfg: Config, rank: int) -> None:
+        """Leaves the old process group and takes another job's config and rank (see ``ActorGroup``'s ``actors``).
+
+        What a rank builds (model, optimizer, data, dispatchers, process groups) is rebuilt by the
+        next ``join``; what stays is the process itself: its imports and its allocator setting.
+        """
+        self.leave()
+        self._configure(cfg, rank)
+
+    def leave(self) -> None:
+        """Drops this rank's model and state and destroys its process groups (DeepSpeed's included)."""
+        self.setup = None
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's address and a free port; rank 0's becomes everyone's rendezvous.

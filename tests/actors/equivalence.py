@@ -26,6 +26,7 @@ import torch
 from moe_trainer.cli import make_engine
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
+from moe_trainer.parallel.setup import world_size
 from moe_trainer.train.sharded_checkpoint import read_entries
 from tests.conftest import compose_dict
 from tests.helpers import assert_rel_close, rel_error
@@ -101,10 +102,16 @@ class Trace:
     processes: int
 
 
-def trace(directory: Path, mix: str, *overrides: str) -> Trace:
+def trace(directory: Path, mix: str, *overrides: str, actors: list[Any] | None = None) -> Trace:
+    """Runs a mix under ``overrides``; a Ray layout reuses ``actors`` (running TrainWorkers) when given."""
     cfg = to_dataclass(compose_dict([*BASE, *MIXES[mix], *overrides]))
     validate(cfg)
-    engine = make_engine(cfg)
+    if actors is not None and cfg.parallel.strategy != "single":
+        from actors.engine import RayEngine
+
+        engine: Any = RayEngine(cfg, actors[:world_size(cfg)])
+    else:
+        engine = make_engine(cfg)
     try:
         records = engine.train(1)
         grads = engine.gradients()

@@ -7,12 +7,16 @@ comparisons fail.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import ray
 
-from tests.actors.equivalence import FP32, LAYOUTS, REL, TOLERANCE_OF, assert_same_run, trace
+from moe_trainer.config.schema import to_dataclass
+from tests.actors.equivalence import BASE, FP32, LAYOUTS, REL, TOLERANCE_OF, assert_same_run, trace
+from tests.conftest import compose_dict
 from tests.helpers import train_run
 
 # Every layout with both dispatch modes (dropless with bias, shared experts, a dense block, recompute
@@ -30,13 +34,27 @@ CASES += [(layout, "bf16") for layout in ("data_parallel", "expert_parallel_chun
                                           "expert_parallel_4_ep2", "disaggregated_2c_2mb")]
 
 
+@pytest.fixture(scope="module")
+def warm_actors(ray_cluster: object) -> Iterator[list[Any]]:
+    """Four TrainWorkers that every case reuses (each leaves its process group after a case and joins
+    the next): actor start-up (a Ray worker importing torch and DeepSpeed) is paid once, not per case.
+    The whole ``moe-train`` path with fresh actors runs below and in the other tests."""
+    from actors.worker import TrainWorker
+
+    cfg = to_dataclass(compose_dict(BASE))
+    actors = [TrainWorker.options(num_cpus=0.5).remote(cfg, rank) for rank in range(4)]
+    yield actors
+    for actor in actors:
+        ray.kill(actor)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,mix", CASES, ids=[f"{layout}-{mix}" for layout, mix in CASES])
-def test_layout_computes_what_single_computes(ray_cluster: object, reference: Any, tmp_path: Path, layout: str,
+def test_layout_computes_what_single_computes(warm_actors: list[Any], reference: Any, tmp_path: Path, layout: str,
                                               mix: str) -> None:
     overrides, processes = LAYOUTS[layout]
     ref = reference(mix)
-    got = trace(tmp_path, mix, *overrides)
+    got = trace(tmp_path, mix, *overrides, actors=warm_actors)
     assert got.processes == processes
     worst = assert_same_run(got, ref, TOLERANCE_OF.get(mix, FP32))
     if mix == "bf16":  # every row a rank sends is bf16: 2 bytes per element (d_model=32)
