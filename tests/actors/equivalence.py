@@ -50,7 +50,7 @@ FP32 = Tolerance(grads=REL, records=REL, state=1e-4)
 # bf16 before the fp32 all-reduce, another row count in a bf16 matmul). Measured worst cases over the
 # 8 layouts (docs/architecture.md, "Precision"): gradients 3.5e-3, losses 2.8e-5, grad_norm 5.8e-4,
 # state 2.2e-2 (Adam turns a gradient entry near zero that rounds the other way into a full-size
-# step). Set 3-4x above; a doubled or undivided gradient is off by 0.5-1 (tests/test_bugs_are_caught.py).
+# step). Set 3-4x above; a doubled or undivided gradient is off by 0.5-1 (tests/actors/test_bugs_are_caught.py).
 BF16 = Tolerance(grads=1e-2, records=2e-3, state=1e-1)
 BASE = ["experiment=debug", f"train.max_steps={STEPS}", "train.grad_clip=0", "train.batch_size=8",
         "train.warmup_steps=1", "parallel.cpus_per_actor=0.5"]
