@@ -31,15 +31,27 @@ def _reachable(address: str, timeout_s: float) -> bool:
 
 EMBEDDED = "embedded local Ray (127.0.0.1)"
 _connected_here = False  # this process called ray.init (and so owns the connection)
+_described = ""  # what connect() returned for the connection this process owns
+_address: str | None = None  # the address it was made for ("" = embedded)
 
 
 def connect(cfg: ClusterConfig) -> str:
-    """Connects (or reuses this process's connection); returns a description of the cluster."""
-    global _connected_here
+    """Connects, or reuses this process's connection to the same address (the jobs of a Hydra
+    multirun share one embedded Ray); returns a description of the cluster."""
+    global _connected_here, _described, _address
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or ""
     if ray.is_initialized():
-        return "existing connection"
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    _connected_here = True
+        if not _connected_here:
+            return "existing connection"
+        if address == _address:
+            return _described
+        disconnect()  # this process's own connection, to another cluster
+    _connected_here, _address = True, address  # set first: a failed ray.init is cleaned up by disconnect()
+    _described = _connect(cfg, address)
+    return _described
+
+
+def _connect(cfg: ClusterConfig, address: str) -> str:
     if not address:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
@@ -66,10 +78,10 @@ def connect(cfg: ClusterConfig) -> str:
 def disconnect() -> None:
     """Ends the connection :func:`connect` opened: stops an embedded Ray (flushing actor logs), or
     detaches from a cluster (which keeps running). A connection made by someone else is left alone."""
-    global _connected_here
+    global _connected_here, _address
     if _connected_here and ray.is_initialized():
         ray.shutdown()
-    _connected_here = False
+    _connected_here, _address = False, None
 
 
 @dataclass(frozen=True)

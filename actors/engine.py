@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from actors.cluster import Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
@@ -77,6 +79,7 @@ class RayEngine:
             "nodes": [i["node"] for i in infos],
             "backend": first["backend"],
             "cluster": self.cluster,
+            "ray_gcs_address": ray.get_runtime_context().gcs_address,
             "actor_join_time_s": self.group.join_time_s,
             "params_per_actor": [i["params_local"] for i in infos],
             "expert_params_per_actor": [i["expert_params_local"] for i in infos],

@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moe_trainer.config.errors import CollectiveError, ConfigError
@@ -55,8 +56,12 @@ def make_engine(cfg: Config) -> Engine:
     return RayEngine(cfg)
 
 
-def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Runs one training job into ``run_dir``; raises :class:`ConfigError` before writing anything."""
+def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bool = False) -> dict[str, Any]:
+    """Runs one training job into ``run_dir``; raises :class:`ConfigError` before writing anything.
+
+    ``keep_cluster``: leave this process's Ray connection (an embedded Ray keeps running) for the
+    next job, as the jobs of a Hydra multirun do; Ray stops it when the process exits.
+    """
     validate(cfg)
     resume_from = resolve_resume(cfg.train.resume, run_dir)
     engine = make_engine(cfg)
@@ -72,7 +77,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path) -> dict[str, Any
         if outputs.wandb.sync_command:
             summary["wandb_sync"] = outputs.wandb.sync_command
     finally:
-        engine.close()
+        engine.close(keep_cluster=keep_cluster)
     return summary
 
 
@@ -109,7 +114,9 @@ def _main(dcfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         cfg = to_dataclass(dcfg)
-        summary = train(cfg, OmegaConf.to_container(dcfg, resolve=True), run_dir)  # type: ignore[arg-type]
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN  # a sweep's jobs share one embedded Ray
+        summary = train(cfg, OmegaConf.to_container(dcfg, resolve=True), run_dir,  # type: ignore[arg-type]
+                        keep_cluster=multirun)
     except ConfigError as err:
         _discard_untouched_run_dir(run_dir)
         print(f"moe-train: invalid setting: {err}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """The README's strategy comparison: a Hydra multirun of the three Ray strategies, then moe-report on it.
 
-No ``cluster.address``: each run starts the embedded local Ray the README's first command uses
-(token auth on, every process on loopback), so this is also each Ray strategy out of the box.
+No ``cluster.address``: the sweep starts the embedded local Ray the README's first command uses
+(token auth on, every process on loopback) and its three jobs share it, so this is also each Ray
+strategy out of the box.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0-data_parallel", "1-expert_parallel", "2-disaggregated"]
 
+    # the sweep's jobs share one embedded Ray (started by the first, stopped at exit)
+    assert len({json.loads((run / "processes.json").read_text())["ray_gcs_address"] for run in runs}) == 1
     keys, metric_keys = {}, {}
     for run, processes in zip(runs, (2, 2, 3), strict=True):
         summary = json.loads((run / "summary.json").read_text())
