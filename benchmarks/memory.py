@@ -1,6 +1,6 @@
 """Peak memory per process with ``train.recompute=none | attention | block``, and what dominates it.
 
-    python benchmarks/memory.py [--steps 20] [--seq-len 1024] [--layouts single "expert_parallel x2"]
+    python -m benchmarks.memory [--steps 20] [--seq-len 1024] [--layouts single "expert_parallel x2"]
                                 [--allocator retained|unmapped] [--no-breakdown]
 
 Default model (d_model 128, 4 layers, 8 experts top-2, batch 16) at ``data.seq_len``

@@ -73,23 +73,38 @@ class Kernels:
 
 @functools.cache
 def choose_kernels(kernel: str, d_model: int, hidden: int, dtype: torch.dtype, device: torch.device,
-                   retained: bool = False) -> Kernels:
+                   retained: bool = False, recompute: bool = False) -> Kernels:
     """The kernels for experts of this shape, chosen once and cached (``kernel``: one of :data:`KERNELS`).
 
-    ``retained``: freed host memory is kept (:func:`moe_trainer.host_memory.retaining`).
+    ``retained``: freed host memory is kept (:func:`moe_trainer.host_memory.retaining`);
+    ``recompute``: the call keeps only its input rows (``SwiGLUExperts.recompute``).
     """
     if kernel not in KERNELS:
         raise ValueError(f"SwiGLUExperts.kernel={kernel!r}: expected one of {', '.join(KERNELS)}")
+    chunk_bytes = host_chunk_bytes(device, retained, recompute)
     if kernel == "loop":
-        return Kernels(False, False, None if device.type == "cuda" or retained else HEAP_CHUNK_BYTES)
+        return Kernels(False, False, chunk_bytes)
     serves = grouped_mm_serves(d_model, hidden, dtype, device)
     if kernel == "grouped" and not serves:
         raise ValueError(f"SwiGLUExperts.kernel='grouped': torch.nn.functional.grouped_mm cannot run experts of "
                          f"d_model={d_model}, expert_hidden={hidden} in {dtype} on {device.type} "
                          "(float64, rows not a multiple of 16 bytes, or no kernel there); use kernel='auto'")
-    # host memory under glibc's default allocator: activations in pieces it recycles (see expert_chunks)
-    chunk_bytes = None if device.type == "cuda" or retained else HEAP_CHUNK_BYTES
     return Kernels(serves, serves and (device.type == "cuda" or (retained and dtype == torch.float32)), chunk_bytes)
+
+
+def host_chunk_bytes(device: torch.device, retained: bool, recompute: bool) -> int | None:
+    """The bound on a chunk's widest activation (:func:`expert_chunks`), or None for one piece.
+
+    Host memory only. Under glibc's default allocator: pieces it recycles instead of mmap'ing.
+    Under recompute, with retained memory too: the hidden activations and their gradients are
+    then transients of each backward, whose sizes follow the rows the experts got (twice the
+    balanced count and more early in training); whole-call transients of ever new sizes do not
+    fit the holes earlier ones left, so the heap grows past them step after step, and its
+    high-water mark is the process's peak. Per-chunk transients are bounded and recycled.
+    """
+    if device.type == "cuda" or (retained and not recompute):
+        return None
+    return HEAP_CHUNK_BYTES
 
 
 @functools.cache
@@ -285,11 +300,14 @@ def cast_weights(w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, dtype: torch.dtype)
     return w_gate_up_EDF2.detach().to(dtype), w_down_EFD.detach().to(dtype)
 
 
-def _hidden(x_ND: Tensor, w_gate_up: Tensor, runs: Runs, kernels: Kernels) -> tuple[Tensor, Tensor, Tensor]:
+def _hidden(x_ND: Tensor, w_gate_up: Tensor, runs: Runs, kernels: Kernels,
+            keep_s: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """``(h, s, a)``: ``h = x W_gate_up``, ``s = silu(gate)``, ``a = s * up``; without ``keep_s``, ``a`` is
+    computed in ``s``'s storage (then the same tensor)."""
     h_NF2 = expert_mm(x_ND, w_gate_up, runs, kernels)
     hidden = h_NF2.shape[1] // 2
     s_NF = F.silu(h_NF2[:, :hidden])
-    return h_NF2, s_NF, s_NF * h_NF2[:, hidden:]
+    return h_NF2, s_NF, (s_NF * h_NF2[:, hidden:] if keep_s else s_NF.mul_(h_NF2[:, hidden:]))
 
 
 def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, runs: Runs,
@@ -297,10 +315,11 @@ def swiglu_forward(x_ND: Tensor, w_gate_up_EDF2: Tensor, w_down_EFD: Tensor, run
     """``y = (silu(x W_gate) * (x W_up)) W_down`` per expert run, in ``x_ND.dtype``; ``runs``: rows per expert."""
     x_ND = x_ND.contiguous()
     w_gate_up, w_down = cast_weights(w_gate_up_EDF2, w_down_EFD, x_ND.dtype)
+    if call.recompute:  # nothing but y survives: a is made in s's storage
+        _, _, a_NF = _hidden(x_ND, w_gate_up, runs, call.kernels, keep_s=False)
+        return expert_mm(a_NF, w_down, runs, call.kernels), Saved(x_ND, runs)
     h_NF2, s_NF, a_NF = _hidden(x_ND, w_gate_up, runs, call.kernels)
     y_ND = expert_mm(a_NF, w_down, runs, call.kernels)
-    if call.recompute:
-        return y_ND, Saved(x_ND, runs)
     return y_ND, Saved(x_ND, runs, (w_gate_up, w_down), h_NF2, s_NF, a_NF)
 
 
@@ -309,25 +328,48 @@ def swiglu_backward(dy_ND: Tensor, saved: Saved, w_gate_up_EDF2: Tensor, w_down_
     """Writes the fp32 weight gradients of these experts into ``grads``; returns ``dx`` in x's dtype (or None)."""
     x_ND, runs, kernels = saved.x_ND, saved.runs, call.kernels
     w_gate_up, w_down = saved.weights or cast_weights(w_gate_up_EDF2, w_down_EFD, x_ND.dtype)
-    if saved.h_NF2 is None or saved.s_NF is None or saved.a_NF is None:
-        h_NF2, s_NF, a_NF = _hidden(x_ND, w_gate_up, runs, kernels)
-    else:
-        h_NF2, s_NF, a_NF = saved.h_NF2, saved.s_NF, saved.a_NF
-    hidden = s_NF.shape[1]
     g_gate_up, g_down = grads.targets
     dy_ND = dy_ND.to(x_ND.dtype).contiguous()  # autograd may hand a stride-0 expanded gradient
-    da_NF = expert_mm(dy_ND, w_down.transpose(1, 2), runs, kernels)
-    if g_down is not None:
-        expert_weight_grad(a_NF, dy_ND, runs, kernels, g_down, grads.overwrite[1])
-    gate, up = h_NF2[:, :hidden], h_NF2[:, hidden:]
-    dh_NF2 = dy_ND.new_empty(dy_ND.shape[0], 2 * hidden)
-    torch.ops.aten.silu_backward(da_NF * up, gate, grad_input=dh_NF2[:, :hidden])
-    torch.mul(da_NF, s_NF, out=dh_NF2[:, hidden:])
+    if saved.h_NF2 is None or saved.s_NF is None or saved.a_NF is None:
+        dh_NF2 = _hidden_grad_recomputed(x_ND, dy_ND, runs, kernels, w_gate_up, w_down, grads)
+    else:
+        h_NF2, s_NF, a_NF = saved.h_NF2, saved.s_NF, saved.a_NF
+        hidden = s_NF.shape[1]
+        da_NF = expert_mm(dy_ND, w_down.transpose(1, 2), runs, kernels)
+        if g_down is not None:
+            expert_weight_grad(a_NF, dy_ND, runs, kernels, g_down, grads.overwrite[1])
+        gate, up = h_NF2[:, :hidden], h_NF2[:, hidden:]
+        dh_NF2 = dy_ND.new_empty(dy_ND.shape[0], 2 * hidden)
+        torch.ops.aten.silu_backward(da_NF * up, gate, grad_input=dh_NF2[:, :hidden])
+        torch.mul(da_NF, s_NF, out=dh_NF2[:, hidden:])
     if g_gate_up is not None:
         expert_weight_grad(x_ND, dh_NF2, runs, kernels, g_gate_up, grads.overwrite[0])
     if not need_dx:
         return None
     return expert_mm(dh_NF2, w_gate_up.transpose(1, 2), runs, kernels)
+
+
+def _hidden_grad_recomputed(x_ND: Tensor, dy_ND: Tensor, runs: Runs, kernels: Kernels, w_gate_up: Tensor,
+                            w_down: Tensor, grads: WeightGrads) -> Tensor:
+    """``dh = d(gate, up)`` when the backward rebuilt ``h``, ``s`` and ``a`` (recompute), and ``W_down``'s gradient.
+
+    They belong to this backward alone, so each is overwritten or freed once used up: ``a``
+    after ``W_down``'s gradient, and ``dh`` is built in ``h``'s storage. At most ``h``, ``s`` and
+    ``da`` live at once (4 ``[N, F]``) instead of ``h``, ``s``, ``a``, ``da``, ``da * up`` and ``dh``
+    (8). The same operations on the same values as the path with saved activations: the same bits.
+    """
+    g_down = grads.targets[1]
+    h_NF2, s_NF, a_NF = _hidden(x_ND, w_gate_up, runs, kernels)
+    if g_down is not None:
+        expert_weight_grad(a_NF, dy_ND, runs, kernels, g_down, grads.overwrite[1])
+    del a_NF
+    da_NF = expert_mm(dy_ND, w_down.transpose(1, 2), runs, kernels)
+    hidden = s_NF.shape[1]
+    gate, up = h_NF2[:, :hidden], h_NF2[:, hidden:]
+    up.mul_(da_NF)  # da * up: the gate's upstream gradient
+    torch.ops.aten.silu_backward(up, gate, grad_input=gate)  # d gate, in place of gate
+    torch.mul(da_NF, s_NF, out=up)  # d up
+    return h_NF2
 
 
 @dataclass(frozen=True)

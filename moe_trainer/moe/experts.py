@@ -50,7 +50,7 @@ class SwiGLUExperts(nn.Module):
         """The rows in the compute dtype (autocast's when on) and the kernels for them (chosen once, cached)."""
         x_ND = x_ND.to(compute_dtype(x_ND))
         kernels = choose_kernels(self.kernel, self.w_down_EFD.shape[2], self.hidden, x_ND.dtype, x_ND.device,
-                                 retaining())
+                                 retaining(), self.recompute)
         return x_ND, ExpertCall(kernels, self.recompute)
 
     def forward(self, x_ND: Tensor, tokens_per_expert_E: Tensor) -> Tensor:

@@ -282,6 +282,26 @@ def test_chunked_experts_equal_one_piece(monkeypatch: pytest.MonkeyPatch, kernel
     assert all(torch.equal(g, w) for g, w in zip(grads, want, strict=True))
 
 
+@pytest.mark.usefixtures("retained")
+@pytest.mark.parametrize("kernel", ["grouped", "loop"])
+def test_recompute_runs_in_chunks_with_retained_memory(monkeypatch: pytest.MonkeyPatch, kernel: str) -> None:
+    """Retained host memory and recompute: the experts run in chunks (the backward's rebuilt activations
+    stay bounded), bit for bit the one-piece call that keeps its activations (grouped weight gradients)."""
+    experts, x, _ = make(kernel, recompute=True)
+    assert experts.call_for(x)[1].kernels.chunk_bytes == expert_kernels.HEAP_CHUNK_BYTES
+    assert make(kernel)[0].call_for(x)[1].kernels.chunk_bytes is None
+    want_y, want = run(*make(kernel))
+    chunk_bytes = 7 * 2 * H * 4  # COUNTS [3, 0, 7, 1, 4]: chunks [3, 0], [7], [1, 4]
+    chosen = expert_kernels.choose_kernels
+    monkeypatch.setattr("moe_trainer.moe.experts.choose_kernels",
+                        lambda *a: dataclasses.replace(chosen(*a), chunk_bytes=chunk_bytes))
+    experts, x, dy = make(kernel, recompute=True)
+    assert len(experts(x, torch.tensor(COUNTS)).grad_fn.chunks) == 3  # type: ignore[union-attr]
+    y, grads = run(experts, x, dy)
+    assert torch.equal(y, want_y)
+    assert all(torch.equal(g, w) for g, w in zip(grads, want, strict=True))
+
+
 def test_bf16_rows_with_fp32_weights_match_fp32_and_pad_to_few_shapes() -> None:
     """bf16 rows: computed in bf16 (runs padded to bucketed sizes on CPU), fp32 weight gradients, same function."""
     torch.manual_seed(0)
