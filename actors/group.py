@@ -52,7 +52,16 @@ class ActorGroup:
             if len(actors) != request.actors:
                 raise ValueError(f"{len(actors)} actors given for a group of {request.actors}")
             self.actors = list(actors)
-            ray.get([actor.reuse.remote(cfg, i) for i, actor in enumerate(self.actors)], timeout=timeout)
+            try:
+                ray.get([actor.reuse.remote(cfg, i) for i, actor in enumerate(self.actors)], timeout=timeout)
+            except ray.exceptions.RayTaskError as err:  # refused: a setting the process cannot change
+                self.shutdown()  # every one leaves, whichever took the new config
+                raise err.as_instanceof_cause() from None
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
+                # dead or stuck: some may hold the new config, some the old; none is fit for reuse
+                for actor in self.actors:
+                    ray.kill(actor, no_restart=True)
+                raise ActorStartupError(f"the actors to reuse did not take the new job: {err}") from err
         else:
             self.actors = self._create(cfg, request, actor_cls)
         self.infos: list[dict[str, Any]] = []

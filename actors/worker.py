@@ -26,13 +26,15 @@ from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 @ray.remote
 class TrainWorker:
     def __init__(self, cfg: Config, rank: int) -> None:
+        # a process setting, applied once: glibc's thresholds cannot be taken back, so reuse checks it
+        self.retains_freed_memory = cfg.train.retain_freed_memory
+        if self.retains_freed_memory:
+            retain_freed_memory()
         self._configure(cfg, rank)
 
     def _configure(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
-        if cfg.train.retain_freed_memory:  # a process setting: a reused actor keeps it
-            retain_freed_memory()
         self.setup: Any = None
         self.skips = SkipPolicy.from_config(cfg.train)
 
@@ -40,13 +42,22 @@ class TrainWorker:
         """Leaves the old process group and takes another job's config and rank (see ``ActorGroup``'s ``actors``).
 
         What a rank builds (model, optimizer, data, dispatchers, process groups) is rebuilt by the
-        next ``join``; what stays is the process itself: its imports and its allocator setting.
+        next ``join``; what stays is the process itself: its imports and its allocator setting,
+        so a job that wants the other ``train.retain_freed_memory`` is refused (it needs new actors).
         """
+        if cfg.train.retain_freed_memory != self.retains_freed_memory:
+            raise ValueError(f"train.retain_freed_memory={cfg.train.retain_freed_memory}: this actor's process "
+                             f"was started with {self.retains_freed_memory}, which it cannot change; "
+                             "start new actors for this job")
         self.leave()
         self._configure(cfg, rank)
 
     def leave(self) -> None:
-        """Drops this rank's model and state and destroys its process groups (DeepSpeed's included)."""
+        """Drops this rank's model and state and destroys its torch.distributed process groups.
+
+        ``deepspeed.comm`` keeps its backend object, but its next ``init_distributed`` starts a new
+        group because it asks torch whether one exists; the dispatchers' subgroups are rebuilt by ``join``.
+        """
         self.setup = None
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -43,9 +43,16 @@ SKIPPED_DEEPSPEED_OPS = ("deepspeed_shm_comm",)
 def _skip_unused_deepspeed_ops() -> None:
     """Marks the ops of :data:`SKIPPED_DEEPSPEED_OPS` incompatible before DeepSpeed's backend loads them.
 
-    ``deepspeed.ops.__compatible_ops__`` is probed once per process (0.1 s) and kept, so an edit holds.
+    Only where the accelerator has the shared-memory op (DeepSpeed's CPU accelerator): elsewhere
+    (CUDA) the backend never asks for it, and reading ``deepspeed.ops.__compatible_ops__`` would
+    probe every op builder (compiler subprocesses, GPU queries) for nothing. On the CPU the probe
+    runs once per process (0.1 s here) and its dict is kept, so the edit holds.
     """
     if dist.__name__ != "deepspeed.comm":
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().create_op_builder("ShareMemCommBuilder") is None:
         return
     import deepspeed.ops
 

@@ -102,14 +102,50 @@ class Trace:
     processes: int
 
 
-def trace(directory: Path, mix: str, *overrides: str, actors: list[Any] | None = None) -> Trace:
-    """Runs a mix under ``overrides``; a Ray layout reuses ``actors`` (running TrainWorkers) when given."""
+class WarmActors:
+    """Running TrainWorkers that a series of runs reuses (:class:`actors.group.ActorGroup`'s ``actors``).
+
+    Starting a Ray worker and importing torch and DeepSpeed is paid once, not per run. An actor
+    that a failed run killed or left stuck is replaced before the next run takes it, so one
+    failure does not fail every case after it.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.cfg = to_dataclass(compose_dict(BASE))
+        self.actors = [self._start(rank) for rank in range(count)]
+
+    def _start(self, rank: int) -> Any:
+        from actors.worker import TrainWorker
+
+        return TrainWorker.options(num_cpus=0.5).remote(self.cfg, rank)
+
+    def take(self, count: int) -> list[Any]:
+        """The first ``count`` actors, each alive and answering."""
+        import ray
+
+        for rank in range(count):
+            try:
+                ray.get(self.actors[rank].rendezvous_address.remote(), timeout=30)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                ray.kill(self.actors[rank], no_restart=True)
+                self.actors[rank] = self._start(rank)
+        return self.actors[:count]
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+
+
+def trace(directory: Path, mix: str, *overrides: str, actors: WarmActors | None = None) -> Trace:
+    """Runs a mix under ``overrides``; a Ray layout reuses ``actors`` when given."""
     cfg = to_dataclass(compose_dict([*BASE, *MIXES[mix], *overrides]))
     validate(cfg)
     if actors is not None and cfg.parallel.strategy != "single":
         from actors.engine import RayEngine
 
-        engine: Any = RayEngine(cfg, actors[:world_size(cfg)])
+        engine: Any = RayEngine(cfg, actors.take(world_size(cfg)))
     else:
         engine = make_engine(cfg)
     try:

@@ -12,11 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import ray
 
-from moe_trainer.config.schema import to_dataclass
-from tests.actors.equivalence import BASE, FP32, LAYOUTS, REL, TOLERANCE_OF, assert_same_run, trace
-from tests.conftest import compose_dict
+from tests.actors.equivalence import FP32, LAYOUTS, REL, TOLERANCE_OF, WarmActors, assert_same_run, trace
 from tests.helpers import train_run
 
 # Every layout with both dispatch modes (dropless with bias, shared experts, a dense block, recompute
@@ -35,22 +32,17 @@ CASES += [(layout, "bf16") for layout in ("data_parallel", "expert_parallel_chun
 
 
 @pytest.fixture(scope="module")
-def warm_actors(ray_cluster: object) -> Iterator[list[Any]]:
+def warm_actors(ray_cluster: object) -> Iterator[WarmActors]:
     """Four TrainWorkers that every case reuses (each leaves its process group after a case and joins
-    the next): actor start-up (a Ray worker importing torch and DeepSpeed) is paid once, not per case.
-    The whole ``moe-train`` path with fresh actors runs below and in the other tests."""
-    from actors.worker import TrainWorker
-
-    cfg = to_dataclass(compose_dict(BASE))
-    actors = [TrainWorker.options(num_cpus=0.5).remote(cfg, rank) for rank in range(4)]
+    the next). The whole ``moe-train`` path with fresh actors runs below and in the other tests."""
+    actors = WarmActors(4)
     yield actors
-    for actor in actors:
-        ray.kill(actor)
+    actors.close()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,mix", CASES, ids=[f"{layout}-{mix}" for layout, mix in CASES])
-def test_layout_computes_what_single_computes(warm_actors: list[Any], reference: Any, tmp_path: Path, layout: str,
+def test_layout_computes_what_single_computes(warm_actors: WarmActors, reference: Any, tmp_path: Path, layout: str,
                                               mix: str) -> None:
     overrides, processes = LAYOUTS[layout]
     ref = reference(mix)

@@ -15,6 +15,10 @@ with one_rank_group("gloo"):
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x)
     assert torch.equal(out, x)
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+assert get_accelerator().create_op_builder("ShareMemCommBuilder") is not None  # the CPU has the op ...
+assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False  # ... and it was marked unused
 """
 
 
