@@ -142,6 +142,8 @@ def _compose(hydra: Any, config_name: str, job: list[str], overrides: list[Overr
             raise OverrideError(line, key, f"a comma makes a sweep: add -m to sweep, write '{key}=[{value}]' "
                                 f"for a list or '{key}=\"{value}\"' for one string") from err
         raise OverrideError(line or " ".join(job), key or "", _first_line(cause or err)) from err
+    except (HydraException, ValueError) as err:  # e.g. a group set to null: Hydra raises a bare ValueError
+        raise OverrideError(" ".join(job), "", _first_line(err)) from err
 
 
 def _first_line(err: BaseException) -> str:

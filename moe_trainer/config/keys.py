@@ -49,12 +49,19 @@ def is_list_setting(key: str) -> bool:
 
 
 def did_you_mean(key: str, names: typing.Iterable[str]) -> str:
-    """Returns ``"; did you mean X?"`` for the name closest to `key`, or ``""`` when none is close."""
+    """Returns ``"; did you mean X?"`` for the name closest to `key`, or ``""`` when none is close.
+
+    A typo is looked for within the key's own section first (``moe.num_expert``), then the same
+    name in another section (``moe.num_actors`` -> ``parallel.num_actors``), then across full
+    names with a stricter cutoff: the shared ``train.`` of ``train.learning_rate`` and
+    ``train.min_lr_ratio`` must not make them look alike.
+    """
     names = list(names)
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    if not close:  # a right name in the wrong section: moe.num_actors -> parallel.num_actors
-        leaf = key.rsplit(".", 1)[-1]
-        close = [n for n in names if n.rsplit(".", 1)[-1] == leaf][:1]
+    section, _, leaf = key.rpartition(".")
+    siblings = {n.rpartition(".")[2]: n for n in names if n.rpartition(".")[0] == section}
+    close = [siblings[m] for m in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)]
+    close = close or [n for n in names if n.rpartition(".")[2] == leaf][:1]
+    close = close or difflib.get_close_matches(key, names, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
 
 

@@ -89,7 +89,7 @@ class ClusterConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # local text/json/parquet files; empty = embedded corpus
+    paths: list[str] = field(default_factory=list)  # local files, globs or directories; empty = embedded corpus
     format: str = "auto"  # auto (by extension) | text | json | parquet
     text_field: str = "text"  # column holding the text in json/parquet/hub data
     hub_name: str | None = None  # a Hugging Face Hub dataset name (needs network)
