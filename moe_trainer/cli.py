@@ -1,6 +1,8 @@
 """``moe-train``: the Hydra application.
 
-Order matters: compose (Hydra checks keys and types) -> validate every setting ->
+Order matters: check the command line (:mod:`moe_trainer.config.command_line`: every
+override parsed and composed once, unknown keys refused, one line and exit 2) -> compose
+(Hydra) -> refuse keys outside the schema -> validate every setting ->
 load data and resolve the checkpoint -> only then write outputs and start W&B or
 actors. Any user error before that point leaves nothing behind on disk.
 """
@@ -11,13 +13,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moe_trainer.config.command_line import check_command_line
 from moe_trainer.config.errors import CollectiveError, ConfigError
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
@@ -119,8 +122,7 @@ def _main(dcfg: DictConfig) -> float | None:
                         keep_cluster=multirun)
     except ConfigError as err:
         _discard_untouched_run_dir(run_dir)
-        print(f"moe-train: invalid setting: {err}", file=sys.stderr)
-        sys.exit(2)
+        _refuse(err)
     except TrainingDiverged as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(3)
@@ -138,6 +140,16 @@ def _main(dcfg: DictConfig) -> float | None:
     return summary.get("final_val_loss")
 
 
+def _refuse(err: ConfigError) -> NoReturn:
+    """Every configuration error ends here: one line on stderr, exit code 2."""
+    print(f"moe-train: invalid setting: {err}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the command line is checked (one line, exit 2) before Hydra runs it."""
+    try:
+        check_command_line(sys.argv[1:], CONF_DIR)
+    except ConfigError as err:
+        _refuse(err)
     _main()
