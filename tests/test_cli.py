@@ -12,6 +12,9 @@ from typing import Any
 
 import pytest
 
+from moe_trainer.logging import find_offline_runs, read_offline_run
+from tests.helpers import tree_state
+
 MOE_TRAIN = str(Path(sys.executable).parent / "moe-train")
 
 
@@ -60,7 +63,10 @@ BAD_INPUTS = [
     ("data.paths=[/nonexistent/*.txt]", "data.paths='/nonexistent/*.txt': the pattern matches no file"),
     ("parallel=expert_parallel parallel.num_actors=3 moe.num_experts=8 train.batch_size=16",
      "try parallel.num_actors=2, or parallel.num_actors=4, or moe.num_experts=9 with train.batch_size=15"),
+    ("train.resume=auto", "train.resume"),  # in the default timestamped run dir: see DEFAULT_RUN_DIR
 ]
+# run in Hydra's default run dir (outputs/<date>/<time>-<strategy>), not in the case's own
+DEFAULT_RUN_DIR = {"train.resume=auto"}
 
 
 # Every bad input through moe-train's entry point, in one process: the entry point runs once per
@@ -85,7 +91,8 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
     cwd = tmp_path_factory.mktemp("bad-inputs")
-    argv = [["experiment=debug", "logger.mode=offline", f"hydra.run.dir={cwd / 'out' / str(i)}", *override.split()]
+    argv = [["experiment=debug", "logger.mode=offline", *override.split()]
+            + ([] if override in DEFAULT_RUN_DIR else [f"hydra.run.dir={cwd / 'out' / str(i)}"])
             for i, (override, _) in enumerate(BAD_INPUTS)]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(argv)], cwd=cwd, env=env,
@@ -105,7 +112,36 @@ def test_bad_input_fails_clearly_and_writes_nothing(bad_input_runs: tuple[Path, 
         result["stderr"]
     assert setting in result["stderr"]
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
-    assert not (cwd / "wandb").exists()
+    assert not (cwd / "wandb").exists() and not (cwd / "outputs").exists()
+
+
+def test_resume_auto_without_a_fixed_run_dir_is_refused_in_one_line_with_the_fix(
+        bad_input_runs: tuple[Path, dict[str, dict[str, Any]]]) -> None:
+    result = bad_input_runs[1]["train.resume=auto"]
+    assert result["code"] == 2
+    assert result["stderr"].count("\n") == 1 and "hydra.run.dir=DIR" in result["stderr"]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_changes_nothing_and_a_resume_continues_its_wandb_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ("experiment=debug", "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    assert moe_train(*args, cwd=tmp_path).returncode == 0  # 6 steps
+    before = tree_state(run_dir)  # with Hydra's .hydra/*.yaml and its log
+    rerun = moe_train(*args, "train.resume=auto", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.splitlines() == [f"moe-train: nothing to do: {run_dir} is at step 6, train.max_steps=6; "
+                                         "nothing was changed (raise train.max_steps to train further)"]
+    assert tree_state(run_dir) == before
+
+    resumed = moe_train(*args, "train.resume=auto", "train.max_steps=9", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    assert lines[0] == f"resumed from step 6 of {run_dir} (step_00000006)"
+    assert [line for line in lines if line.startswith("done: 9 steps (resumed from step 6), val_loss ")]
+    starts = [read_offline_run(r) for r in find_offline_runs(run_dir / "wandb")]
+    assert len(starts) == 2 and starts[0].run_id == starts[1].run_id
+    assert starts[1].series("events/resumed_from_step") == [(6, 6)]
 
 
 def test_the_console_script_exits_2_on_bad_input(tmp_path: Path) -> None:
