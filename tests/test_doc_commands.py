@@ -24,6 +24,7 @@ from launch.submit import COMMANDS, _command_parser, _submit_parser
 from moe_trainer.cli import CONF_DIR
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
+from moe_trainer.data.sources import resolve_format
 from moe_trainer.report.cli import _parser as report_parser
 from tests.conftest import compose_dict
 
@@ -119,7 +120,9 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
     """Composes and validates every job ``moe-train ARGS`` would run; raises what moe-train would report."""
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
-        if not cfg.data.paths:  # files the reader brings (/data/...) are checked when they exist
+        if cfg.data.paths:  # the reader's own files (/data/...): not here, but their formats must agree
+            resolve_format(list(cfg.data.paths), cfg.data.format)
+        else:
             validate(cfg)
 
 
