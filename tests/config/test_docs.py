@@ -1,4 +1,8 @@
-"""docs/config.md documents every setting of the schema."""
+"""docs/config.md documents every setting of the schema and what each ``parallel=`` preset sets.
+
+The preset table is generated from the configs Hydra composes, so it cannot go stale:
+``python -m tests.config.test_docs`` prints it for pasting.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,12 @@ import dataclasses
 import typing
 from pathlib import Path
 
-from moe_trainer.config.schema import Config
+from omegaconf import OmegaConf
+
+from moe_trainer.config.schema import STRATEGIES, Config, ParallelConfig, to_dataclass
+from moe_trainer.config.validate import data_parallel_ranks
+from moe_trainer.parallel.setup import ep_size, roles, world_size
+from tests.conftest import compose_dict
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "config.md"
 
@@ -16,3 +25,46 @@ def test_every_schema_field_is_documented() -> None:
     for group, group_type in typing.get_type_hints(Config).items():
         for field in dataclasses.fields(group_type):
             assert f"`{group}.{field.name}`" in text, f"{group}.{field.name} missing from docs/config.md"
+
+
+def _as_typed(value: object) -> str:
+    """A value as it is written on the command line (``null``, ``true``, ``0.5``)."""
+    return OmegaConf.to_yaml({"v": value}).split(":", 1)[1].strip()
+
+
+def preset_table() -> str:
+    """``parallel.*`` as Hydra composes it for each ``parallel=`` preset, one column each, and what follows.
+
+    The last rows are derived by the functions the runtime uses (actors started, ranks,
+    expert-parallel size), so they say what a preset really starts.
+    """
+    composed = {name: compose_dict([f"parallel={name}"]) for name in STRATEGIES}
+    typed = {name: to_dataclass(dcfg) for name, dcfg in composed.items()}
+    lines = ["| setting | " + " | ".join(f"`parallel={name}`" for name in STRATEGIES) + " |",
+             "|---|" + "---|" * len(STRATEGIES)]
+    for field in dataclasses.fields(ParallelConfig):
+        values = " | ".join(f"`{_as_typed(composed[name].parallel[field.name])}`" for name in STRATEGIES)
+        lines.append(f"| `parallel.{field.name}` | {values} |")
+    actors = {name: 0 if name == "single" else world_size(cfg) for name, cfg in typed.items()}
+    derived = {
+        "Ray actors started": actors,
+        "CPUs reserved": {name: actors[name] * cfg.parallel.cpus_per_actor for name, cfg in typed.items()},
+        "data-parallel ranks": {name: data_parallel_ranks(cfg) for name, cfg in typed.items()},
+        "experts per expert-holding rank": {
+            name: roles(cfg).experts_per_actor if name == "disaggregated" else cfg.moe.num_experts // ep_size(cfg)
+            for name, cfg in typed.items()},
+    }
+    for what, values in derived.items():
+        lines.append(f"| *{what}* | " + " | ".join(f"{values[name]:g}" for name in STRATEGIES) + " |")
+    return "\n".join(lines)
+
+
+def test_preset_table_matches_what_hydra_composes() -> None:
+    table = preset_table()
+    assert table in DOC.read_text(), (
+        "docs/config.md's parallel preset table differs from the composed presets; "
+        f"replace it with (python -m tests.config.test_docs):\n{table}")
+
+
+if __name__ == "__main__":
+    print(preset_table())
