@@ -121,7 +121,9 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
         if cfg.data.paths:  # the reader's own files (/data/...): not here, but their formats must agree
-            resolve_format(list(cfg.data.paths), cfg.data.format)
+            named = [p for p in cfg.data.paths if Path(p).suffix]  # a directory entry names no format
+            if named:
+                resolve_format(named, cfg.data.format)
         else:
             validate(cfg)
 
