@@ -24,7 +24,7 @@ def moe_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 # What the console shows during a Ray run, in order; every other line is noise (issue 15).
 PHASES = ["moe-train: connecting to Ray (embedded, 127.0.0.1)", "moe-train: connected to Ray (",
           "moe-train: starting 2 actors (expert_parallel, 0.5 CPU each)",
-          "moe-train: 2 actors joined their process group (", "moe-train: first step done "]
+          "moe-train: 2 actors joined their process group (", "moe-train: first step done, "]
 
 
 @pytest.mark.slow
