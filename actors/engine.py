@@ -13,7 +13,7 @@ from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
 from moe_trainer.engine import checkpoint_signature, model_parameter_counts
-from moe_trainer.parallel.setup import world_size
+from moe_trainer.parallel.topology import world_size
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
