@@ -1,8 +1,12 @@
 """``moe-train``: the Hydra application.
 
-Order matters: compose (Hydra checks keys and types) -> validate every setting ->
-load data and resolve the checkpoint -> only then write outputs and start W&B or
-actors. Any user error before that point leaves nothing behind on disk.
+Order matters: check the command line (:mod:`moe_trainer.config.command_line`: every
+override parsed and composed once, unknown keys refused, one line and exit 2) -> compose
+(Hydra) -> the launch gate (:mod:`moe_trainer.launch_gate`: the whole config validated and
+``train.resume`` checked, before Hydra writes into the run dir) -> refuse keys outside the
+schema -> validate every setting -> load data and resolve the checkpoint -> only then
+write outputs and start W&B or actors. Any user error before that point leaves nothing
+behind on disk.
 """
 
 from __future__ import annotations
@@ -18,13 +22,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moe_trainer.config.command_line import check_command_line
 from moe_trainer.config.errors import CollectiveError, ConfigError
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.driver import TrainingDiverged, run_training
 from moe_trainer.engine import Engine, EngineLost, LocalEngine
-from moe_trainer.outputs import RunOutputs
-from moe_trainer.train.checkpoint import list_checkpoints, resolve_resume
+from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
+from moe_trainer.outputs import RunOutputs, wandb_run_id
+from moe_trainer.train.checkpoint import list_checkpoints
+from moe_trainer.train.resume import NothingToDo, ResumePoint, plan_resume
 
 register_configs()
 
@@ -60,18 +67,26 @@ def make_engine(cfg: Config) -> Engine:
 def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bool = False) -> dict[str, Any]:
     """Runs one training job into ``run_dir``; raises :class:`ConfigError` before writing anything.
 
-    ``keep_cluster``: leave this process's Ray connection (an embedded Ray keeps running) for the
-    next job, as the jobs of a Hydra multirun do; Ray stops it when the process exits.
+    Raises :class:`NothingToDo`, also before writing anything, when the checkpoint to resume is
+    already at ``train.max_steps``. ``keep_cluster``: leave this process's Ray connection (an
+    embedded Ray keeps running) for the next job, as the jobs of a Hydra multirun do; Ray stops
+    it when the process exits.
     """
     validate(cfg)
-    resume_from = resolve_resume(cfg.train.resume, run_dir)
+    resume = plan_resume(cfg.train.resume, cfg.train.max_steps, run_dir)
     engine = make_engine(cfg)
     try:
-        if resume_from is not None:
-            engine.load(resume_from)
-        outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy)
+        if resume is not None:
+            engine.load(resume.checkpoint)
+        outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy,
+                             wandb_run_id=wandb_run_id(resume.run_dir) if resume else None)
         try:
-            summary, engine = _train_with_restarts(cfg, engine, outputs)
+            if resume is not None:
+                print(resume.line(), flush=True)
+                outputs.log(resume.event())
+            summary, engine = _train_with_restarts(cfg, engine, outputs, resume)
+            if resume is not None:
+                summary.update(resumed_from=str(resume.checkpoint), resumed_from_step=resume.step)
             outputs.summary(summary)
         finally:
             outputs.close()
@@ -82,8 +97,12 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     return summary
 
 
-def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs) -> tuple[dict[str, Any], Engine]:
-    """Trains; when a process is lost, rebuilds the engine from the last checkpoint (``fault_tolerance``)."""
+def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs,
+                         resume: ResumePoint | None = None) -> tuple[dict[str, Any], Engine]:
+    """Trains; when a process is lost, rebuilds the engine from the last checkpoint (``fault_tolerance``).
+
+    The last checkpoint is this run's newest, else the one the run resumed from.
+    """
     restarts = 0
     while True:
         outputs.write_processes(engine.info())
@@ -99,7 +118,7 @@ def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs) -> tu
             failed_at = engine.step
             engine.close(keep_cluster=True)
             engine = make_engine(cfg)
-            latest = list_checkpoints(outputs.run_dir / "checkpoints")
+            latest = list_checkpoints(outputs.run_dir / "checkpoints") or ([resume.checkpoint] if resume else [])
             if latest:
                 engine.load(latest[-1])
             event = {"step": engine.step, "restart": restarts, "reason": str(err), "failed_at_step": failed_at,
@@ -120,16 +139,19 @@ def _main(dcfg: DictConfig) -> float | None:
                         keep_cluster=multirun)
     except ConfigError as err:
         _discard_untouched_run_dir(run_dir)
-        print(f"moe-train: invalid setting: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_invalid(err)
+    except NothingToDo as err:  # a sweep's job, which the sweep goes on past (a single run ends in the launch gate)
+        report_nothing_to_do(err)
+        return None
     except TrainingDiverged as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(3)
     except (EngineLost, CollectiveError) as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(4)
+    resumed = f" (resumed from step {summary['resumed_from_step']})" if "resumed_from_step" in summary else ""
     print(
-        f"done: {summary['steps']} steps, val_loss {summary.get('initial_val_loss', float('nan')):.4f} -> "
+        f"done: {summary['steps']} steps{resumed}, val_loss {summary.get('initial_val_loss', float('nan')):.4f} -> "
         f"{summary.get('final_val_loss', float('nan')):.4f}, {summary.get('tokens_per_s_mean', 0):.0f} tokens/s, "
         f"{summary['train_time_s']:.1f} s"
     )
@@ -140,5 +162,9 @@ def _main(dcfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the command line is checked (one line, exit 2) before Hydra runs it."""
+    try:
+        check_command_line(sys.argv[1:], CONF_DIR)
+    except ConfigError as err:
+        exit_invalid(err)
     _main()

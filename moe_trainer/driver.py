@@ -62,16 +62,18 @@ def _save(engine: Engine, ckpt_root: Path, keep_last: int) -> None:
 
 
 def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, Any]:
-    """Trains to ``train.max_steps`` from wherever ``engine`` stands; returns the run summary."""
+    """Trains to ``train.max_steps`` from wherever ``engine`` stands; returns the run summary.
+
+    ``initial_val_loss`` is this start's first evaluation, made where the engine stands: step 0,
+    or the step a resume continues from, so the closing line compares two real evaluations.
+    """
     t = cfg.train
     ckpt_root = outputs.run_dir / "checkpoints"
     summary: dict[str, Any] = {"start_step": engine.step, **engine.info()}
     t_start = time.perf_counter()
-    if engine.step == 0:
-        summary["initial_val_loss"] = engine.evaluate()
-        outputs.log({"step": 0, "val_loss": summary["initial_val_loss"]})
-    elif (first := outputs.logged_val_loss(0)) is not None:  # a restart, or a resume in the same run dir
-        summary["initial_val_loss"] = first
+    if outputs.first_val_loss is None:  # at step 0, or at the step a resume starts from: a real evaluation
+        outputs.log({"step": engine.step, "val_loss": engine.evaluate()})
+    summary["initial_val_loss"] = outputs.first_val_loss  # after a restart: the first attempt's
     policy = SkipPolicy.from_config(t)  # decides like the engine's, from the same records
     bar = tqdm(total=t.max_steps, initial=engine.step, disable=not cfg.logger.progress, unit="step",
                dynamic_ncols=True)

@@ -18,13 +18,22 @@ from moe_trainer.logging import RunLogger
 
 _TRAIN = ("loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens")
 _BALANCE = ("load_imbalance", "load_cv", "dropped_frac", "router_entropy")
+WANDB_ID_FILE = "wandb/run_id"  # in the run dir: the W&B run a resume from this run continues
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the W&B run that ``run_dir``'s training logged to (None: W&B was off, or an older run)."""
+    try:
+        return (run_dir / WANDB_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def panel(key: str) -> str | None:
     """The W&B panel (key prefix) of a record key; None for keys W&B does not get as scalars."""
     if key.endswith(("_per_rank", "_per_actor")) or key in ("step", "layers", "expert_bias"):
         return None
-    if key in ("restart", "failed_at_step", "restart_time_s"):
+    if key in ("restart", "failed_at_step", "restart_time_s", "resumed_from_step"):
         return "events"
     if key in _TRAIN:
         return "train"
@@ -67,42 +76,38 @@ def expert_histogram(load: list[int]) -> Any:
 
 
 class RunOutputs:
-    """Owns the run directory's files and the W&B run; every write is best effort for W&B only."""
+    """Owns the run directory's files and the W&B run; every write is best effort for W&B only.
+
+    ``wandb_run_id``: the W&B run to continue (a resume); its id is kept in ``wandb/run_id`` so
+    that a later resume from this run directory continues the same W&B run again.
+    """
 
     def __init__(self, run_dir: Path, resolved_config: dict[str, Any], logger_cfg: LoggerConfig,
-                 strategy: str) -> None:
+                 strategy: str, wandb_run_id: str | None = None) -> None:
         self.run_dir = run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
         self._metrics = self.metrics_path.open("a")
         tags = [*logger_cfg.tags, strategy]
-        self.wandb = RunLogger(replace(logger_cfg, tags=tags), run_dir, job_type=strategy, config=resolved_config)
+        self.wandb = RunLogger(replace(logger_cfg, tags=tags), run_dir, job_type=strategy, config=resolved_config,
+                               run_id=wandb_run_id)
+        if self.wandb.run_id:
+            (run_dir / WANDB_ID_FILE).parent.mkdir(exist_ok=True)
+            (run_dir / WANDB_ID_FILE).write_text(self.wandb.run_id + "\n")
         self._load_rows: list[list[int]] = []  # (step, layer, expert, tokens) for the expert-load table
+        # this start's first evaluation: a restart after a lost process reports it, not a second one
+        self.first_val_loss: float | None = None
 
     def log(self, record: dict[str, Any]) -> None:
+        if self.first_val_loss is None and "val_loss" in record:
+            self.first_val_loss = float(record["val_loss"])
         self._metrics.write(json.dumps(record) + "\n")
         self._metrics.flush()
         if self.wandb.active:
             self.wandb.log(wandb_metrics(record), step=int(record["step"]))
             for i, layer in enumerate(record.get("layers", [])):
                 self._load_rows.extend([record["step"], i, e, n] for e, n in enumerate(layer["tokens_per_expert"]))
-
-    def logged_val_loss(self, step: int) -> float | None:
-        """The last ``val_loss`` logged at ``step`` in this run dir's ``metrics.jsonl`` (None if there is none).
-
-        A restart or a resume in the same run dir starts past step 0 without evaluating
-        there; the run's first evaluation is the one an earlier attempt logged.
-        """
-        found = None
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:  # a line cut short by a crash mid-write
-                continue
-            if isinstance(record, dict) and record.get("step") == step and "val_loss" in record:
-                found = float(record["val_loss"])
-        return found
 
     def write_processes(self, info: dict[str, Any]) -> None:
         """``processes.json``: which process (pid, node) is which rank, rewritten after each restart."""

@@ -26,9 +26,10 @@ def _offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WANDB_MODE", os.environ.get("WANDB_MODE", "offline"))
 
 
-def compose_dict(overrides: list[str]) -> DictConfig:
+def compose_dict(overrides: list[str], with_hydra: bool = False) -> DictConfig:
+    """``with_hydra``: keep Hydra's own node (``hydra.run.dir``, ...), as its callbacks see the config."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+        return compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,20 @@ def train_run(run_dir: Path, *overrides: str) -> RunResult:
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """Every record of a run's ``metrics.jsonl`` (training steps, evaluations, events)."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree_state(root: Path) -> dict[str, str]:
+    """Every path under ``root`` with what it holds (a file's sha256, a link's target), to compare byte for byte."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        name = str(path.relative_to(root))
+        if path.is_symlink():
+            state[name] = f"link -> {path.readlink()}"
+        elif path.is_file():
+            state[name] = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            state[name] = "dir"
+    return state
 
 
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:

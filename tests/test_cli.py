@@ -13,6 +13,9 @@ from typing import Any
 
 import pytest
 
+from moe_trainer.logging import find_offline_runs, read_offline_run
+from tests.helpers import tree_state
+
 MOE_TRAIN = str(Path(sys.executable).parent / "moe-train")
 
 
@@ -74,7 +77,19 @@ BAD_INPUTS = [
     ("model.n_heads=5", "model.n_heads"),
     ("data.seq_len=4096", "data.seq_len"),
     ("logger.mode=loud", "logger.mode"),
+    # the command line itself, checked before Hydra runs: one line with the fix, not Hydra's hint
+    ("moe.num_expert=4", "moe.num_expert=4: no such setting; did you mean moe.num_experts?"),
+    ("+moe.num_expert=4", "+moe.num_expert=4: no such setting; did you mean moe.num_experts?"),
+    ("data.paths=/x.txt", "data.paths=/x.txt: data.paths is a list: write data.paths=[/x.txt]"),
+    ("data.paths=[~/x.txt]", """'data.paths=["~/x.txt"]'"""),
+    ("experiment=debgu", "experiment=debgu: no such option of experiment"),
+    ("data.paths=[/nonexistent/*.txt]", "data.paths='/nonexistent/*.txt': the pattern matches no file"),
+    ("parallel=expert_parallel parallel.num_actors=3 moe.num_experts=8 train.batch_size=16",
+     "try parallel.num_actors=2, or parallel.num_actors=4, or moe.num_experts=9 with train.batch_size=15"),
+    ("train.resume=auto", "train.resume"),  # in the default timestamped run dir: see DEFAULT_RUN_DIR
 ]
+# run in Hydra's default run dir (outputs/<date>/<time>-<strategy>), not in the case's own
+DEFAULT_RUN_DIR = {"train.resume=auto"}
 
 
 # Every bad input through moe-train's entry point, in one process: the entry point runs once per
@@ -99,7 +114,8 @@ print(json.dumps(results))
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
     cwd = tmp_path_factory.mktemp("bad-inputs")
-    argv = [["experiment=debug", "logger.mode=offline", f"hydra.run.dir={cwd / 'out' / str(i)}", override]
+    argv = [["experiment=debug", "logger.mode=offline", *override.split()]
+            + ([] if override in DEFAULT_RUN_DIR else [f"hydra.run.dir={cwd / 'out' / str(i)}"])
             for i, (override, _) in enumerate(BAD_INPUTS)]
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(argv)], cwd=cwd, env=env,
@@ -114,11 +130,41 @@ def test_bad_input_fails_clearly_and_writes_nothing(bad_input_runs: tuple[Path, 
                                                     override: str, setting: str) -> None:
     cwd, results = bad_input_runs
     result, run_dir = results[override], cwd / "out" / str([b[0] for b in BAD_INPUTS].index(override))
-    assert result["code"] not in (0, None)
+    assert result["code"] == 2, result["stderr"]
+    assert result["stderr"].startswith("moe-train: invalid setting: ") and result["stderr"].count("\n") == 1, \
+        result["stderr"]
     assert setting in result["stderr"]
-    assert "Traceback" not in result["stderr"]
     assert not run_dir.exists(), f"left behind: {list(run_dir.rglob('*'))}"
-    assert not (cwd / "wandb").exists()
+    assert not (cwd / "wandb").exists() and not (cwd / "outputs").exists()
+
+
+def test_resume_auto_without_a_fixed_run_dir_is_refused_in_one_line_with_the_fix(
+        bad_input_runs: tuple[Path, dict[str, dict[str, Any]]]) -> None:
+    result = bad_input_runs[1]["train.resume=auto"]
+    assert result["code"] == 2
+    assert result["stderr"].count("\n") == 1 and "hydra.run.dir=DIR" in result["stderr"]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_changes_nothing_and_a_resume_continues_its_wandb_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = ("experiment=debug", "logger.mode=offline", f"hydra.run.dir={run_dir}")
+    assert moe_train(*args, cwd=tmp_path).returncode == 0  # 6 steps
+    before = tree_state(run_dir)  # with Hydra's .hydra/*.yaml and its log
+    rerun = moe_train(*args, "train.resume=auto", cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stdout.splitlines() == [f"moe-train: nothing to do: {run_dir} is at step 6, train.max_steps=6; "
+                                         "nothing was changed (raise train.max_steps to train further)"]
+    assert tree_state(run_dir) == before
+
+    resumed = moe_train(*args, "train.resume=auto", "train.max_steps=9", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    lines = resumed.stdout.splitlines()
+    assert lines[0] == f"resumed from step 6 of {run_dir} (step_00000006)"
+    assert [line for line in lines if line.startswith("done: 9 steps (resumed from step 6), val_loss ")]
+    starts = [read_offline_run(r) for r in find_offline_runs(run_dir / "wandb")]
+    assert len(starts) == 2 and starts[0].run_id == starts[1].run_id
+    assert starts[1].series("events/resumed_from_step") == [(6, 6)]
 
 
 def test_the_console_script_exits_2_on_bad_input(tmp_path: Path) -> None:
@@ -128,6 +174,20 @@ def test_the_console_script_exits_2_on_bad_input(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "moe.top_k" in proc.stderr and "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_glob_and_a_directory_in_data_paths_train(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"part{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
+    for i, entry in enumerate((corpus / "*.txt", corpus)):
+        run_dir = tmp_path / f"run{i}"
+        proc = moe_train("experiment=debug", "train.max_steps=2", f"data.paths=[{entry}]",
+                         f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
 
 
 def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:

@@ -4,6 +4,15 @@ class CollectiveError(RuntimeError):
 
 class ConfigError(ValueError):
     """A user setting is invalid: the message names the setting, its value, the constraint and the fix."""
+    fixes: list[dict[str, object]] = []  # suggested changes, each checked to validate (config.fixes.refusal)
+
     def __init__(self, setting: str, value: object, problem: str) -> None:
         self.setting, self.value, self.problem = setting, value, problem
         super().__init__(f"{setting}={value!r}: {problem}")
+
+
+class OverrideError(ConfigError):
+    """A command-line override is wrong as written: the message quotes the override itself."""
+    def __init__(self, override: str, setting: str, problem: str) -> None:
+        ValueError.__init__(self, f"{override}: {problem}")
+        self.setting, self.value, self.problem, self.override = setting, override, problem, override

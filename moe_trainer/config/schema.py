@@ -2,7 +2,8 @@
 
 Every YAML file under ``conf/`` is merged into these dataclasses, so a typo
 (``moe.topk=2``) or a wrong type (``moe.top_k=two``) fails when Hydra composes
-the config, before anything runs. Each component owns its small slice; values
+the config, before anything runs; a key added with ``+`` is refused by
+:func:`to_dataclass` (the schema is closed). Each component owns its small slice; values
 that can be derived (local experts, routing groups) are derived, not stored.
 Range checks that types cannot express live in :mod:`moe_trainer.config.validate`.
 """
@@ -88,7 +89,7 @@ class ClusterConfig:
 
 @dataclass
 class DataConfig:
-    paths: list[str] = field(default_factory=list)  # local text/json/parquet files; empty = embedded corpus
+    paths: list[str] = field(default_factory=list)  # local files, globs or directories; empty = embedded corpus
     format: str = "auto"  # auto (by extension) | text | json | parquet
     text_field: str = "text"  # column holding the text in json/parquet/hub data
     hub_name: str | None = None  # a Hugging Face Hub dataset name (needs network)
@@ -161,9 +162,16 @@ def register_configs() -> None:
 
 
 def to_dataclass(cfg: Any) -> Config:
-    """Turns a composed DictConfig into plain typed dataclasses for the code to use."""
+    """Turns a composed DictConfig into plain typed dataclasses for the code to use.
+
+    Refuses keys the schema lacks first (:func:`~moe_trainer.config.keys.check_known_keys`):
+    ``OmegaConf.to_object`` would drop a ``+key`` silently.
+    """
     from omegaconf import OmegaConf
 
+    from moe_trainer.config.keys import check_known_keys  # it imports this module
+
+    check_known_keys(cfg)
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, Config)
     return obj

@@ -2,15 +2,17 @@
 
 Types and unknown keys are caught earlier by the structured schema; this module
 checks ranges and cross-field constraints. Each check raises a
-:class:`ConfigError` naming the setting, its value, the constraint and the fix.
+:class:`ConfigError` naming the setting, its value, the constraint and the fix; a
+suggested value is offered only when the whole config validates with it
+(:mod:`moe_trainer.config.fixes`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.fixes import batch_unit, nearest_multiples, passing, refusal
 from moe_trainer.config.schema import (
     ARCHS,
     AUX_LOSS_SCOPES,
@@ -63,6 +65,12 @@ def sequences_per_group(cfg: Config) -> int:
     if cfg.moe.group_sequences is not None:
         return cfg.moe.group_sequences
     return sequences_per_micro_batch(cfg)
+
+
+def _passing_values(cfg: Config, setting: str, values: Iterable[object]) -> list[object]:
+    """Those `values` of `setting` with which the whole config validates (for "use X in [...]")."""
+    return [fix[setting] for fix in passing(cfg, ({setting: v} for v in values), limit=1_000)
+            if len(fix) == 1]
 
 
 def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
@@ -164,15 +172,19 @@ def validate_expert_parallel(cfg: Config) -> None:
     if experts % ep:
         divisors = [d for d in range(1, experts + 1) if experts % d == 0]
         if ep > experts:  # more actors than experts: the size is what is wrong
+            sizes = _passing_values(cfg, size, divisors)
+            replicas = [] if p.ep_size is not None else _passing_values(
+                cfg, "parallel.ep_size", [d for d in divisors if p.num_actors % d == 0])
             raise ConfigError(size, ep, f"is more than the moe.num_experts={experts} experts to share out; every "
-                              f"actor of an expert-parallel group needs the same number of experts: use {size} in "
-                              f"{divisors}" + ("" if p.ep_size is not None else
-                                              ", or keep the actors and set parallel.ep_size in "
-                                              f"{[d for d in divisors if p.num_actors % d == 0]} (the other "
-                                              "actors hold expert-data-parallel replicas)"))
-        raise ConfigError("moe.num_experts", experts,
-                          f"must be divisible by {size_text} so every actor holds the same number of experts; "
-                          f"try moe.num_experts={ep * max(1, round(experts / ep))}")
+                              "actor of an expert-parallel group needs the same number of experts"
+                              + (f": use {size} in {sizes}" if sizes else "")
+                              + (f", or keep the actors and set parallel.ep_size in {replicas} (the other actors "
+                                 "hold expert-data-parallel replicas)" if replicas else ""))
+        nearest_sizes = sorted(divisors, key=lambda d: (abs(d - ep), d))[:2]
+        raise refusal(cfg, "moe.num_experts", experts,
+                      f"must be divisible by {size_text} so every actor holds the same number of experts",
+                      [*({"moe.num_experts": m} for m in nearest_multiples(experts, ep)),
+                       *({size: d} for d in nearest_sizes)])
     _positive("parallel.micro_batches", p.micro_batches)
     _positive("parallel.a2a_chunks", p.a2a_chunks)
     if p.a2a_chunks > 1 and p.micro_batches > 1:
@@ -192,10 +204,15 @@ def validate_disaggregated(cfg: Config) -> None:
     if p.num_expert_actors < 1:
         raise ConfigError("parallel.num_expert_actors", p.num_expert_actors,
                           "must be >= 1: the disaggregated strategy needs actors to hold the experts")
-    if cfg.moe.num_experts % p.num_expert_actors:
-        raise ConfigError("moe.num_experts", cfg.moe.num_experts,
-                          f"must be divisible by parallel.num_expert_actors={p.num_expert_actors} so every expert "
-                          "actor holds the same number of experts")
+    experts = cfg.moe.num_experts
+    if experts % p.num_expert_actors:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+        raise refusal(cfg, "moe.num_experts", experts,
+                      f"must be divisible by parallel.num_expert_actors={p.num_expert_actors} so every expert "
+                      "actor holds the same number of experts",
+                      [*({"moe.num_experts": m} for m in nearest_multiples(experts, p.num_expert_actors)),
+                       *({"parallel.num_expert_actors": d}
+                         for d in sorted(divisors, key=lambda d: (abs(d - p.num_expert_actors), d))[:2])])
     _positive("parallel.micro_batches", p.micro_batches)
     if cfg.model.arch == "dense":
         raise ConfigError("model.arch", "dense", "the disaggregated strategy needs MoE layers to hand to expert "
@@ -248,9 +265,12 @@ def validate_data(cfg: Config) -> None:
     _positive("data.embedded_max_bytes", d.embedded_max_bytes)
     if d.paths and d.hub_name:
         raise ConfigError("data.hub_name", d.hub_name, "set either data.paths or data.hub_name, not both")
-    for path in d.paths:
-        if not Path(path).expanduser().is_file():
-            raise ConfigError("data.paths", path, "file does not exist (give existing local text/json/parquet files)")
+    if d.paths:
+        # the loader's own expansion, so what passes here is what it reads; imported here because
+        # moe_trainer.data imports `datasets`, which torch-only users of this module (gpu_check) lack
+        from moe_trainer.data.paths import expand_data_paths, resolve_format
+
+        resolve_format(expand_data_paths(list(d.paths)), d.format)
 
 
 def validate_train(cfg: Config) -> None:
@@ -292,9 +312,10 @@ def validate_batch_split(cfg: Config) -> None:
     ranks = {"single": "parallel.strategy=single", "disaggregated": "parallel.num_coordinators"}.get(
         cfg.parallel.strategy, "parallel.num_actors")
     if cfg.train.batch_size % dp_world:
-        raise ConfigError("train.batch_size", cfg.train.batch_size,
-                          f"must be divisible by the {dp_world} data-parallel ranks ({ranks}={dp_world}), so every "
-                          "rank trains on whole sequences")
+        raise refusal(cfg, "train.batch_size", cfg.train.batch_size,
+                      f"must be divisible by the {dp_world} data-parallel ranks ({ranks}={dp_world}), so every "
+                      "rank trains on whole sequences",
+                      [{"train.batch_size": b} for b in nearest_multiples(cfg.train.batch_size, batch_unit(cfg))])
     accum = cfg.train.grad_accum_steps
     per_step = f"train.batch_size={cfg.train.batch_size} / {ranks}={dp_world}"
     if (cfg.train.batch_size // dp_world) % accum:
@@ -308,10 +329,10 @@ def validate_batch_split(cfg: Config) -> None:
                           f"{'forward' if accum > 1 else 'step'} ({per_forward})")
     rows = sequences_per_micro_batch(cfg)
     if cfg.moe.group_sequences is not None and rows % cfg.moe.group_sequences:
-        raise ConfigError("moe.group_sequences", cfg.moe.group_sequences,
-                          f"must divide the {rows} sequences of each micro-batch ({per_forward} / "
-                          f"parallel.micro_batches={micro}), so every layout routes the same groups; try "
-                          "moe.group_sequences=1")
+        raise refusal(cfg, "moe.group_sequences", cfg.moe.group_sequences,
+                      f"must divide the {rows} sequences of each micro-batch ({per_forward} / "
+                      f"parallel.micro_batches={micro}), so every layout routes the same groups",
+                      [{"moe.group_sequences": 1}])
 
 
 def validate_logger(cfg: Config) -> None:

@@ -2,7 +2,8 @@
 
 Three sources, picked by `DataConfig`:
 
-* ``data.paths`` set: local text/json/parquet files through ``datasets.load_dataset``.
+* ``data.paths`` set: local text/json/parquet files (globs and directories expanded by
+  :mod:`moe_trainer.data.paths`) through ``datasets.load_dataset``.
 * ``data.hub_name`` set: a Hub dataset through ``datasets.load_dataset`` (needs network, or the
   dataset already in the local cache).
 * neither: an embedded corpus made of the running interpreter's standard-library ``.py`` files.
@@ -17,7 +18,6 @@ text is never seen in training.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import socket
 import sysconfig
@@ -34,6 +34,7 @@ import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
 from moe_trainer.config.errors import ConfigError
+from moe_trainer.data.paths import expand_data_paths, resolve_format
 
 if TYPE_CHECKING:
     from moe_trainer.config.schema import DataConfig
@@ -58,15 +59,6 @@ EMBEDDED_SKIP_DIRS = frozenset(
         "venv",
     }
 )
-EXTENSION_FORMATS = {
-    ".txt": "text",
-    ".text": "text",
-    ".md": "text",
-    ".json": "json",
-    ".jsonl": "json",
-    ".parquet": "parquet",
-}
-FORMATS = ("text", "json", "parquet")
 # Local files at least this large take seconds to read into Arrow on a small machine: their
 # loading keeps ``datasets``' progress bars; smaller ones load silently (see progress_bars).
 LONG_PREPARATION_BYTES = 100_000_000
@@ -126,46 +118,6 @@ def embedded_corpus(max_bytes: int) -> Dataset:
 # ----------------------------------------------------------------------------- local files
 
 
-def _expand_paths(paths: list[str]) -> list[str]:
-    """Returns the files `data.paths` names, expanding ``~`` and glob patterns, in the given order."""
-    files: list[str] = []
-    for entry in paths:
-        path = os.path.expanduser(entry)
-        if glob.has_magic(path):
-            matches = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise ConfigError("data.paths", entry, "the pattern matches no file")
-            files.extend(matches)
-        elif os.path.isdir(path):
-            problem = "is a directory; list its files or use a glob like dir/*.txt"
-            raise ConfigError("data.paths", entry, problem)
-        elif not os.path.isfile(path):
-            raise ConfigError("data.paths", entry, "no such file")
-        else:
-            files.append(path)
-    return files
-
-
-def resolve_format(files: list[str], fmt: str) -> str:
-    """Returns the ``load_dataset`` builder name for `files`: `fmt`, or by extension when ``auto``."""
-    if fmt != "auto":
-        if fmt not in FORMATS:
-            raise ConfigError("data.format", fmt, f"must be one of {('auto', *FORMATS)}")
-        return fmt
-    found = {EXTENSION_FORMATS.get(Path(f).suffix.lower()) for f in files}
-    if None in found:
-        unknown = sorted({Path(f).suffix for f in files if Path(f).suffix.lower() not in EXTENSION_FORMATS})
-        raise ConfigError(
-            "data.format",
-            fmt,
-            f"cannot tell the format of extension(s) {unknown} in data.paths; known: "
-            f"{sorted(EXTENSION_FORMATS)}; set data.format to one of {FORMATS}",
-        )
-    if len(found) > 1:
-        raise ConfigError("data.paths", files, f"mixes formats {sorted(found)}; use files of one format")
-    return found.pop()
-
-
 def load_local(paths: list[str], fmt: str, text_field: str, cache_dir: str | None = None) -> Dataset:
     """Returns the documents of local files as a ``Dataset`` with a ``text`` column.
 
@@ -174,7 +126,7 @@ def load_local(paths: list[str], fmt: str, text_field: str, cache_dir: str | Non
     end-of-document token at every line end). json/parquet rows are documents, read from the
     `text_field` column.
     """
-    files = _expand_paths(paths)
+    files = expand_data_paths(paths)
     builder = resolve_format(files, fmt)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
     with progress_bars(sum(os.path.getsize(f) for f in files) >= LONG_PREPARATION_BYTES):

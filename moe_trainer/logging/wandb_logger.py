@@ -15,6 +15,10 @@ Design choices, and why:
 * Every metric is plotted against ``train/step`` (``define_metric``), not wandb's internal
   ``_step`` (a per-``log``-call counter), so train and eval logged in separate calls at the same
   optimizer step line up, and a resumed run may start at any step.
+* ``run_id`` continues an earlier run (``resume="allow"``: the same run when it exists, a new one
+  with that id otherwise), so a resumed training run is one W&B run, not one per start. Offline,
+  each start writes its own ``offline-run-*-<id>`` directory under the same id; ``wandb sync``
+  uploads them into that one run.
 * ``disabled`` does not even import wandb, so nothing is written and startup costs nothing.
 * wandb's console output is silenced and stdout is not wrapped (``console="off"``), which keeps the
   progress bar intact; what the user needs (``sync_command``, ``url``) is exposed as properties.
@@ -121,6 +125,7 @@ class RunLogger:
         *,
         init_timeout: float | None = None,
         step_metric: str = STEP_METRIC,
+        run_id: str | None = None,
     ) -> None:
         self.requested_mode = cfg.mode
         self.mode = resolve_mode(cfg.mode)  # what was actually used; "disabled" after a failed init
@@ -144,6 +149,8 @@ class RunLogger:
             config=_plain_config(config),
             name=name,
         )
+        if run_id:
+            kwargs.update(id=run_id, resume="allow")
         try:
             self._run = self._init(self.mode, init_timeout, kwargs)
             return

@@ -89,8 +89,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
-    """Maps ``train.resume`` (null | auto | a checkpoint or run directory) to a checkpoint directory."""
+def resolve_resume(resume: str | None, run_dir: Path, warn: bool = True) -> Path | None:
+    """Maps ``train.resume`` (null | auto | a checkpoint or run directory) to a checkpoint directory.
+
+    ``warn``: say on stderr which damaged checkpoints ``auto`` skipped (once per start, not per look).
+    """
     if resume is None:
         return None
     if resume == "auto":
@@ -98,7 +101,8 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
             problems = checkpoint_problems(candidate)
             if not problems:
                 return candidate
-            print(f"moe-train: skipping damaged checkpoint {candidate}: {'; '.join(problems)}", file=sys.stderr)
+            if warn:
+                print(f"moe-train: skipping damaged checkpoint {candidate}: {'; '.join(problems)}", file=sys.stderr)
         return None
     path = Path(resume).expanduser()
     if (path / META_FILE).is_file():
@@ -111,11 +115,16 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
                       "holding checkpoints/, or 'auto'")
 
 
-def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
-    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ)."""
+def refuse_damaged(path: Path) -> None:
+    """Raises :class:`ConfigError` naming ``train.resume`` when the checkpoint's files are missing or altered."""
     problems = checkpoint_problems(path)
     if problems:
         raise ConfigError("train.resume", str(path), f"checkpoint is damaged: {'; '.join(problems)}")
+
+
+def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
+    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ)."""
+    refuse_damaged(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.config.schema import Config
+from moe_trainer.config.schema import Config, to_dataclass
 from moe_trainer.config.validate import validate
+from tests.conftest import compose_dict
 
 BATTERY = [
     ("moe.top_k=5", "moe.top_k"),  # more than the 4 experts of the debug model
@@ -158,3 +160,52 @@ def test_batch_split_errors_name_the_accumulation_steps(make_config: Callable[..
     assert err.value.setting == "parallel.micro_batches"
     assert "the 2 sequences each rank runs per forward" in str(err.value) and "train.grad_accum_steps=2" in str(
         err.value)
+
+
+def _suggested_fixes(message: str) -> list[dict[str, str]]:
+    """The fixes a message offers after "; try ", as the user reads them: "A=1, or B=2 with C=3"."""
+    if "; try " not in message:
+        return []
+    offered = message.split("; try ", 1)[1]
+    return [dict(change.split("=", 1) for change in fix.split(" with ")) for fix in offered.split(", or ")]
+
+
+def _apply_text(cfg: Config, fix: dict[str, str]) -> Config:
+    changed = copy.deepcopy(cfg)
+    for key, text in fix.items():
+        section, name = key.split(".")
+        setattr(getattr(changed, section), name, type(getattr(getattr(cfg, section), name))(text))
+    return changed
+
+
+SUGGESTING = [
+    ["parallel=expert_parallel", "parallel.num_actors=3"],  # the issue's case: 9 experts alone fail on the batch
+    ["parallel=expert_parallel", "parallel.num_actors=3", "train.batch_size=15"],
+    ["parallel=expert_parallel", "parallel.num_actors=2", "moe.num_experts=5"],
+    ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.micro_batches=2", "moe.num_experts=6"],
+    ["parallel=disaggregated", "parallel.num_expert_actors=3"],
+    ["parallel=data_parallel", "parallel.num_actors=3"],
+    ["parallel=data_parallel", "parallel.num_actors=3", "train.grad_accum_steps=2"],
+    ["moe.group_sequences=3"],
+]
+
+
+@pytest.mark.parametrize("overrides", SUGGESTING, ids=[" ".join(o) for o in SUGGESTING])
+@pytest.mark.parametrize("base", [["experiment=debug"], []], ids=["debug", "defaults"])
+def test_every_suggested_fix_validates_the_whole_config(base: list[str], overrides: list[str]) -> None:
+    cfg = to_dataclass(compose_dict([*base, *overrides]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    fixes = _suggested_fixes(str(err.value))
+    assert fixes, f"no fix offered: {err.value}"
+    assert fixes == [{k: str(v) for k, v in fix.items()} for fix in err.value.fixes]
+    for fix in fixes:
+        validate(_apply_text(cfg, fix))
+
+
+def test_the_issues_case_offers_what_works() -> None:
+    cfg = to_dataclass(compose_dict(["parallel=expert_parallel", "parallel.num_actors=3"]))  # 8 experts, batch 16
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert str(err.value).endswith("; try parallel.num_actors=2, or parallel.num_actors=4, "
+                                   "or moe.num_experts=9 with train.batch_size=15")

@@ -235,6 +235,20 @@ def test_auto_without_key_logs_offline(tmp_path: Path) -> None:
     assert run.series("val/loss") == [(7, 2.0)]
 
 
+def test_a_run_id_continues_that_run(tmp_path: Path) -> None:
+    """Offline, each start is its own ``offline-run-*-<id>`` directory; ``wandb sync`` joins them into one run."""
+    # two run dirs: a start's directory is named by its second, and these two start within one
+    first = RunLogger(_cfg("offline"), tmp_path / "a", job_type="train", config={})
+    first.log({"train/loss": 2.0}, step=3)
+    first.finish()
+    second = RunLogger(_cfg("offline"), tmp_path / "b", job_type="train", config={}, run_id=first.run_id)
+    second.log({"train/loss": 1.0}, step=4)
+    second.finish()
+    runs = [read_offline_run(path) for path in find_offline_runs(tmp_path)]
+    assert [run.run_id for run in runs] == [first.run_id, first.run_id]
+    assert [run.series("train/loss") for run in runs] == [[(3, 2.0)], [(4, 1.0)]]
+
+
 @pytest.mark.timeout(60)
 def test_online_without_network_degrades_to_noop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Unreachable server: init gives up after init_timeout, warns once, training goes on."""

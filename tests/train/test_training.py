@@ -12,6 +12,7 @@ from moe_trainer.config.schema import to_dataclass
 from moe_trainer.engine import EngineLost, LocalEngine
 from moe_trainer.logging import read_offline_run
 from moe_trainer.outputs import RunOutputs
+from moe_trainer.train.resume import plan_resume
 from tests.conftest import compose_dict
 from tests.helpers import read_records, train_run
 
@@ -54,10 +55,9 @@ def test_resume_continues_the_same_loss_curve(tmp_path: Path, extra: list[str]) 
 
 
 def test_resume_auto_uses_latest_checkpoint_in_run_dir(tmp_path: Path) -> None:
-    first, _ = run(tmp_path, "train.max_steps=3")
+    run(tmp_path, "train.max_steps=3")
     summary, _ = run(tmp_path, "train.max_steps=6", "train.resume=auto")
-    assert summary["start_step"] == 3
-    assert summary["initial_val_loss"] == first["initial_val_loss"]  # the run's step-0 evaluation, not nan
+    assert summary["start_step"] == 3 and summary["resumed_from_step"] == 3
 
 
 class LosesItsProcessAtStep4(LocalEngine):
@@ -79,6 +79,22 @@ def test_restart_reports_the_first_attempts_initial_val_loss(tmp_path: Path) -> 
     assert summary["restarts"] == 1 and summary["start_step"] == 3 and engine.step == 6
     assert summary["initial_val_loss"] == records[0]["val_loss"]
     assert records[0]["step"] == 0
+
+
+def test_a_restart_before_a_resumed_runs_first_checkpoint_goes_back_to_the_resume_point(tmp_path: Path) -> None:
+    run(tmp_path / "a", "train.max_steps=3")
+    overrides = ["fault_tolerance.max_restarts=1", "train.checkpoint_every=0", f"train.resume={tmp_path / 'a'}"]
+    cfg = to_dataclass(compose_dict(["experiment=debug", *overrides]))
+    resume = plan_resume(cfg.train.resume, cfg.train.max_steps, tmp_path / "b")
+    assert resume is not None
+    engine = LosesItsProcessAtStep4(cfg)
+    engine.load(resume.checkpoint)
+    outputs = RunOutputs(tmp_path / "b", {}, cfg.logger, "single")
+    summary, engine = _train_with_restarts(cfg, engine, outputs, resume)  # no checkpoint in b before step 6
+    outputs.close()
+    (restart,) = [r for r in read_records(tmp_path / "b") if "restart" in r]
+    assert restart["resumed_from"] == str(resume.checkpoint) and restart["step"] == 3
+    assert summary["start_step"] == 3 and engine.step == 6
 
 
 def test_dense_baseline_trains_with_equal_active_parameters(tmp_path: Path) -> None:
