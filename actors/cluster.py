@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import time
 from dataclasses import dataclass
 
 import ray
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import ClusterConfig
+from moe_trainer.startup import phase
 
 
 def _reachable(address: str, timeout_s: float) -> bool:
@@ -47,12 +50,26 @@ def connect(cfg: ClusterConfig) -> str:
             return _described
         disconnect()  # this process's own connection, to another cluster
     _connected_here, _address = True, address  # set first: a failed ray.init is cleaned up by disconnect()
+    t0 = time.perf_counter()
+    _quiet_console()
     _described = _connect(cfg, address)
+    phase(f"connected to Ray ({time.perf_counter() - t0:.1f} s)")
     return _described
+
+
+def _quiet_console() -> None:
+    """Ray's console habits that help nobody here, changed without changing what Ray does.
+
+    ``RAY_COLOR_PREFIX=0``: Ray wraps each forwarded actor line's ``(TrainWorker pid=...)``
+    prefix in colour codes even when the console is a file; keep them only on a terminal.
+    """
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def _connect(cfg: ClusterConfig, address: str) -> str:
     if not address:
+        phase("connecting to Ray (embedded, 127.0.0.1)")
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True,
                  configure_logging=False)
         return EMBEDDED
@@ -64,6 +81,7 @@ def _connect(cfg: ClusterConfig, address: str) -> str:
     if not _reachable(address.removeprefix("ray://"), cfg.connect_timeout_s):
         raise ConfigError(setting, address, f"no Ray cluster answers there within {cfg.connect_timeout_s:.0f} s; "
                           "check the address (HOST:6379 of the head) or unset it to use an embedded local Ray")
+    phase(f"connecting to Ray at {address}")
     try:
         ray.init(address=address, log_to_driver=True, configure_logging=False)
     except Exception as err:  # Ray raises several types (ConnectionError, RuntimeError, auth errors)

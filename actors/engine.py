@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
 from moe_trainer.engine import checkpoint_signature, model_parameter_counts
-from moe_trainer.parallel.setup import world_size
+from moe_trainer.parallel.topology import world_size
+from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 
@@ -20,6 +22,16 @@ from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 def request_for(cfg: Config) -> Request:
     p = cfg.parallel
     return Request(actors=world_size(cfg), cpus_per_actor=p.cpus_per_actor, gpus_per_actor=p.gpus_per_actor)
+
+
+def _starting(cfg: Config, reused: bool) -> str:
+    """The start-up line of an actor group: how many processes of what size, for which strategy."""
+    request = request_for(cfg)
+    if reused:
+        return f"reusing {request.actors} actors ({cfg.parallel.strategy})"
+    size = f"{request.cpus_per_actor:g} CPU" + (f", {request.gpus_per_actor:g} GPU" if request.gpus_per_actor else "")
+    return (f"starting {request.actors} actors ({cfg.parallel.strategy}, {size} each): "
+            "each imports torch and DeepSpeed, loads the data and builds its part of the model")
 
 
 class RayEngine:
@@ -33,7 +45,10 @@ class RayEngine:
             if actors is None:
                 check_resources(request_for(cfg))
             self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+            t0 = time.perf_counter()
+            phase(_starting(cfg, reused=actors is not None))
             self.group = ActorGroup(cfg, request_for(cfg), actors=actors)
+            phase(f"{len(self.group.actors)} actors joined their process group ({time.perf_counter() - t0:.1f} s)")
         except BaseException:
             disconnect()
             raise

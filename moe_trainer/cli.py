@@ -55,9 +55,10 @@ def make_engine(cfg: Config) -> Engine:
     """Builds the engine of ``parallel.strategy`` (validation has checked it is available)."""
     if cfg.parallel.strategy == "single":
         return LocalEngine(cfg)
-    from actors import keep_embedded_ray_on_loopback
+    from actors import ask_embedded_ray_for_token_auth, keep_embedded_ray_on_loopback
 
     keep_embedded_ray_on_loopback(cfg.cluster.address)
+    ask_embedded_ray_for_token_auth(cfg.cluster.address)
     from actors.engine import RayEngine  # Ray is imported only by strategies that use it
 
     return RayEngine(cfg)

@@ -17,6 +17,7 @@ from moe_trainer import STARTED_AT
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
 from moe_trainer.outputs import RunOutputs
+from moe_trainer.startup import phase
 from moe_trainer.train.checkpoint import list_checkpoints, prune_checkpoints
 from moe_trainer.train.nan_guard import SkipPolicy
 
@@ -82,12 +83,15 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
         while engine.step < t.max_steps:
             stop = min(_next_boundary(engine.step, every, t.max_steps)
                        for every in (t.log_every, t.eval_every, t.checkpoint_every))
+            if "time_to_first_step_s" not in summary:  # the first step alone, so its line comes when it ends
+                stop = engine.step + 1
             chunk_start = time.time()
             asked = stop - engine.step
             records = engine.train(asked)
             if "time_to_first_step_s" not in summary:  # from the `moe-train` start (first package import)
                 first_done = chunk_start + records[0].get("step_time_s_max", records[0]["step_time_s"])
                 summary["time_to_first_step_s"] = first_done - STARTED_AT
+                phase(f"first step done, {summary['time_to_first_step_s']:.1f} s after start")
             bar.update(len(records))
             for i, record in enumerate(records):
                 # the engine's own policy (which may have counted skips before this call) is authoritative:

@@ -34,6 +34,11 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0-data_parallel", "1-expert_parallel", "2-disaggregated"]
+    # a quiet console in a sweep too: the last job's run dir is the last line, no per-process warnings
+    assert proc.stdout.strip().splitlines()[-1] == str(runs[-1])
+    for noise in ("Setting accelerator to CPU", "Token authentication", "\x1b["):
+        assert noise not in proc.stdout + proc.stderr, noise
+    assert proc.stderr.count("moe-train: connecting to Ray") == 1 and proc.stderr.count("actors joined") == 3
 
     # the sweep's jobs share one embedded Ray (started by the first, stopped at exit)
     assert len({json.loads((run / "processes.json").read_text())["ray_gcs_address"] for run in runs}) == 1

@@ -59,6 +59,9 @@ EMBEDDED_SKIP_DIRS = frozenset(
         "venv",
     }
 )
+# Local files at least this large take seconds to read into Arrow on a small machine: their
+# loading keeps ``datasets``' progress bars; smaller ones load silently (see progress_bars).
+LONG_PREPARATION_BYTES = 100_000_000
 HUB_PROBE_TIMEOUT_S = 3.0  # how long to wait for a TCP connection to the Hub before calling it unreachable
 
 
@@ -126,12 +129,32 @@ def load_local(paths: list[str], fmt: str, text_field: str, cache_dir: str | Non
     files = expand_data_paths(paths)
     builder = resolve_format(files, fmt)
     kwargs = {"sample_by": "document"} if builder == "text" else {}
+    with progress_bars(sum(os.path.getsize(f) for f in files) >= LONG_PREPARATION_BYTES):
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
+        except (datasets.exceptions.DatasetsError, pa.ArrowException, ValueError, OSError) as err:
+            raise ConfigError("data.paths", paths, f"could not be read as {builder}: {_first_line(err)}") from err
+        field = TEXT_COLUMN if builder == "text" else text_field
+        return select_text(ds, field, origin=f"{builder} files {files}")
+
+
+@contextlib.contextmanager
+def progress_bars(show: bool) -> Iterator[None]:
+    """Turns ``datasets``' progress bars off for a while unless ``show``.
+
+    Each process that loads data (the driver of ``single``, every Ray actor) would draw its
+    own "Generating train split" and "Filter" bars for a load that takes a fraction of a
+    second; only a long preparation deserves them. Bars the user turned off
+    (``HF_DATASETS_DISABLE_PROGRESS_BARS``) stay off.
+    """
+    was_disabled = datasets.utils.are_progress_bars_disabled()
+    if not show and not was_disabled:
+        datasets.utils.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
-    except (datasets.exceptions.DatasetsError, pa.ArrowException, ValueError, OSError) as err:
-        raise ConfigError("data.paths", paths, f"could not be read as {builder}: {_first_line(err)}") from err
-    field = TEXT_COLUMN if builder == "text" else text_field
-    return select_text(ds, field, origin=f"{builder} files {files}")
+        yield
+    finally:
+        if not show and not was_disabled:
+            datasets.utils.enable_progress_bars()
 
 
 # ----------------------------------------------------------------------------- hub

@@ -25,13 +25,8 @@ from moe_trainer.parallel.disaggregated import ExpertServer, Roles, announce
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.parallel.topology import Topology
+from moe_trainer.parallel.topology import Topology, world_size
 from moe_trainer.train.trainer import Trainer
-
-
-def world_size(cfg: Config) -> int:
-    p = cfg.parallel
-    return p.num_coordinators + p.num_expert_actors if p.strategy == "disaggregated" else p.num_actors
 
 
 def ep_size(cfg: Config) -> int:

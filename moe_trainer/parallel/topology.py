@@ -10,6 +10,17 @@ gradients are reduced. ``ep_size=1`` is plain data parallelism.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from moe_trainer.config.schema import Config
+
+
+def world_size(cfg: Config) -> int:
+    """Ranks (Ray actors) of a strategy. Here, not in ``setup``, so the driver can size its actor
+    group without importing DeepSpeed, which only the ranks need."""
+    p = cfg.parallel
+    return p.num_coordinators + p.num_expert_actors if p.strategy == "disaggregated" else p.num_actors
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import yaml
 
 METRICS_FILE = "metrics.jsonl"
 MAX_DEPTH = 2  # a Hydra sweep dir holds job dirs one level down; a date dir holds them two down
+CURVE_MIN_STEPS = 3  # fewer logged steps draw a point or a straight segment: no curve to read a trend from
 
 
 @dataclass
@@ -45,6 +46,18 @@ class Run:
     def num_layers(self) -> int:
         """MoE layers with routing statistics (0 for a dense model or a run with no train step)."""
         return max((len(r.get("layers") or []) for r in self.train), default=0)
+
+    @property
+    def too_short(self) -> str | None:
+        """Says so when the run logged too few steps to draw a curve (None when it has enough).
+
+        A short run (a smoke test, ``log_every`` close to ``max_steps``) would otherwise be
+        drawn as a straight two-point line that reads like a trend.
+        """
+        n = len(self.train)
+        if n >= CURVE_MIN_STEPS:
+            return None
+        return f"only {n} logged step{'' if n == 1 else 's'}, too short for a curve"
 
     def series(self, key: str, default: float | None = None) -> tuple[list[int], list[float]]:
         """``(steps, values)`` of a train-record key; records lacking it use ``default`` or are skipped."""

@@ -19,6 +19,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from moe_trainer.report.load import Run
 
@@ -49,8 +50,20 @@ def _new_axes(title: str, xlabel: str, ylabel: str, legend_entries: int) -> tupl
     return fig, ax
 
 
+def _short_run_style(run: Run) -> dict[str, object]:
+    """Too few steps for a curve: the points alone, so two of them are not read as a trend."""
+    return {"linestyle": "none", "marker": "o"} if run.too_short else {}
+
+
+def _notes(runs: Sequence[Run]) -> list[Line2D]:
+    """Legend entries, without a line, saying which runs are too short for a curve."""
+    return [Line2D([], [], linestyle="none", label=f"{run.label}: {run.too_short}") for run in runs
+            if run.too_short and run.train]
+
+
 def _legend(ax: Axes, extra: Sequence[Line2D] = ()) -> None:
     """Puts the legend under the axes: inside, it hides curves of noisy timings whatever corner it picks."""
+    ax.margins(x=0)  # the x axis spans the logged steps, no padding past the last one
     handles, labels = ax.get_legend_handles_labels()
     handles += list(extra)
     labels += [str(h.get_label()) for h in extra]
@@ -61,16 +74,19 @@ def _legend(ax: Axes, extra: Sequence[Line2D] = ()) -> None:
               frameon=False)
 
 
-def _line_plot(runs: Sequence[Run], key: str, default: float | None, title: str, ylabel: str, path: Path,
-               percent: bool = False, stacked: bool = False) -> None:
-    fig, ax = _new_axes(title, "step", ylabel, len(runs))
+def line_figure(runs: Sequence[Run], key: str, default: float | None, title: str, ylabel: str,
+                percent: bool = False, stacked: bool = False) -> Figure:
+    """One record key over steps, a line per run (points only for a run too short for a curve)."""
+    notes = _notes(runs)
+    fig, ax = _new_axes(title, "step", ylabel, len(runs) + len(notes))
     scale = 100.0 if percent else 1.0
     for i, run in enumerate(runs):
         steps, values = run.series(key, default)
         if steps:
-            ax.plot(steps, [v * scale for v in values], label=run.label, **_style(i, stacked))  # type: ignore[arg-type]
-    _legend(ax)
-    _save(fig, path)
+            style = {**_style(i, stacked), **_short_run_style(run)}
+            ax.plot(steps, [v * scale for v in values], label=run.label, **style)  # type: ignore[arg-type]
+    _legend(ax, notes)
+    return fig
 
 
 def _tokens_at(run: Run) -> Callable[[int], float]:
@@ -80,12 +96,14 @@ def _tokens_at(run: Run) -> Callable[[int], float]:
     return lambda step: float(np.interp(step, xs, ys))
 
 
-def _loss_plot(runs: Sequence[Run], x_tokens: bool, path: Path) -> None:
+def loss_figure(runs: Sequence[Run], x_tokens: bool) -> Figure:
+    """Train loss (lines) and validation loss (circles) over steps or over tokens seen."""
     xlabel = "tokens seen (all processes)" if x_tokens else "step"
     title = "Loss vs tokens" if x_tokens else "Loss vs step"
-    fig, ax = _new_axes(title, xlabel, "cross-entropy loss", len(runs) + 2)
+    notes = _notes(runs)
+    fig, ax = _new_axes(title, xlabel, "cross-entropy loss", len(runs) + 2 + len(notes))
     for i, run in enumerate(runs):
-        style = _style(i, stacked=True)
+        style = {**_style(i, stacked=True), **_short_run_style(run)}
         to_x: Callable[[int], float] | None = float
         if x_tokens:
             points = [(float(r["tokens"]), float(r["loss"])) for r in run.train
@@ -103,24 +121,28 @@ def _loss_plot(runs: Sequence[Run], x_tokens: bool, path: Path) -> None:
     markers = [Line2D([], [], color="black", linewidth=1.8, label="train loss (lines)"),
                Line2D([], [], color="black", linestyle="none", marker="o", markerfacecolor="none",
                       label="val loss (circles)")]
-    _legend(ax, markers if any(r.train or r.evals for r in runs) else ())
-    _save(fig, path)
+    _legend(ax, [*markers, *notes] if any(r.train or r.evals for r in runs) else ())
+    return fig
 
 
 def _edges(steps: Sequence[int]) -> np.ndarray:
-    """Cell edges halfway between logged steps, so gaps (``log_every`` > 1, resumes) keep their width."""
+    """Cell edges: a logged step's cell reaches back to the step logged before it, so the last cell
+    ends at the last step and gaps (``log_every`` > 1, resumes) keep their width.
+
+    The first cell is as wide as the gap after it (one step when it is the only one): with
+    ``log_every=1`` from step 1, the cells are ``(0, 1], (1, 2], ...``, the steps they end.
+    """
     s = np.asarray(steps, dtype=float)
-    if len(s) == 1:
-        return np.array([s[0] - 0.5, s[0] + 0.5])
-    mid = (s[1:] + s[:-1]) / 2
-    return np.concatenate([[s[0] - (mid[0] - s[0])], mid, [s[-1] + (s[-1] - mid[-1])]])
+    first_gap = s[1] - s[0] if len(s) > 1 else 1.0
+    return np.concatenate([[s[0] - first_gap], s])
 
 
-def _heatmap(run: Run, layer: int, path: Path) -> bool:
+def heatmap_figure(run: Run, layer: int) -> Figure | None:
+    """Tokens routed to each expert of one MoE layer, per logged step; None when the run logged none."""
     rows = [(int(r["step"]), r["layers"][layer]["tokens_per_expert"]) for r in run.train
             if len(r.get("layers") or []) > layer and r["layers"][layer].get("tokens_per_expert")]
     if not rows:
-        return False
+        return None
     width = max(len(loads) for _, loads in rows)
     grid = np.full((width, len(rows)), np.nan)
     for j, (_, loads) in enumerate(rows):
@@ -129,13 +151,15 @@ def _heatmap(run: Run, layer: int, path: Path) -> bool:
     fig = Figure(figsize=(8, 2.2 + min(width, 64) * 0.09), layout="constrained")
     ax = fig.add_subplot()
     mesh = ax.pcolormesh(_edges(steps), np.arange(width + 1) - 0.5, grid, cmap="viridis", shading="flat")
-    ax.set(title=f"Tokens routed per expert: {run.label}, MoE layer {layer}", xlabel="step", ylabel="expert")
+    title = f"Tokens routed per expert: {run.label}, MoE layer {layer}"
+    note = f"\n(only {len(steps)} logged step{'' if len(steps) == 1 else 's'})" if run.too_short else ""
+    ax.set(title=title + note, xlabel="step", ylabel="expert")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(width - 0.5, -0.5)  # expert 0 on top, like a table
     if width <= 32:
         ax.set_yticks(range(width))
     fig.colorbar(mesh, ax=ax, label="tokens routed (per step)", pad=0.01)
-    _save(fig, path)
-    return True
+    return fig
 
 
 def write_plots(runs: Sequence[Run], out: Path) -> list[tuple[str, str]]:
@@ -150,15 +174,17 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[tuple[str, str]]:
          "max/mean tokens per expert (1 = balanced)", False, True),
     ]
     for name, title, key, default, ylabel, percent, stacked in line_plots:
-        _line_plot(runs, key, default, title, ylabel, out / name, percent, stacked)
+        _save(line_figure(runs, key, default, title, ylabel, percent, stacked), out / name)
         figures.append((name, title))
-    _loss_plot(runs, x_tokens=False, path=out / "loss_vs_step.png")
+    _save(loss_figure(runs, x_tokens=False), out / "loss_vs_step.png")
     figures.append(("loss_vs_step.png", "Loss vs step"))
-    _loss_plot(runs, x_tokens=True, path=out / "loss_vs_tokens.png")
+    _save(loss_figure(runs, x_tokens=True), out / "loss_vs_tokens.png")
     figures.append(("loss_vs_tokens.png", "Loss vs tokens"))
     for run in runs:
         for layer in range(run.num_layers):
             name = f"expert_load_{run.slug}_layer{layer}.png"
-            if _heatmap(run, layer, out / name):
+            fig = heatmap_figure(run, layer)
+            if fig is not None:
+                _save(fig, out / name)
                 figures.append((name, f"Expert load: {run.label}, layer {layer}"))
     return figures

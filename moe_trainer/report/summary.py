@@ -36,6 +36,7 @@ class RunStats:
     dropped_frac: float  # mean over all logged steps
     final_loss: float
     final_val_loss: float
+    too_short: str | None = None  # "only N logged steps, too short for a curve" (see Run.too_short)
 
 
 def steady_state(records: Sequence[dict[str, Any]]) -> Sequence[dict[str, Any]]:
@@ -73,6 +74,7 @@ def run_stats(run: Run) -> RunStats:
         dropped_frac=_mean(run.train, "dropped_frac"),
         final_loss=float(final_loss),
         final_val_loss=float(final_val),
+        too_short=run.too_short,
     )
 
 
@@ -112,6 +114,13 @@ NOTES = (
 )
 
 
+def notes(stats: Sequence[RunStats]) -> list[str]:
+    """What the columns mean, then one note per run too short for its figures to show a curve."""
+    short = [f"{s.label}: {s.too_short}; its figures show points, and its tokens/s includes warm-up steps"
+             for s in stats if s.too_short]
+    return [*NOTES, *short]
+
+
 def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -120,7 +129,7 @@ def write_markdown(stats: Sequence[RunStats], figures: Sequence[tuple[str, str]]
     """``summary.md``: the table, what the columns mean, the run dirs, then each figure inline."""
     lines = ["# MoE run comparison", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_md_cell(c) for c in format_row(s)) + " |" for s in stats]
-    lines += ["", *(f"- {note}" for note in NOTES), "", "## Runs", ""]
+    lines += ["", *(f"- {note}" for note in notes(stats)), "", "## Runs", ""]
     lines += [f"- **{_md_cell(s.label)}**: `{s.path}`" for s in stats]
     lines += ["", "## Figures", ""]
     for file_name, title in figures:
@@ -140,7 +149,7 @@ def write_html(stats: Sequence[RunStats], figures: Sequence[tuple[str, str]], pa
     esc = html.escape
     head = "".join(f"<th>{esc(c)}</th>" for c in COLUMNS)
     rows = "\n".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in format_row(s)) + "</tr>" for s in stats)
-    notes = "".join(f"<li>{esc(n)}</li>" for n in NOTES)
+    items = "".join(f"<li>{esc(n)}</li>" for n in notes(stats))
     run_list = "".join(f"<li><b>{esc(s.label)}</b>: <code>{esc(str(s.path))}</code></li>" for s in stats)
     figs = "\n".join(f'<figure><figcaption>{esc(title)}</figcaption><a href="{esc(name)}">'
                      f'<img src="{esc(name)}" alt="{esc(title)}"></a></figure>' for name, title in figures)
@@ -150,7 +159,7 @@ def write_html(stats: Sequence[RunStats], figures: Sequence[tuple[str, str]], pa
 <table><thead><tr>{head}</tr></thead><tbody>
 {rows}
 </tbody></table>
-<ul>{notes}</ul><h2>Runs</h2><ul>{run_list}</ul><h2>Figures</h2>
+<ul>{items}</ul><h2>Runs</h2><ul>{run_list}</ul><h2>Figures</h2>
 {figs}
 </body></html>
 """)

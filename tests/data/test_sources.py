@@ -254,3 +254,22 @@ def test_single_document_is_split_by_text() -> None:
 def test_val_fraction_range(fraction: float) -> None:
     with pytest.raises(ConfigError, match="data.val_fraction"):
         split_documents(Dataset.from_dict({"text": ["a", "b"]}), fraction)
+
+
+@pytest.mark.parametrize("long_from_bytes", [None, 0], ids=["short-load-quiet", "long-load-shows-bars"])
+def test_progress_bars_only_for_long_local_loads(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch, long_from_bytes: int | None) -> None:
+    """Every process that loads data would draw datasets' bars for a sub-second load (issue 15)."""
+    if long_from_bytes is not None:
+        monkeypatch.setattr("moe_trainer.data.sources.LONG_PREPARATION_BYTES", long_from_bytes)
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(20)))
+    capfd.readouterr()
+    corpus = load_corpus(_cfg([path]), cache_dir=str(tmp_path / "cache"))
+    err = capfd.readouterr().err
+    assert len(_all_texts(corpus)) == 20
+    if long_from_bytes is None:
+        assert err == "", f"progress output for a small load: {err[-500:]}"
+        assert not datasets.utils.are_progress_bars_disabled(), "bars stay off after the load"
+    else:
+        assert "Generating train split" in err and "Filter" in err

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from moe_trainer.cli import train
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.report import build_report, main
+from moe_trainer.report.plots import heatmap_figure, line_figure, loss_figure
 from moe_trainer.report.summary import COLUMNS
 from tests.conftest import compose_dict
 from tests.helpers import read_records
@@ -154,3 +155,35 @@ def test_paths_without_runs_exit_2_naming_them(runs: dict[str, Path], tmp_path: 
         main([str(runs["base"]), str(missing), "--out", str(tmp_path / "out")])
     assert exc.value.code == 2 and str(missing) in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_short_run_is_drawn_as_points_with_a_note_and_axes_end_at_the_last_step(runs: dict[str, Path],
+                                                                                tmp_path: Path) -> None:
+    """A run with two logged steps (issue 15): no two-point "curve", no heatmap column past its end."""
+    short_dir = tmp_path / "short"
+    dcfg = compose_dict(["experiment=debug", "train.max_steps=4", "train.log_every=2", "train.eval_every=4"])
+    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), short_dir)  # type: ignore[arg-type]
+    loaded, _ = build_report([short_dir, runs["base"]], tmp_path / "report")
+    short, full = loaded
+    assert [r["step"] for r in short.train] == [2, 4]
+    assert short.too_short == "only 2 logged steps, too short for a curve"
+    assert full.too_short is None
+
+    for fig in (line_figure(loaded, "tokens_per_s", None, "Throughput", "tokens/s"), loss_figure(loaded, False)):
+        ax = fig.axes[0]
+        drawn = {line.get_label(): line for line in ax.get_lines()}
+        assert drawn[short.label].get_linestyle() == "None" and drawn[short.label].get_marker() == "o"
+        assert drawn[full.label].get_linestyle() != "None"
+        assert f"{short.label}: {short.too_short}" in [t.get_text() for t in ax.get_legend().get_texts()]
+        assert ax.get_xlim()[1] == STEPS, "the step axis ends at the last logged step"
+
+    short_map, full_map = heatmap_figure(short, 0), heatmap_figure(full, 0)
+    assert short_map is not None and full_map is not None
+    assert short_map.axes[0].get_xlim() == (0.0, 4.0)  # cells (0, 2] and (2, 4]: the steps they end at
+    assert full_map.axes[0].get_xlim() == (0.0, float(STEPS))
+    assert "(only 2 logged steps)" in short_map.axes[0].get_title()
+    assert "logged step" not in full_map.axes[0].get_title()
+
+    md, page = (tmp_path / "report" / "summary.md").read_text(), (tmp_path / "report" / "summary.html").read_text()
+    assert f"- {short.label}: {short.too_short}; its figures show points" in md and short.too_short in page
+    assert md.count("too short for a curve") == 1
