@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from launch import address as addr
 from launch import auth
+from moe_trainer.config.errors import first_line
 
 AGENT_RETRY_S = 20.0  # a head that just started answers "No available agent" for a few seconds
 NOT_FOUND_EXIT = 127  # the shell's "command not found"
@@ -22,11 +23,6 @@ NOT_FOUND_EXIT = 127  # the shell's "command not found"
 
 class JobError(RuntimeError):
     """The job server refused or failed a request; printed as one line."""
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _quiet_ray_logging() -> None:

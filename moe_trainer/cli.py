@@ -64,6 +64,17 @@ def make_engine(cfg: Config) -> Engine:
     return RayEngine(cfg)
 
 
+def continued_wandb_run(resume: ResumePoint | None, run_dir: Path) -> str | None:
+    """The W&B run id to continue: only a resume of this same run directory continues its run.
+
+    A start from another run's checkpoint (a fork, or every job of a sweep over one checkpoint)
+    is a new run with ``resumed_from`` in its record; sharing the id would interleave histories.
+    """
+    if resume is None or resume.run_dir.resolve() != run_dir.resolve():
+        return None
+    return wandb_run_id(run_dir)
+
+
 def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bool = False) -> dict[str, Any]:
     """Runs one training job into ``run_dir``; raises :class:`ConfigError` before writing anything.
 
@@ -79,7 +90,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
         if resume is not None:
             engine.load(resume.checkpoint)
         outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy,
-                             wandb_run_id=wandb_run_id(resume.run_dir) if resume else None)
+                             wandb_run_id=continued_wandb_run(resume, run_dir))
         try:
             if resume is not None:
                 print(resume.line(), flush=True)

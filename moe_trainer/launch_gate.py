@@ -50,12 +50,15 @@ def _task_config(config: DictConfig) -> DictConfig:
 
 
 def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> None:
-    """Raises :class:`ConfigError` for ``resume=auto`` in a timestamped run directory, and
-    :class:`NothingToDo` (after checking the whole config) when the checkpoint to resume is done.
+    """Raises :class:`ConfigError` for any wrong setting of a single run (so a refused start never
+    rewrites an existing run directory's ``.hydra/`` files) and for ``resume=auto`` in a
+    timestamped run directory, and :class:`NothingToDo` when the checkpoint to resume is done.
     Damaged checkpoints that ``auto`` skips are reported once, by ``train``, not here.
 
     ``job_dir_known``: ``run_dir_key`` is the job's own directory (a run, not a sweep's root).
     """
+    if job_dir_known:  # a single run: every setting checked before Hydra writes into its directory
+        validate(to_dataclass(_task_config(config)))
     resume = OmegaConf.select(config, "train.resume")
     if resume is None:
         return
@@ -63,11 +66,7 @@ def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> No
     if not job_dir_known:
         return
     run_dir = Path(str(OmegaConf.select(config, run_dir_key))).absolute()
-    try:
-        plan_resume(resume, int(OmegaConf.select(config, "train.max_steps")), run_dir, warn=False)
-    except NothingToDo:
-        validate(to_dataclass(_task_config(config)))  # a setting that is wrong is still refused
-        raise
+    plan_resume(resume, int(OmegaConf.select(config, "train.max_steps")), run_dir, warn=False)
 
 
 class LaunchGate(Callback):

@@ -117,12 +117,33 @@ def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     argv = [["experiment=debug", "logger.mode=offline", *override.split()]
             + ([] if override in DEFAULT_RUN_DIR else [f"hydra.run.dir={cwd / 'out' / str(i)}"])
             for i, (override, _) in enumerate(BAD_INPUTS)]
+    existing = cwd / "existing"  # a run dir from before: a refused start must leave it as it was
+    (existing / ".hydra").mkdir(parents=True)
+    (existing / ".hydra" / "overrides.yaml").write_text("- ORIGINAL\n")
+    (existing / "summary.json").write_text("{}\n")
+    argv.append(["experiment=debug", "logger.mode=offline", f"hydra.run.dir={existing}", "train.resume=auto",
+                 "parallel=expert_parallel", "parallel.num_actors=3"])
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(argv)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    return cwd, {override: result for (override, _), result in zip(BAD_INPUTS, results, strict=True)}
+    cases = [override for override, _ in BAD_INPUTS] + [EXISTING_RUN_DIR]
+    return cwd, dict(zip(cases, results, strict=True))
+
+
+EXISTING_RUN_DIR = "a bad setting for an existing run dir"
+
+
+def test_a_refused_start_leaves_an_existing_run_dir_as_it_was(
+        bad_input_runs: tuple[Path, dict[str, dict[str, Any]]]) -> None:
+    cwd, results = bad_input_runs
+    result = results[EXISTING_RUN_DIR]
+    assert result["code"] == 2 and "parallel.num_actors" in result["stderr"], result["stderr"]
+    existing = cwd / "existing"
+    assert sorted(p.relative_to(existing).as_posix() for p in existing.rglob("*")) == [
+        ".hydra", ".hydra/overrides.yaml", "summary.json"]
+    assert (existing / ".hydra" / "overrides.yaml").read_text() == "- ORIGINAL\n"
 
 
 @pytest.mark.parametrize("override,setting", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])

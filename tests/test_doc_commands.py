@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import re
 import shlex
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from launch.submit import COMMANDS, _command_parser, _submit_parser
 from moe_trainer.cli import CONF_DIR
+from moe_trainer.config.command_line import check_command_line
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
-from moe_trainer.data.sources import resolve_format
 from moe_trainer.report.cli import _parser as report_parser
 from tests.conftest import compose_dict
 
@@ -116,14 +117,33 @@ def sweep_jobs(args: tuple[str, ...]) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(keys, values, strict=True)] for values in itertools.product(*sweeps.values())]
 
 
+def stand_ins(paths: list[str], root: Path) -> list[str]:
+    """Files under ``root`` standing in for the docs' own data (``/data/...``): one per entry,
+    with the entry's extension (a directory, holding a ``.txt``, for an entry without one)."""
+    out = []
+    for i, entry in enumerate(paths):
+        suffix = Path(entry.replace("*", "x")).suffix
+        target = root / f"entry{i}{suffix}"
+        if suffix:
+            target.write_text('{"text": "a document"}\n' if suffix in (".json", ".jsonl") else "a document\n")
+        else:
+            target.mkdir()
+            (target / "part.txt").write_text("a document\n")
+        out.append(str(target))
+    return out
+
+
 def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
-    """Composes and validates every job ``moe-train ARGS`` would run; raises what moe-train would report."""
+    """What moe-train checks before it starts: the command line as a whole (unknown keys, syntax,
+    each swept value), then every job it would run composed and validated, the docs' data
+    paths replaced by stand-in files of the same kinds."""
+    check_command_line(list(args), CONF_DIR)
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
-        if cfg.data.paths:  # the reader's own files (/data/...): not here, but their formats must agree
-            named = [p for p in cfg.data.paths if Path(p).suffix]  # a directory entry names no format
-            if named:
-                resolve_format(named, cfg.data.format)
+        if cfg.data.paths:
+            with tempfile.TemporaryDirectory() as root:
+                cfg.data.paths = stand_ins(list(cfg.data.paths), Path(root))
+                validate(cfg)
         else:
             validate(cfg)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 
 import moe_trainer  # noqa: F401  (importing the package installs the filters)
 
@@ -28,3 +31,25 @@ def test_deepspeed_cpu_fallback_warning_is_dropped_and_its_other_warnings_pass()
     finally:
         logger.removeHandler(seen)
     assert seen.messages == ["some other DeepSpeed warning"]
+
+
+DETECT = """
+import sys
+if sys.argv[1] == "ours":
+    import moe_trainer  # noqa: F401
+from deepspeed.accelerator import get_accelerator
+print(get_accelerator().device_name())
+"""
+
+
+def test_deepspeed_real_accelerator_detection_is_silent_after_importing_the_package() -> None:
+    """The real detection, in fresh processes with no GPU visible: DeepSpeed still warns without our
+    package (so the test would see a reworded warning come back) and picks the CPU either way."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("DS_ACCELERATOR", None)
+    runs = {who: subprocess.run([sys.executable, "-c", DETECT, who], env=env, capture_output=True, text=True,
+                                timeout=120) for who in ("plain", "ours")}
+    for out in runs.values():
+        assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "cpu", out.stderr[-2000:]
+    assert "Setting accelerator to CPU" in runs["plain"].stderr + runs["plain"].stdout
+    assert "accelerator" not in runs["ours"].stderr.lower(), runs["ours"].stderr

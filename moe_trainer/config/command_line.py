@@ -10,6 +10,7 @@ passes is then handed to ``hydra.main`` unchanged, which composes it again (abou
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from moe_trainer.config.errors import OverrideError
+from moe_trainer.config.errors import OverrideError, first_line
 from moe_trainer.config.keys import HYDRA_KEY, check_known_keys, did_you_mean, is_list_setting, setting_types
 
 
@@ -88,8 +89,9 @@ def _check_override(override: Override, groups: set[str], hydra: Any) -> None:
         options = hydra.config_loader.get_group_options(key)
         for value in _values(override):
             if value is not None and str(value) not in options:
-                raise OverrideError(line, key, f"no such option of {key}; choose one of {', '.join(options)}"
-                                    + did_you_mean(f"{key}={value}", [f"{key}={o}" for o in options]))
+                close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.6)  # the value alone:
+                hint = f"; did you mean {key}={close[0]}?" if close else ""  # a shared "key=" would match all
+                raise OverrideError(line, key, f"no such option of {key}; choose one of {', '.join(options)}" + hint)
         return
     if override.type == OverrideType.DEL:
         return
@@ -130,7 +132,7 @@ def _compose(hydra: Any, config_name: str, job: list[str], overrides: list[Overr
         options = ", ".join(err.options or [])
         missing = (err.missing_cfg_file or "").replace("/", "=", 1)
         raise OverrideError(missing or " ".join(job), missing.split("=")[0],
-                            f"no such option; choose one of {options}" if options else _first_line(err)) from err
+                            f"no such option; choose one of {options}" if options else first_line(err)) from err
     except ConfigCompositionException as err:
         cause = err.__cause__
         key = getattr(cause, "full_key", None) if isinstance(cause, OmegaConfBaseException) else None
@@ -139,14 +141,10 @@ def _compose(hydra: Any, config_name: str, job: list[str], overrides: list[Overr
         if line is None and "Ambiguous value for argument" in str(err):
             line = str(err).split("'")[1]
             key, value = line.split("=", 1)
+            if key in hydra.config_loader.list_groups(""):  # a group takes one option per job: only -m fits
+                raise OverrideError(line, key, "a comma makes a sweep: add -m to run one job per option") from err
             raise OverrideError(line, key, f"a comma makes a sweep: add -m to sweep, write '{key}=[{value}]' "
                                 f"for a list or '{key}=\"{value}\"' for one string") from err
-        raise OverrideError(line or " ".join(job), key or "", _first_line(cause or err)) from err
+        raise OverrideError(line or " ".join(job), key or "", first_line(cause or err)) from err
     except (HydraException, ValueError) as err:  # e.g. a group set to null: Hydra raises a bare ValueError
-        raise OverrideError(" ".join(job), "", _first_line(err)) from err
-
-
-def _first_line(err: BaseException) -> str:
-    """The first line of an exception's message (OmegaConf appends full_key and types below it)."""
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+        raise OverrideError(" ".join(job), "", first_line(err)) from err

@@ -1,3 +1,15 @@
+"""The errors a user sees, and the one-line form every message of ours takes."""
+
+
+def first_line(err: BaseException, with_type: bool = False) -> str:
+    """The first line of an exception's message (libraries append detail below it: OmegaConf's
+    full_key and types, Ray's traceback), so that our messages stay one line."""
+    lines = str(err).strip().splitlines()
+    if with_type:
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+    return lines[0] if lines else type(err).__name__
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the rank, the collective and the layer."""
 

@@ -44,6 +44,8 @@ def _directory_files(directory: str) -> list[str]:
 def _expand_entry(entry: str) -> list[str]:
     """Returns the files one ``data.paths`` entry names; raises :class:`ConfigError` when it names none."""
     path = os.path.expanduser(entry)
+    if os.path.isfile(path):  # an existing name is itself, even with [, * or ? in it
+        return [path]
     if glob.has_magic(path):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:

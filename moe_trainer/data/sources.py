@@ -33,7 +33,7 @@ import huggingface_hub.constants
 import pyarrow as pa
 from datasets import Dataset, DatasetDict
 
-from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.errors import ConfigError, first_line
 from moe_trainer.data.paths import expand_data_paths, resolve_format
 
 if TYPE_CHECKING:
@@ -133,7 +133,8 @@ def load_local(paths: list[str], fmt: str, text_field: str, cache_dir: str | Non
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir, **kwargs)
         except (datasets.exceptions.DatasetsError, pa.ArrowException, ValueError, OSError) as err:
-            raise ConfigError("data.paths", paths, f"could not be read as {builder}: {_first_line(err)}") from err
+            problem = f"could not be read as {builder}: {first_line(err, with_type=True)}"
+            raise ConfigError("data.paths", paths, problem) from err
         field = TEXT_COLUMN if builder == "text" else text_field
         return select_text(ds, field, origin=f"{builder} files {files}")
 
@@ -237,10 +238,10 @@ def load_hub(name: str, config_name: str | None, text_field: str, cache_dir: str
             problem = (
                 f"{offline_reason} and {where} is not in the local HF cache; {fix}, or use local "
                 f"files (data.paths) or the embedded corpus (data.paths and data.hub_name unset) "
-                f"[{_first_line(err)}]"
+                f"[{first_line(err, with_type=True)}]"
             )
         else:
-            problem = f"could not load {where} from the Hub: {_first_line(err)}"
+            problem = f"could not load {where} from the Hub: {first_line(err, with_type=True)}"
         raise ConfigError("data.hub_name", name, problem) from err
     if not isinstance(ds, Dataset):
         raise ConfigError("data.hub_name", name, "loads as a streaming dataset; only map-style is supported")
@@ -248,12 +249,6 @@ def load_hub(name: str, config_name: str | None, text_field: str, cache_dir: str
 
 
 # ----------------------------------------------------------------------------- common
-
-
-def _first_line(err: BaseException) -> str:
-    """Returns an exception as one short line, for error messages that must stay on one line."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
 
 
 def select_text(ds: Dataset, field: str, origin: str) -> Dataset:

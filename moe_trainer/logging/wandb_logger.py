@@ -17,8 +17,9 @@ Design choices, and why:
   optimizer step line up, and a resumed run may start at any step.
 * ``run_id`` continues an earlier run (``resume="allow"``: the same run when it exists, a new one
   with that id otherwise), so a resumed training run is one W&B run, not one per start. Offline,
-  each start writes its own ``offline-run-*-<id>`` directory under the same id; ``wandb sync``
-  uploads them into that one run.
+  each start writes its own ``offline-run-*-<id>`` directory under the same id, and
+  ``sync_command`` names them all; whether ``wandb sync`` then appends them into one history is
+  W&B's part and was not checked here (no server; see docs/user-guide.md, "Resuming").
 * ``disabled`` does not even import wandb, so nothing is written and startup costs nothing.
 * wandb's console output is silenced and stdout is not wrapped (``console="off"``), which keeps the
   progress bar intact; what the user needs (``sync_command``, ``url``) is exposed as properties.
@@ -218,11 +219,17 @@ class RunLogger:
 
     @property
     def sync_command(self) -> str | None:
-        """``wandb sync <dir>`` to upload an offline run later; None unless the run is offline."""
+        """``wandb sync <dirs>`` to upload an offline run later; None unless the run is offline.
+
+        Every start of a resumed run wrote its own ``offline-run-*-<id>`` directory beside this
+        one: all of them are named, oldest first, so following the command uploads the whole run.
+        """
         path = self.run_path
         if self.mode != "offline" or path is None:
             return None
-        return f"wandb sync {shlex.quote(str(path))}"
+        run_id = path.name.rsplit("-", 1)[-1]
+        starts = sorted(path.parent.glob(f"offline-run-*-{run_id}")) or [path]
+        return "wandb sync " + " ".join(shlex.quote(str(start)) for start in starts)
 
     @property
     def url(self) -> str | None:

@@ -20,6 +20,7 @@ def test_reuse_refuses_what_a_process_cannot_change_and_drops_dead_actors(ray_cl
     cfg = to_dataclass(compose_dict(LAYOUT))
     assert cfg.train.retain_freed_memory
     actors = [TrainWorker.options(num_cpus=0.5).remote(cfg, rank) for rank in range(2)]
+    ray.get([actor.rendezvous_address.remote() for actor in actors], timeout=180)  # started (imports done)
     other = to_dataclass(compose_dict([*LAYOUT, "train.retain_freed_memory=false"]))
     with pytest.raises(ValueError, match=r"train.retain_freed_memory=False: .* started with True"):
         RayEngine(other, actors)
@@ -27,6 +28,8 @@ def test_reuse_refuses_what_a_process_cannot_change_and_drops_dead_actors(ray_cl
     assert all(ray.get([actor.rendezvous_address.remote() for actor in actors], timeout=30))
 
     ray.kill(actors[1], no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):  # the kill is asynchronous: dead before the next job
+        ray.get(actors[1].rendezvous_address.remote(), timeout=30)
     with pytest.raises(ActorStartupError, match="did not take the new job"):
         RayEngine(cfg, actors)
     with pytest.raises(ray.exceptions.RayActorError):  # the survivor may hold either config: ended too

@@ -21,7 +21,10 @@ REFUSED = [
     (["parallel=ring_allreduce"], "parallel=ring_allreduce: no such option of parallel; choose one of "
                                   "data_parallel, disaggregated, expert_parallel, single"),
     (["experiment=debgu"], "did you mean experiment=debug?"),  # optional group: Hydra skips it silently
-    (["parallel=single,data_parallel"], "a comma makes a sweep: add -m to sweep"),
+    (["parallel=single,data_parallel"], "parallel=single,data_parallel: a comma makes a sweep: add -m to run one "
+                                        "job per option"),  # a group takes no list: only -m is a fix
+    (["moe.top_k=1,2"], "a comma makes a sweep: add -m to sweep, write 'moe.top_k=[1,2]'"),
+    (["parallel=expert_paralel"], "did you mean parallel=expert_parallel?"),
     (["-m", "parallel=single,ring"], "parallel=single,ring: no such option of parallel"),
     (["-m", "moe.num_expert=4,8"], "did you mean moe.num_experts?"),
     (["-m", "moe.top_k=1,two"], "moe.top_k=1,two: Value 'two'"),
@@ -35,6 +38,14 @@ def test_mistakes_are_one_line_naming_the_override(argv: list[str], expected: st
     with pytest.raises(OverrideError) as err:
         check_command_line(argv, CONF_DIR)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["xyz", "gpu", "ray", "dp"])
+def test_an_unrelated_option_gets_the_choices_but_no_guess(value: str) -> None:
+    """The shared ``parallel=`` prefix must not make every option look like the nearest one."""
+    with pytest.raises(OverrideError) as err:
+        check_command_line([f"parallel={value}"], CONF_DIR)
+    assert "choose one of" in str(err.value) and "did you mean" not in str(err.value)
 
 
 @pytest.mark.parametrize("argv", [

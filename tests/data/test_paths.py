@@ -36,6 +36,12 @@ def test_a_directory_is_its_visible_files_of_known_extensions(corpus_dir: Path) 
     assert names == ["a.txt", "b.txt", "c.jsonl"]  # no .csv, no hidden file, no subdirectory
 
 
+def test_an_existing_file_with_pattern_characters_is_that_file(corpus_dir: Path) -> None:
+    odd = corpus_dir / "r[1].txt"
+    odd.write_text("one\n")
+    assert expand_data_paths([str(odd)]) == [str(odd)]  # as a glob, [1] would match only "r1.txt"
+
+
 def test_entries_keep_their_order_and_a_file_named_twice_is_read_once(corpus_dir: Path) -> None:
     files = expand_data_paths([str(corpus_dir / "b.txt"), str(corpus_dir / "*.txt"), str(corpus_dir / "." / "a.txt")])
     assert [Path(p).name for p in files] == ["b.txt", "a.txt"]

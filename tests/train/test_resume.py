@@ -50,14 +50,22 @@ def test_resume_says_where_it_continues_evaluates_there_and_continues_the_wandb_
     assert starts[1].series("eval/val_loss")[0] == (3, val_loss_at(first.records, 3))
     assert [step for step, _ in starts[1].series("train/loss")] == [4, 5, 6]
     assert starts[1].summary["resumed_from"] == str(ckpt) and starts[1].summary["resumed_from_step"] == 3
+    # the printed upload command names both starts, oldest first
+    dirs = sorted(find_offline_runs(tmp_path / "wandb"))
+    assert resumed.summary["wandb_sync"] == "wandb sync " + " ".join(str(d) for d in dirs)
 
 
-def test_resume_from_another_run_dir_continues_that_runs_wandb_run(tmp_path: Path) -> None:
+def test_resume_from_another_run_dir_is_a_new_wandb_run_that_names_its_source(tmp_path: Path) -> None:
+    """A fork (or each job of a sweep over one checkpoint) must not log into the source's W&B run:
+    their histories would interleave and each would overwrite its config."""
     first = train_run(tmp_path / "a", "train.max_steps=3", OFFLINE)
     resumed = train_run(tmp_path / "b", "train.max_steps=6", f"train.resume={tmp_path / 'a'}", OFFLINE)
     assert resumed.summary["initial_val_loss"] == val_loss_at(first.records, 3)  # not nan: evaluated at step 3
-    assert wandb_run_id(tmp_path / "a") == wandb_run_id(tmp_path / "b")
-    assert read_offline_run(tmp_path / "b" / "wandb").run_id == wandb_run_id(tmp_path / "a")
+    source, fork = wandb_run_id(tmp_path / "a"), wandb_run_id(tmp_path / "b")
+    assert source and fork and source != fork
+    run = read_offline_run(tmp_path / "b" / "wandb")
+    assert run.run_id == fork
+    assert run.summary["resumed_from"] == str(tmp_path / "a" / "checkpoints" / "step_00000003")
 
 
 def test_a_finished_run_has_nothing_to_do_and_nothing_is_written(tmp_path: Path) -> None:
