@@ -7,7 +7,7 @@ Ray, default model, W&B off) and reads the per-step records. Steady state: the f
 ``--warmup`` steps are left out of the means. Per process count N: ``single`` (one
 process with N torch threads, no Ray), ``data_parallel`` xN, ``expert_parallel`` xN
 (plain and with ``parallel.micro_batches=2``), ``disaggregated`` N/2 coordinators +
-N/2 expert actors (1 and 4 micro-batches); one CPU (one thread) per actor.
+N/2 expert actors (1, 2 and 4 micro-batches); one CPU (one thread) per actor.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ def layouts(processes: int) -> list[tuple[str, list[str]]]:
         (f"expert_parallel x{processes}", ["parallel=expert_parallel", f"parallel.num_actors={processes}"]),
         (f"expert_parallel x{processes} mb=2", ["parallel=expert_parallel", f"parallel.num_actors={processes}",
                                                  "parallel.micro_batches=2"]),
-        (f"disaggregated {coords}c+{experts}e mb=1", [*disagg, "parallel.micro_batches=1"]),
-        (f"disaggregated {coords}c+{experts}e mb=4", [*disagg, "parallel.micro_batches=4"]),
+        *[(f"disaggregated {coords}c+{experts}e mb={mb}", [*disagg, f"parallel.micro_batches={mb}"])
+          for mb in (1, 2, 4)],
     ]
 
 
