@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import netrc
 import os
+import re
 import shlex
 import sys
 import time
@@ -227,8 +228,11 @@ class RunLogger:
         path = self.run_path
         if self.mode != "offline" or path is None:
             return None
-        run_id = path.name.rsplit("-", 1)[-1]
-        starts = sorted(path.parent.glob(f"offline-run-*-{run_id}")) or [path]
+        run_id = getattr(self._run, "id", None)
+        # offline-run-<time>-<id>, and -<id>-<n> when two starts fell in the same second
+        same_run = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(str(run_id))}(-\d+)?")
+        starts = sorted(p for p in path.parent.iterdir() if same_run.fullmatch(p.name)) if run_id else []
+        starts = starts or [path]
         return "wandb sync " + " ".join(shlex.quote(str(start)) for start in starts)
 
     @property

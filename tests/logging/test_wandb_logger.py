@@ -307,3 +307,21 @@ def test_init_failure_prints_one_warning_line(tmp_path: Path) -> None:
     assert proc.stdout.strip() == "still training"
     ours = [line for line in proc.stderr.splitlines() if "[moe_trainer]" in line]
     assert len(ours) == 1 and "continuing without W&B logging" in ours[0], proc.stderr
+
+
+def test_the_upload_command_names_every_start_of_the_run_and_no_other(
+        offline_run: tuple[RunLogger, Path, float, float]) -> None:
+    """A resumed run's starts share the id; two starts in one second get a ``-1`` suffix from W&B."""
+    logger, _, _, _ = offline_run
+    path = logger.run_path
+    assert path is not None
+    same_second = path.with_name(path.name + "-1")
+    earlier = path.with_name(f"offline-run-20000101_000000-{logger.run_id}")
+    other_run = path.with_name("offline-run-20000101_000000-zzzzzzzz")
+    try:
+        for d in (same_second, earlier, other_run):
+            d.mkdir()
+        assert logger.sync_command == f"wandb sync {earlier} {path} {same_second}"
+    finally:
+        for d in (same_second, earlier, other_run):
+            d.rmdir()
