@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
-from moe_trainer.train.resume import NothingToDo, plan_resume, require_fixed_run_dir
+from moe_trainer.train.resume import NothingToDo, may_have_nothing_to_do, plan_resume, require_fixed_run_dir
 
 
 def exit_invalid(err: ConfigError) -> NoReturn:
@@ -66,7 +66,9 @@ def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> No
     if not job_dir_known:
         return
     run_dir = Path(str(OmegaConf.select(config, run_dir_key))).absolute()
-    plan_resume(resume, int(OmegaConf.select(config, "train.max_steps")), run_dir, warn=False)
+    max_steps = int(OmegaConf.select(config, "train.max_steps"))
+    if may_have_nothing_to_do(resume, max_steps, run_dir):
+        plan_resume(resume, max_steps, run_dir, warn=False)
 
 
 class LaunchGate(Callback):

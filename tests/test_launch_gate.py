@@ -50,3 +50,17 @@ def test_a_path_without_checkpoints_is_refused_before_hydra_writes(tmp_path: Pat
     with pytest.raises(ConfigError) as err:
         gate(f"hydra.run.dir={tmp_path / 'new'}", f"train.resume={tmp_path}")
     assert err.value.setting == "train.resume"
+
+
+def test_a_run_with_steps_left_is_let_through_without_hashing_its_checkpoints(
+        finished: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start verifies the checkpoint it loads anyway; the gate reads only ``meta.json`` then."""
+    import moe_trainer.train.checkpoint as checkpoint
+
+    def no_hashing(path: Path) -> list[str]:
+        raise AssertionError(f"the gate hashed {path}")
+
+    monkeypatch.setattr(checkpoint, "checkpoint_problems", no_hashing)
+    gate(f"hydra.run.dir={finished}", "train.resume=auto", "train.max_steps=7")
+    with pytest.raises(AssertionError, match="the gate hashed"):  # at max_steps it must verify before "done"
+        gate(f"hydra.run.dir={finished}", "train.resume=auto")

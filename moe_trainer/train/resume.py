@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.train.checkpoint import META_FILE, refuse_damaged, resolve_resume
+from moe_trainer.train.checkpoint import META_FILE, list_checkpoints, refuse_damaged, resolve_resume
 
 # a Hydra run directory made of this resolver is a new directory at every start
 _TIMESTAMPED = "${now:"
@@ -75,6 +75,22 @@ def plan_resume(resume: str | None, max_steps: int, run_dir: Path, warn: bool = 
         raise NothingToDo(f"nothing to do: {point.run_dir} is at step {point.step}, train.max_steps={max_steps}; "
                           "nothing was changed (raise train.max_steps to train further)")
     return point
+
+
+def may_have_nothing_to_do(resume: str | None, max_steps: int, run_dir: Path) -> bool:
+    """Whether :func:`plan_resume` could raise :class:`NothingToDo`, read from ``meta.json`` alone.
+
+    For ``auto`` the newest checkpoint's step bounds every candidate's: below ``max_steps`` the
+    start has work whichever intact one ``auto`` picks, so the caller can skip ``plan_resume``
+    and the hashing of every checkpoint file it does (which the start itself does again).
+    """
+    if resume != "auto":
+        return resume is not None  # a named checkpoint: plan_resume hashes only one already done
+    newest = list_checkpoints(run_dir / "checkpoints")[-1:]
+    try:
+        return bool(newest) and checkpoint_step(newest[0]) >= max_steps
+    except ConfigError:  # unreadable metadata: let plan_resume judge it
+        return True
 
 
 def require_fixed_run_dir(resume: str | None, run_dir_setting: str, pattern: str) -> None:
