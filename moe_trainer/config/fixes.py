@@ -61,6 +61,18 @@ def nearest_multiples(value: int, unit: int) -> list[int]:
     return found or [unit]
 
 
+def divisors(n: int) -> list[int]:
+    """The positive divisors of `n`, ascending."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def even_share_fixes(experts: int, setting: str, size: int) -> list[Fix]:
+    """Candidates when ``moe.num_experts`` does not split evenly over `size` holders (`setting`):
+    the nearest expert counts that do, then the nearest two sizes that divide the experts."""
+    nearest = sorted(divisors(experts), key=lambda d: (abs(d - size), d))[:2]
+    return [*({"moe.num_experts": m} for m in nearest_multiples(experts, size)), *({setting: d} for d in nearest)]
+
+
 def passing(cfg: Config, candidates: Iterable[Fix], limit: int = 3) -> list[Fix]:
     """Returns up to `limit` of `candidates` that make `cfg` validate: single changes first, else in order.
 

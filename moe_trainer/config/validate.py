@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.config.fixes import batch_unit, nearest_multiples, passing, refusal
+from moe_trainer.config.fixes import batch_unit, divisors, even_share_fixes, nearest_multiples, passing, refusal
 from moe_trainer.config.schema import (
     ARCHS,
     AUX_LOSS_SCOPES,
@@ -170,21 +170,18 @@ def validate_expert_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.ep_size", ep, f"must divide parallel.num_actors={p.num_actors} so every "
                           "expert-parallel group is complete")
     if experts % ep:
-        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
         if ep > experts:  # more actors than experts: the size is what is wrong
-            sizes = _passing_values(cfg, size, divisors)
+            sizes = _passing_values(cfg, size, divisors(experts))
             replicas = [] if p.ep_size is not None else _passing_values(
-                cfg, "parallel.ep_size", [d for d in divisors if p.num_actors % d == 0])
+                cfg, "parallel.ep_size", [d for d in divisors(experts) if p.num_actors % d == 0])
             raise ConfigError(size, ep, f"is more than the moe.num_experts={experts} experts to share out; every "
                               "actor of an expert-parallel group needs the same number of experts"
                               + (f": use {size} in {sizes}" if sizes else "")
                               + (f", or keep the actors and set parallel.ep_size in {replicas} (the other actors "
                                  "hold expert-data-parallel replicas)" if replicas else ""))
-        nearest_sizes = sorted(divisors, key=lambda d: (abs(d - ep), d))[:2]
         raise refusal(cfg, "moe.num_experts", experts,
                       f"must be divisible by {size_text} so every actor holds the same number of experts",
-                      [*({"moe.num_experts": m} for m in nearest_multiples(experts, ep)),
-                       *({size: d} for d in nearest_sizes)])
+                      even_share_fixes(experts, size, ep))
     _positive("parallel.micro_batches", p.micro_batches)
     _positive("parallel.a2a_chunks", p.a2a_chunks)
     if p.a2a_chunks > 1 and p.micro_batches > 1:
@@ -206,13 +203,10 @@ def validate_disaggregated(cfg: Config) -> None:
                           "must be >= 1: the disaggregated strategy needs actors to hold the experts")
     experts = cfg.moe.num_experts
     if experts % p.num_expert_actors:
-        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
         raise refusal(cfg, "moe.num_experts", experts,
                       f"must be divisible by parallel.num_expert_actors={p.num_expert_actors} so every expert "
                       "actor holds the same number of experts",
-                      [*({"moe.num_experts": m} for m in nearest_multiples(experts, p.num_expert_actors)),
-                       *({"parallel.num_expert_actors": d}
-                         for d in sorted(divisors, key=lambda d: (abs(d - p.num_expert_actors), d))[:2])])
+                      even_share_fixes(experts, "parallel.num_expert_actors", p.num_expert_actors))
     _positive("parallel.micro_batches", p.micro_batches)
     if cfg.model.arch == "dense":
         raise ConfigError("model.arch", "dense", "the disaggregated strategy needs MoE layers to hand to expert "
