@@ -58,9 +58,7 @@ class ActorGroup:
                 self.shutdown()  # every one leaves, whichever took the new config
                 raise err.as_instanceof_cause() from None
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError) as err:
-                # dead or stuck: some may hold the new config, some the old; none is fit for reuse
-                for actor in self.actors:
-                    ray.kill(actor, no_restart=True)
+                self._kill()  # dead or stuck: some may hold the new config, some the old; none is fit for reuse
                 raise ActorStartupError(f"the actors to reuse did not take the new job: {err}") from err
         else:
             self.actors = self._create(cfg, request, actor_cls)
@@ -134,6 +132,10 @@ class ActorGroup:
                 return
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pass  # stuck in a collective or dead: end them, whoever lent them gets errors, not a hang
+        self._kill()
+
+    def _kill(self) -> None:
+        """Ends every actor of the group (and frees its placement group, if it made one)."""
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self.pg is not None:

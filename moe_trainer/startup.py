@@ -10,16 +10,8 @@ stdout for results (the final lines, the run directory last).
 from __future__ import annotations
 
 import sys
-import time
 
 from tqdm import tqdm
-
-from moe_trainer import STARTED_AT
-
-
-def since_start() -> float:
-    """Seconds since this process started using the package (``moe_trainer.STARTED_AT``)."""
-    return time.time() - STARTED_AT
 
 
 def phase(text: str) -> None:
