@@ -97,12 +97,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--processes", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--only", nargs="+", default=[], metavar="TEXT",
+                        help="only layouts whose name contains one of these, e.g. disaggregated 'expert_parallel x2'")
     args = parser.parse_args()
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
              num_cpus=max(args.processes))
     rows = []
     for processes in args.processes:
         for name, overrides in layouts(processes):
+            if args.only and not any(text in name for text in args.only):
+                continue
             rows.append(measure(name, overrides, args.steps, args.warmup, cpus=1.0, processes=processes))
             print(f"done: {name}", flush=True)
     ray.shutdown()

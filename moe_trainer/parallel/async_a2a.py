@@ -32,10 +32,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, unpermute
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import AsyncWire
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher, host_splits, regroup_index
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.protocol import Route
 
 
 @dataclass
@@ -107,7 +108,7 @@ class AwaitAllToAll(torch.autograd.Function):
 class AsyncMeta:
     dispatch: Transfer  # rows to the experts' owners
     combine: Transfer  # expert outputs back (the same rows, the other way)
-    regroup_idx_M: Tensor
+    route: Route
 
 
 class AsyncAllToAllDispatcher(AllToAllDispatcher):
@@ -122,27 +123,22 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
     asynchronous = True
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
-        num_tokens = x_TD.shape[0]
-        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
-        self.dispatches += 1
-        x_ND, recv_counts_PL = self.permute_while_counting(
-            x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
-        send_splits, recv_splits = host_splits(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL)
+        plan = self.plan(x_TD, routing, num_groups)
+        x_ND, route = self.open_route(x_TD, plan, layer)
         wire = AsyncWire(self.group, self.group_rank, self.counters, layer)
-        meta = AsyncMeta(Transfer(recv_splits, send_splits, wire, "dispatch"),
-                         Transfer(send_splits, recv_splits, wire, "combine"),
-                         regroup_index(recv_counts_PL, sum(recv_splits)))
+        meta = AsyncMeta(Transfer(route.recv_splits, route.send_splits, wire, "dispatch"),
+                         Transfer(route.send_splits, route.recv_splits, wire, "combine"), route)
         x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
         assert isinstance(x_in_flight, Tensor)
-        return Dispatched(x_in_flight, recv_counts_PL.sum(0), plan, num_tokens, meta)
+        return Dispatched(x_in_flight, route.counts_L, plan, x_TD.shape[0], meta)
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, AsyncMeta)
         x_MD = AwaitAllToAll.apply(dispatched.x_ND, meta.dispatch)
         assert isinstance(x_MD, Tensor)
-        y_MD = experts(x_MD.index_select(0, meta.regroup_idx_M), dispatched.tokens_per_expert_E)
-        y_peer_MD = torch.empty_like(y_MD).index_copy(0, meta.regroup_idx_M, y_MD)
+        y_MD = experts(meta.route.to_experts(x_MD), dispatched.tokens_per_expert_E)
+        y_peer_MD = meta.route.to_peers(y_MD)
         y_in_flight = IssueAllToAll.apply(y_peer_MD, meta.combine)
         assert isinstance(y_in_flight, Tensor)
         return y_in_flight

@@ -161,46 +161,34 @@ class AsyncWire:
         self.counters.add(phase, 0, 0, 0, Span.since(t0, device))
 
 
-# Phases of the backward all-to-alls, as announced to expert actors (see parallel/disaggregated.py).
-COMBINE_BWD, DISPATCH_BWD = 0, 1
-
-
 class AllToAll(torch.autograd.Function):
-    """Differentiable ``all_to_all_single`` with uneven split sizes (rows of a 2-D tensor).
-
-    ``announce``, when given, runs first in backward: the disaggregated strategy uses it to
-    tell expert actors which all-to-all the autograd engine reached, since they cannot see it.
-    """
+    """Differentiable ``all_to_all_single`` with uneven split sizes (rows of a 2-D tensor)."""
 
     @staticmethod
     def forward(ctx: Any, x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
-                announce: Callable[[], None] | None = None,
                 timed: Callable[[Span], None] | None = None, label: str = "all_to_all") -> Tensor:
         ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
-        ctx.announce, ctx.timed, ctx.label = announce, timed, label
+        ctx.timed, ctx.label = timed, label
         out = x_ND.new_empty(sum(recv_splits), x_ND.shape[-1])
         guarded(label, lambda: dist.all_to_all_single(out, x_ND.contiguous(), output_split_sizes=recv_splits,
                                                       input_split_sizes=send_splits, group=group))
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None, None]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor, None, None, None, None, None]:
         t0 = mark(grad_out.device)
-        if ctx.announce is not None:
-            guarded(f"backward announcement of {ctx.label}", ctx.announce)
         grad_in = grad_out.new_empty(sum(ctx.send_splits), grad_out.shape[-1])
         guarded(f"{ctx.label} backward", lambda: dist.all_to_all_single(
             grad_in, grad_out.contiguous(), output_split_sizes=ctx.send_splits,
             input_split_sizes=ctx.recv_splits, group=ctx.group))
         if ctx.timed is not None:
             ctx.timed(Span.since(t0, grad_out.device))
-        return grad_in, None, None, None, None, None, None
+        return grad_in, None, None, None, None, None
 
 
 def all_to_all(x_ND: Tensor, send_splits: list[int], recv_splits: list[int], group: Any,
-               announce: Callable[[], None] | None = None, timed: Callable[[Span], None] | None = None,
-               label: str = "all_to_all") -> Tensor:
+               timed: Callable[[Span], None] | None = None, label: str = "all_to_all") -> Tensor:
     """``AllToAll`` as a function; ``timed`` receives the region of the backward all-to-all."""
-    out = AllToAll.apply(x_ND, send_splits, recv_splits, group, announce, timed, label)
+    out = AllToAll.apply(x_ND, send_splits, recv_splits, group, timed, label)
     assert isinstance(out, Tensor)
     return out

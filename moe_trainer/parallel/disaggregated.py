@@ -2,43 +2,47 @@
 
 Ranks ``0 .. C-1`` are coordinators (data parallel among themselves: embeddings,
 attention, norms, dense FFNs, routers, LM head); ranks ``C .. C+X-1`` are expert
-actors holding ``E / X`` experts of every MoE layer. Both kinds share one process
-group; tokens move by ``all_to_all_single`` in which coordinators only send rows
-(dispatch) and expert actors only send results back (combine).
+actors holding ``E / X`` experts of every MoE layer. Any C and X (X divides E).
 
-Expert actors cannot see the coordinators' autograd graph, so they follow a schedule:
+Rows travel point to point (:mod:`moe_trainer.parallel.p2p`): a coordinator sends each
+expert actor a header and its rows, goes on (attention for the next micro-batch, the
+next block of a micro-batch whose results landed), and collects the results when it
+needs them. An expert actor serves messages in the order they arrive, reading phase,
+key and counts from each header (:class:`Inbox`): it needs no copy of the coordinators'
+schedule, only how many messages a step brings. In backward the same: the autograd
+engine's order decides which gradients a coordinator sends first, and the expert actor
+serves them as they come. Coordinators must send the same sequence (identical graphs):
+an expert actor that sees two keys for one message stops the job.
 
-- forward: the coordinators' order is fixed by ``Transformer.forward_microbatches``
-  (per MoE block: dispatch every micro-batch, then combine every micro-batch), and the
-  expert server replays it: receive micro-batch i, compute it at once (while
-  coordinators run attention for micro-batch i+1), later send the results;
-- backward: the autograd engine picks the order, so each coordinator announces the
-  next backward all-to-all (dispatch number and phase) with a tiny all-reduce just
-  before it; the expert server waits for the announcement and plays its side.
+The expert actor's optimizer step is the Trainer's (:class:`~moe_trainer.parallel.context.DistributedContext`
+for the gradient average and global norm, :func:`~moe_trainer.train.optim.apply_update`).
 
-Shape legend: D width, M rows received by an expert actor, L local experts.
+Shape legend: D width, M rows received by an expert actor, L local experts, C coordinators.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import Tensor, nn
 
+from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import Config
+from moe_trainer.config.validate import micro_batches
 from moe_trainer.model.transformer import init_weights, is_moe_block
+from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.parallel.comm import COMBINE_BWD, all_to_all_counts, dist, guarded
-from moe_trainer.parallel.context import squared_norms
-from moe_trainer.parallel.dispatcher import regroup_index
+from moe_trainer.moe.router import Routing
+from moe_trainer.parallel.context import DistributedContext, Groups
+from moe_trainer.parallel.p2p import LandFromExperts, Posted, SendToExperts, Trip
+from moe_trainer.parallel.protocol import BACKWARD, EVAL, FORWARD, HEADER_PREFIX, PHASE_NAMES, Route
+from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Elapsed, Span, mark
-from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
+from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
 from moe_trainer.train.precision import compute_dtype
 from moe_trainer.train.trainer import process_memory_mb
-
-_NOBODY = -(2**62)  # what expert actors contribute to an announcement (coordinators' values win a MAX)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,14 @@ class Roles:
     def experts_per_actor(self) -> int:
         return self.num_experts // self.num_expert_actors
 
+    @property
+    def coordinators(self) -> list[int]:
+        return list(range(self.num_coordinators))
+
+    @property
+    def expert_actors(self) -> list[int]:
+        return list(range(self.num_coordinators, self.world))
+
     def is_coordinator(self, rank: int) -> bool:
         return rank < self.num_coordinators
 
@@ -65,44 +77,6 @@ class Roles:
         if self.is_coordinator(rank):
             return 0, 0
         return (rank - self.num_coordinators) * self.experts_per_actor, self.experts_per_actor
-
-
-def announce(index: int, phase: int, device: torch.device) -> None:
-    """Coordinator side: tells the expert actors which backward all-to-all comes next.
-
-    Every coordinator sends ``(index, phase)`` and its negation, so one MAX all-reduce
-    also reveals whether the coordinators disagree (their graphs must be identical).
-    The header lives on the rank's device: NCCL reduces only CUDA tensors.
-    """
-    _reduce_announcement(torch.tensor([index, phase, -index, -phase], dtype=torch.int64, device=device))
-
-
-def await_announcement(device: torch.device) -> tuple[int, int]:
-    """Expert-actor side of :func:`announce`.
-
-    Expert actors see the same reduced header as the coordinators, so they detect a
-    disagreement in the same all-reduce and fail with them, instead of playing one
-    coordinator's side and waiting in the next all-to-all until ``parallel.timeout_s``.
-    """
-    return guarded("backward announcement (expert actor)",
-                   lambda: _reduce_announcement(torch.full((4,), _NOBODY, dtype=torch.int64, device=device)))
-
-
-def _reduce_announcement(header: Tensor) -> tuple[int, int]:
-    """MAX all-reduce of ``header``; the announced ``(index, phase)``, or an error if coordinators differ.
-
-    After the reduction the header is ``(max index, max phase, -min index, -min phase)``
-    over the coordinators: they agree exactly when max and min coincide. Read on the host
-    in one go: the schedule is host control flow.
-    """
-    guarded("all_reduce of the backward announcement", lambda: dist.all_reduce(header, op=dist.ReduceOp.MAX))
-    max_index, max_phase, neg_min_index, neg_min_phase = header.tolist()
-    high, low = (max_index, max_phase), (-neg_min_index, -neg_min_phase)
-    if high != low:
-        raise RuntimeError(f"coordinators disagree on the backward schedule: they announced dispatches "
-                           f"{low[0]}..{high[0]}, phases {low[1]}..{high[1]} for the same all-to-all; their autograd "
-                           "graphs must be identical (same model and parallel.micro_batches on every coordinator)")
-    return high
 
 
 class ExpertShardModel(nn.Module):
@@ -129,12 +103,161 @@ class ExpertShardModel(nn.Module):
         return [(int(i), block["ffn"]["experts"]) for i, block in self.blocks.items()]  # type: ignore[index]
 
 
+
+
+class RemoteDispatcher:
+    """Coordinator side: plans locally, sends each expert actor its rows, lets the results land later.
+
+    ``asynchronous``: the model (``Transformer.forward_microbatches``) lands a micro-batch's
+    results only when that micro-batch next needs its residual stream.
+    """
+
+    asynchronous = True
+
+    def __init__(self, roles: Roles, capacity_factor: float | None, group: Any,
+                 counters: CommCounters | None = None) -> None:
+        self.roles = roles
+        self.capacity_factor = capacity_factor
+        self.group = group
+        self.counters = counters if counters is not None else CommCounters()
+        self.dispatches = 0  # the key of the next dispatch: every coordinator counts the same
+
+    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
+        r = self.roles
+        num_tokens = x_TD.shape[0]
+        plan = plan_dispatch(routing, r.num_experts, num_groups, num_tokens, self.capacity_factor)
+        counts_XL = plan.tokens_per_expert_E.view(r.num_expert_actors, r.experts_per_actor)
+        rows = counts_XL.sum(1).tolist()  # the split sizes: the one host read of a dispatch
+        trip = Trip(r.expert_actors, rows, counts_XL, self.dispatches, layer, self.group, self.counters)
+        self.dispatches += 1
+        phase = FORWARD if torch.is_grad_enabled() else EVAL
+        reply_ND = SendToExperts.apply(permute(x_TD, plan.token_idx_N), trip, phase)
+        assert isinstance(reply_ND, Tensor)
+        return Dispatched(reply_ND, plan.tokens_per_expert_E[:0], plan, num_tokens, trip)
+
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        """The experts run on the expert actors: their results are on the way."""
+        return dispatched.x_ND
+
+    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        assert isinstance(dispatched.comm, Trip)
+        y_ND = LandFromExperts.apply(y_ND, dispatched.comm)
+        assert isinstance(y_ND, Tensor)
+        plan = dispatched.plan
+        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+
+
+@dataclass
+class Message:
+    """One message from every coordinator: the same phase and key, each coordinator's rows."""
+
+    phase: int
+    key: int
+    layer: int  # block index of the MoE layer
+    route: Route  # rows per coordinator and their regrouping by local expert
+    rows_MD: Tensor  # the coordinators' rows, in coordinator order
+
+
+@dataclass
+class _Incoming:
+    """The next message while it arrives: its headers, then its rows."""
+
+    headers_CH: Tensor
+    headers: Posted
+    rows_MD: Tensor | None = None
+    rows: Posted = field(default_factory=Posted)
+    host: list[list[int]] | None = None  # the headers, read
+
+
+class Inbox:
+    """Receives messages from every coordinator in the order they were sent, the next one ahead.
+
+    The next header's receive is posted as soon as the current rows' receive is, so a
+    coordinator's sends complete while this actor computes (gloo sends wait for the
+    receive); :meth:`prefetch` posts the next rows' receive once their header is in.
+    Every coordinator must send the same phase and key: a coordinator whose graph differs
+    stops the job here, instead of leaving ranks waiting for messages that never come.
+    """
+
+    def __init__(self, server: ExpertServer, messages: int) -> None:
+        self.server = server
+        self.left = messages  # messages not yet posted
+        self.upcoming: _Incoming | None = None
+
+    def _post_headers(self) -> _Incoming | None:
+        if self.left == 0:
+            return None
+        self.left -= 1
+        s = self.server
+        headers_CH = torch.empty(s.roles.num_coordinators, HEADER_PREFIX + s.roles.experts_per_actor,
+                                 dtype=torch.int64, device=s.device)
+        posted = Posted()
+        for c, coordinator in enumerate(s.roles.coordinators):
+            posted.recv(headers_CH[c], coordinator, s.group, "receive of a header from a coordinator")
+        return _Incoming(headers_CH, posted)
+
+    def _post_rows(self, incoming: _Incoming) -> None:
+        incoming.headers.wait()
+        incoming.host = incoming.headers_CH.tolist()  # phase, key and split sizes: one host read
+        s = self.server
+        splits = [sum(h[HEADER_PREFIX:]) for h in incoming.host]
+        incoming.rows_MD = torch.empty(sum(splits), s.d_model, dtype=s.payload_dtype, device=s.device)
+        start = 0
+        for coordinator, n in zip(s.roles.coordinators, splits, strict=True):
+            if n:
+                incoming.rows.recv(incoming.rows_MD[start:start + n], coordinator, s.group,
+                                   "receive of rows from a coordinator")
+            start += n
+
+    def next(self) -> Message:
+        """The next message, waited for."""
+        incoming = self.upcoming or self._post_headers()
+        assert incoming is not None, "more messages asked for than the step brings"
+        if incoming.host is None:
+            self._post_rows(incoming)
+        self.upcoming = self._post_headers()  # after the rows' receive: the order the coordinators send in
+        incoming.rows.wait()
+        return self._message(incoming)
+
+    def prefetch(self) -> None:
+        """Posts the next message's rows receive if its headers are already in (never waits)."""
+        incoming = self.upcoming
+        if incoming is not None and incoming.host is None and incoming.headers.done():
+            self._post_rows(incoming)
+
+    def _message(self, incoming: _Incoming) -> Message:
+        assert incoming.host is not None and incoming.rows_MD is not None
+        first = incoming.host[0][:HEADER_PREFIX]
+        for c, h in enumerate(incoming.host):
+            if h[:HEADER_PREFIX] != first:
+                refuse(f"rank {self.server.rank}: coordinators disagree on the dispatch schedule: coordinator 0 sent "
+                       f"{_describe(first)}, coordinator {c} sent {_describe(h)} as the same message; their autograd "
+                       "graphs must be identical (same model and parallel.micro_batches on every coordinator)")
+        phase, key, layer = first
+        splits = [sum(h[HEADER_PREFIX:]) for h in incoming.host]
+        counts_CL = incoming.headers_CH[:, HEADER_PREFIX:]
+        return Message(phase, key, layer, Route.received(splits, splits, counts_CL), incoming.rows_MD)
+
+
+def refuse(message: str) -> NoReturn:
+    """Stops on a message that breaks the protocol.
+
+    The coordinators wait for replies that will not come: the actor group re-raises this error
+    within its grace period and ends them (``actors/group.py``), long before ``parallel.timeout_s``.
+    """
+    raise CollectiveError(message)
+
+
+def _describe(h: list[int]) -> str:
+    where = f" (MoE block {h[2]})" if len(h) > 2 else ""
+    return f"{PHASE_NAMES.get(h[0], f'phase {h[0]}')} of dispatch {h[1]}{where}"
+
+
 @dataclass
 class _Served:
-    """One dispatch served by this expert actor, kept for its backward."""
+    """One dispatch served in a training forward, kept for its backward."""
 
-    recv_splits: list[int]
-    regroup_idx_M: Tensor
+    route: Route
     x_MD: Tensor  # leaf: the rows received, in local-expert order
     y_MD: Tensor  # the experts' output for them
 
@@ -146,7 +269,7 @@ class _StepClock:
 
 
 class ExpertServer:
-    """Runs an expert actor: the mirror of the coordinators' collective schedule, step after step.
+    """Runs an expert actor: serves the coordinators' messages, then the optimizer step every rank takes.
 
     Has the attributes a checkpoint needs (``model``, ``optimizer``, ``step``,
     ``tokens_seen``, ``ctx.device``) so :mod:`moe_trainer.train.sharded_checkpoint`
@@ -154,105 +277,82 @@ class ExpertServer:
     """
 
     def __init__(self, cfg: Config, rank: int, roles: Roles, device: torch.device, group: Any = None) -> None:
-        self.cfg, self.rank, self.roles = cfg, rank, roles
+        self.cfg, self.rank, self.roles, self.device = cfg, rank, roles, device
         self.model = ExpertShardModel(cfg, roles.expert_range(rank)).to(device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.group = group
-        self.ctx = _DeviceOnly(device)
+        # the coordinators' loss is a mean over their own rows: expert gradients are averaged over them, and the
+        # global norm adds every shard's squares in one all-reduce over the world (the coordinators' norm group)
+        groups = Groups(data=None, expert_replicas=None, replicas=1, norm=group, counts_dense_norm=False)
+        self.ctx = DistributedContext(rank - roles.num_coordinators, roles.num_coordinators, groups, CommCounters(),
+                                      device)
         self.step = 0
         self.tokens_seen = 0
-        self.dispatches = 0  # must count exactly like the coordinators' dispatcher
-        self.micro_batches = cfg.parallel.micro_batches
-        self.accum_steps = cfg.train.grad_accum_steps  # coordinators run this many forward/backward passes a step
+        self.layers = dict(self.model.named_layers())
+        # one message per MoE layer, micro-batch and accumulation pass of the coordinators' forward
+        self.messages_per_pass = len(self.layers) * micro_batches(cfg)
+        self.accum_steps = cfg.train.grad_accum_steps
         self.d_model = cfg.model.d_model
         # the coordinators send rows (and gradients) in the compute dtype: receive buffers must match
         self.payload_dtype = compute_dtype(cfg.train.precision)
 
-    def _rows(self, count: int) -> Tensor:
-        """A receive buffer for ``count`` rows (or an empty send buffer) in the payload dtype."""
-        return torch.empty(count, self.d_model, dtype=self.payload_dtype, device=self.ctx.device)
-
-    # ----- forward: replay of Transformer.forward_microbatches -----
-    def _forward(self, micro_batches: int, keep: bool, clock: _StepClock) -> dict[int, _Served]:
+    def _serve(self, messages: int, phases: tuple[int, ...], clock: _StepClock) -> None:
+        """Serves ``messages`` messages of the given phases, in arrival order; returns once every reply is sent."""
+        inbox, outbox = Inbox(self, messages), Posted()
         served: dict[int, _Served] = {}
-        device = self.ctx.device
-        empty = self._rows(0)
-        for block, experts in self.model.named_layers():
-            pending: list[tuple[int, _Served]] = []
-            for _ in range(micro_batches):
-                index = self.dispatches
-                self.dispatches += 1
-                counts = torch.zeros(self.roles.world * self.roles.experts_per_actor, dtype=torch.int64,
-                                     device=device)
-                label = f"all_to_all dispatch of MoE block {block} (expert actor)"
-                recv_counts_PL = all_to_all_counts(counts, self.group, label)
-                recv_splits = recv_counts_PL.sum(1).tolist()
-                x_peer_MD = self._rows(sum(recv_splits))
-                self._a2a(label, x_peer_MD, empty, recv_splits, [0] * self.roles.world)
-                t0 = mark(device)
-                regroup_idx_M = regroup_index(recv_counts_PL, x_peer_MD.shape[0])
-                x_MD = x_peer_MD.index_select(0, regroup_idx_M).requires_grad_(keep)
-                clock.rows += x_MD.shape[0]
-                with torch.set_grad_enabled(keep):
-                    y_MD = experts(x_MD, recv_counts_PL.sum(0))
-                clock.busy.add(Span.since(t0, device))
-                pending.append((index, _Served(recv_splits, regroup_idx_M, x_MD, y_MD)))
-            for index, item in pending:
-                y_peer_MD = torch.empty_like(item.y_MD).index_copy(0, item.regroup_idx_M, item.y_MD.detach())
-                self._a2a(f"all_to_all combine of MoE block {block} (expert actor)", empty.clone(), y_peer_MD,
-                          [0] * self.roles.world, item.recv_splits)
-                if keep:
-                    served[index] = item
-        return served
-
-    # ----- backward: driven by the coordinators' announcements -----
-    def _backward(self, served: dict[int, _Served], clock: _StepClock) -> None:
-        device = self.ctx.device
-        empty = self._rows(0)
-        for _ in range(2 * len(served)):
-            index, phase = await_announcement(device)
-            item = served[index]
-            if phase == COMBINE_BWD:
-                grad_peer_MD = self._rows(sum(item.recv_splits))
-                self._a2a("all_to_all combine backward (expert actor)", grad_peer_MD, empty, item.recv_splits,
-                          [0] * self.roles.world)
-                t0 = mark(device)
-                item.y_MD.backward(grad_peer_MD.index_select(0, item.regroup_idx_M))
-                clock.busy.add(Span.since(t0, device))
-            else:
+        for _ in range(messages):
+            msg = inbox.next()
+            if msg.phase not in phases:
+                refuse(f"rank {self.rank}: a coordinator sent a {_describe([msg.phase, msg.key, msg.layer])} where "
+                       f"this expert actor expected {' or '.join(PHASE_NAMES[p] for p in phases)}")
+            inbox.prefetch()
+            t0 = mark(self.device)
+            if msg.phase == BACKWARD:
+                item = served.pop(msg.key)
+                item.y_MD.backward(item.route.to_experts(msg.rows_MD))
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
-                grad_peer_MD = torch.empty_like(grad_MD).index_copy(0, item.regroup_idx_M, grad_MD)
-                self._a2a("all_to_all dispatch backward (expert actor)", empty.clone(), grad_peer_MD,
-                          [0] * self.roles.world, item.recv_splits)
-                del served[index]
+                reply = item.route.to_peers(grad_MD)
+            else:
+                experts = self._experts(msg.layer)
+                train = msg.phase == FORWARD
+                x_MD = msg.route.to_experts(msg.rows_MD).requires_grad_(train)
+                clock.rows += x_MD.shape[0]
+                with torch.set_grad_enabled(train):
+                    y_MD = experts(x_MD, msg.route.counts_L)
+                if train:
+                    served[msg.key] = _Served(msg.route, x_MD, y_MD)
+                reply = msg.route.to_peers(y_MD.detach())
+            clock.busy.add(Span.since(t0, self.device))
+            start = 0
+            for coordinator, n in zip(self.roles.coordinators, msg.route.recv_splits, strict=True):
+                if n:
+                    outbox.send(reply[start:start + n], coordinator, self.group,
+                                f"send of {PHASE_NAMES[msg.phase]} replies to coordinator {coordinator}")
+                start += n
+        outbox.wait()
+        assert not served, f"dispatches {sorted(served)} got no backward"
 
-    def _a2a(self, label: str, out: Tensor, inp: Tensor, recv: list[int], send: list[int]) -> None:
-        guarded(label, lambda: dist.all_to_all_single(out, inp, output_split_sizes=recv, input_split_sizes=send,
-                                                      group=self.group))
+    def _experts(self, layer: int) -> SwiGLUExperts:
+        experts = self.layers.get(layer)
+        if experts is None:
+            refuse(f"rank {self.rank}: a coordinator sent rows for block {layer}, which has no MoE layer here "
+                   f"(MoE blocks: {sorted(self.layers)}); every rank builds the same model")
+        return experts
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step: serve the step's forward and backward messages, then update as the Trainer does."""
         clock = _StepClock()
-        t_start = mark(self.ctx.device)
+        t_start = mark(self.device)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
-        for p in self.model.parameters():
-            p.grad = torch.zeros_like(p)
-        for _ in range(self.accum_steps):  # gradients add up in .grad over the passes, as on the coordinators
-            served = self._forward(self.micro_batches, keep=True, clock=clock)
-            self._backward(served, clock)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        for g in grads:  # each coordinator's loss is a mean over its rows: the global gradient is the average
-            g.div_(self.roles.num_coordinators)
-        sq = squared_norms([], grads, self.ctx.device)
-        # the coordinators' grad_norm, same collective
-        guarded("all_reduce of gradient norms", lambda: dist.all_reduce(sq, op=dist.ReduceOp.SUM))
-        t0 = mark(self.ctx.device)
-        norm = sq.sum().sqrt().float()
-        finite = bool(torch.isfinite(norm))  # same global norm as the coordinators: same decision
-        if finite:
-            clipped_step(self.optimizer, norm, self.cfg.train.grad_clip)
-        clock.busy.add(Span.since(t0, self.ctx.device))
+        self.optimizer.zero_grad(set_to_none=True)
+        # every pass: one forward message per MoE layer and micro-batch, and one backward message for each
+        self._serve(2 * self.messages_per_pass * self.accum_steps, (FORWARD, BACKWARD), clock)
+        t0 = mark(self.device)
+        self.ctx.sync_gradients(self.model)
+        finite = apply_update(self.optimizer, self.ctx.grad_norm(self.model), self.cfg.train.grad_clip)
+        clock.busy.add(Span.since(t0, self.device))
         self.step += 1
-        total = Span.since(t_start, self.ctx.device).seconds()  # the step's one wait for its timings
+        total = Span.since(t_start, self.device).seconds()  # the step's one wait for its timings
         busy = clock.busy.take()
         # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
         return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": busy,
@@ -260,12 +360,6 @@ class ExpertServer:
                 "expert_mem_rss_mb": process_memory_mb()}
 
     def evaluate(self, batches: int) -> None:
-        clock = _StepClock()
+        """Serves the coordinators' evaluation forwards (the forwards of a training step, per batch)."""
         with torch.no_grad():
-            for _ in range(batches * self.accum_steps):  # coordinators evaluate in the training step's passes
-                self._forward(self.micro_batches, keep=False, clock=clock)
-
-
-class _DeviceOnly:
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+            self._serve(batches * self.messages_per_pass * self.accum_steps, (EVAL,), _StepClock())

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, unpermute
 from moe_trainer.moe.expert_kernels import ExpertCall, Runs, Saved, claim_weight_grads, swiglu_backward, swiglu_forward
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import AsyncWire
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher, regroup_index
+from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.protocol import regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
 
 
@@ -191,13 +192,11 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
-        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
+        plan = self.plan(x_TD, routing, num_groups)
         order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds,
                                   plan.token_idx_N.numel())
         plan = replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
-        self.dispatches += 1
-        x_ND, recv_counts_PL = self.permute_while_counting(
-            x_TD, plan.token_idx_N, plan.tokens_per_expert_E, f"all_to_all dispatch of MoE block {layer}")
+        x_ND, recv_counts_PL = self.permute_while_counting(x_TD, plan, layer)
         chunks = plan_chunks(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL, self.bounds)
         return Dispatched(x_ND, recv_counts_PL.sum(0), plan, num_tokens, OverlapMeta(chunks, layer))
 

@@ -21,7 +21,7 @@ from moe_trainer.moe.layer import Dispatcher
 from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
 from moe_trainer.parallel.comm import init_process_group, new_group
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.disaggregated import ExpertServer, Roles, announce
+from moe_trainer.parallel.disaggregated import ExpertServer, RemoteDispatcher, Roles
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
 from moe_trainer.parallel.telemetry import CommCounters
@@ -115,9 +115,7 @@ def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.dev
         server = ExpertServer(cfg, rank, r, device, group=world)
         return RankSetup(server, "experts", backend, r.expert_range(rank), save_dense=False, save_experts=True)
     counters = CommCounters()
-    dispatcher = AllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, world, r.world, rank, counters,
-                                    owner_offset=r.num_coordinators, num_owners=r.num_expert_actors,
-                                    announce=announce)
+    dispatcher = RemoteDispatcher(r, cfg.moe.capacity_factor, world, counters)
     groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
     ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
     trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device)

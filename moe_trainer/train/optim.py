@@ -51,6 +51,18 @@ def clipped_step(optimizer: torch.optim.Optimizer, total_norm: Tensor, max_norm:
         del optimizer.grad_scale
 
 
+def apply_update(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: float) -> bool:
+    """The update every rank of every strategy takes: clipped AdamW when the global norm is finite, else none.
+
+    The norm is global (every rank computes the same value), so every rank, coordinator or
+    expert actor, makes the same choice. Returns whether the update was applied.
+    """
+    finite = bool(torch.isfinite(grad_norm))
+    if finite:
+        clipped_step(optimizer, grad_norm, max_norm)
+    return finite
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``cfg.lr`` at ``step``: linear warmup, then cosine down to ``min_lr_ratio``."""
     if cfg.warmup_steps and step < cfg.warmup_steps:

@@ -23,7 +23,7 @@ from moe_trainer.moe.router import global_load_balancing_loss
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
-from moe_trainer.train.optim import build_optimizer, clipped_step, set_lr
+from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
 from moe_trainer.train.precision import autocast
 
 
@@ -213,10 +213,7 @@ class Trainer:
         parts = LossParts.mean(passes)
         self.ctx.sync_gradients(self.model)
         grad_norm = self.ctx.grad_norm(self.model)
-        # the norm is global (every rank computes the same value), so every rank makes the same choice
-        finite = bool(torch.isfinite(grad_norm))
-        if finite:
-            clipped_step(self.optimizer, grad_norm, self.cfg.train.grad_clip)
+        finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
 
         counts = parts.counts  # the global batch's loads (all passes): every replica makes the same bias update
         for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):

@@ -17,6 +17,7 @@ import ray
 import torch
 
 from actors.engine import RayEngine
+from actors.group import FAILURE_GRACE_S
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.train.sharded_checkpoint import read_entries
@@ -135,36 +136,34 @@ def test_every_rank_stops_at_the_skipped_step_that_ends_training(ray_cluster: ob
         engine.close(keep_cluster=True)
 
 
-def announce_one_dispatch_early(worker: Any) -> None:
-    """Runs inside each actor: coordinator rank 1 announces every backward all-to-all one dispatch early.
+def skip_one_dispatch_key(worker: Any) -> None:
+    """Runs inside each actor: coordinator rank 1 numbers its dispatches one ahead of coordinator 0.
 
-    Coordinator 0's (larger) numbers win the MAX all-reduce, so an expert actor that did not
-    check the header would play coordinator 0's all-to-all and wait in it for ``parallel.timeout_s``.
+    Its headers then name a different dispatch than coordinator 0's for the same message; an
+    expert actor that did not compare them would pair the two coordinators' rows of different
+    micro-batches and train on them silently.
     """
-    from moe_trainer.parallel.disaggregated import announce
-
     if worker.rank == 1:
-        for layer in worker.setup.runner.model.moe_layers():
-            layer.dispatcher.announce = lambda index, phase, device: announce(index - 1, phase, device)
+        worker.setup.runner.model.moe_layers()[0].dispatcher.dispatches += 1
 
 
-def test_coordinators_that_disagree_stop_every_rank_within_seconds(ray_cluster: object, make_config: Any) -> None:
-    timeout_s = 120  # a rank left waiting in a collective would fail only after this
+def test_coordinators_that_disagree_stop_the_job_within_seconds(ray_cluster: object, make_config: Any) -> None:
+    timeout_s = 120  # a rank left waiting for a message would fail only after this
     cfg = make_config("parallel=disaggregated", "parallel.num_coordinators=2", "parallel.num_expert_actors=1",
                       f"parallel.timeout_s={timeout_s}")
     engine = RayEngine(cfg)
     try:
-        engine.group.call("__ray_call__", announce_one_dispatch_early)
+        engine.group.call("__ray_call__", skip_one_dispatch_key)
         start = time.monotonic()
-        refs = [actor.train.remote(1) for actor in engine.group.actors]  # every rank's own outcome, not the first
-        done, pending = ray.wait(refs, num_returns=len(refs), timeout=30)
-        assert not pending, f"ranks {[refs.index(r) for r in pending]} still running after 30 s"
+        # the expert actor names the cause; the coordinators, waiting for its replies, are ended by the group
+        with pytest.raises(CollectiveError, match="coordinators disagree on the dispatch schedule") as err:
+            engine.train(1)
         seconds = time.monotonic() - start
-        for rank, ref in enumerate(refs):
-            with pytest.raises(CollectiveError, match="disagree on the backward schedule") as err:
-                ray.get(ref)
-            assert f"rank {rank}:" in str(err.value)
-        print(f"every rank failed within {seconds:.3f} s (parallel.timeout_s={timeout_s})")
+        assert "rank 2:" in str(err.value)
+        assert "forward of dispatch 0 (MoE block 0)" in str(err.value), err.value
+        assert "forward of dispatch 1 (MoE block 0)" in str(err.value), err.value
+        assert seconds < FAILURE_GRACE_S + 20, f"{seconds:.1f} s"
+        print(f"the job stopped after {seconds:.1f} s (parallel.timeout_s={timeout_s}): {err.value}")
     finally:
         engine.close(keep_cluster=True)
 

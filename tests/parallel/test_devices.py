@@ -22,9 +22,9 @@ from moe_trainer.model.transformer import Transformer
 from moe_trainer.moe.layer import MoELayer
 from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.disaggregated import announce
 from moe_trainer.parallel.dispatcher import AllToAllDispatcher
 from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+from moe_trainer.parallel.protocol import FORWARD, header
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.train.trainer import SingleContext, Trainer
 
@@ -80,9 +80,10 @@ def test_moe_layer_forward_backward(group: Any, path: str, cf: float | None) -> 
     assert_follows_inputs(run)
 
 
-def test_disaggregated_backward_announcement(group: Any) -> None:
-    """The header goes to an all-reduce: on NCCL it must be a CUDA tensor, i.e. on the rank's device."""
-    assert_follows_inputs(lambda: announce(3, 1, torch.device("cpu")))
+def test_disaggregated_message_header(group: Any) -> None:
+    """A header travels point to point: on NCCL it must be a CUDA tensor, i.e. on the counts' device."""
+    counts = torch.tensor([[2, 0], [1, 1]])
+    assert_follows_inputs(lambda: header(FORWARD, 3, 1, counts))
 
 
 @pytest.mark.parametrize("strategy", ["single", "expert_parallel"])
