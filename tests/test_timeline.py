@@ -1,17 +1,23 @@
-"""The step timeline recorder: sampling, events in wall-clock order, lanes, no-ops, and no device waits."""
+"""Step timelines: the recorder (sampling, events in wall-clock order, lanes, no-ops, no device waits), a real run."""
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from moe_trainer import timeline as timeline_module
+from moe_trainer.logging import find_offline_runs, iter_records, read_offline_run
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.report import build_report
 from moe_trainer.timeline import CATEGORIES, Timeline, assign_lanes, chrome_trace, is_sampled, timeline
 from moe_trainer.timing import Span, mark
+from tests.helpers import train_run
+from tests.report.test_report import assert_real_png
 from tests.test_timing import FakeEvent
 
 CPU = torch.device("cpu")
@@ -149,3 +155,39 @@ def test_chrome_trace_starts_the_step_at_zero_and_keeps_ranks_aligned() -> None:
     assert first["ph"] == "M"
     assert [(e["pid"], e["ts"], e["dur"]) for e in timed] == [(0, 0.0, 30.0), (1, 250.0, 20.0)]
 
+
+def test_a_single_run_writes_its_step_2_trace_to_the_run_dir_the_wandb_run_and_the_report(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Through the real driver (``parallel=single``, offline W&B), then ``moe-report`` on the run dir."""
+    run_dir = tmp_path / "run"
+    result = train_run(run_dir, "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=0",
+                       "logger.mode=offline")
+    assert "wandb" not in capfd.readouterr().err.lower(), "saving the file printed a W&B line on the console"
+    assert sorted(p.name for p in (run_dir / "timelines").iterdir()) == ["step_000002.json"]
+    trace = json.loads((run_dir / "timelines" / "step_000002.json").read_text())
+    assert trace["displayTimeUnit"] == "ms"
+    assert {k: trace["metadata"][k] for k in ("strategy", "step", "ranks")} == {"strategy": "single", "step": 2,
+                                                                                 "ranks": [0]}
+    spans = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    for e in spans:  # what a Chrome trace viewer needs of a complete event
+        assert {"name", "cat", "ph", "ts", "dur", "pid", "tid", "args"} <= set(e)
+        assert isinstance(e["ts"], float) and e["ts"] >= 0 and e["dur"] >= 0 and e["cat"] in CATEGORIES
+    assert min(e["ts"] for e in spans) == 0.0
+    assert {"forward", "backward", "grad sync", "grad norm", "optimizer"} <= {e["name"] for e in spans}
+    names = [e for e in trace["traceEvents"] if e["ph"] == "M" and e["name"] == "process_name"]
+    assert [e["args"]["name"] for e in names] == ["rank 0 · single"]
+    assert not any("timeline" in r for r in result.records), "the event list went into metrics.jsonl"
+
+    (offline,) = find_offline_runs(run_dir / "wandb")
+    saved = offline / "files" / "timelines" / "step_000002.json"
+    assert not saved.is_symlink() and json.loads(saved.read_text()) == trace
+    # what `wandb sync` uploads: the file is named in the run's transaction log
+    (log,) = offline.glob("run-*.wandb")
+    files = [item.path for record in iter_records(log) if record.WhichOneof("record_type") == "files"
+             for item in record.files.files]
+    assert "timelines/step_000002.json" in files
+    assert not any(key.startswith(("timeline", "perf/timeline")) for key in read_offline_run(offline).metric_keys())
+
+    _, written = build_report([run_dir], tmp_path / "report")
+    assert "timeline_single_step000002.png" in written
+    assert_real_png(tmp_path / "report" / "timeline_single_step000002.png")
