@@ -84,6 +84,8 @@ class TrainWorker:
         from moe_trainer.parallel.setup import build_rank, local_parameter_counts
 
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
+        if self.setup.role != "experts":  # the trainer's timeline names this rank by its place in the whole job
+            self.setup.runner.ctx.global_rank, self.setup.runner.ctx.role = self.rank, self.setup.role
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "role": self.setup.role, "backend": self.setup.backend, "expert_range": list(self.setup.expert_range),
                 **local_parameter_counts(self.setup.runner.model)}

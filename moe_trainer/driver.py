@@ -18,6 +18,7 @@ from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
 from moe_trainer.outputs import RunOutputs
 from moe_trainer.startup import phase
+from moe_trainer.train.aggregate import TIMELINE_KEY
 from moe_trainer.train.checkpoint import list_checkpoints, prune_checkpoints
 from moe_trainer.train.nan_guard import SkipPolicy
 
@@ -94,6 +95,9 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 phase(f"first step done, {summary['time_to_first_step_s']:.1f} s after start")
             bar.update(len(records))
             for i, record in enumerate(records):
+                events = record.pop(TIMELINE_KEY, None)  # a sampled step's trace: its own file, whether logged or not
+                if events:
+                    outputs.write_timeline(int(record["step"]), events)
                 # the engine's own policy (which may have counted skips before this call) is authoritative:
                 # a chunk that ended early ended at a step that stops training
                 cut_short = i == len(records) - 1 and len(records) < asked

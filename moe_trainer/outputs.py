@@ -1,7 +1,10 @@
-"""Where a run's results go: resolved config, ``metrics.jsonl``, and the W&B run, all in the run dir.
+"""Where a run's results go: resolved config, ``metrics.jsonl``, step timelines and the W&B run, all in the run dir.
 
 Records are written with the same keys by every strategy; W&B gets the same
 values flattened into ``train/``, ``balance/``, ``perf/`` and ``eval/`` panels.
+A sampled step's timeline (every rank's events) is a file of its own,
+``timelines/step_NNNNNN.json`` (Chrome trace), saved to the W&B run as a file: as
+metrics it would be thousands of values per step that no chart can draw.
 """
 
 from __future__ import annotations
@@ -15,10 +18,18 @@ import yaml
 
 from moe_trainer.config.schema import LoggerConfig
 from moe_trainer.logging import RunLogger
+from moe_trainer.timeline import chrome_trace
+from moe_trainer.train.aggregate import TIMELINE_KEY
 
 _TRAIN = ("loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens")
 _BALANCE = ("load_imbalance", "load_cv", "dropped_frac", "router_entropy")
 WANDB_ID_FILE = "wandb/run_id"  # in the run dir: the W&B run a resume from this run continues
+TIMELINES_DIR = "timelines"  # in the run dir: one Chrome trace per sampled step
+
+
+def timeline_path(run_dir: Path, step: int) -> Path:
+    """Where step ``step``'s trace goes: ``RUN_DIR/timelines/step_000002.json`` (sorts by step)."""
+    return run_dir / TIMELINES_DIR / f"step_{step:06d}.json"
 
 
 def wandb_run_id(run_dir: Path) -> str | None:
@@ -89,6 +100,7 @@ class RunOutputs:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         self.metrics_path = run_dir / "metrics.jsonl"
         self._metrics = self.metrics_path.open("a")
+        self.strategy, self.group = strategy, logger_cfg.group
         tags = [*logger_cfg.tags, strategy]
         self.wandb = RunLogger(replace(logger_cfg, tags=tags), run_dir, job_type=strategy, config=resolved_config,
                                run_id=wandb_run_id)
@@ -100,6 +112,8 @@ class RunOutputs:
         self.first_val_loss: float | None = None
 
     def log(self, record: dict[str, Any]) -> None:
+        """Writes a record to ``metrics.jsonl`` and W&B; timeline events never go there (see :meth:`write_timeline`)."""
+        record = {k: v for k, v in record.items() if k != TIMELINE_KEY}
         if self.first_val_loss is None and "val_loss" in record:
             self.first_val_loss = float(record["val_loss"])
         self._metrics.write(json.dumps(record) + "\n")
@@ -108,6 +122,20 @@ class RunOutputs:
             self.wandb.log(wandb_metrics(record), step=int(record["step"]))
             for i, layer in enumerate(record.get("layers", [])):
                 self._load_rows.extend([record["step"], i, e, n] for e, n in enumerate(layer["tokens_per_expert"]))
+
+    def write_timeline(self, step: int, events: list[dict[str, Any]]) -> Path:
+        """Writes step ``step``'s events of every rank as a Chrome trace and adds it to the W&B run's files.
+
+        The trace starts at 0 for the step; ``chrome://tracing``, https://ui.perfetto.dev and
+        ``moe-report`` open it. A step redone after a restart overwrites its file.
+        """
+        path = timeline_path(self.run_dir, step)
+        path.parent.mkdir(exist_ok=True)
+        trace = chrome_trace(events, {"strategy": self.strategy, "step": step, "group": self.group,
+                                      "run_dir": str(self.run_dir)})
+        path.write_text(json.dumps(trace, separators=(",", ":")))
+        self.wandb.save_file(path, f"{TIMELINES_DIR}/{path.name}")
+        return path
 
     def write_processes(self, info: dict[str, Any]) -> None:
         """``processes.json``: which process (pid, node) is which rank, rewritten after each restart."""

@@ -56,6 +56,12 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
         metric_keys[run.name] = {k for r in records if "loss" in r for k in r if not k.startswith(("coord_",
                                                                                                     "expert_"))}
         assert "params_total" in logged.summary and "mem_rss_mb_per_process" in logged.summary
+        # step 2's timeline: every rank that runs the trainer (expert actors add theirs when they record one)
+        trace = json.loads((run / "timelines" / "step_000002.json").read_text())
+        roles = json.loads((run / "processes.json").read_text())["roles"]
+        trainers = {rank for rank, role in enumerate(roles) if role != "experts"}
+        assert trainers <= {e["pid"] for e in trace["traceEvents"] if e["ph"] == "X"}, run.name
+        assert (offline / "files" / "timelines" / "step_000002.json").is_file(), run.name
     assert len({frozenset(v) for v in keys.values()}) == 1, keys  # one dashboard fits every strategy
     assert len({frozenset(v) for v in metric_keys.values()}) == 1
     assert {"comm/a2a_bytes_sent", "comm/comm_share", "balance/load_imbalance", "perf/tokens_per_s",
@@ -68,6 +74,7 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     assert {"tokens_per_s.png", "comm_share.png", "load_imbalance.png", "loss_vs_step.png", "loss_vs_tokens.png",
             "summary.md", "summary.html"} <= written
     assert sum(name.startswith("expert_load_") for name in written) == 3 * 2  # runs x MoE layers
+    assert sum(name.startswith("timeline_") and name.endswith("_step000002.png") for name in written) == 3
     table = (tmp_path / "report" / "summary.md").read_text()
     for strategy in ("data_parallel", "expert_parallel", "disaggregated"):
         assert strategy in table

@@ -331,6 +331,10 @@ def validate_batch_split(cfg: Config) -> None:
 
 def validate_logger(cfg: Config) -> None:
     _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
+    if cfg.logger.timeline_every < 0:
+        raise ConfigError("logger.timeline_every", cfg.logger.timeline_every,
+                          "must be >= 0: 0 records no step timelines, N records step 2 and every N-th step; "
+                          "use logger.timeline_every=0 to turn them off")
     _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
 
 

@@ -32,6 +32,7 @@ import netrc
 import os
 import re
 import shlex
+import shutil
 import sys
 import time
 from collections.abc import Mapping
@@ -267,6 +268,31 @@ class RunLogger:
             self._run.log({key: wandb.Table(columns=columns, data=rows), self.step_metric: int(step)})
         except Exception as exc:
             self._warn("log", f"W&B table log failed ({_one_line(exc)})")
+
+    def save_file(self, path: Path, name: str) -> Path | None:
+        """Adds ``path`` to the run's files as ``name`` (uploaded now when online, by ``wandb sync`` when offline).
+
+        Returns the copy in the run's ``files/`` dir (None when W&B is off or the save failed).
+        The file is hard-linked there (copied where links fail) before ``run.save``, which then
+        only registers it: given a file from elsewhere, wandb would symlink it (broken once the
+        run dir is moved or copied) and print a line on the console each time.
+        """
+        if not self.active:
+            return None
+        try:
+            files_dir = Path(self._run.settings.files_dir)
+            target = files_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copyfile(path, target)
+            self._run.save(str(target), base_path=str(files_dir), policy="now", glob=False)
+            return target
+        except Exception as exc:
+            self._warn("save", f"W&B file save failed ({_one_line(exc)}); the file stays in the run dir")
+            return None
 
     def log_summary(self, values: Mapping[str, Any]) -> None:
         """Sets final/best values (e.g. ``best_val_loss``) shown in the W&B runs table."""

@@ -39,7 +39,9 @@ from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.p2p import LandFromExperts, Posted, SendToExperts, Trip
 from moe_trainer.parallel.protocol import BACKWARD, EVAL, FORWARD, HEADER_PREFIX, PHASE_NAMES, Route
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Elapsed, Span, mark
+from moe_trainer.train.aggregate import TIMELINE_KEY
 from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
 from moe_trainer.train.precision import compute_dtype
 from moe_trainer.train.trainer import process_memory_mb
@@ -210,14 +212,19 @@ class Inbox:
             start += n
 
     def next(self) -> Message:
-        """The next message, waited for."""
+        """The next message, waited for (the wait is this actor's idle time: a timeline ``wait`` region)."""
+        device = self.server.device
+        t0 = mark(device)
         incoming = self.upcoming or self._post_headers()
         assert incoming is not None, "more messages asked for than the step brings"
         if incoming.host is None:
             self._post_rows(incoming)
         self.upcoming = self._post_headers()  # after the rows' receive: the order the coordinators send in
         incoming.rows.wait()
-        return self._message(incoming)
+        msg = self._message(incoming)
+        timeline.span(f"wait for {PHASE_NAMES[msg.phase]} rows", "wait", Span.since(t0, device),
+                      {"dispatch": msg.key, "block": msg.layer, "rows": msg.rows_MD.shape[0]})
+        return msg
 
     def prefetch(self) -> None:
         """Posts the next message's rows receive if its headers are already in (never waits)."""
@@ -322,7 +329,10 @@ class ExpertServer:
                 if train:
                     served[msg.key] = _Served(msg.route, x_MD, y_MD)
                 reply = msg.route.to_peers(y_MD.detach())
-            clock.busy.add(Span.since(t0, self.device))
+            span = Span.since(t0, self.device)
+            clock.busy.add(span)
+            timeline.span(f"experts {PHASE_NAMES[msg.phase]}", "compute", span,
+                          {"dispatch": msg.key, "block": msg.layer, "rows": msg.rows_MD.shape[0]})
             start = 0
             for coordinator, n in zip(self.roles.coordinators, msg.route.recv_splits, strict=True):
                 if n:
@@ -343,21 +353,28 @@ class ExpertServer:
         """One optimizer step: serve the step's forward and backward messages, then update as the Trainer does."""
         clock = _StepClock()
         t_start = mark(self.device)
+        timeline.begin_step(self.step + 1, self.rank, "experts", self.device,
+                            is_sampled(self.step + 1, self.cfg.logger.timeline_every))
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.optimizer.zero_grad(set_to_none=True)
         # every pass: one forward message per MoE layer and micro-batch, and one backward message for each
         self._serve(2 * self.messages_per_pass * self.accum_steps, (FORWARD, BACKWARD), clock)
         t0 = mark(self.device)
-        self.ctx.sync_gradients(self.model)
-        finite = apply_update(self.optimizer, self.ctx.grad_norm(self.model), self.cfg.train.grad_clip)
+        with timeline.region("grad sync", "sync", self.device):
+            self.ctx.sync_gradients(self.model)
+        with timeline.region("grad norm", "sync", self.device):
+            grad_norm = self.ctx.grad_norm(self.model)
+        with timeline.region("optimizer", "optimizer", self.device):
+            finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
         clock.busy.add(Span.since(t0, self.device))
         self.step += 1
         total = Span.since(t_start, self.device).seconds()  # the step's one wait for its timings
+        events = timeline.end_step()
         busy = clock.busy.take()
         # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
         return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": busy,
                 "expert_wait_s": total - busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
-                "expert_mem_rss_mb": process_memory_mb()}
+                "expert_mem_rss_mb": process_memory_mb(), **({TIMELINE_KEY: events} if events is not None else {})}
 
     def evaluate(self, batches: int) -> None:
         """Serves the coordinators' evaluation forwards (the forwards of a training step, per batch)."""

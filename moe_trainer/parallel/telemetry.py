@@ -2,12 +2,15 @@
 
 Times are kept as :class:`~moe_trainer.timing.Elapsed` totals: on GPU the regions are CUDA
 event pairs, resolved in :meth:`CommCounters.take`, once per step (see :mod:`moe_trainer.timing`).
+Each timed transfer also goes to the step timeline (:mod:`moe_trainer.timeline`; a no-op
+outside a sampled step), so every dispatcher that counts its transfers draws them too.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from moe_trainer.timeline import timeline
 from moe_trainer.timing import Elapsed, Span
 
 PHASES = ("dispatch", "combine", "dispatch_bwd", "combine_bwd")
@@ -40,6 +43,9 @@ class CommCounters:
         self.rows_recv[phase] += rows_recv
         self.bytes_sent[phase] += rows_sent * row_bytes
         self.seconds[phase].add(seconds)
+        if timeline.recording and isinstance(seconds, Span):  # a timed transfer: a region of the step timeline
+            timeline.span(phase, "transfer", seconds, {"rows_sent": rows_sent, "rows_recv": rows_recv,
+                                                      "bytes_sent": rows_sent * row_bytes})
 
     def add_transfer(self, phase: str, sent_splits: list[int], recv_splits: list[int], me: int, row_bytes: int,
                      seconds: float | Span) -> None:

@@ -1,4 +1,4 @@
-"""``moe-report RUN_DIR... [--out DIR]``: the command line around load -> plots -> summary."""
+"""``moe-report RUN_DIR... [--out DIR] [--timeline-step N] [--timeline-scale shared|own]``: load -> plots -> summary."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from moe_trainer.report.gantt import SCALES, write_gantts
 from moe_trainer.report.load import MAX_DEPTH, METRICS_FILE, Run, load_runs
 from moe_trainer.report.plots import write_plots
 from moe_trainer.report.summary import run_stats, write_html, write_markdown
@@ -16,9 +17,12 @@ class NoRunsError(ValueError):
     """A path given holds no run dir: reporting on the others would silently drop a run the user asked for."""
 
 
-def build_report(paths: Sequence[Path], out: Path) -> tuple[list[Run], list[str]]:
+def build_report(paths: Sequence[Path], out: Path, timeline_step: int | None = None,
+                 timeline_scale: str = "shared") -> tuple[list[Run], list[str]]:
     """Loads the runs under ``paths`` and writes figures, ``summary.md`` and ``summary.html`` into ``out``.
 
+    Runs with step timelines get a Gantt chart of ``timeline_step`` (default: their newest
+    sampled step), on one x axis for all runs unless ``timeline_scale="own"``.
     Returns the runs (labelled) and the files written, figures first.
     """
     runs, empty = load_runs(paths)
@@ -27,7 +31,7 @@ def build_report(paths: Sequence[Path], out: Path) -> tuple[list[Run], list[str]
         raise NoRunsError(f"no run directory (a folder with {METRICS_FILE}, searched {MAX_DEPTH} levels deep) "
                           f"in: {where}")
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_plots(runs, out)
+    figures = write_plots(runs, out) + write_gantts(runs, out, timeline_step, timeline_scale)
     stats = [run_stats(run) for run in runs]
     write_markdown(stats, figures, out / "summary.md")
     write_html(stats, figures, out / "summary.html")
@@ -45,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                              f"multirun dir (searched {MAX_DEPTH} levels deep)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where to write the report (default: FIRST_RUN_DIR/report)")
+    parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
+                        help="draw the step timeline (Gantt chart) of step N in each run that sampled it "
+                             "(default: each run's newest sampled step; see logger.timeline_every)")
+    parser.add_argument("--timeline-scale", choices=SCALES, default="shared",
+                        help="shared: every timeline chart on the x axis of the longest step, so runs compare "
+                             "by eye (default); own: each fitted to its step")
     return parser
 
 
@@ -54,12 +64,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     first: Path = args.runs[0]
     out: Path = args.out or (first / "report" if first.is_dir() else Path("report"))
     try:
-        runs, files = build_report(args.runs, out)
+        runs, files = build_report(args.runs, out, args.timeline_step, args.timeline_scale)
     except NoRunsError as err:
         print(f"moe-report: {err}", file=sys.stderr)
         sys.exit(2)
     for run in runs:
         note = f" ({run.skipped_lines} unreadable lines skipped)" if run.skipped_lines else ""
+        if args.timeline_step is not None and run.timelines and args.timeline_step not in run.timelines:
+            note += f" (no timeline of step {args.timeline_step}; it has steps {', '.join(map(str, run.timelines))})"
         print(f"{run.label}: {run.path}{note}")
     print(f"wrote {len(files) - 2} figures, summary.md and summary.html for {len(runs)} runs")
     print(out, flush=True)

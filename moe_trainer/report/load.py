@@ -1,7 +1,8 @@
 """Reads finished (or crashed, or still running) ``moe-train`` run directories from disk.
 
-Only the files ``moe-train`` writes itself are used: ``config.yaml``, ``summary.json`` and
-``metrics.jsonl``, so a report needs neither a W&B server nor the W&B files. Everything is read
+Only the files ``moe-train`` writes itself are used: ``config.yaml``, ``summary.json``,
+``metrics.jsonl`` and the step timelines (``timelines/step_*.json``), so a report needs
+neither a W&B server nor the W&B files. Everything is read
 tolerantly: a run killed mid-write has no ``summary.json`` and may end in a half-written line,
 and new record keys appear as strategies gain telemetry; none of that should stop a report.
 """
@@ -11,13 +12,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 METRICS_FILE = "metrics.jsonl"
+TIMELINE_FILE = re.compile(r"step_(\d+)\.json")  # in RUN_DIR/timelines/ (moe_trainer.outputs.timeline_path)
 MAX_DEPTH = 2  # a Hydra sweep dir holds job dirs one level down; a date dir holds them two down
 CURVE_MIN_STEPS = 3  # fewer logged steps draw a point or a straight segment: no curve to read a trend from
 
@@ -34,6 +36,7 @@ class Run:
     label: str = ""  # legend/table name, unique among the runs of one report (see assign_labels)
     slug: str = ""  # ``label`` made safe for file names
     skipped_lines: int = 0  # unparsable lines in metrics.jsonl (e.g. a truncated last line)
+    timelines: dict[int, Path] = field(default_factory=dict)  # sampled step -> its Chrome trace file
 
     @property
     def strategy(self) -> str:
@@ -123,6 +126,16 @@ def _by_step(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return [latest[s] for s in sorted(latest)]
 
 
+def find_timelines(run_dir: Path) -> dict[int, Path]:
+    """The step timelines a run dir holds, by step (empty when it has none)."""
+    try:
+        files = list((run_dir / "timelines").iterdir())
+    except OSError:
+        return {}
+    found = {int(m.group(1)): f for f in files if (m := TIMELINE_FILE.fullmatch(f.name)) and f.is_file()}
+    return dict(sorted(found.items()))
+
+
 def load_run(path: Path) -> Run:
     """Parses one run dir; missing or damaged files give empty parts rather than an error."""
     train: list[dict[str, Any]] = []
@@ -147,7 +160,7 @@ def load_run(path: Path) -> Run:
         elif isinstance(record.get("val_loss"), int | float):
             evals.append(record)
     return Run(path=path, config=_read_yaml(path / "config.yaml"), summary=_read_json(path / "summary.json"),
-               train=_by_step(train), evals=_by_step(evals), skipped_lines=skipped)
+               train=_by_step(train), evals=_by_step(evals), skipped_lines=skipped, timelines=find_timelines(path))
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -36,7 +36,8 @@ def _style(i: int, stacked: bool = False) -> dict[str, object]:
     return {"color": _COLORS[i % len(_COLORS)], "linestyle": _STYLES[i % len(_STYLES)], "linewidth": width}
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
+    """Renders ``fig`` to a PNG at the report's resolution, on its own Agg canvas (no pyplot state)."""
     FigureCanvasAgg(fig)
     fig.savefig(path, dpi=DPI)
 
@@ -174,17 +175,17 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[tuple[str, str]]:
          "max/mean tokens per expert (1 = balanced)", False, True),
     ]
     for name, title, key, default, ylabel, percent, stacked in line_plots:
-        _save(line_figure(runs, key, default, title, ylabel, percent, stacked), out / name)
+        save_figure(line_figure(runs, key, default, title, ylabel, percent, stacked), out / name)
         figures.append((name, title))
-    _save(loss_figure(runs, x_tokens=False), out / "loss_vs_step.png")
+    save_figure(loss_figure(runs, x_tokens=False), out / "loss_vs_step.png")
     figures.append(("loss_vs_step.png", "Loss vs step"))
-    _save(loss_figure(runs, x_tokens=True), out / "loss_vs_tokens.png")
+    save_figure(loss_figure(runs, x_tokens=True), out / "loss_vs_tokens.png")
     figures.append(("loss_vs_tokens.png", "Loss vs tokens"))
     for run in runs:
         for layer in range(run.num_layers):
             name = f"expert_load_{run.slug}_layer{layer}.png"
             fig = heatmap_figure(run, layer)
             if fig is not None:
-                _save(fig, out / name)
+                save_figure(fig, out / name)
                 figures.append((name, f"Expert load: {run.label}, layer {layer}"))
     return figures

@@ -3,7 +3,9 @@
 Values that every rank computed from all-reduced tensors (losses, loads) are
 taken from rank 0. Values that differ per rank (timings, rows moved) appear as
 the mean under their own name, plus ``_max``, ``_argmax`` (the slowest rank) and
-``_per_rank``, so stragglers show.
+``_per_rank``, so stragglers show. A sampled step's timeline events (``"timeline"``,
+one list per rank) are joined into one list of every rank's events: the driver writes
+them as the step's trace file and logs none of them as metrics.
 """
 
 from __future__ import annotations
@@ -17,8 +19,20 @@ PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "load_imbalance_local", "grad_sync
                                      for what in ("rows_sent", "rows_recv", "time_s")))
 
 
+TIMELINE_KEY = "timeline"
+
+
+def merge_timelines(record: dict[str, Any], per_rank: list[dict[str, Any]]) -> None:
+    """Appends the timeline events of ``per_rank`` to ``record``'s (in place; ranks without one add nothing)."""
+    lists = [r[TIMELINE_KEY] for r in per_rank if r.get(TIMELINE_KEY) is not None]
+    if lists:
+        record[TIMELINE_KEY] = [*record.get(TIMELINE_KEY, []), *(e for events in lists for e in events)]
+
+
 def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     record = dict(per_rank[0])
+    record.pop(TIMELINE_KEY, None)  # rank 0's events are not the step's: every rank's are
+    merge_timelines(record, per_rank)
     for key in PER_RANK_KEYS:
         if key not in record:
             continue
@@ -47,8 +61,10 @@ def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list
 
     Coordinators wait inside all-to-alls (for the expert actors and the wire);
     expert actors wait for coordinators between their bursts of expert compute.
+    The expert actors' timeline events of a sampled step join the coordinators'.
     """
     for record, expert_steps in zip(records, zip(*expert_records_per_rank, strict=True), strict=True):
+        merge_timelines(record, list(expert_steps))
         step_time = max(record["step_time_s"], 1e-12)
         record["coord_wait_s"] = record["a2a_time_s"]
         record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]

@@ -21,6 +21,7 @@ from moe_trainer.device import to_device
 from moe_trainer.model.transformer import ModelOutput, Transformer
 from moe_trainer.moe.router import global_load_balancing_loss
 from moe_trainer.parallel.telemetry import CommCounters
+from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
@@ -34,7 +35,12 @@ class BatchSource(Protocol):
 
 
 class ParallelContext(Protocol):
-    """What the step needs from a parallel strategy."""
+    """What the step needs from a parallel strategy.
+
+    Two optional attributes name the rank in step timelines (:mod:`moe_trainer.timeline`):
+    ``global_rank`` (its rank in the whole job, not ``dp_rank``) and ``role`` (``trainer``,
+    ``coordinator``...); a context without them is rank 0 of role ``single``.
+    """
 
     dp_rank: int  # this process's data-parallel rank (which rows of the global batch it reads)
     dp_world: int  # number of data-parallel ranks
@@ -58,6 +64,8 @@ class SingleContext:
 
     dp_rank = 0
     dp_world = 1
+    global_rank = 0
+    role = "single"
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device if device is not None else torch.device("cpu")
@@ -196,32 +204,44 @@ class Trainer:
         """One optimizer step over the global batch, in ``train.grad_accum_steps`` forward/backward passes.
 
         Each pass's loss is divided by the number of passes, so the accumulated gradient is the
-        mean over the step's rows, as one pass over the whole batch would give.
+        mean over the step's rows, as one pass over the whole batch would give. A sampled step
+        (``logger.timeline_every``) also records its timeline, returned under ``"timeline"``.
         """
         self.ctx.telemetry()  # drop what evaluation moved since the last step: records cover this step only
-        t0 = mark(self.ctx.device)
+        device = self.ctx.device
+        step = self.step + 1  # the number this step's record carries
+        timeline.begin_step(step, getattr(self.ctx, "global_rank", 0), getattr(self.ctx, "role", "single"), device,
+                            is_sampled(step, self.cfg.logger.timeline_every))
+        t0 = mark(device)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         passes, tokens = [], 0
-        for share, shares in self.accumulation_shares():
+        for a, (share, shares) in enumerate(self.accumulation_shares()):
             inputs, targets = self._to_device(self.data.train_batch(self.step, share, shares))
-            part = self.loss(inputs, targets)
-            (part.total / self.accum_steps).backward()
+            with timeline.region("forward", "compute", device, {"pass": a}):
+                part = self.loss(inputs, targets)
+            with timeline.region("backward", "compute", device, {"pass": a}):
+                (part.total / self.accum_steps).backward()
             passes.append(part.detached())
             tokens += inputs.numel() * self.ctx.dp_world
         parts = LossParts.mean(passes)
-        self.ctx.sync_gradients(self.model)
-        grad_norm = self.ctx.grad_norm(self.model)
-        finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
-
-        counts = parts.counts  # the global batch's loads (all passes): every replica makes the same bias update
-        for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
-            if finite:
-                layer.router.update_bias(load_E)
-        losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach().double())
+        with timeline.region("grad sync", "sync", device):
+            self.ctx.sync_gradients(self.model)
+        with timeline.region("grad norm", "sync", device):
+            grad_norm = self.ctx.grad_norm(self.model)
+        with timeline.region("optimizer", "optimizer", device):
+            finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
+            counts = parts.counts  # the global batch's loads (all passes): every replica makes the same bias update
+            for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
+                if finite:
+                    layer.router.update_bias(load_E)
+        with timeline.region("loss all-reduce", "sync", device):
+            losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach()
+                                             .double())
         losses = losses / self.ctx.dp_world
-        step_time = Span.since(t0, self.ctx.device).seconds()  # on GPU: the step's one wait for its timings
+        step_time = Span.since(t0, device).seconds()  # on GPU: the step's one wait for its timings
+        events = timeline.end_step()  # after the step's wait: resolving its spans costs nothing more
         self.step += 1
         self.tokens_seen += tokens
         record: dict[str, Any] = {
@@ -246,10 +266,13 @@ class Trainer:
         bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]
         if self.cfg.moe.bias_balancing:
             record["expert_bias"] = bias
+        if events is not None:
+            record["timeline"] = events
         return StepResult(self.step, record)
 
     def _global_counts(self, local: LoadCounts) -> LoadCounts:
-        summed = self.ctx.all_reduce_sum(local.as_tensor(), "router loads (global aux loss, bias, metrics)")
+        with timeline.region("router loads all-reduce", "sync", self.ctx.device):
+            summed = self.ctx.all_reduce_sum(local.as_tensor(), "router loads (global aux loss, bias, metrics)")
         # every data-parallel rank runs the same number of micro-batches
         return LoadCounts.from_tensor(summed, local.num_layers, self.cfg.moe.num_experts,
                                       local.batches * self.ctx.dp_world)

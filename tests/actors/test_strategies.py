@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,14 @@ def test_expert_parallel_moves_tokens_and_shards_experts(ray_cluster: object, tm
         assert all(n > 0 for n in record["a2a_dispatch_rows_sent_per_rank"])
         assert sum(record["a2a_dispatch_rows_sent_per_rank"]) == sum(record["a2a_dispatch_rows_recv_per_rank"])
         assert record["a2a_bytes_sent"] > 0
+    # step 2's timeline holds both ranks, each with its compute and its transfers (logger.timeline_every=50)
+    trace = json.loads((tmp_path / "timelines" / "step_000002.json").read_text())
+    names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+    assert names == {0: "rank 0 · trainer", 1: "rank 1 · trainer"}
+    for rank in (0, 1):
+        spans = {(e["name"], e["cat"]) for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == rank}
+        assert {("forward", "compute"), ("dispatch", "transfer"), ("combine_bwd", "transfer"),
+                ("grad sync", "sync")} <= spans, rank
 
 
 @pytest.mark.slow

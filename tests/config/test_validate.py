@@ -40,6 +40,7 @@ BATTERY = [
     ("model.n_heads=3", "model.n_heads"),
     ("model.d_model=0", "model.d_model"),
     ("logger.mode=loud", "logger.mode"),
+    ("logger.timeline_every=-1", "logger.timeline_every"),
     ("parallel.timeout_s=0", "parallel.timeout_s"),
     ("parallel.placement=scatter", "parallel.placement"),
     ("fault_tolerance.max_restarts=-1", "fault_tolerance.max_restarts"),

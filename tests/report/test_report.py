@@ -64,11 +64,12 @@ def test_report_draws_every_figure_and_links_them(runs: dict[str, Path], tmp_pat
     out = tmp_path / "report"
     loaded, files = build_report(list(runs.values()), out)
     heatmaps = [f"expert_load_{run.slug}_layer{i}.png" for run in loaded for i in range(2)]
-    assert sorted(files) == sorted([*LINE_PLOTS, *heatmaps, "summary.md", "summary.html"])
-    for name in [*LINE_PLOTS, *heatmaps]:
+    timelines = [f"timeline_{run.slug}_step000002.png" for run in loaded]  # logger.timeline_every=50: step 2 only
+    assert sorted(files) == sorted([*LINE_PLOTS, *heatmaps, *timelines, "summary.md", "summary.html"])
+    for name in [*LINE_PLOTS, *heatmaps, *timelines]:
         assert_real_png(out / name)
     md, page = (out / "summary.md").read_text(), (out / "summary.html").read_text()
-    for name in [*LINE_PLOTS, *heatmaps]:
+    for name in [*LINE_PLOTS, *heatmaps, *timelines]:
         assert f"]({name})" in md and f'<img src="{name}"' in page
     assert page.count("<tr><td>") == len(runs) and page.count("<td>") == len(runs) * len(COLUMNS)
 

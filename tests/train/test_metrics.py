@@ -7,7 +7,7 @@ import torch
 
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.moe.layer import MoELayer
-from moe_trainer.train.aggregate import aggregate_chunk
+from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
 
 
@@ -51,3 +51,20 @@ def test_aggregation_reports_mean_max_and_slowest_rank() -> None:
     assert record["step_time_s"] == 2.0 and record["step_time_s_max"] == 3.0 and record["step_time_s_argmax"] == 1
     assert record["tokens_per_s"] == pytest.approx(100 / 3.0)  # the step ends with the slowest rank
     assert record["comm_share"] == pytest.approx(1.0 / 2.0)
+
+
+def test_aggregation_joins_every_ranks_timeline_and_the_expert_actors() -> None:
+    def rank(pid: int, **extra: object) -> dict:
+        return {"step": 2, "loss": 2.0, "tokens_step": 100, "step_time_s": 1.0, "a2a_time_s": 0.5, **extra,
+                "timeline": [{"name": "forward", "ph": "X", "pid": pid}]}
+
+    (record,) = aggregate_chunk([[rank(0)], [rank(1)]])
+    assert [e["pid"] for e in record["timeline"]] == [0, 1]  # not rank 0's list alone
+    expert = {key: 0.1 for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv",
+                                   "expert_mem_rss_mb")}
+    add_expert_role([record], [[{**expert, "timeline": [{"name": "experts", "ph": "X", "pid": 2}]}], [expert]])
+    assert [e["pid"] for e in record["timeline"]] == [0, 1, 2]
+    (unsampled,) = aggregate_chunk([[{**rank(0), "timeline": None}], [{"step": 2, **rank(1)}]])
+    assert [e["pid"] for e in unsampled["timeline"]] == [1]
+    (plain,) = aggregate_chunk([[{"step": 1, "loss": 2.0, "tokens_step": 100, "step_time_s": 1.0}]])
+    assert "timeline" not in plain
