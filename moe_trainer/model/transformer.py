@@ -20,7 +20,7 @@ from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
 from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats, PendingMoE
+from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats
 from moe_trainer.moe.router import Routing
 
 
@@ -133,55 +133,21 @@ class Transformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(self, idx_BS: Tensor, num_groups: int = 1) -> ModelOutput:
-        return self.forward_microbatches([idx_BS], num_groups)[0]
+        """One batch through every block in turn, on one device (a dispatcher may move rows meanwhile).
 
-    def forward_microbatches(self, idx_list: list[Tensor], num_groups: int = 1) -> list[ModelOutput]:
-        """Runs micro-batches through the blocks in lockstep.
-
-        At each MoE block every micro-batch is routed and dispatched before any is
-        finished, so remote experts can work on micro-batch i while this process runs
-        attention for micro-batch i+1 (disaggregated), or micro-batch i's all-to-all
-        travels meanwhile (expert_parallel, ``parallel/async_a2a.py``). With local
-        experts the result equals running the micro-batches one by one.
+        Several micro-batches in lockstep, with experts elsewhere, are the business of
+        :func:`moe_trainer.parallel.schedule.run_microbatches`, which calls the same blocks.
         """
-        xs = [self.embed(idx) for idx in idx_list]
-        stats: list[list[MoEStats]] = [[] for _ in idx_list]
-        # MoE outputs still travelling back (asynchronous dispatcher), landed just before each
-        # micro-batch next needs its residual stream: the last micro-batch's combine then
-        # overlaps the next block's attention for the first micro-batches
-        in_flight: list[tuple[MoELayer, PendingMoE] | None] = [None] * len(xs)
-
-        def land(i: int) -> None:
-            if in_flight[i] is not None:
-                layer, p = in_flight[i]  # type: ignore[misc]
-                y, layer_stats = layer.complete(p)
-                xs[i] = xs[i] + y
-                stats[i].append(layer_stats)
-                in_flight[i] = None
-
+        x_BSD = self.embed(idx_BS)
+        stats: list[MoEStats] = []
         for block in self.blocks:
-            if isinstance(block.ffn, MoELayer):
-                pending = []
-                for i in range(len(xs)):
-                    land(i)
-                    xs[i], h_BSD, routing = block.before_dispatch(xs[i], num_groups)
-                    pending.append(block.ffn.start(h_BSD, num_groups, routing))
-                # every micro-batch's experts before any combine: an asynchronous dispatcher's
-                # combine of micro-batch i travels while micro-batch i+1's experts compute
-                for i, p in enumerate(pending):
-                    in_flight[i] = (block.ffn, block.ffn.compute(p))
-                if not block.ffn.dispatcher.asynchronous:
-                    for i in range(len(xs)):
-                        land(i)
-            else:
-                for i in range(len(xs)):
-                    land(i)
-                xs = [block(x, num_groups)[0] for x in xs]
-        for i in range(len(xs)):
-            land(i)
-        return [self._output(x, s) for x, s in zip(xs, stats, strict=True)]
+            x_BSD, layer_stats = block(x_BSD, num_groups)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return self.output(x_BSD, stats)
 
-    def _output(self, x_BSD: Tensor, stats: list[MoEStats]) -> ModelOutput:
+    def output(self, x_BSD: Tensor, stats: list[MoEStats]) -> ModelOutput:
+        """LM head and the losses of the MoE layers, from the last block's output."""
         logits = self.lm_head(self.norm(x_BSD))
         zero = logits.new_zeros((), dtype=torch.float32)
         aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero

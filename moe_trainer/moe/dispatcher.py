@@ -107,8 +107,6 @@ class Dispatched:
 class RunsExpertsHere:
     """The dispatched rows are all in this process when the experts run (no overlap)."""
 
-    asynchronous = False  # combine returns at once: nothing to land later
-
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         y_ND = experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
         assert isinstance(y_ND, Tensor)

@@ -24,8 +24,6 @@ from moe_trainer.moe.router import Router, Routing
 class Dispatcher(Protocol):
     """Moves rows to the owners of their experts and back; the only part that communicates."""
 
-    asynchronous: bool  # results of ``run_experts`` still travel: callers may defer ``combine``
-
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched: ...
 
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
@@ -97,7 +95,7 @@ class MoELayer(nn.Module):
         elsewhere while the caller goes on.
 
         Splitting the layer here lets a pipelined caller start several micro-batches
-        before finishing any (see ``Transformer.forward_microbatches``).
+        before finishing any (see :func:`moe_trainer.parallel.schedule.run_microbatches`).
         """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if routing is None:

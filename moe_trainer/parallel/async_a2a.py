@@ -1,7 +1,7 @@
 """Expert parallelism with asynchronous all-to-alls overlapped across micro-batches.
 
 With ``parallel.micro_batches=M`` the expert-parallel step runs M micro-batches in
-lockstep through every block (``Transformer.forward_microbatches``), and every
+lockstep through every block (:func:`~moe_trainer.parallel.schedule.run_microbatches`), and every
 all-to-all is split into two autograd nodes: *issue* (starts the transfer, returns
 the receive buffer) and *wait* (blocks until it has landed). Between the two, this
 rank computes another micro-batch, so a transfer and the peer's lateness (ranks
@@ -119,8 +119,6 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
     results back; ``combine`` awaits those and un-permutes. The lockstep caller puts the
     other micro-batches' work between each issue and its wait.
     """
-
-    asynchronous = True
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         plan = self.plan(x_TD, routing, num_groups)

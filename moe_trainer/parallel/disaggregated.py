@@ -110,11 +110,9 @@ class ExpertShardModel(nn.Module):
 class RemoteDispatcher:
     """Coordinator side: plans locally, sends each expert actor its rows, lets the results land later.
 
-    ``asynchronous``: the model (``Transformer.forward_microbatches``) lands a micro-batch's
-    results only when that micro-batch next needs its residual stream.
+    The micro-batch schedule (:func:`~moe_trainer.parallel.schedule.run_microbatches`) lands a
+    micro-batch's results only when that micro-batch next needs its residual stream.
     """
-
-    asynchronous = True
 
     def __init__(self, roles: Roles, capacity_factor: float | None, group: Any,
                  counters: CommCounters | None = None) -> None:

@@ -20,6 +20,7 @@ from moe_trainer.config.validate import micro_batches, sequences_per_group, sequ
 from moe_trainer.device import to_device
 from moe_trainer.model.transformer import ModelOutput, Transformer
 from moe_trainer.moe.router import global_load_balancing_loss
+from moe_trainer.parallel.schedule import run_microbatches
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Span, mark
@@ -174,7 +175,7 @@ class Trainer:
         """
         chunks = list(inputs.chunk(self.micro_batches))
         with autocast(self.cfg.train.precision, self.ctx.device):
-            outs = self.model.forward_microbatches(chunks, self.groups_per_micro_batch)
+            outs = run_microbatches(self.model, chunks, self.groups_per_micro_batch)
         lm = torch.stack([F.cross_entropy(out.logits_BSV.flatten(0, 1).float(), t.flatten())
                           for out, t in zip(outs, targets.chunk(self.micro_batches), strict=True)]).mean()
         z = torch.stack([out.z_loss for out in outs]).mean()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import LocalEngine, build_model
 from moe_trainer.model.memory import kept_activations
+from moe_trainer.parallel.schedule import run_microbatches
 from tests.helpers import assert_rel_close
 
 REL = 1e-6
@@ -108,7 +109,7 @@ def test_bf16_micro_batches_recompute_what_their_forward_ran(make_config: Callab
         model = build_model(cfg, 257)
         idx = torch.randint(0, 257, (4, 16), generator=torch.Generator().manual_seed(0))
         with autocast("bf16", idx.device):
-            outs = model.forward_microbatches(list(idx.chunk(2)))
+            outs = run_microbatches(model, list(idx.chunk(2)))
         loss = sum(F.cross_entropy(o.logits_BSV.flatten(0, 1).float(), t.flatten())
                    for o, t in zip(outs, idx.roll(-1, 1).chunk(2), strict=True))
         loss.backward()
