@@ -201,3 +201,25 @@ def test_stalled_all_to_all_times_out_naming_rank_collective_and_layer(ray_clust
     assert first["error"] is not None
     assert "rank 0" in first["error"] and "all_to_all" in first["error"] and "MoE block 3" in first["error"]
     assert first["seconds"] < 3 * timeout_s
+
+
+def test_expert_actor_lost_mid_pipeline_fails_the_coordinators_within_seconds(ray_cluster: object,
+                                                                              make_config: Any) -> None:
+    """Coordinators with micro-batches in flight to an expert actor that dies fail at once, not at the timeout."""
+    timeout_s = 120
+    cfg = make_config("parallel=disaggregated", "parallel.num_expert_actors=1", "parallel.micro_batches=4",
+                      f"parallel.timeout_s={timeout_s}")
+    engine = RayEngine(cfg)
+    try:
+        engine.train(1)
+        coordinator, expert_actor = engine.group.actors
+        ref = coordinator.train.remote(10_000)  # the expert actor's side is never called: it dies instead
+        ray.kill(expert_actor, no_restart=True)
+        start = time.monotonic()
+        with pytest.raises(CollectiveError, match="rank 0: .*expert actor") as err:
+            ray.get(ref, timeout=60)
+        seconds = time.monotonic() - start
+        assert seconds < 30, f"{seconds:.1f} s"
+        print(f"the coordinator failed {seconds:.2f} s after the expert actor's death: {err.value}")
+    finally:
+        engine.close(keep_cluster=True)
