@@ -52,7 +52,7 @@ class Route:
 
     send_splits: list[int]  # rows this rank sends each peer
     recv_splits: list[int]  # rows this rank receives from each peer
-    regroup_idx_M: Tensor  # received (peer, local expert) order -> (local expert, peer) order
+    regroup_idx_M: Tensor | None  # received (peer, local expert) order -> (local expert, peer); None: the same
     counts_L: Tensor  # rows per local expert once regrouped: the experts' run lengths (on the device)
 
     @classmethod
@@ -63,16 +63,23 @@ class Route:
 
     @classmethod
     def received(cls, send_splits: list[int], recv_splits: list[int], recv_counts_PL: Tensor) -> Route:
-        """From split sizes already on the host (a header read them)."""
-        return cls(send_splits, recv_splits, regroup_index(recv_counts_PL, sum(recv_splits)),
-                   recv_counts_PL.sum(0))
+        """From split sizes already on the host (a header read them).
+
+        Rows from a single peer arrive in local-expert order already (a disaggregated expert
+        actor serving one coordinator): no regrouping, which saves two passes over the rows.
+        """
+        one_peer = recv_counts_PL.shape[0] == 1
+        regroup = None if one_peer else regroup_index(recv_counts_PL, sum(recv_splits))
+        return cls(send_splits, recv_splits, regroup, recv_counts_PL.sum(0))
 
     def to_experts(self, x_peer_MD: Tensor) -> Tensor:
         """Received rows in the order the local experts run them."""
-        return x_peer_MD.index_select(0, self.regroup_idx_M)
+        return x_peer_MD if self.regroup_idx_M is None else x_peer_MD.index_select(0, self.regroup_idx_M)
 
     def to_peers(self, y_MD: Tensor) -> Tensor:
         """Expert-ordered rows back in received order, ready to return to each peer."""
+        if self.regroup_idx_M is None:
+            return y_MD
         return torch.empty_like(y_MD).index_copy(0, self.regroup_idx_M, y_MD)
 
 

@@ -37,6 +37,8 @@ class Mutation:
     layout: str  # the equivalence case (layout, mix) that must fail
     mix: str
     caught_by: str  # regular expression the failing assertion's message matches
+    # the smallest relative difference that is the bug's and not rounding past the tolerance (FP32: 1e-5)
+    least: float = 1e-2
 
 
 MUTATIONS = {
@@ -56,6 +58,13 @@ MUTATIONS = {
         "for g in dense + expert:\n            g.div_(self.dp_world)\n"
         "        for g in expert:\n            g.mul_(2.0)",
         "expert_parallel", "dropless", "relative difference"),
+    "expert_actor_does_not_regroup_two_coordinators_rows": Mutation(
+        "moe_trainer/parallel/protocol.py",
+        "one_peer = recv_counts_PL.shape[0] == 1",
+        "one_peer = True",
+        # the expert actor runs some of coordinator 1's rows through the wrong experts: a few rows in a
+        # layer, so the first gradient it shows in moves by 3e-3 (300x the tolerance), not by 100 %
+        "disaggregated_2c_2mb", "dropless", "relative difference", least=1e-3),
     "bias_update_from_local_counts": Mutation(
         "moe_trainer/train/trainer.py",
         "zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True)",
@@ -109,5 +118,5 @@ def test_equivalence_fails_when_a_gradient_bug_is_injected(ray_cluster: Any, ref
         assert_same_run(got, reference(mutation.mix), FP32)
     size = re.search(r"relative difference ([0-9.e+-]+)", str(caught.value))
     if size:  # a gradient bug, not rounding just past the tolerance
-        assert float(size.group(1)) > 1e-2, str(caught.value)
+        assert float(size.group(1)) > mutation.least, str(caught.value)
     print(f"{name}: {str(caught.value).splitlines()[0]}")
