@@ -6,7 +6,7 @@ share of an expert-parallel training step; 2 gloo processes, one thread each.
         [--overrides parallel.a2a_chunks=4 [--overrides ...]]
 
 Part 1, bandwidth. Each rank routes its ``--tokens`` random rows with a top-2 router
-(``--experts`` experts, half per rank, dropless) and times ``AllToAllDispatcher``
+(``--experts`` experts, half per rank, dropless) and times our ``Dispatcher`` over ``AllToAllTransport``
 ``dispatch`` + ``combine`` (forward, no experts in between): plan, permute, count exchange,
 row all-to-all, regroup, and back. The raw row is two ``deepspeed.comm.all_to_all_single``
 calls with exactly the same split sizes on preallocated tensors, i.e. the same bytes on
@@ -55,9 +55,10 @@ def bandwidth_rank(rank: int, world: int, port: int, args: dict[str, Any]) -> li
     import torch.distributed as tdist
 
     from moe_trainer.config.schema import MoEConfig
+    from moe_trainer.moe.dispatcher import Dispatcher
     from moe_trainer.moe.router import Router
     from moe_trainer.parallel.comm import init_process_group, new_group
-    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+    from moe_trainer.parallel.dispatcher import AllToAllTransport
 
     init_process_group("gloo", "127.0.0.1", port, rank, world, 300)
     group = new_group(list(range(world)), 300)
@@ -70,17 +71,18 @@ def bandwidth_rank(rank: int, world: int, port: int, args: dict[str, Any]) -> li
                 x = torch.randn(tokens, d, generator=torch.Generator().manual_seed(100 + rank))
                 with torch.no_grad():
                     routing = router(x)
-                dispatcher = AllToAllDispatcher(experts, None, group, world, rank)
+                transport = AllToAllTransport(group, world, rank, experts)
+                dispatcher = Dispatcher(experts, None, transport)
 
-                def ours(dispatcher: AllToAllDispatcher = dispatcher, x: torch.Tensor = x,
+                def ours(dispatcher: Dispatcher = dispatcher, x: torch.Tensor = x,
                          routing: Any = routing) -> None:
                     dispatched = dispatcher.dispatch(x, routing, 1)
                     dispatcher.combine(dispatched.x_ND, dispatched)
 
                 with torch.no_grad():
                     meta = dispatcher.dispatch(x, routing, 1).comm
-                dispatcher.counters.take()
-                send, recv = meta.send_splits, meta.recv_splits
+                transport.counters.take()
+                send, recv = meta.route.send_splits, meta.route.recv_splits
                 bufs = [torch.randn(sum(send), d), torch.empty(sum(recv), d), torch.empty(sum(send), d)]
 
                 def raw(send: list[int] = send, recv: list[int] = recv, bufs: list[torch.Tensor] = bufs) -> None:
@@ -98,7 +100,7 @@ def bandwidth_rank(rank: int, world: int, port: int, args: dict[str, Any]) -> li
                             dt = timed_after_barrier(fn, group)
                             if it >= warm:
                                 times[v, it - warm] = dt
-                        took = dispatcher.counters.take()
+                        took = transport.counters.take()
                         if it >= warm:
                             a2a[it - warm] = took["a2a_dispatch_time_s"] + took["a2a_combine_time_s"]
                 off_rank_rows = sum(send) - send[rank] + sum(recv) - recv[rank]  # dispatch sends, combine returns

@@ -12,7 +12,7 @@ What runs, each for ``--check-steps`` training steps from the same initial weigh
 
 - ``single``: the :class:`~moe_trainer.train.trainer.Trainer` with the single-process context;
 - ``expert_parallel``: the same Trainer, its MoE layers dispatching through
-  :class:`~moe_trainer.parallel.dispatcher.AllToAllDispatcher` over a one-rank group
+  :class:`~moe_trainer.parallel.dispatcher.AllToAllTransport` over a one-rank group
   (NCCL on CUDA, gloo on CPU): count exchange, all-to-alls and regrouping all run;
 
 in ``train.precision`` fp32 and bf16 (through the config, as ``moe-train`` passes it), and
@@ -59,12 +59,12 @@ from moe_trainer.config.schema import (
 from moe_trainer.config.validate import validate
 from moe_trainer.device import configure_process
 from moe_trainer.model.transformer import Transformer, count_parameters
-from moe_trainer.moe.dispatcher import LocalDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router
 from moe_trainer.parallel.comm import one_rank_group
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllTransport
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.train.trainer import ParallelContext, SingleContext, Trainer
 
@@ -136,7 +136,8 @@ def strategy(name: str, cfg: Config, device: torch.device) -> Iterator[tuple[Tra
         return
     with one_rank_group("nccl" if device.type == "cuda" else "gloo", cfg.parallel.timeout_s) as group:
         counters = CommCounters()
-        dispatcher = AllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, group, 1, 0, counters)
+        transport = AllToAllTransport(group, 1, 0, cfg.moe.num_experts, counters)
+        dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, transport)
         model = Transformer(cfg.model, cfg.moe, VOCAB, cfg.train.seed, dispatcher=dispatcher,
                             expert_range=(0, cfg.moe.num_experts)).to(device)
         groups = Groups(data=None, expert_replicas=None, replicas=1, norm=None, counts_dense_norm=True)
@@ -229,7 +230,7 @@ def expert_layer(args: argparse.Namespace, device: torch.device, dtype: torch.dt
     x = torch.randn(args.batch * args.seq_len, d, device=device)
     router = Router(d, MoEConfig(num_experts=e, top_k=2, expert_hidden=f)).to(device)
     with torch.no_grad():
-        dispatched = LocalDispatcher(e, None).dispatch(x, router(x), 1)
+        dispatched = Dispatcher(e, None).dispatch(x, router(x), 1)
     counts_E = dispatched.tokens_per_expert_E
     experts = SwiGLUExperts(e, d, f).to(device)
     x_ND = dispatched.x_ND.to(dtype).requires_grad_(True)

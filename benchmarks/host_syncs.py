@@ -18,10 +18,11 @@ from typing import Any
 from benchmarks.common import print_table, write_json
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.host_syncs import moe_layer_syncs
-from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher
+from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
 from moe_trainer.parallel.comm import one_rank_group
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllTransport
+from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 
 EXPERT_CODE = ("moe_trainer/moe/experts.py", "moe_trainer/moe/expert_kernels.py")
 
@@ -33,9 +34,11 @@ def measure(tokens: int, experts: int) -> list[dict[str, Any]]:
             cfg = MoEConfig(num_experts=experts, top_k=2, expert_hidden=16, capacity_factor=cf)
             paths: list[tuple[str, Any, int]] = [
                 ("single (local)", None, 1),
-                ("expert_parallel", AllToAllDispatcher(experts, cf, group, 1, 0), 1),
-                ("expert_parallel a2a_chunks=2", OverlappedAllToAllDispatcher(experts, cf, group, 1, 0, 2), 1),
-                ("expert_parallel micro_batches=2", AsyncAllToAllDispatcher(experts, cf, group, 1, 0), 2),
+                ("expert_parallel", Dispatcher(experts, cf, AllToAllTransport(group, 1, 0, experts)), 1),
+                ("expert_parallel a2a_chunks=2",
+                 Dispatcher(experts, cf, ChunkedAllToAllTransport(group, 1, 0, experts, 2)), 1),
+                ("expert_parallel micro_batches=2",
+                 Dispatcher(experts, cf, AsyncAllToAllTransport(group, 1, 0, experts)), 2),
             ]
             for name, dispatcher, micro in paths:
                 fwd, bwd = moe_layer_syncs(cfg, dispatcher, tokens=tokens, micro_batches=micro)

@@ -15,7 +15,7 @@ process, interleaved per iteration, median over ``--iters`` after 2 warmups:
 - ``experts``: ``SwiGLUExperts`` forward + backward (``y.backward(g)``, input gradient
   included, gradients set to None between iterations as the trainer does) on realistic
   dispatched rows: ``--tokens`` random tokens routed top-2 by a fresh ``Router`` over
-  ``--experts`` experts, permuted by the ``LocalDispatcher`` (dropless), so expert runs
+  ``--experts`` experts, permuted by the local ``Dispatcher`` (dropless), so expert runs
   have the router's uneven lengths.
 
 FLOPs of a SwiGLU expert on n rows: forward ``2 n D 2F + 2 n F D``; backward 2x forward;
@@ -38,7 +38,7 @@ import torch
 
 from benchmarks.common import loadavg, print_table, write_json
 from moe_trainer.config.schema import MoEConfig
-from moe_trainer.moe.dispatcher import LocalDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router
 
@@ -81,7 +81,7 @@ def measure(d: int, f: int, experts: int, tokens: int, iters: int, square: int) 
     router = Router(d, cfg)
     x = torch.randn(tokens, d)
     with torch.no_grad():
-        dispatched = LocalDispatcher(experts, None).dispatch(x, router(x), 1)
+        dispatched = Dispatcher(experts, None).dispatch(x, router(x), 1)
     counts = dispatched.tokens_per_expert_E
     rows = int(counts.sum())
     module = SwiGLUExperts(experts, d, f)

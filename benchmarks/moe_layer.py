@@ -9,10 +9,10 @@ Two spawned processes, one thread each, join one gloo group through
 both layers live in the same processes and use the same group. Experts are sharded
 (ep_size=2: each rank holds half).
 
-- ours: ``MoELayer`` with ``AllToAllDispatcher`` over the 2-rank group,
+- ours: ``MoELayer`` with ``AllToAllTransport`` over the 2-rank group,
   ``expert_range`` = this rank's half; SwiGLU experts (stacked weights). With
   ``--a2a-chunks C`` (> 1) one more row runs the same layer with
-  ``OverlappedAllToAllDispatcher`` (``parallel.a2a_chunks=C``), capacity mode.
+  ``ChunkedAllToAllTransport`` (``parallel.a2a_chunks=C``), capacity mode.
 - DeepSpeed: ``MoE(hidden, expert=SwiGLU, num_experts, ep_size=2, k=2, ...)`` with
   ``use_rts=False``, ``top2_2nd_expert_sampling=False`` (deterministic top-2, no Gumbel
   noise), ``min_capacity=4``, ``drop_tokens=True``; its expert is our dense ``SwiGLU``
@@ -79,17 +79,17 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
     from deepspeed.moe.layer import MoE
 
     from moe_trainer.config.schema import MoEConfig
-    from moe_trainer.moe.dispatcher import plan_dispatch
+    from moe_trainer.moe.dispatcher import Dispatcher, plan_dispatch
     from moe_trainer.moe.layer import MoELayer
-    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-    from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+    from moe_trainer.parallel.dispatcher import AllToAllTransport
+    from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 
     d, hidden, k, cf = args["d_model"], args["expert_hidden"], args["top_k"], args["capacity_factor"]
     local = experts // world
     torch.manual_seed(0)  # same router on every rank (it is replicated); experts: this rank's shard
     # the per-group aux loss, computed inside the layer like DeepSpeed's gate loss (same work)
     cfg = MoEConfig(num_experts=experts, top_k=k, expert_hidden=hidden, capacity_factor=cf, aux_loss_scope="group")
-    ours = MoELayer(d, cfg, dispatcher=AllToAllDispatcher(experts, cf, group, world, rank),
+    ours = MoELayer(d, cfg, dispatcher=Dispatcher(experts, cf, AllToAllTransport(group, world, rank, experts)),
                     expert_range=(rank * local, local))
     ds = MoE(d, SwiGLU(d, hidden), num_experts=experts, ep_size=world, k=k, capacity_factor=cf,
              eval_capacity_factor=cf, min_capacity=4, drop_tokens=True, use_rts=False,
@@ -125,7 +125,8 @@ def bench_config(rank: int, world: int, group: Any, experts: int, tokens: int, a
 
     plain = ours.dispatcher
     chunks = args["a2a_chunks"]
-    overlapped = OverlappedAllToAllDispatcher(experts, cf, group, world, rank, chunks) if chunks > 1 else None
+    overlapped = (Dispatcher(experts, cf, ChunkedAllToAllTransport(group, world, rank, experts, chunks))
+                  if chunks > 1 else None)
 
     bf16 = args["precision"] == "bf16"
 

@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
 from moe_trainer.model.recompute import recomputed
+from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.moe.layer import Dispatcher, MoELayer, MoEStats
+from moe_trainer.moe.layer import MoELayer, MoEStats
 from moe_trainer.moe.router import Routing
 
 

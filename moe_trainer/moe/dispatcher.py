@@ -5,10 +5,10 @@ a permutation (gather rows into contiguous per-expert runs) and its inverse
 (weighted scatter-add back to token order). All three are O(A * D) index
 operations: no dense ``[tokens, experts, capacity]`` one-hot masks.
 
-Only ``dispatch`` and ``combine`` may communicate. :class:`LocalDispatcher` does
-not (it is the single-process reference); a distributed dispatcher puts an
-all-to-all between :func:`permute` and the experts, and the reverse one between
-the experts and :func:`unpermute`, reusing the same plan, so router and experts
+One :class:`Dispatcher` serves every strategy; only its :class:`Transport` communicates.
+The single-process reference moves nothing (:class:`LocalTransport`); a distributed
+transport puts its transfer between :func:`permute` and the experts, and the reverse one
+between the experts and :func:`unpermute`, reusing the same plan, so router and experts
 never change.
 
 Shape legend: T tokens, D width, E experts, A assignments, N dispatched rows (kept assignments).
@@ -17,7 +17,7 @@ Shape legend: T tokens, D width, E experts, A assignments, N dispatched rows (ke
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -95,36 +95,83 @@ def unpermute(y_ND: Tensor, token_idx_N: Tensor, weight_N: Tensor, num_tokens: i
 
 @dataclass(frozen=True)
 class Dispatched:
-    """Rows for the local experts plus what ``combine`` needs to undo the dispatch."""
+    """Rows for the local experts (or on their way) plus what ``combine`` needs to undo the dispatch."""
 
-    x_ND: Tensor  # rows for the local experts, contiguous per local expert
+    x_ND: Tensor  # rows for the local experts, contiguous per local expert (or a buffer they land in)
     tokens_per_expert_E: Tensor  # int64 [E_local]: run length of each local expert
     plan: DispatchPlan  # the local plan (source side)
     num_tokens: int
-    comm: Any = None  # what a communicating dispatcher needs to route the rows back
+    comm: Any = None  # what the transport needs to bring the results back
 
 
-class RunsExpertsHere:
-    """The dispatched rows are all in this process when the experts run (no overlap)."""
+class Transport(Protocol):
+    """How dispatched rows reach the owners of their experts and come back.
+
+    The only part of a dispatch that differs between strategies: :class:`LocalTransport`
+    (every expert here), and in :mod:`moe_trainer.parallel` a blocking all-to-all, chunked
+    all-to-alls overlapped with the experts, asynchronous all-to-alls across micro-batches,
+    and point-to-point messages to expert actors.
+    """
+
+    def order(self, plan: DispatchPlan) -> DispatchPlan:
+        """The plan in the order the rows travel (sorted by expert; a chunked transport regroups chunks)."""
+        ...
+
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
+        """Permutes and sends: ``(rows for the local experts or their buffer, run lengths, state for the rest)``."""
+        ...
+
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        """The local experts on the rows that arrived (a transport may move rows here too)."""
+        ...
+
+    def receive(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        """The experts' outputs back here, in the plan's row order."""
+        ...
+
+
+class LocalTransport:
+    """Every expert lives in this process: nothing travels."""
+
+    def order(self, plan: DispatchPlan) -> DispatchPlan:
+        return plan
+
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
+        return permute(x_TD, plan.token_idx_N), plan.tokens_per_expert_E, None
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         y_ND = experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
         assert isinstance(y_ND, Tensor)
         return y_ND
 
+    def receive(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        return y_ND
 
-class LocalDispatcher(RunsExpertsHere):
-    """All experts live in this process: permute, (no communication), un-permute."""
 
-    def __init__(self, num_experts: int, capacity_factor: float | None) -> None:
+class Dispatcher:
+    """The one dispatcher of every strategy: plan, send, experts, receive, un-permute.
+
+    Router and experts are the single-device modules; the plan and its inverse are the same
+    for every strategy, so routing, capacity and drops never depend on the layout. Only the
+    ``transport`` moves rows (the single-process reference: :class:`LocalTransport`).
+    """
+
+    def __init__(self, num_experts: int, capacity_factor: float | None, transport: Transport | None = None) -> None:
         self.num_experts = num_experts
         self.capacity_factor = capacity_factor
+        self.transport: Transport = transport if transport is not None else LocalTransport()
 
     def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
         num_tokens = x_TD.shape[0]
-        plan = plan_dispatch(routing, self.num_experts, num_groups, num_tokens, self.capacity_factor)
-        return Dispatched(permute(x_TD, plan.token_idx_N), plan.tokens_per_expert_E, plan, num_tokens)
+        plan = self.transport.order(plan_dispatch(routing, self.num_experts, num_groups, num_tokens,
+                                                  self.capacity_factor))
+        x_ND, counts_E, state = self.transport.send(x_TD, plan, layer)
+        return Dispatched(x_ND, counts_E, plan, num_tokens, state)
+
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        return self.transport.run_experts(experts, dispatched)
 
     def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         plan = dispatched.plan
-        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+        return unpermute(self.transport.receive(y_ND, dispatched), plan.token_idx_N, plan.weight_N,
+                         dispatched.num_tokens)

@@ -7,7 +7,6 @@ dispatcher and another expert shard, nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -15,22 +14,10 @@ from torch import Tensor, nn
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.model.layers import SwiGLU
 from moe_trainer.model.recompute import recomputed
-from moe_trainer.moe.dispatcher import Dispatched, LocalDispatcher
+from moe_trainer.moe.dispatcher import Dispatched, Dispatcher
 from moe_trainer.moe.expert_kernels import compute_dtype
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.router import Router, Routing
-
-
-class Dispatcher(Protocol):
-    """Moves rows to the owners of their experts and back; the only part that communicates."""
-
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched: ...
-
-    def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
-        """The local experts on the dispatched rows (an overlapping dispatcher also moves them here)."""
-        ...
-
-    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -74,7 +61,7 @@ class MoELayer(nn.Module):
         self.shared = (
             SwiGLU(d_model, cfg.num_shared_experts * cfg.shared_expert_hidden) if cfg.num_shared_experts else None
         )
-        self.dispatcher: Dispatcher = dispatcher or LocalDispatcher(cfg.num_experts, cfg.capacity_factor)
+        self.dispatcher = dispatcher or Dispatcher(cfg.num_experts, cfg.capacity_factor)
         self.layer_index = -1  # block index, set by the model; names the layer in communication errors
         self.recompute = False  # train.recompute=block: shared and routed experts rebuild their activations
 

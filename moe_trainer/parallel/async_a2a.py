@@ -32,10 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, unpermute
-from moe_trainer.moe.router import Routing
+from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan
 from moe_trainer.parallel.comm import AsyncWire
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllTransport
 from moe_trainer.parallel.protocol import Route
 
 
@@ -111,24 +110,24 @@ class AsyncMeta:
     route: Route
 
 
-class AsyncAllToAllDispatcher(AllToAllDispatcher):
-    """Expert-parallel dispatcher whose row all-to-alls are issued now and awaited later.
+class AsyncAllToAllTransport(AllToAllTransport):
+    """Expert-parallel transport whose row all-to-alls are issued now and awaited later.
 
-    ``dispatch`` issues the rows (after a synchronous count exchange: receive sizes must
-    be known first); :meth:`run_experts` awaits them, runs the experts and issues the
-    results back; ``combine`` awaits those and un-permutes. The lockstep caller puts the
-    other micro-batches' work between each issue and its wait.
+    ``send`` issues the rows (after a synchronous count exchange: receive sizes must be
+    known first); :meth:`run_experts` awaits them, runs the experts and issues the results
+    back; ``receive`` awaits those. The lockstep caller
+    (:func:`~moe_trainer.parallel.schedule.run_microbatches`) puts the other micro-batches'
+    work between each issue and its wait.
     """
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
-        plan = self.plan(x_TD, routing, num_groups)
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
         x_ND, route = self.open_route(x_TD, plan, layer)
         wire = AsyncWire(self.group, self.group_rank, self.counters, layer)
         meta = AsyncMeta(Transfer(route.recv_splits, route.send_splits, wire, "dispatch"),
                          Transfer(route.send_splits, route.recv_splits, wire, "combine"), route)
         x_in_flight = IssueAllToAll.apply(x_ND, meta.dispatch)
         assert isinstance(x_in_flight, Tensor)
-        return Dispatched(x_in_flight, route.counts_L, plan, x_TD.shape[0], meta)
+        return x_in_flight, route.counts_L, meta
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
@@ -136,15 +135,13 @@ class AsyncAllToAllDispatcher(AllToAllDispatcher):
         x_MD = AwaitAllToAll.apply(dispatched.x_ND, meta.dispatch)
         assert isinstance(x_MD, Tensor)
         y_MD = experts(meta.route.to_experts(x_MD), dispatched.tokens_per_expert_E)
-        y_peer_MD = meta.route.to_peers(y_MD)
-        y_in_flight = IssueAllToAll.apply(y_peer_MD, meta.combine)
+        y_in_flight = IssueAllToAll.apply(meta.route.to_peers(y_MD), meta.combine)
         assert isinstance(y_in_flight, Tensor)
         return y_in_flight
 
-    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+    def receive(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, AsyncMeta)
         y_back = AwaitAllToAll.apply(y_ND, meta.combine)
         assert isinstance(y_back, Tensor)
-        plan = dispatched.plan
-        return unpermute(y_back, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+        return y_back

@@ -32,9 +32,8 @@ from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import micro_batches
 from moe_trainer.model.transformer import init_weights, is_moe_block
-from moe_trainer.moe.dispatcher import Dispatched, permute, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, permute
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.p2p import LandFromExperts, Posted, SendToExperts, Trip
 from moe_trainer.parallel.protocol import BACKWARD, EVAL, FORWARD, HEADER_PREFIX, PHASE_NAMES, Route
@@ -107,25 +106,24 @@ class ExpertShardModel(nn.Module):
 
 
 
-class RemoteDispatcher:
-    """Coordinator side: plans locally, sends each expert actor its rows, lets the results land later.
+class ExpertActorsTransport:
+    """Coordinator side: sends each expert actor its rows (point to point) and lets the results land later.
 
     The micro-batch schedule (:func:`~moe_trainer.parallel.schedule.run_microbatches`) lands a
     micro-batch's results only when that micro-batch next needs its residual stream.
     """
 
-    def __init__(self, roles: Roles, capacity_factor: float | None, group: Any,
-                 counters: CommCounters | None = None) -> None:
+    def __init__(self, roles: Roles, group: Any, counters: CommCounters | None = None) -> None:
         self.roles = roles
-        self.capacity_factor = capacity_factor
         self.group = group
         self.counters = counters if counters is not None else CommCounters()
         self.dispatches = 0  # the key of the next dispatch: every coordinator counts the same
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
+    def order(self, plan: DispatchPlan) -> DispatchPlan:
+        return plan  # by global expert: expert actors own consecutive experts, so by actor too
+
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
         r = self.roles
-        num_tokens = x_TD.shape[0]
-        plan = plan_dispatch(routing, r.num_experts, num_groups, num_tokens, self.capacity_factor)
         counts_XL = plan.tokens_per_expert_E.view(r.num_expert_actors, r.experts_per_actor)
         rows = counts_XL.sum(1).tolist()  # the split sizes: the one host read of a dispatch
         trip = Trip(r.expert_actors, rows, counts_XL, self.dispatches, layer, self.group, self.counters)
@@ -133,18 +131,17 @@ class RemoteDispatcher:
         phase = FORWARD if torch.is_grad_enabled() else EVAL
         reply_ND = SendToExperts.apply(permute(x_TD, plan.token_idx_N), trip, phase)
         assert isinstance(reply_ND, Tensor)
-        return Dispatched(reply_ND, plan.tokens_per_expert_E[:0], plan, num_tokens, trip)
+        return reply_ND, plan.tokens_per_expert_E[:0], trip
 
     def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
         """The experts run on the expert actors: their results are on the way."""
         return dispatched.x_ND
 
-    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+    def receive(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
         assert isinstance(dispatched.comm, Trip)
         y_ND = LandFromExperts.apply(y_ND, dispatched.comm)
         assert isinstance(y_ND, Tensor)
-        plan = dispatched.plan
-        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+        return y_ND
 
 
 @dataclass

@@ -1,9 +1,8 @@
-"""Expert-parallel dispatcher: the local plan, then all-to-all to the experts' owners and back.
+"""Expert-parallel transport: all-to-all to the experts' owners and back.
 
-dispatch: plan + permute (local, as in the reference) -> exchange per-expert counts
--> all-to-all the rows (variable split sizes, no padding) -> regroup the received
-rows by local expert. combine undoes each step in reverse. Router and experts are
-the single-device modules; only this class communicates.
+Under the one :class:`~moe_trainer.moe.dispatcher.Dispatcher`: plan + permute (local, as in
+the reference) -> exchange per-expert counts -> all-to-all the rows (variable split sizes,
+no padding) -> regroup the received rows by local expert; the way back undoes each step.
 
 Host reads: the all-to-all of rows needs its split sizes as Python ints, so each
 dispatch reads the sent and received split sizes once, together
@@ -22,8 +21,7 @@ from typing import Any
 
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, RunsExpertsHere, permute, plan_dispatch, unpermute
-from moe_trainer.moe.router import Routing
+from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, permute
 from moe_trainer.parallel.comm import all_to_all, start_counts_exchange
 from moe_trainer.parallel.protocol import Route
 from moe_trainer.parallel.telemetry import CommCounters
@@ -36,21 +34,25 @@ class ExpertParallelMeta:
     layer: int  # block index of the MoE layer (for error messages)
 
 
-class AllToAllDispatcher(RunsExpertsHere):
-    """Dispatch over an expert-parallel group whose every rank owns ``E / group_size`` experts."""
+class AllToAllTransport:
+    """Rows to the experts' owners by a blocking all-to-all over an expert-parallel group, and back.
 
-    def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
-                 group_rank: int, counters: CommCounters | None = None) -> None:
-        self.num_experts = num_experts
-        self.capacity_factor = capacity_factor
+    Every rank of the group owns ``E / group_size`` experts. The per-expert counts travel
+    first (asynchronously, while the rows are gathered), then the rows with variable split
+    sizes; :class:`~moe_trainer.parallel.protocol.Route` regroups what arrived. The chunked
+    and asynchronous transports reuse the count exchange and the route.
+    """
+
+    def __init__(self, group: Any, group_size: int, group_rank: int, num_experts: int,
+                 counters: CommCounters | None = None) -> None:
         self.group = group
         self.group_size = group_size
         self.group_rank = group_rank
         self.experts_per_owner = num_experts // group_size
         self.counters = counters if counters is not None else CommCounters()
 
-    def plan(self, x_TD: Tensor, routing: Routing, num_groups: int) -> DispatchPlan:
-        return plan_dispatch(routing, self.num_experts, num_groups, x_TD.shape[0], self.capacity_factor)
+    def order(self, plan: DispatchPlan) -> DispatchPlan:
+        return plan
 
     def permute_while_counting(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor]:
         """Gathers the rows to send while the per-expert counts travel (a latency-bound exchange).
@@ -74,20 +76,21 @@ class AllToAllDispatcher(RunsExpertsHere):
         x_ND, recv_counts_PL = self.permute_while_counting(x_TD, plan, layer)
         return x_ND, Route.open(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL)
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
-        plan = self.plan(x_TD, routing, num_groups)
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
         x_ND, route = self.open_route(x_TD, plan, layer)
         x_MD = self._exchange(x_ND, route.send_splits, route.recv_splits, "dispatch", layer)
-        return Dispatched(route.to_experts(x_MD), route.counts_L, plan, x_TD.shape[0],
-                          ExpertParallelMeta(route, layer))
+        return route.to_experts(x_MD), route.counts_L, ExpertParallelMeta(route, layer)
 
-    def combine(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
+    def run_experts(self, experts: Any, dispatched: Dispatched) -> Tensor:
+        y_MD = experts(dispatched.x_ND, dispatched.tokens_per_expert_E)
+        assert isinstance(y_MD, Tensor)
+        return y_MD
+
+    def receive(self, y_MD: Tensor, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
         assert isinstance(meta, ExpertParallelMeta)
         route = meta.route
-        y_ND = self._exchange(route.to_peers(y_MD), route.recv_splits, route.send_splits, "combine", meta.layer)
-        plan = dispatched.plan
-        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+        return self._exchange(route.to_peers(y_MD), route.recv_splits, route.send_splits, "combine", meta.layer)
 
     def _exchange(self, x: Tensor, send: list[int], recv: list[int], phase: str, layer: int) -> Tensor:
         """The rows' all-to-all of ``phase``, counted (communication only, not the permutes around it)."""

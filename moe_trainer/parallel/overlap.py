@@ -11,7 +11,7 @@ so while chunk c's experts compute, chunk c+1's rows and chunk c-1's results are
 the wire (asynchronous ``all_to_all_single``; gloo and NCCL progress them in their own
 threads/streams). Routing, capacity and drops come from the same plan as without
 overlap, so the loss curve is the same (``a2a_chunks=1``: the plain
-:class:`~moe_trainer.parallel.dispatcher.AllToAllDispatcher`). Communication time
+:class:`~moe_trainer.parallel.dispatcher.AllToAllTransport`). Communication time
 counted in telemetry is the time a rank waits for a transfer, i.e. the exposed part.
 
 Shape legend: T tokens, D width, E global experts, L local experts, P ranks, N rows.
@@ -25,12 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from moe_trainer.moe.dispatcher import Dispatched, unpermute
+from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan
 from moe_trainer.moe.expert_kernels import ExpertCall, Runs, Saved, claim_weight_grads, swiglu_backward, swiglu_forward
 from moe_trainer.moe.experts import SwiGLUExperts
-from moe_trainer.moe.router import Routing
 from moe_trainer.parallel.comm import AsyncWire
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+from moe_trainer.parallel.dispatcher import AllToAllTransport
 from moe_trainer.parallel.protocol import regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
 
@@ -177,28 +176,28 @@ class OverlapMeta:
     layer: int
 
 
-class OverlappedAllToAllDispatcher(AllToAllDispatcher):
-    """:class:`AllToAllDispatcher` whose rows travel in ``chunks`` pieces overlapped with the experts.
+class ChunkedAllToAllTransport(AllToAllTransport):
+    """:class:`AllToAllTransport` whose rows travel in ``chunks`` pieces overlapped with the experts.
 
-    Expert parallelism only (every rank of the group owns experts). ``dispatch`` plans and
-    exchanges counts but moves no rows; :meth:`run_experts` does the exchange and the
-    experts together; ``combine`` only un-permutes.
+    Expert parallelism only (every rank of the group owns experts). The plan's rows travel
+    chunk-major; ``send`` exchanges counts but moves no rows; :meth:`run_experts` does the
+    exchange and the experts together; ``receive`` has nothing left to do.
     """
 
-    def __init__(self, num_experts: int, capacity_factor: float | None, group: Any, group_size: int,
-                 group_rank: int, chunks: int, counters: CommCounters | None = None) -> None:
-        super().__init__(num_experts, capacity_factor, group, group_size, group_rank, counters)
+    def __init__(self, group: Any, group_size: int, group_rank: int, num_experts: int, chunks: int,
+                 counters: CommCounters | None = None) -> None:
+        super().__init__(group, group_size, group_rank, num_experts, counters)
         self.bounds = chunk_bounds(self.experts_per_owner, chunks)
 
-    def dispatch(self, x_TD: Tensor, routing: Routing, num_groups: int, layer: int = -1) -> Dispatched:
-        num_tokens = x_TD.shape[0]
-        plan = self.plan(x_TD, routing, num_groups)
+    def order(self, plan: DispatchPlan) -> DispatchPlan:
         order = chunk_major_order(plan.tokens_per_expert_E, self.experts_per_owner, self.bounds,
                                   plan.token_idx_N.numel())
-        plan = replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
+        return replace(plan, token_idx_N=plan.token_idx_N[order], weight_N=plan.weight_N[order])
+
+    def send(self, x_TD: Tensor, plan: DispatchPlan, layer: int) -> tuple[Tensor, Tensor, Any]:
         x_ND, recv_counts_PL = self.permute_while_counting(x_TD, plan, layer)
         chunks = plan_chunks(plan.tokens_per_expert_E.view(self.group_size, -1), recv_counts_PL, self.bounds)
-        return Dispatched(x_ND, recv_counts_PL.sum(0), plan, num_tokens, OverlapMeta(chunks, layer))
+        return x_ND, recv_counts_PL.sum(0), OverlapMeta(chunks, layer)
 
     def run_experts(self, experts: SwiGLUExperts, dispatched: Dispatched) -> Tensor:
         meta = dispatched.comm
@@ -210,6 +209,5 @@ class OverlappedAllToAllDispatcher(AllToAllDispatcher):
         assert isinstance(y_ND, Tensor)
         return y_ND
 
-    def combine(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
-        plan = dispatched.plan
-        return unpermute(y_ND, plan.token_idx_N, plan.weight_N, dispatched.num_tokens)
+    def receive(self, y_ND: Tensor, dispatched: Dispatched) -> Tensor:
+        return y_ND

@@ -16,14 +16,13 @@ from moe_trainer.config.schema import Config
 from moe_trainer.data import build_batch_source, build_tokenizer
 from moe_trainer.device import configure_process
 from moe_trainer.engine import build_model
-from moe_trainer.moe.dispatcher import LocalDispatcher
-from moe_trainer.moe.layer import Dispatcher
-from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher, LocalTransport, Transport
+from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
 from moe_trainer.parallel.comm import init_process_group, new_group
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.disaggregated import ExpertServer, RemoteDispatcher, Roles
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+from moe_trainer.parallel.disaggregated import ExpertActorsTransport, ExpertServer, Roles
+from moe_trainer.parallel.dispatcher import AllToAllTransport
+from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology, world_size
 from moe_trainer.train.trainer import Trainer
@@ -66,6 +65,18 @@ def _groups_containing(rank: int, layouts: list[list[int]], timeout: float) -> A
     return mine
 
 
+def expert_parallel_transport(cfg: Config, topo: Topology, ep_group: Any, counters: CommCounters) -> Transport:
+    """How rows travel in an expert-parallel group: the one choice of transport for data/expert parallel ranks."""
+    args = (ep_group, topo.ep_size, topo.ep_rank, cfg.moe.num_experts)
+    if topo.ep_size == 1:
+        return LocalTransport()
+    if cfg.parallel.micro_batches > 1:
+        return AsyncAllToAllTransport(*args, counters=counters)
+    if cfg.parallel.a2a_chunks > 1:
+        return ChunkedAllToAllTransport(*args, cfg.parallel.a2a_chunks, counters=counters)
+    return AllToAllTransport(*args, counters=counters)
+
+
 def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int], ctx: DistributedContext,
              device: torch.device) -> Trainer:
     torch.manual_seed(cfg.train.seed)
@@ -87,18 +98,8 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     ep_group = _groups_containing(rank, topo.ep_groups(), timeout)
     edp_group = _groups_containing(rank, topo.edp_groups(), timeout)
     counters = CommCounters()
-    dispatcher: Dispatcher
-    if topo.ep_size > 1 and cfg.parallel.micro_batches > 1:
-        dispatcher = AsyncAllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group, topo.ep_size,
-                                             topo.ep_rank, counters)
-    elif topo.ep_size > 1 and cfg.parallel.a2a_chunks > 1:
-        dispatcher = OverlappedAllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group,
-                                                  topo.ep_size, topo.ep_rank, cfg.parallel.a2a_chunks, counters)
-    elif topo.ep_size > 1:
-        dispatcher = AllToAllDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ep_group, topo.ep_size,
-                                        topo.ep_rank, counters)
-    else:
-        dispatcher = LocalDispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor)
+    dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor,
+                            expert_parallel_transport(cfg, topo, ep_group, counters))
     groups = Groups(data=None, expert_replicas=edp_group, replicas=topo.world // topo.ep_size,
                     norm=ep_group if topo.ep_size > 1 else None, counts_dense_norm=topo.ep_rank == 0)
     ctx = DistributedContext(rank, topo.world, groups, counters, device)
@@ -115,7 +116,7 @@ def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.dev
         server = ExpertServer(cfg, rank, r, device, group=world)
         return RankSetup(server, "experts", backend, r.expert_range(rank), save_dense=False, save_experts=True)
     counters = CommCounters()
-    dispatcher = RemoteDispatcher(r, cfg.moe.capacity_factor, world, counters)
+    dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ExpertActorsTransport(r, world, counters))
     groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
     ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
     trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device)

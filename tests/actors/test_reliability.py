@@ -170,9 +170,10 @@ def test_coordinators_that_disagree_stop_the_job_within_seconds(ray_cluster: obj
 
 @ray.remote(num_cpus=0.5, max_calls=1)  # a fresh process per rank: process groups are per process
 def stalling_rank(rank: int, port: int, timeout_s: float) -> dict[str, Any]:
+    from moe_trainer.moe.dispatcher import Dispatcher
     from moe_trainer.moe.layer import MoELayer
     from moe_trainer.parallel.comm import init_process_group, new_group
-    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
+    from moe_trainer.parallel.dispatcher import AllToAllTransport
 
     init_process_group("gloo", "127.0.0.1", port, rank, 2, timeout_s)
     group = new_group([0, 1], timeout_s)
@@ -180,7 +181,7 @@ def stalling_rank(rank: int, port: int, timeout_s: float) -> dict[str, Any]:
         time.sleep(4 * timeout_s)  # never joins the all-to-all
         return {"rank": 1}
     cfg = MoEConfig(num_experts=4, top_k=2, expert_hidden=4)
-    layer = MoELayer(8, cfg, AllToAllDispatcher(4, None, group, 2, 0), expert_range=(0, 2))
+    layer = MoELayer(8, cfg, Dispatcher(4, None, AllToAllTransport(group, 2, 0, 4)), expert_range=(0, 2))
     layer.layer_index = 3
     start = time.monotonic()
     try:

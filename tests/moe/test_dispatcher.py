@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from moe_trainer.moe.dispatcher import LocalDispatcher, permute, plan_dispatch, unpermute
+from moe_trainer.moe.dispatcher import Dispatcher, permute, plan_dispatch, unpermute
 from moe_trainer.moe.router import Routing
 
 
@@ -30,7 +30,7 @@ def test_unpermute_inverts_permute_when_weights_sum_to_one() -> None:
     expert_idx = torch.stack([torch.randperm(5)[:2] for _ in range(10)])
     weights = torch.rand(10, 2)
     weights = weights / weights.sum(-1, keepdim=True)
-    dispatcher = LocalDispatcher(num_experts=5, capacity_factor=None)
+    dispatcher = Dispatcher(num_experts=5, capacity_factor=None)
     d = dispatcher.dispatch(x, make_routing(expert_idx, weights), num_groups=1)
     assert torch.allclose(dispatcher.combine(d.x_ND, d), x, atol=1e-6)
 
@@ -81,7 +81,7 @@ def test_first_choices_outrank_second_choices_at_capacity() -> None:
 def test_dropped_tokens_get_zero_expert_output() -> None:
     x = torch.randn(4, 2)
     expert_idx = torch.zeros(4, 1, dtype=torch.long)
-    dispatcher = LocalDispatcher(num_experts=4, capacity_factor=1.0)  # capacity 1
+    dispatcher = Dispatcher(num_experts=4, capacity_factor=1.0)  # capacity 1
     d = dispatcher.dispatch(x, make_routing(expert_idx, torch.ones(4, 1)), num_groups=1)
     y = dispatcher.combine(d.x_ND, d)
     assert torch.equal(y[0], x[0]) and torch.count_nonzero(y[1:]) == 0

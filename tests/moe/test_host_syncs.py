@@ -16,9 +16,10 @@ import torch
 
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.host_syncs import HostSyncCounter, moe_layer_syncs
-from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher
+from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
+from moe_trainer.parallel.dispatcher import AllToAllTransport
+from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 
 EXPERTS = 4
 EXPERT_CODE = ("moe_trainer/moe/experts.py", "moe_trainer/moe/expert_kernels.py")
@@ -65,9 +66,9 @@ CASES = [
 def test_host_syncs_per_moe_layer(group: Any, path: str, cf: float | None, micro: int, expected: int) -> None:
     dispatcher = {
         "single": lambda: None,
-        "expert_parallel": lambda: AllToAllDispatcher(EXPERTS, cf, group, 1, 0),
-        "a2a_chunks=2": lambda: OverlappedAllToAllDispatcher(EXPERTS, cf, group, 1, 0, 2),
-        "micro_batches=2": lambda: AsyncAllToAllDispatcher(EXPERTS, cf, group, 1, 0),
+        "expert_parallel": lambda: Dispatcher(EXPERTS, cf, AllToAllTransport(group, 1, 0, EXPERTS)),
+        "a2a_chunks=2": lambda: Dispatcher(EXPERTS, cf, ChunkedAllToAllTransport(group, 1, 0, EXPERTS, 2)),
+        "micro_batches=2": lambda: Dispatcher(EXPERTS, cf, AsyncAllToAllTransport(group, 1, 0, EXPERTS)),
     }[path]()
     cfg = MoEConfig(num_experts=EXPERTS, top_k=2, expert_hidden=16, capacity_factor=cf)
     forward, backward = moe_layer_syncs(cfg, dispatcher, micro_batches=micro)

@@ -44,19 +44,23 @@ def inputs(world: int, skew: bool, num_experts: int) -> tuple[torch.Tensor, torc
 
 def rank_main(rank: int, world: int, cfg: MoEConfig, skew: bool, chunks: int = 1) -> dict[str, Any]:
     """One rank's share of a case, in a process that already joined the ``world``-rank group."""
-    from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
+    from moe_trainer.moe.dispatcher import Dispatcher
+    from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
     from moe_trainer.parallel.comm import new_group
-    from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-    from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
+    from moe_trainer.parallel.dispatcher import AllToAllTransport
+    from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 
     group = new_group(list(range(world)), 60)
     local = cfg.num_experts // world
     if chunks == 1:
-        dispatcher: Any = AllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank)
+        dispatcher = Dispatcher(cfg.num_experts, cfg.capacity_factor,
+                                AllToAllTransport(group, world, rank, cfg.num_experts))
     elif chunks > 1:
-        dispatcher = OverlappedAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank, chunks)
+        dispatcher = Dispatcher(cfg.num_experts, cfg.capacity_factor,
+                                ChunkedAllToAllTransport(group, world, rank, cfg.num_experts, chunks))
     else:  # two micro-batches in lockstep, asynchronous all-to-alls (one routing group each)
-        dispatcher = AsyncAllToAllDispatcher(cfg.num_experts, cfg.capacity_factor, group, world, rank)
+        dispatcher = Dispatcher(cfg.num_experts, cfg.capacity_factor,
+                                AsyncAllToAllTransport(group, world, rank, cfg.num_experts))
     layer = make_layer(cfg, (rank * local, local), dispatcher)
     x_all, g_all = inputs(world, skew, cfg.num_experts)
     x = x_all[rank * TOKENS:(rank + 1) * TOKENS].clone().requires_grad_(True)
@@ -69,7 +73,7 @@ def rank_main(rank: int, world: int, cfg: MoEConfig, skew: bool, chunks: int = 1
         stats = done[0][1]
     (y[0] * g_all[rank * TOKENS:(rank + 1) * TOKENS]).sum().backward()
     return {"y": y[0].detach(), "x_grad": x.grad, "router_grad": layer.router.weight.grad,
-            "up_grad": layer.experts.w_gate_up_EDF2.grad, "counters": dispatcher.counters.take(),
+            "up_grad": layer.experts.w_gate_up_EDF2.grad, "counters": dispatcher.transport.counters.take(),
             "received": stats.tokens_per_expert_E}
 
 

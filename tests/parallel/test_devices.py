@@ -19,12 +19,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_trainer.config.schema import Config, MoEConfig
 from moe_trainer.model.transformer import Transformer
+from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.layer import MoELayer
-from moe_trainer.parallel.async_a2a import AsyncAllToAllDispatcher
+from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.dispatcher import AllToAllDispatcher
-from moe_trainer.parallel.overlap import OverlappedAllToAllDispatcher
-from moe_trainer.parallel.protocol import FORWARD, header
+from moe_trainer.parallel.dispatcher import AllToAllTransport
+from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
+from moe_trainer.parallel.protocol import FORWARD, header, regroup_index
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.train.trainer import SingleContext, Trainer
 
@@ -64,9 +65,9 @@ def group(one_rank_gloo: Any) -> Any:
 @pytest.mark.parametrize("cf", [None, 1.0], ids=["dropless", "capacity"])
 def test_moe_layer_forward_backward(group: Any, path: str, cf: float | None) -> None:
     dispatcher = {"local": lambda: None,
-                  "expert_parallel": lambda: AllToAllDispatcher(4, cf, group, 1, 0),
-                  "a2a_chunks=2": lambda: OverlappedAllToAllDispatcher(4, cf, group, 1, 0, 2),
-                  "micro_batches=2": lambda: AsyncAllToAllDispatcher(4, cf, group, 1, 0)}[path]()
+                  "expert_parallel": lambda: Dispatcher(4, cf, AllToAllTransport(group, 1, 0, 4)),
+                  "a2a_chunks=2": lambda: Dispatcher(4, cf, ChunkedAllToAllTransport(group, 1, 0, 4, 2)),
+                  "micro_batches=2": lambda: Dispatcher(4, cf, AsyncAllToAllTransport(group, 1, 0, 4))}[path]()
     micro = 2 if path == "micro_batches=2" else 1
     torch.manual_seed(0)
     layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_hidden=16, capacity_factor=cf), dispatcher)
@@ -96,8 +97,8 @@ def test_trainer_loss_and_gradients(group: Any, make_config: Callable[..., Confi
     else:
         counters = CommCounters()
         e = cfg.moe.num_experts
-        model = Transformer(cfg.model, cfg.moe, vocab, 0, dispatcher=AllToAllDispatcher(e, None, group, 1, 0, counters),
-                            expert_range=(0, e))
+        dispatcher = Dispatcher(e, None, AllToAllTransport(group, 1, 0, e, counters))
+        model = Transformer(cfg.model, cfg.moe, vocab, 0, dispatcher=dispatcher, expert_range=(0, e))
         ctx = DistributedContext(0, 1, Groups(None, None, 1, None, True), counters, torch.device("cpu"))
     trainer = Trainer(cfg, model, None, ctx)  # type: ignore[arg-type]  # no batches drawn: loss() gets them
     tokens = torch.randint(0, vocab, (cfg.train.batch_size, cfg.data.seq_len + 1))
@@ -109,3 +110,9 @@ def test_trainer_loss_and_gradients(group: Any, make_config: Callable[..., Confi
         ctx.grad_norm(model)
 
     assert_follows_inputs(run)
+
+
+def test_regroup_index_of_several_peers() -> None:
+    """With one peer the rows need no regrouping (the one-rank dispatchers above skip it): check it directly."""
+    counts = torch.tensor([[2, 0], [1, 1]])
+    assert_follows_inputs(lambda: regroup_index(counts, 4))

@@ -10,19 +10,19 @@ import torch
 
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import LocalEngine
-from moe_trainer.moe.dispatcher import LocalDispatcher
+from moe_trainer.moe.dispatcher import Dispatcher
 
 
 def spy_dispatches(monkeypatch: pytest.MonkeyPatch) -> list[tuple[torch.dtype, bool]]:
-    """Records ``(payload dtype, autocast on)`` of every dispatch any LocalDispatcher makes."""
+    """Records ``(payload dtype, autocast on)`` of every dispatch any Dispatcher makes."""
     seen: list[tuple[torch.dtype, bool]] = []
-    dispatch = LocalDispatcher.dispatch
+    dispatch = Dispatcher.dispatch
 
-    def spy(self: LocalDispatcher, x_TD: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def spy(self: Dispatcher, x_TD: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         seen.append((x_TD.dtype, torch.is_autocast_enabled("cpu")))
         return dispatch(self, x_TD, *args, **kwargs)
 
-    monkeypatch.setattr(LocalDispatcher, "dispatch", spy)
+    monkeypatch.setattr(Dispatcher, "dispatch", spy)
     return seen
 
 
