@@ -37,7 +37,7 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     def fmt(value: Any) -> str:
         return f"{value:,.3f}" if isinstance(value, float) else str(value)
 
-    widths = [max(len(c), *(len(fmt(r.get(c, ""))) for r in rows)) for c in columns]
+    widths = [max([len(c), *(len(fmt(r.get(c, ""))) for r in rows)]) for c in columns]  # rows may be empty
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
         print("  ".join(fmt(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
