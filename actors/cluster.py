@@ -119,14 +119,14 @@ class Request:
 
     def total(self, resource: str) -> float:
         """CPUs (``"CPU"``) or GPUs (``"GPU"``) of the whole job."""
-        return sum(role.actors * (role.cpus if resource == "CPU" else role.gpus) for role in self.roles)
+        return sum(role.actors * role.reserves(resource)[0] for role in self.roles)
 
 
 def _asked(request: Request, resource: str) -> str:
     """``"1 coordinator x 1 CPUs (parallel.cpus_per_coordinator) + ... = 2 CPUs requested"``: each
     role's share, named by the setting it came from when roles differ."""
     def share(role: RoleResources) -> str:
-        each, setting = (role.cpus, role.cpus_setting) if resource == "CPU" else (role.gpus, role.gpus_setting)
+        each, setting = role.reserves(resource)
         named = f" ({setting})" if len(request.roles) > 1 else ""
         return f"{role.count()} x {each:g} {resource}s{named}"
 
@@ -141,19 +141,17 @@ def check_resources(request: Request) -> None:
     most, naming every count and size setting the user can trade.
     """
     total = ray.cluster_resources()
-    for resource, kind in (("GPU", "gpus"), ("CPU", "cpus")):
+    for resource in ("GPU", "CPU"):
         have = total.get(resource, 0.0)
         if request.total(resource) <= have:
             continue
-        sizes = list(dict.fromkeys(getattr(role, f"{kind}_setting") for role in request.roles))
-        largest = max(request.roles, key=lambda role: role.actors * getattr(role, kind))
+        sizes = list(dict.fromkeys(role.reserves(resource)[1] for role in request.roles))
+        largest = max(request.roles, key=lambda role: role.actors * role.reserves(resource)[0])
+        each, setting = largest.reserves(resource)
         asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}"
         if resource == "GPU":
-            raise ConfigError(largest.gpus_setting, largest.gpus,
-                              f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
+            raise ConfigError(setting, each, f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
         if len(request.roles) == 1:
-            raise ConfigError(largest.count_setting, largest.actors,
-                              f"{asked}; use fewer actors or lower {sizes[0]}")
+            raise ConfigError(largest.count_setting, largest.actors, f"{asked}; use fewer actors or lower {setting}")
         counts = ", ".join(role.count_setting for role in request.roles)
-        raise ConfigError(largest.cpus_setting, largest.cpus,
-                          f"{asked}; use fewer actors ({counts}) or lower {' / '.join(sizes)}")
+        raise ConfigError(setting, each, f"{asked}; use fewer actors ({counts}) or lower {' / '.join(sizes)}")

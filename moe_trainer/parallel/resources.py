@@ -43,6 +43,10 @@ class RoleResources:
         """``"1 coordinator"``, ``"2 expert actors"``: the role with its number, for messages."""
         return f"{self.actors} {self.role}{'' if self.actors == 1 else 's'}"
 
+    def reserves(self, resource: str) -> tuple[float, str]:
+        """Each actor's amount of Ray resource ``"CPU"`` or ``"GPU"``, and the setting it came from."""
+        return (self.gpus, self.gpus_setting) if resource == "GPU" else (self.cpus, self.cpus_setting)
+
 
 def _role(cfg: Config, role: str, actors: int, key: str) -> RoleResources:
     """A disaggregated role sized by ``parallel.{cpus,gpus}_per_<key>``, falling back per value."""
