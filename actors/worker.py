@@ -36,7 +36,6 @@ class TrainWorker:
 
     def _configure(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
-        torch.set_num_threads(torch_threads(rank_resources(cfg, rank)[0]))
         self.setup: Any = None
         self.skips = SkipPolicy.from_config(cfg.train)
 
@@ -101,6 +100,9 @@ class TrainWorker:
     def join(self, master_addr: str, master_port: int) -> dict[str, Any]:
         from moe_trainer.parallel.setup import build_rank, local_parameter_counts
 
+        # here, not at construction: a pool of actors may be started with a placeholder config whose
+        # world does not hold their rank (tests/actors/equivalence.py); a joining rank's is real
+        torch.set_num_threads(torch_threads(rank_resources(self.cfg, self.rank)[0]))
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
         if self.setup.role != "experts":  # the trainer's timeline names this rank by its place in the whole job
             self.setup.runner.ctx.global_rank, self.setup.runner.ctx.role = self.rank, self.setup.role
