@@ -17,6 +17,7 @@ import ray
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import ClusterConfig
+from moe_trainer.parallel.resources import RoleResources
 from moe_trainer.startup import phase
 
 
@@ -104,22 +105,53 @@ def disconnect() -> None:
 
 @dataclass(frozen=True)
 class Request:
-    actors: int
-    cpus_per_actor: float
-    gpus_per_actor: float
+    """The actors a job asks Ray for, role by role in rank order (see :mod:`moe_trainer.parallel.resources`)."""
+
+    roles: tuple[RoleResources, ...]
+
+    @property
+    def actors(self) -> int:
+        return sum(role.actors for role in self.roles)
+
+    def per_rank(self) -> list[tuple[float, float]]:
+        """``(cpus, gpus)`` of each rank: one placement-group bundle each."""
+        return [(role.cpus, role.gpus) for role in self.roles for _ in range(role.actors)]
+
+    def total(self, resource: str) -> float:
+        """CPUs (``"CPU"``) or GPUs (``"GPU"``) of the whole job."""
+        return sum(role.actors * role.reserves(resource)[0] for role in self.roles)
 
 
-def check_resources(request: Request, setting: str = "parallel.num_actors") -> None:
-    """Refuses a job the cluster cannot place, saying what was asked and what exists."""
+def _asked(request: Request, resource: str) -> str:
+    """``"1 coordinator x 1 CPUs (parallel.cpus_per_coordinator) + ... = 2 CPUs requested"``: each
+    role's share, named by the setting it came from when roles differ."""
+    def share(role: RoleResources) -> str:
+        each, setting = role.reserves(resource)
+        named = f" ({setting})" if len(request.roles) > 1 else ""
+        return f"{role.count()} x {each:g} {resource}s{named}"
+
+    return " + ".join(map(share, request.roles)) + f" = {request.total(resource):g} {resource}s requested"
+
+
+def check_resources(request: Request) -> None:
+    """Refuses a job the cluster cannot place, saying what was asked and what exists.
+
+    A job of one role is refused by its actor count (``parallel.num_actors``); a job of
+    several roles (disaggregated) by the per-actor setting of the role that asks for the
+    most, naming every count and size setting the user can trade.
+    """
     total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-    need_cpu = request.actors * request.cpus_per_actor
-    need_gpu = request.actors * request.gpus_per_actor
-    if need_gpu > gpus:
-        raise ConfigError("parallel.gpus_per_actor", request.gpus_per_actor,
-                          f"{request.actors} actors x {request.gpus_per_actor} GPUs = {need_gpu:g} GPUs requested, "
-                          f"the Ray cluster has {gpus:g}; use parallel.gpus_per_actor=0 for CPU (gloo)")
-    if need_cpu > cpus:
-        raise ConfigError(setting, request.actors,
-                          f"{request.actors} actors x {request.cpus_per_actor:g} CPUs = {need_cpu:g} CPUs requested, "
-                          f"the Ray cluster has {cpus:g}; use fewer actors or lower parallel.cpus_per_actor")
+    for resource in ("GPU", "CPU"):
+        have = total.get(resource, 0.0)
+        if request.total(resource) <= have:
+            continue
+        sizes = list(dict.fromkeys(role.reserves(resource)[1] for role in request.roles))
+        largest = max(request.roles, key=lambda role: role.actors * role.reserves(resource)[0])
+        each, setting = largest.reserves(resource)
+        asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}"
+        if resource == "GPU":
+            raise ConfigError(setting, each, f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
+        if len(request.roles) == 1:
+            raise ConfigError(largest.count_setting, largest.actors, f"{asked}; use fewer actors or lower {setting}")
+        counts = ", ".join(role.count_setting for role in request.roles)
+        raise ConfigError(setting, each, f"{asked}; use fewer actors ({counts}) or lower {' / '.join(sizes)}")

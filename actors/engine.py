@@ -13,24 +13,37 @@ from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
 from moe_trainer.engine import checkpoint_signature, model_parameter_counts
-from moe_trainer.parallel.topology import world_size
+from moe_trainer.parallel.resources import role_resources
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 
 
 def request_for(cfg: Config) -> Request:
-    p = cfg.parallel
-    return Request(actors=world_size(cfg), cpus_per_actor=p.cpus_per_actor, gpus_per_actor=p.gpus_per_actor)
+    return Request(role_resources(cfg))
+
+
+def _size(cpus: float, gpus: float) -> str:
+    return f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
 
 
 def _starting(cfg: Config, reused: bool) -> str:
-    """The start-up line of an actor group: how many processes of what size, for which strategy."""
+    """The start-up line of an actor group: how many processes of what size, for which strategy.
+
+    Disaggregated roles are listed each with its size, since they are sized apart
+    (``1 coordinator with 1 CPU, 2 expert actors with 0.5 CPU each``).
+    """
     request = request_for(cfg)
     if reused:
         return f"reusing {request.actors} actors ({cfg.parallel.strategy})"
-    size = f"{request.cpus_per_actor:g} CPU" + (f", {request.gpus_per_actor:g} GPU" if request.gpus_per_actor else "")
-    return (f"starting {request.actors} actors ({cfg.parallel.strategy}, {size} each): "
+    if len(request.roles) == 1:
+        role = request.roles[0]
+        what = f"{cfg.parallel.strategy}, {_size(role.cpus, role.gpus)} each"
+    else:
+        what = f"{cfg.parallel.strategy}: " + ", ".join(
+            f"{role.count()} with {_size(role.cpus, role.gpus)}{' each' if role.actors > 1 else ''}"
+            for role in request.roles)
+    return (f"starting {request.actors} actors ({what}): "
             "each imports torch and DeepSpeed, loads the data and builds its part of the model")
 
 

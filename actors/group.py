@@ -25,6 +25,11 @@ from moe_trainer.engine import EngineLost
 FAILURE_GRACE_S = 10.0
 
 
+def _bundle(cpus: float, gpus: float) -> dict[str, float]:
+    """One rank's placement-group bundle (a GPU entry only when it asks for one)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+
 class ActorLost(EngineLost):
     """An actor of the group died; the group must be rebuilt."""
 
@@ -73,27 +78,29 @@ class ActorGroup:
         self.join_time_s = time.perf_counter() - t0
 
     def _create(self, cfg: Config, request: Request, actor_cls: Any) -> list[Any]:
-        """New actors, one per bundle of one placement group (they start together or not at all)."""
-        bundle: dict[str, float] = {"CPU": request.cpus_per_actor}
-        if request.gpus_per_actor:
-            bundle["GPU"] = request.gpus_per_actor
-        self.pg = placement_group([dict(bundle) for _ in range(request.actors)],
+        """New actors, one per bundle of one placement group (they start together or not at all).
+
+        Bundle ``i`` holds rank ``i``'s own resources (disaggregated roles are sized apart), and
+        the actor asks for exactly its bundle, so Ray's reservation is what the rank computes with.
+        """
+        self.pg = placement_group([_bundle(cpus, gpus) for cpus, gpus in request.per_rank()],
                                   strategy=cfg.parallel.placement.upper())
         timeout = cfg.parallel.timeout_s
         try:
             ray.get(self.pg.ready(), timeout=timeout)
         except ray.exceptions.GetTimeoutError as err:
             remove_placement_group(self.pg)
+            asked = " + ".join(f"{role.count()} x {_bundle(role.cpus, role.gpus)}" for role in request.roles)
             raise ActorStartupError(
-                f"could not place {request.actors} actors with {bundle} each within {timeout:.0f} s; "
+                f"could not place {asked} within {timeout:.0f} s; "
                 f"cluster has {ray.available_resources()} available") from err
         return [
             actor_cls.options(
-                num_cpus=request.cpus_per_actor,
-                num_gpus=request.gpus_per_actor,
+                num_cpus=cpus,
+                num_gpus=gpus,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             ).remote(cfg, i)
-            for i in range(request.actors)
+            for i, (cpus, gpus) in enumerate(request.per_rank())
         ]
 
     def call(self, method: str, *args: Any) -> list[Any]:

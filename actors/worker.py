@@ -8,6 +8,7 @@ not per step or per layer.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import socket
@@ -20,6 +21,7 @@ import torch.distributed
 
 from moe_trainer.config.schema import Config
 from moe_trainer.host_memory import retain_freed_memory
+from moe_trainer.parallel.resources import rank_resources, rank_role, torch_threads
 from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 
 
@@ -34,7 +36,6 @@ class TrainWorker:
 
     def _configure(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
-        torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_actor)))
         self.setup: Any = None
         self.skips = SkipPolicy.from_config(cfg.train)
 
@@ -43,14 +44,30 @@ class TrainWorker:
 
         What a rank builds (model, optimizer, data, dispatchers, process groups) is rebuilt by the
         next ``join``; what stays is the process itself: its imports and its allocator setting,
-        so a job that wants the other ``train.retain_freed_memory`` is refused (it needs new actors).
+        so a job that wants the other ``train.retain_freed_memory`` is refused (it needs new actors),
+        and so is one whose rank ``rank`` reserves other CPUs or GPUs than Ray gave this actor
+        (a disaggregated role sized apart, another ``parallel.cpus_per_actor``): a running
+        actor's reservation cannot change, and a rank must compute with what it reserved.
         """
         if cfg.train.retain_freed_memory != self.retains_freed_memory:
             raise ValueError(f"train.retain_freed_memory={cfg.train.retain_freed_memory}: this actor's process "
                              f"was started with {self.retains_freed_memory}, which it cannot change; "
                              "start new actors for this job")
+        self._check_reservation(cfg, rank)
         self.leave()
         self._configure(cfg, rank)
+
+    def _check_reservation(self, cfg: Config, rank: int) -> None:
+        """Refuses rank ``rank`` of ``cfg`` unless its ``(cpus, gpus)`` is what Ray reserved for this actor."""
+        assigned = ray.get_runtime_context().get_assigned_resources()
+        have = (assigned.get("CPU", 0.0), assigned.get("GPU", 0.0))
+        want = rank_resources(cfg, rank)
+        if not all(math.isclose(h, w, abs_tol=1e-4) for h, w in zip(have, want, strict=True)):  # Ray's unit: 1e-4
+            role = rank_role(cfg, rank)
+            raise ValueError(f"rank {rank} ({role.role}) reserves {want[0]:g} CPU and {want[1]:g} GPU "
+                             f"({role.cpus_setting}, {role.gpus_setting}), but this actor was placed with "
+                             f"{have[0]:g} CPU and {have[1]:g} GPU, which a running actor cannot change; "
+                             "start new actors for this job")
 
     def leave(self) -> None:
         """Drops this rank's model and state and destroys its torch.distributed process groups.
@@ -83,6 +100,9 @@ class TrainWorker:
     def join(self, master_addr: str, master_port: int) -> dict[str, Any]:
         from moe_trainer.parallel.setup import build_rank, local_parameter_counts
 
+        # here, not at construction: a pool of actors may be started with a placeholder config whose
+        # world does not hold their rank (tests/actors/equivalence.py); a joining rank's is real
+        torch.set_num_threads(torch_threads(rank_resources(self.cfg, self.rank)[0]))
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
         if self.setup.role != "experts":  # the trainer's timeline names this rank by its place in the whole job
             self.setup.runner.ctx.global_rank, self.setup.runner.ctx.role = self.rank, self.setup.role

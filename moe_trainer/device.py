@@ -1,7 +1,8 @@
 """Where a process computes: the device of ``single``, the process-wide GPU math settings, batch copies.
 
-Ray strategies take their device from ``parallel.gpus_per_actor`` (one GPU per rank,
-NCCL; see :mod:`moe_trainer.parallel.setup`); ``single`` from ``train.device``. Both
+Ray strategies take their device from each rank's GPUs (``parallel.gpus_per_actor``, or a
+disaggregated role's own setting; one GPU per rank, NCCL; see
+:mod:`moe_trainer.parallel.resources`); ``single`` from ``train.device``. Both
 call :func:`configure_process` once, when the process sets up, so GPU math settings
 live in one place.
 """

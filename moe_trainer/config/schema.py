@@ -75,6 +75,12 @@ class ParallelConfig:
     cpus_per_actor: float = 1.0  # CPUs reserved per actor in the placement group
     num_coordinators: int = 1  # disaggregated: actors running attention
     num_expert_actors: int = 2  # disaggregated: actors holding only experts
+    # disaggregated: each role sized on its own (coordinators run attention over every token, expert
+    # actors only expert FFNs); null = parallel.cpus_per_actor / gpus_per_actor. Both roles use GPUs or neither
+    cpus_per_coordinator: float | None = None  # CPUs per coordinator; null = parallel.cpus_per_actor
+    cpus_per_expert_actor: float | None = None  # CPUs per expert actor; null = parallel.cpus_per_actor
+    gpus_per_coordinator: float | None = None  # 0 or 1 GPU per coordinator; null = parallel.gpus_per_actor
+    gpus_per_expert_actor: float | None = None  # 0 or 1 GPU per expert actor; null = parallel.gpus_per_actor
     micro_batches: int = 1  # disaggregated: pipeline depth; expert_parallel: micro-batches overlapping all-to-alls
     a2a_chunks: int = 1  # expert_parallel: chunks of local experts whose all-to-alls overlap expert compute; 1 = off
     placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes

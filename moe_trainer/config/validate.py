@@ -29,6 +29,7 @@ from moe_trainer.config.schema import (
     TOKENIZERS,
     Config,
 )
+from moe_trainer.parallel.resources import ROLE_SETTINGS, role_resources
 
 # Strategies whose runtime exists; the others are named in the schema so users get
 # "not available yet" instead of "unknown".
@@ -155,6 +156,17 @@ def validate_parallel(cfg: Config) -> None:
                           f"actors) use micro-batches; parallel.strategy={p.strategy} has nothing to overlap: use 1")
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
+    else:
+        for setting, value in _role_settings_set(cfg):
+            raise ConfigError(setting, value, "sizes one role of parallel.strategy=disaggregated (coordinators or "
+                              f"expert actors); parallel.strategy={p.strategy} has no roles: leave it unset (null) "
+                              "and size actors with parallel.cpus_per_actor / parallel.gpus_per_actor")
+
+
+def _role_settings_set(cfg: Config) -> list[tuple[str, float]]:
+    """The per-role settings (``parallel.cpus_per_coordinator``, ...) the user set, with their values."""
+    values = [(s, getattr(cfg.parallel, s.removeprefix("parallel."))) for s in ROLE_SETTINGS]
+    return [(s, v) for s, v in values if v is not None]
 
 
 def validate_expert_parallel(cfg: Config) -> None:
@@ -208,6 +220,8 @@ def validate_disaggregated(cfg: Config) -> None:
                       "actor holds the same number of experts",
                       even_share_fixes(experts, "parallel.num_expert_actors", p.num_expert_actors))
     _positive("parallel.micro_batches", p.micro_batches)
+    for setting, value in _role_settings_set(cfg):
+        _positive(setting, value, allow_zero=True)
     if cfg.model.arch == "dense":
         raise ConfigError("model.arch", "dense", "the disaggregated strategy needs MoE layers to hand to expert "
                           "actors; use data_parallel for the dense baseline")
@@ -218,7 +232,9 @@ def validate_device(cfg: Config) -> None:
 
     Every Ray rank joins one NCCL communicator when GPUs are asked for, and NCCL refuses
     two ranks of a communicator on one GPU; a rank drives one device, so a second GPU
-    per actor would only be reserved and sit idle.
+    per actor would only be reserved and sit idle. The disaggregated roles are checked
+    each by the setting that sizes it (per-role or ``parallel.gpus_per_actor``), and
+    must agree: one process group has one backend, NCCL for all ranks or gloo for all.
     """
     t, p = cfg.train, cfg.parallel
     if p.strategy == "single":
@@ -230,21 +246,41 @@ def validate_device(cfg: Config) -> None:
                                   "(torch.cuda.is_available() is False); use train.device=auto (a GPU when there is "
                                   "one, else the CPU) or train.device=cpu")
         return
-    gpus = p.gpus_per_actor
+    roles = role_resources(cfg)
+    for role in roles:
+        _one_whole_gpu(role.gpus_setting, role.gpus)
+        if role.cpus == 0 and role.gpus == 0:
+            raise ConfigError(role.cpus_setting, 0.0, f"each {role.role} would reserve nothing, and Ray cannot "
+                              "place an actor that reserves nothing in the job's placement group; reserve a "
+                              f"share of a CPU ({role.cpus_setting}=0.1) or a GPU")
+    if len({role.gpus for role in roles}) > 1:
+        gpu, cpu = next(r for r in roles if r.gpus), next(r for r in roles if not r.gpus)
+        written = next((r for r in roles if r.gpus_setting != "parallel.gpus_per_actor"), gpu)
+        raise ConfigError(written.gpus_setting, written.gpus,
+                          f"{gpu.role}s would compute on GPUs ({gpu.gpus_setting}={gpu.gpus:g}) and {cpu.role}s "
+                          f"on CPUs ({cpu.gpus_setting}={cpu.gpus:g}), but all ranks form one process group with "
+                          f"one backend (NCCL on GPUs or gloo on CPUs, never a mix); use {cpu.gpus_setting}=1 "
+                          f"(every rank on a GPU) or {gpu.gpus_setting}=0 (every rank on the CPU)")
+    gpus, deciding = roles[0].gpus, " and ".join(dict.fromkeys(r.gpus_setting for r in roles))
+    if t.device != "auto" and (t.device == "cuda") != (gpus == 1):
+        wanted = " and ".join(f"{s}={1 if t.device == 'cuda' else 0}" for s in dict.fromkeys(
+            r.gpus_setting for r in roles))
+        raise ConfigError("train.device", t.device,
+                          f"Ray strategies place each rank by {deciding} (here {gpus:g}), which "
+                          f"disagrees; use train.device=auto (follow {deciding}) or set {wanted}")
+
+
+def _one_whole_gpu(setting: str, gpus: float) -> None:
+    """One actor's GPUs: 0 or 1 (see :func:`validate_device`)."""
     if 0 < gpus < 1:
-        raise ConfigError("parallel.gpus_per_actor", gpus,
+        raise ConfigError(setting, gpus,
                           "a fraction of a GPU would put several ranks of one NCCL communicator on one GPU, which "
-                          "NCCL refuses; use parallel.gpus_per_actor=1 (one GPU per actor) or 0 (CPU, gloo)")
+                          f"NCCL refuses; use {setting}=1 (one GPU per actor) or 0 (CPU, gloo)")
     if gpus not in (0, 1):
-        raise ConfigError("parallel.gpus_per_actor", gpus,
+        raise ConfigError(setting, gpus,
                           "must be 0 (CPU, gloo) or 1 (one GPU per actor, NCCL): each rank computes on one "
                           "device, so more GPUs per actor would be reserved and stay idle; for more GPUs use more "
                           "actors (parallel.num_actors, or parallel.num_coordinators/num_expert_actors)")
-    if t.device != "auto" and (t.device == "cuda") != (gpus == 1):
-        wanted = "parallel.gpus_per_actor=1" if t.device == "cuda" else "parallel.gpus_per_actor=0"
-        raise ConfigError("train.device", t.device,
-                          f"Ray strategies place each rank by parallel.gpus_per_actor (here {gpus:g}), which "
-                          f"disagrees; use train.device=auto (follow parallel.gpus_per_actor) or set {wanted}")
 
 
 def validate_data(cfg: Config) -> None:

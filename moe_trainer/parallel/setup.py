@@ -23,6 +23,7 @@ from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.disaggregated import ExpertActorsTransport, ExpertServer, Roles
 from moe_trainer.parallel.dispatcher import AllToAllTransport
 from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
+from moe_trainer.parallel.resources import rank_resources
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology, world_size
 from moe_trainer.train.trainer import Trainer
@@ -49,9 +50,13 @@ class RankSetup:
     save_experts: bool  # this rank writes its experts' checkpoint entries
 
 
-def _device(cfg: Config) -> tuple[str, torch.device]:
-    """One GPU per rank with NCCL (Ray gives the actor exactly one: validation allows only 0 or 1), else gloo."""
-    if cfg.parallel.gpus_per_actor > 0:
+def _device(cfg: Config, rank: int) -> tuple[str, torch.device]:
+    """One GPU per rank with NCCL (Ray gives the actor exactly one: validation allows only 0 or 1), else gloo.
+
+    Asked per rank, since disaggregated roles are sized apart; validation makes every rank
+    agree (one process group, one backend).
+    """
+    if rank_resources(cfg, rank)[1] > 0:
         return "nccl", torch.device("cuda", torch.cuda.current_device())
     return "gloo", torch.device("cpu")
 
@@ -87,7 +92,7 @@ def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int],
 
 def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> RankSetup:
     """Joins the process group as ``rank`` and builds what this rank runs."""
-    backend, device = _device(cfg)
+    backend, device = _device(cfg, rank)
     configure_process(device)
     timeout = cfg.parallel.timeout_s
     init_process_group(backend, master_addr, master_port, rank, world_size(cfg), timeout)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from moe_trainer.config.schema import STRATEGIES, Config, ParallelConfig, to_dataclass
 from moe_trainer.config.validate import data_parallel_ranks
+from moe_trainer.parallel.resources import role_resources
 from moe_trainer.parallel.setup import ep_size, roles, world_size
 from tests.conftest import compose_dict
 
@@ -48,7 +49,8 @@ def preset_table() -> str:
     actors = {name: 0 if name == "single" else world_size(cfg) for name, cfg in typed.items()}
     derived = {
         "Ray actors started": actors,
-        "CPUs reserved": {name: actors[name] * cfg.parallel.cpus_per_actor for name, cfg in typed.items()},
+        "CPUs reserved": {name: 0 if name == "single" else sum(r.actors * r.cpus for r in role_resources(cfg))
+                          for name, cfg in typed.items()},
         "data-parallel ranks": {name: data_parallel_ranks(cfg) for name, cfg in typed.items()},
         "experts per expert-holding rank": {
             name: roles(cfg).experts_per_actor if name == "disaggregated" else cfg.moe.num_experts // ep_size(cfg)

@@ -72,6 +72,13 @@ PARALLEL = [
     (["moe.router=expert_choice", "moe.bias_balancing=true"], "moe.bias_balancing"),  # bias cannot change picks
     (["parallel=expert_parallel", "parallel.num_actors=8"], "parallel.num_actors"),  # 4 experts, ep_size unset
     (["parallel=expert_parallel", "parallel.num_actors=8", "parallel.ep_size=8"], "parallel.ep_size"),
+    # per-role sizes belong to the disaggregated strategy's roles; elsewhere they would be silently ignored
+    (["parallel=expert_parallel", "parallel.cpus_per_coordinator=1"], "parallel.cpus_per_coordinator"),
+    (["parallel=data_parallel", "parallel.gpus_per_expert_actor=0"], "parallel.gpus_per_expert_actor"),
+    (["parallel.cpus_per_expert_actor=2"], "parallel.cpus_per_expert_actor"),  # single
+    (["parallel=disaggregated", "parallel.cpus_per_coordinator=-1"], "parallel.cpus_per_coordinator"),
+    (["parallel=disaggregated", "parallel.cpus_per_expert_actor=-0.5"], "parallel.cpus_per_expert_actor"),
+    (["parallel=disaggregated", "parallel.gpus_per_coordinator=-1"], "parallel.gpus_per_coordinator"),
 ]
 # where ranks compute: one whole GPU per Ray rank (NCCL), train.device agreeing with it; single needs a GPU for cuda
 DEVICE = [
@@ -83,6 +90,23 @@ DEVICE = [
     (["parallel=data_parallel", "parallel.gpus_per_actor=1", "train.device=cpu"], "train.device",
      "parallel.gpus_per_actor=0"),
     (["train.device=cuda"], "train.device", "no CUDA GPU is visible"),  # single, and this machine has none
+    # disaggregated roles: each 0 or 1 GPU by the setting that sizes it, both roles on the same backend
+    (["parallel=disaggregated", "parallel.gpus_per_expert_actor=0.5", "parallel.gpus_per_coordinator=1"],
+     "parallel.gpus_per_expert_actor", "NCCL refuses"),
+    (["parallel=disaggregated", "parallel.gpus_per_coordinator=2"], "parallel.gpus_per_coordinator", "idle"),
+    (["parallel=disaggregated", "parallel.gpus_per_coordinator=1"], "parallel.gpus_per_coordinator",
+     "parallel.gpus_per_actor=1 (every rank on a GPU) or parallel.gpus_per_coordinator=0"),
+    (["parallel=disaggregated", "parallel.gpus_per_actor=1", "parallel.gpus_per_expert_actor=0"],
+     "parallel.gpus_per_expert_actor", "one backend (NCCL on GPUs or gloo on CPUs, never a mix)"),
+    (["parallel=disaggregated", "parallel.gpus_per_coordinator=1", "parallel.gpus_per_expert_actor=1",
+      "train.device=cpu"], "train.device",
+     "parallel.gpus_per_coordinator=0 and parallel.gpus_per_expert_actor=0"),
+    (["parallel=disaggregated", "parallel.gpus_per_actor=1", "parallel.gpus_per_coordinator=1",
+      "train.device=cpu"], "train.device", "parallel.gpus_per_coordinator and parallel.gpus_per_actor (here 1)"),
+    # an actor reserving nothing cannot be placed in a placement group
+    (["parallel=disaggregated", "parallel.cpus_per_expert_actor=0"], "parallel.cpus_per_expert_actor",
+     "reserve nothing"),
+    (["parallel=data_parallel", "parallel.cpus_per_actor=0"], "parallel.cpus_per_actor", "reserve nothing"),
 ]
 
 
@@ -116,6 +140,11 @@ def test_device_battery(make_config: Callable[..., Config], overrides: list[str]
     ["parallel=expert_parallel", "parallel.gpus_per_actor=1", "train.device=cuda"],
     ["parallel=expert_parallel", "train.device=cpu"],
     ["parallel=single", "parallel.gpus_per_actor=0.5"],  # single never reads it
+    ["parallel=disaggregated", "parallel.gpus_per_coordinator=1", "parallel.gpus_per_expert_actor=1",
+     "train.device=cuda"],
+    ["parallel=disaggregated", "parallel.gpus_per_actor=1", "parallel.cpus_per_expert_actor=0"],  # a GPU is enough
+    ["parallel=disaggregated", "parallel.cpus_per_coordinator=2", "parallel.cpus_per_expert_actor=0.25",
+     "parallel.gpus_per_coordinator=0"],
 ])
 def test_device_settings_that_agree_pass(make_config: Callable[..., Config], overrides: list[str],
                                          monkeypatch: pytest.MonkeyPatch) -> None:
