@@ -21,9 +21,11 @@ check with a synthetic timeline):
   waiting). Those still include waiting for a skewed peer, so a straight fit would charge
   waiting to the wire: the fit is a line through the lower envelope (spans sorted by bytes,
   cut into bins, the fastest of each bin kept, least squares on those). Bytes = the larger
-  of rows sent and received, times the row size. Runs with no such spans (disaggregated
-  only) use ``reference_transfers`` instead: ``benchmarks/comm.py``'s raw
-  ``all_to_all_single`` timings.
+  of rows sent and received, times the row size. When the spans cannot pin a line (none, as
+  in disaggregated-only runs; or sizes within a factor 4, as in one expert-parallel layout,
+  whose all-to-alls all move about tokens x k / P rows; or a slope that is not positive)
+  the fit uses ``reference_transfers`` instead: ``benchmarks/comm.py``'s raw
+  ``all_to_all_single`` timings of 1 to 32 MB.
 * **optimizer seconds per parameter**: least squares through zero of the ``optimizer`` spans
   against the parameters the rank updates.
 * **step overhead**: the recorded step time less the span of the rank's timed regions (data
@@ -178,12 +180,16 @@ def step_times(run_dir: Path) -> dict[int, dict[int, float]]:
 
 
 def measured_step_s(run_dir: Path, skip: int = FIRST_STEP) -> float:
-    """Mean of the slowest rank's step time over the steps after ``skip``: the number to predict."""
+    """Median of the slowest rank's step time over the steps after ``skip``: the number to predict.
+
+    The median, not the mean: on a shared box another process's burst slows a few steps by
+    half or more, which a mean of a dozen steps would carry into the check.
+    """
     values = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time_s_max"] for r in values if "step_time_s_max" in r and r["step"] > skip]
     if not times:
         raise ValueError(f"{run_dir}: no step times after step {skip} (train.log_every=1 records every step)")
-    return statistics.fmean(times)
+    return statistics.median(times)
 
 
 def observe(run_dirs: list[Path], first_step: int = FIRST_STEP) -> tuple[Observations, dict[Path, RunInfo]]:
@@ -223,6 +229,28 @@ def fit_lower_envelope(points: list[tuple[float, float]], bins: int = 6) -> tupl
     return max(0.0, float(intercept)), float(slope)
 
 
+MIN_SIZE_RANGE = 4.0  # largest / smallest transfer: below this, latency and bandwidth cannot be told apart
+
+
+def fit_link(spans: list[tuple[float, float]], reference: list[tuple[float, float]]) -> tuple[float, float, str]:
+    """Latency, seconds per byte and where they came from: the runs' all-to-all spans when their sizes
+    span a factor :data:`MIN_SIZE_RANGE` and give a positive slope, else the reference measurement.
+
+    An expert-parallel run's all-to-alls all move about the same rows (tokens x k / P, give or
+    take the routing), so on their own they pin one point of the line, not its slope.
+    """
+    sizes = [b for b, _ in spans if b > 0]
+    if sizes and max(sizes) >= MIN_SIZE_RANGE * min(sizes):
+        latency, slope = fit_lower_envelope(spans)
+        if slope > 0:
+            return latency, slope, f"lower envelope of {len(spans)} all-to-all spans"
+    if not reference:
+        raise ValueError(f"{len(spans)} all-to-all spans cannot fit the link (sizes within a factor "
+                         f"{MIN_SIZE_RANGE:g}, or none): add runs of other sizes or pass reference_transfers")
+    latency, slope = fit_lower_envelope(reference)
+    return latency, slope, f"benchmarks/comm.py raw all_to_all_single ({len(reference)} sizes)"
+
+
 def fit_through_zero(points: list[tuple[float, float]]) -> float:
     x = np.array([p[0] for p in points], dtype=float)
     y = np.array([p[1] for p in points], dtype=float)
@@ -246,19 +274,13 @@ def calibrate(run_dirs: list[Path], first_step: int = FIRST_STEP,
     link fit when the runs have too few of their own (fewer than two sizes).
     """
     obs, infos = observe(run_dirs, first_step)
-    link_source = f"lower envelope of {len(obs.transfers)} all-to-all spans"
-    if len({b for b, _ in obs.transfers}) < 2:
-        if not reference_transfers:
-            raise ValueError("no blocking exchanges of two sizes in these runs: add an expert_parallel run "
-                             "or pass reference_transfers")
-        obs.transfers, link_source = list(reference_transfers), "benchmarks/comm.py raw all_to_all_single"
+    latency, s_per_byte, link_source = fit_link(obs.transfers, reference_transfers or [])
     shapes = {replace_tokens(i.shape) for i in infos.values()}
     if len(shapes) != 1:
         raise ValueError("calibration runs must share one model shape (batch aside)")
     shape = next(iter(shapes))
     tok_f, row_f = fit_compute(obs.compute["fwd"])
     tok_b, row_b = fit_compute(obs.compute["bwd"])
-    latency, s_per_byte = fit_lower_envelope(obs.transfers)
     opt = fit_through_zero(obs.optimizer)
     overhead = statistics.fmean(obs.overhead) if obs.overhead else 0.0
     link = Link(1 / s_per_byte, latency)

@@ -257,7 +257,8 @@ def disaggregated(shape: Shape, machine: Machine, coordinators: int, expert_acto
     per_layer = (shape.dense_flops() - shape.head_flops()) / layers
     coord_fwd = tuple([tokens * per_layer / machine.dense_fwd] * layers + [tokens * shape.head_flops()
                                                                            / machine.dense_fwd])
-    coord_bwd = tuple(2 * s * machine.dense_fwd / machine.dense_bwd for s in coord_fwd)
+    # backward runs the chain the other way: LM head first, the first block's attention last
+    coord_bwd = tuple(2 * s * machine.dense_fwd / machine.dense_bwd for s in reversed(coord_fwd))
     rows = shape.tokens_per_step * shape.top_k / (x * m) * imbalance  # per expert actor and micro-batch
     expert_fwd = rows * shape.expert_flops() / machine.expert_fwd
     expert_bwd = rows * 2 * shape.expert_flops() / machine.expert_bwd

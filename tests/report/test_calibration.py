@@ -90,7 +90,8 @@ def disaggregated_run(path: Path) -> Path:
 
 def expert_parallel_run(path: Path) -> Path:
     """2 ranks of 1024 tokens; per MoE layer each sends some of its 2048 rows and receives the peer's."""
-    moved = [(900, 1100), (700, 1300), (1200, 800), (1000, 1000)]  # rank 0's (sent, received) per layer
+    # rank 0's (sent, received) per layer: transfer sizes a factor 6 apart, enough to pin the link's line
+    moved = [(200, 1800), (1500, 500), (1000, 1000), (300, 300)]
     info = run_info(config("expert_parallel", num_actors=2))
     ranks = []
     for pid in (0, 1):
@@ -121,8 +122,8 @@ def test_fits_the_parameters_a_timeline_was_made_with(tmp_path: Path) -> None:
     assert got["link bandwidth"] == pytest.approx(1 / TRUE["s_per_byte"] / 1e9, rel=1e-5)
     assert got["optimizer"] == pytest.approx(TRUE["opt"] * 1e9, rel=1e-6)
     assert got["step overhead"] == pytest.approx(TRUE["overhead"] * 1e3, abs=1e-4)
-    # rank 0 computes 2048 - sent + received rows a layer: 2248, 2648, 1648 (rank 1: 2448), 2048; mean 2048
-    assert cal.imbalance == pytest.approx((2248 + 2648 + 2448 + 2048) / (4 * 2048))
+    # rank 0 computes 2048 - sent + received rows a layer: 3648, 1048 (rank 1: 3048), 2048, 2048; mean 2048
+    assert cal.imbalance == pytest.approx((3648 + 3048 + 2048 + 2048) / (4 * 2048))
     # the fitted machine predicts a step of the synthetic layout from its parts
     info = read_run_info(runs[0])
     step = disaggregated(info.shape, cal.machine, 1, 1, 1).step_s
@@ -144,12 +145,26 @@ def test_lower_envelope_ignores_waiting(tmp_path: Path) -> None:
     assert got["link bandwidth"] == pytest.approx(1 / TRUE["s_per_byte"] / 1e9, rel=1e-5)
 
 
+def test_all_to_alls_of_one_size_fall_back_to_the_reference(tmp_path: Path) -> None:
+    """Transfers within a factor 4 of each other pin a point, not a line: the reference decides."""
+    from moe_trainer.report.calibration import fit_link
+
+    same_size = [(1e6, 1e-3), (1.5e6, 1.2e-3), (1.2e6, 2e-3)]
+    reference = [(n, 10e-6 + n / 1e9) for n in (1e5, 1e7)]
+    latency, s_per_byte, source = fit_link(same_size, reference)
+    assert (latency, s_per_byte) == (pytest.approx(10e-6), pytest.approx(1e-9)) and "comm.py" in source
+    with pytest.raises(ValueError, match="reference_transfers"):
+        fit_link(same_size, [])
+
+
 def test_one_way_spans_do_not_time_the_link(tmp_path: Path) -> None:
     """Disaggregated transfers are posts and waits: without an all-to-all the link comes from the reference."""
     run = disaggregated_run(tmp_path)
     with pytest.raises(ValueError, match="reference_transfers"):
         calibrate([run])
     reference = [(n, 50e-6 + n / 2e9) for n in (1e5, 1e6, 1e7)]
+    assert "comm.py" in next(p["fit"] for p in calibrate([run], reference_transfers=reference).parameters
+                             if p["name"] == "link latency")
     got = {p["name"]: p["value"] for p in calibrate([run], reference_transfers=reference).parameters}
     assert got["link bandwidth"] == pytest.approx(2.0)
     assert got["link latency"] == pytest.approx(50.0)
