@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -312,6 +312,4 @@ def calibrate(run_dirs: list[Path], first_step: int = FIRST_STEP,
 
 def replace_tokens(shape: Shape) -> Shape:
     """The shape with the batch left out: runs of one model with different batches calibrate together."""
-    from dataclasses import replace
-
     return replace(shape, tokens_per_step=0)
