@@ -78,7 +78,7 @@ def measure(name: str, overrides: list[str], steps: int, warmup: int, cpus: floa
 
     step_time = mean("step_time_s_max")
     return {
-        "name": name, "processes": len(records[0].get("step_time_s_per_rank", [])) or 1,
+        "name": name, "processes": processes,
         "tokens_per_s": statistics.fmean(r["tokens_step"] / r["step_time_s_max"] for r in steady),
         "step_time_s": step_time,
         "a2a_share": mean("a2a_time_s") / step_time,

@@ -56,11 +56,14 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
         metric_keys[run.name] = {k for r in records if "loss" in r for k in r if not k.startswith(("coord_",
                                                                                                     "expert_"))}
         assert "params_total" in logged.summary and "mem_rss_mb_per_process" in logged.summary
-        # step 2's timeline: every rank that runs the trainer (expert actors add theirs when they record one)
+        # step 2's timeline: every rank, disaggregated expert actors included (their expert compute)
         trace = json.loads((run / "timelines" / "step_000002.json").read_text())
         roles = json.loads((run / "processes.json").read_text())["roles"]
-        trainers = {rank for rank, role in enumerate(roles) if role != "experts"}
-        assert trainers <= {e["pid"] for e in trace["traceEvents"] if e["ph"] == "X"}, run.name
+        regions = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+        assert set(range(len(roles))) == {e["pid"] for e in regions}, run.name
+        for rank, role in enumerate(roles):
+            if role == "experts":
+                assert {"experts forward", "experts backward"} <= {e["name"] for e in regions if e["pid"] == rank}
         assert (offline / "files" / "timelines" / "step_000002.json").is_file(), run.name
     assert len({frozenset(v) for v in keys.values()}) == 1, keys  # one dashboard fits every strategy
     assert len({frozenset(v) for v in metric_keys.values()}) == 1

@@ -2,11 +2,11 @@
 
 A recomputed region is a stretch of one rank's local math: its forward keeps only
 the region's inputs, and backward runs it again to rebuild what its own backward
-needs (``torch.utils.checkpoint``, non-reentrant). Regions end where an all-to-all
-begins, so the rows that crossing one produced are kept as ordinary saved tensors
-and no collective ever runs twice, whatever the strategy: a remote expert actor, which
-replays the coordinators' collective schedule, sees exactly the schedule it sees
-without recompute (torchtitan's selective checkpointing keeps ``all_to_all_single``
+needs (``torch.utils.checkpoint``, non-reentrant). Regions end where a transfer
+begins (an all-to-all, a message to expert actors), so the rows that crossing one
+produced are kept as ordinary saved tensors and no transfer ever runs twice, whatever
+the strategy: a remote expert actor gets exactly the messages it gets without
+recompute (torchtitan's selective checkpointing keeps ``all_to_all_single``
 outputs for the same reason).
 
 A region that contains a router keeps the router's *decisions* (the ``topk`` or ``sort``

@@ -35,7 +35,7 @@ from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, permute
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.p2p import LandFromExperts, Posted, SendToExperts, Trip
+from moe_trainer.parallel.p2p import LandFromExperts, Lanes, Posted, SendToExperts, Trip
 from moe_trainer.parallel.protocol import BACKWARD, EVAL, FORWARD, HEADER_PREFIX, PHASE_NAMES, Route
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
@@ -113,9 +113,9 @@ class ExpertActorsTransport:
     micro-batch's results only when that micro-batch next needs its residual stream.
     """
 
-    def __init__(self, roles: Roles, group: Any, counters: CommCounters | None = None) -> None:
+    def __init__(self, roles: Roles, lanes: Lanes, counters: CommCounters | None = None) -> None:
         self.roles = roles
-        self.group = group
+        self.lanes = lanes
         self.counters = counters if counters is not None else CommCounters()
         self.dispatches = 0  # the key of the next dispatch: every coordinator counts the same
 
@@ -126,9 +126,10 @@ class ExpertActorsTransport:
         r = self.roles
         counts_XL = plan.tokens_per_expert_E.view(r.num_expert_actors, r.experts_per_actor)
         rows = counts_XL.sum(1).tolist()  # the split sizes: the one host read of a dispatch
-        trip = Trip(r.expert_actors, rows, counts_XL, self.dispatches, layer, self.group, self.counters)
+        trip = Trip(r.expert_actors, rows, counts_XL, self.dispatches, layer, self.lanes, self.counters)
         self.dispatches += 1
-        phase = FORWARD if torch.is_grad_enabled() else EVAL
+        # a forward that will have a backward: anything else must not leave activations on the expert actors
+        phase = FORWARD if torch.is_grad_enabled() and x_TD.requires_grad else EVAL
         reply_ND = SendToExperts.apply(permute(x_TD, plan.token_idx_N), trip, phase)
         assert isinstance(reply_ND, Tensor)
         return reply_ND, plan.tokens_per_expert_E[:0], trip
@@ -190,7 +191,7 @@ class Inbox:
                                  dtype=torch.int64, device=s.device)
         posted = Posted()
         for c, coordinator in enumerate(s.roles.coordinators):
-            posted.recv(headers_CH[c], coordinator, s.group, "receive of a header from a coordinator")
+            posted.recv(headers_CH[c], coordinator, s.lanes.requests, "receive of a header from a coordinator")
         return _Incoming(headers_CH, posted)
 
     def _post_rows(self, incoming: _Incoming) -> None:
@@ -202,7 +203,7 @@ class Inbox:
         start = 0
         for coordinator, n in zip(s.roles.coordinators, splits, strict=True):
             if n:
-                incoming.rows.recv(incoming.rows_MD[start:start + n], coordinator, s.group,
+                incoming.rows.recv(incoming.rows_MD[start:start + n], coordinator, s.lanes.requests,
                                    "receive of rows from a coordinator")
             start += n
 
@@ -266,7 +267,7 @@ class _Served:
 
 @dataclass
 class _StepClock:
-    busy: Elapsed = field(default_factory=Elapsed)  # computing experts / optimizer (resolved at the step's end)
+    busy: Elapsed = field(default_factory=Elapsed)  # computing experts and the update (resolved at the step's end)
     rows: int = 0  # rows received from coordinators
 
 
@@ -278,11 +279,12 @@ class ExpertServer:
     saves and loads it like a Trainer.
     """
 
-    def __init__(self, cfg: Config, rank: int, roles: Roles, device: torch.device, group: Any = None) -> None:
+    def __init__(self, cfg: Config, rank: int, roles: Roles, device: torch.device, group: Any, lanes: Lanes) -> None:
         self.cfg, self.rank, self.roles, self.device = cfg, rank, roles, device
         self.model = ExpertShardModel(cfg, roles.expert_range(rank)).to(device)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.group = group
+        self.lanes = lanes  # point-to-point traffic, one process group per direction (see parallel/p2p.py)
         # the coordinators' loss is a mean over their own rows: expert gradients are averaged over them, and the
         # global norm adds every shard's squares in one all-reduce over the world (the coordinators' norm group)
         groups = Groups(data=None, expert_replicas=None, replicas=1, norm=group, counts_dense_norm=False)
@@ -310,7 +312,10 @@ class ExpertServer:
             inbox.prefetch()
             t0 = mark(self.device)
             if msg.phase == BACKWARD:
-                item = served.pop(msg.key)
+                item = served.pop(msg.key, None)
+                if item is None:
+                    refuse(f"rank {self.rank}: a coordinator sent the backward of dispatch {msg.key} (MoE block "
+                           f"{msg.layer}), whose forward this expert actor did not serve in this step")
                 item.y_MD.backward(item.route.to_experts(msg.rows_MD))
                 grad_MD = item.x_MD.grad if item.x_MD.grad is not None else torch.zeros_like(item.x_MD)
                 reply = item.route.to_peers(grad_MD)
@@ -331,7 +336,7 @@ class ExpertServer:
             start = 0
             for coordinator, n in zip(self.roles.coordinators, msg.route.recv_splits, strict=True):
                 if n:
-                    outbox.send(reply[start:start + n], coordinator, self.group,
+                    outbox.send(reply[start:start + n], coordinator, self.lanes.replies,
                                 f"send of {PHASE_NAMES[msg.phase]} replies to coordinator {coordinator}")
                 start += n
         outbox.wait()
@@ -354,14 +359,14 @@ class ExpertServer:
         self.optimizer.zero_grad(set_to_none=True)
         # every pass: one forward message per MoE layer and micro-batch, and one backward message for each
         self._serve(2 * self.messages_per_pass * self.accum_steps, (FORWARD, BACKWARD), clock)
-        t0 = mark(self.device)
         with timeline.region("grad sync", "sync", self.device):
             self.ctx.sync_gradients(self.model)
-        with timeline.region("grad norm", "sync", self.device):
+        with timeline.region("grad norm", "sync", self.device):  # mostly waiting for the coordinators' backward
             grad_norm = self.ctx.grad_norm(self.model)
+        t0 = mark(self.device)
         with timeline.region("optimizer", "optimizer", self.device):
             finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
-        clock.busy.add(Span.since(t0, self.device))
+        clock.busy.add(Span.since(t0, self.device))  # busy: computing experts and the update, not all-reduces
         self.step += 1
         total = Span.since(t_start, self.device).seconds()  # the step's one wait for its timings
         events = timeline.end_step()

@@ -35,6 +35,14 @@ from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Span, mark
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """The process groups of the two directions (every rank is in both): requests to expert actors, replies back."""
+
+    requests: Any
+    replies: Any
+
+
 @dataclass
 class Posted:
     """Sends and receives in flight; tensors stay referenced until their work is done."""
@@ -72,7 +80,7 @@ class Trip:
     counts_XL: Tensor
     key: int  # running number of this dispatch on this coordinator (the same on every coordinator)
     layer: int
-    group: Any
+    lanes: Lanes
     counters: CommCounters
     sends: Posted = field(default_factory=Posted)
     replies: Posted = field(default_factory=Posted)
@@ -89,27 +97,33 @@ class Trip:
     def request(self, phase: int, payload_ND: Tensor, what: str) -> Tensor:
         """Sends the headers and rows of ``phase``, posts the replies' receives; returns their (unfilled) buffer."""
         t0 = mark(payload_ND.device)
-        self.sends.wait()  # the previous phase's sends (done: their replies arrived)
         headers = header(phase, self.key, self.layer, self.counts_XL)
         payload_ND = payload_ND.contiguous()
         label = f"send of {what} rows to the expert actors, MoE block {self.layer}"
         for x, peer in enumerate(self.peers):
-            self.sends.send(headers[x], peer, self.group, label)
+            self.sends.send(headers[x], peer, self.lanes.requests, label)
         for peer, part in self._slices(payload_ND):
-            self.sends.send(part, peer, self.group, label)
+            self.sends.send(part, peer, self.lanes.requests, label)
         reply = torch.empty_like(payload_ND)
         recv_label = f"receive of {what} replies from the expert actors, MoE block {self.layer}"
         for peer, part in self._slices(reply):
-            self.replies.recv(part, peer, self.group, recv_label)
+            self.replies.recv(part, peer, self.lanes.replies, recv_label)
         phase_name = "combine_bwd" if phase == BACKWARD else "dispatch"
         self.counters.add(phase_name, sum(self.rows), 0, payload_ND.shape[1] * payload_ND.element_size(),
                           Span.since(t0, payload_ND.device))
         return reply
 
     def land(self, phase_name: str, reply: Tensor) -> Tensor:
-        """Waits for the replies posted by :meth:`request` (the exposed part of the round trip)."""
+        """Waits for the replies posted by :meth:`request` (the exposed part of the round trip), then for its sends.
+
+        Once the replies are in, the rows' sends are done; a header-only send (an expert actor
+        that got no rows) may still wait for that actor to post its receive. Waiting here keeps
+        every send's work and tensors alive until it completes (a gloo send whose work is dropped
+        may never be delivered) and frees the sent rows now instead of at backward.
+        """
         t0 = mark(reply.device)
         self.replies.wait()
+        self.sends.wait()
         self.counters.add(phase_name, 0, sum(self.rows), reply.shape[1] * reply.element_size(),
                           Span.since(t0, reply.device))
         return reply
@@ -131,7 +145,6 @@ class SendToExperts(torch.autograd.Function):
         trip: Trip = ctx.trip
         assert trip.input_grad is not None, "LandFromExperts.backward asks for the input gradients first"
         dx_ND = trip.land("dispatch_bwd", trip.input_grad)
-        trip.sends.wait()
         trip.input_grad = ctx.trip = None
         return dx_ND, None, None
 

@@ -86,5 +86,8 @@ class Route:
 def header(phase: int, key: int, layer: int, counts_PL: Tensor) -> Tensor:
     """One header per destination ``[P, 3 + L]``: ``(phase, key, MoE block, rows per local expert...)``, on the
     counts' device (NCCL moves only device tensors)."""
-    prefix = torch.tensor([phase, key, layer], dtype=counts_PL.dtype, device=counts_PL.device)
-    return torch.cat([prefix.expand(counts_PL.shape[0], HEADER_PREFIX), counts_PL], 1)
+    headers = counts_PL.new_empty(counts_PL.shape[0], HEADER_PREFIX + counts_PL.shape[1])
+    for column, value in enumerate((phase, key, layer)):  # scalar fills: no host-to-device copy to wait for
+        headers[:, column] = value
+    headers[:, HEADER_PREFIX:] = counts_PL
+    return headers

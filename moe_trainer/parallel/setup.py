@@ -23,6 +23,7 @@ from moe_trainer.parallel.context import DistributedContext, Groups
 from moe_trainer.parallel.disaggregated import ExpertActorsTransport, ExpertServer, Roles
 from moe_trainer.parallel.dispatcher import AllToAllTransport
 from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
+from moe_trainer.parallel.p2p import Lanes
 from moe_trainer.parallel.resources import rank_resources
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology, world_size
@@ -117,11 +118,13 @@ def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.dev
     r = roles(cfg)
     world = torch.distributed.group.WORLD
     coordinators = _groups_containing(rank, [list(range(r.num_coordinators))], cfg.parallel.timeout_s)
+    everyone = list(range(r.world))
+    lanes = Lanes(*(new_group(everyone, cfg.parallel.timeout_s) for _ in ("requests", "replies")))
     if not r.is_coordinator(rank):
-        server = ExpertServer(cfg, rank, r, device, group=world)
+        server = ExpertServer(cfg, rank, r, device, world, lanes)
         return RankSetup(server, "experts", backend, r.expert_range(rank), save_dense=False, save_experts=True)
     counters = CommCounters()
-    dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ExpertActorsTransport(r, world, counters))
+    dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ExpertActorsTransport(r, lanes, counters))
     groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
     ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
     trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device)

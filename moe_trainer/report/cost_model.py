@@ -54,7 +54,7 @@ class Shape:
 
     @property
     def moe_layers(self) -> int:
-        return sum(1 for i in range(self.n_layers) if i % self.moe_every == 0)
+        return sum(1 for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)  # as model.is_moe_block
 
     @property
     def row_bytes(self) -> int:

@@ -89,6 +89,9 @@ LAYOUTS = {  # name: (overrides, processes)
                               "parallel.micro_batches=4"], 3),
     "disaggregated_2c_2mb": (["parallel=disaggregated", "parallel.num_coordinators=2",
                               "parallel.micro_batches=2"], 4),
+    # more coordinators than expert actors: one expert actor serves both, regrouping their rows
+    "disaggregated_2c_1e_2mb": (["parallel=disaggregated", "parallel.num_coordinators=2",
+                                 "parallel.num_expert_actors=1", "parallel.micro_batches=2"], 3),
 }
 
 

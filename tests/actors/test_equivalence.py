@@ -19,10 +19,11 @@ from tests.helpers import train_run
 # Every layout with both dispatch modes (dropless with bias, shared experts, a dense block, recompute
 # and accumulation; capacity with drops, plain) but capacity on disaggregated_1c_4mb, whose plain
 # case is switch; the other routers on layouts that cover each dispatcher and schedule (chunked,
-# asynchronous, expert-data-parallel replicas, micro-batched and multi-coordinator disaggregated);
+# asynchronous, expert-data-parallel replicas, micro-batched and multi-coordinator disaggregated, more
+# coordinators than expert actors);
 # bf16 (2 steps) on every strategy and every dispatcher: the synchronous one (4 actors with replicas,
 # disaggregated coordinators), the chunked and the asynchronous one, and the expert actors' side.
-# 26 runs: the whole matrix would cost CI minutes and test the same code.
+# 28 runs: the whole matrix would cost CI minutes and test the same code.
 CASES = [(layout, mix) for layout in LAYOUTS for mix in ("dropless", "capacity")
          if (layout, mix) != ("disaggregated_1c_4mb", "capacity")]
 CASES += [(layout, "switch") for layout in ("expert_parallel_chunks", "expert_parallel_4_ep2", "disaggregated_1c_4mb")]

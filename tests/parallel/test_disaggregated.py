@@ -26,8 +26,10 @@ def rank_main(cfg: Config, rank: int, port: int, steps: int, force_expert: int |
             layer.router.expert_bias[force_expert] = 100.0
     records = [runner.train_step() if setup.role == "experts" else runner.train_step().record
                for _ in range(steps)]
+    # an evaluation pass after training: header-only messages to an expert actor that gets no rows, no backward
+    val_loss = runner.evaluate(cfg.train.eval_batches) if setup.role == "experts" else runner.evaluate()
     names = [n for n, p in runner.model.named_parameters() if p.numel() > 0]
-    return {"role": setup.role, "records": records, "names": names}
+    return {"role": setup.role, "records": records, "names": names, "val_loss": val_loss}
 
 
 def free_port() -> int:
@@ -56,6 +58,7 @@ def test_one_expert_actor_receiving_nothing_completes(ray_cluster: object,
     assert [r["step"] for r in coordinator["records"]] == [1, 2]
     assert all(not r["step_skipped"] for r in coordinator["records"])  # both updates were applied
     assert coordinator["records"][-1]["load_imbalance"] == pytest.approx(4.0)  # all on one of 4 experts
+    assert coordinator["val_loss"] > 0 and first["val_loss"] is second["val_loss"] is None  # evaluation completed
 
 
 def test_expert_actors_hold_only_experts_and_coordinators_none(ray_cluster: object,
