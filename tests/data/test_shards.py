@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -26,6 +29,7 @@ from moe_trainer.data.shards import (
     token_dtype,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, BATCH = 32, 8
 CFG = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=200_000)
 
@@ -192,3 +196,21 @@ def test_batch_source_accepts_a_mapped_stream_directly(tmp_path: Path) -> None:
     reference = BatchSource(stream, stream, seq_len=8, batch_size=4, seed=0, tokenizer=ByteTokenizer())
     assert source.train_tokens.dtype == torch.uint16
     assert torch.equal(source.train_batch(2)[0], reference.train_batch(2)[0])
+
+
+def test_prepare_data_cli_refuses_a_bad_setting_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_main(["--cache", str(tmp_path / "tokens"), "data=files", f"data.paths=[{tmp_path / 'none.txt'}]"])
+    assert exit_info.value.code == 2
+    assert "moe-prepare-data: invalid setting: data.paths=" in capsys.readouterr().err
+    assert not (tmp_path / "tokens").exists()  # nothing written
+
+
+def test_the_key_is_the_same_in_a_fresh_interpreter(corpus: DatasetDict) -> None:
+    """The next start (a new process, another actor) must find the cache this one wrote."""
+    code = ("from moe_trainer.config.schema import DataConfig; "
+            "from moe_trainer.data import ByteTokenizer, load_corpus; from moe_trainer.data.shards import cache_key; "
+            f"print(cache_key(load_corpus(DataConfig(embedded_max_bytes={CFG.embedded_max_bytes})), ByteTokenizer()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip().splitlines()[-1] == cache_key(corpus, ByteTokenizer())
