@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -163,6 +164,35 @@ def _key_lock(root: Path, key: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _host() -> str:
+    """This machine's name as it appears in temporary directory names (no '-', which separates fields)."""
+    return socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_writers(root: Path, key: str) -> None:
+    """Deletes ``.tmp-<key>-<host>-<pid>-*`` directories of writers of `key` that died on this machine.
+
+    A killed writer leaves its temporary directory behind (as large as the cache); nothing reads
+    it, but nothing else would free the space. Only this host's directories whose pid is gone are
+    removed, so a live writer on this machine or on another node of a shared filesystem keeps its own.
+    """
+    for leftover in root.glob(f".tmp-{key}-*"):
+        parts = leftover.name.split("-")  # [".tmp", key, host, pid, uuid]
+        if len(parts) == 5 and parts[2] == _host() and parts[3].isdigit() and not _pid_alive(int(parts[3])):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _publish(tmp: Path, final: Path, key: str) -> None:
     """Renames `tmp` to `final` unless a valid cache got there first; an invalid one is moved aside."""
     for _ in range(3):
@@ -198,7 +228,8 @@ def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.
         index = read_index(final, key)  # written by the holder we waited for
         if index is not None:
             return final, index, False
-        tmp = root_path / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex}"
+        _remove_dead_writers(root_path, key)
+        tmp = root_path / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
         work = tmp / "work"
         work.mkdir(parents=True)
         try:

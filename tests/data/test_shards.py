@@ -21,6 +21,7 @@ from moe_trainer.data.prepare import main as prepare_main
 from moe_trainer.data.shards import (
     INDEX_NAME,
     SPLITS,
+    _host,
     _publish,
     build_token_cache,
     cache_key,
@@ -129,13 +130,20 @@ def test_truncated_file_or_missing_index_is_rebuilt(corpus: DatasetDict, tmp_pat
     assert build_token_cache(corpus, ByteTokenizer(), tmp_path)[2]
 
 
-def test_leftover_temporary_directory_is_ignored(corpus: DatasetDict, tmp_path: Path) -> None:
+def test_leftover_temporary_directory_is_ignored_and_removed_once_its_writer_is_dead(
+        corpus: DatasetDict, tmp_path: Path) -> None:
     key = cache_key(corpus, ByteTokenizer())
-    leftover = tmp_path / f".tmp-{key}-1-dead"
-    leftover.mkdir()
-    (leftover / "train.bin").write_bytes(b"\x00" * 6)  # a writer killed mid-way
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    killed = tmp_path / f".tmp-{key}-{_host()}-{dead}-dead"  # a writer killed mid-way on this machine
+    live = tmp_path / f".tmp-{key}-{_host()}-{os.getpid()}-live"  # one still writing
+    elsewhere = tmp_path / f".tmp-{key}-other_node-{dead}-far"  # another node's, on a shared filesystem
+    for leftover in (killed, live, elsewhere):
+        leftover.mkdir()
+        (leftover / "train.bin").write_bytes(b"\x00" * 6)
     directory, _, written = build_token_cache(corpus, ByteTokenizer(), tmp_path)
     assert written and directory == tmp_path / key and read_index(directory, key) is not None
+    assert not killed.exists() and live.exists() and elsewhere.exists()
 
 
 def test_publish_keeps_the_first_valid_cache(corpus: DatasetDict, tmp_path: Path) -> None:
