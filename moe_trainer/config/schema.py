@@ -104,6 +104,8 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
     embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus
+    token_cache: str | None = None  # directory of memory-mapped token shards (moe-prepare-data); null = in memory
+    tokenize_procs: int = 0  # processes tokenising into the token cache; 0 = min(4, cores)
 
 
 @dataclass

@@ -293,6 +293,8 @@ def validate_data(cfg: Config) -> None:
     if not 0 < d.val_fraction < 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "must be strictly between 0 and 1")
     _positive("data.embedded_max_bytes", d.embedded_max_bytes)
+    if d.tokenize_procs < 0:
+        raise ConfigError("data.tokenize_procs", d.tokenize_procs, "must be >= 0 (0 = min(4, cores))")
     if d.paths and d.hub_name:
         raise ConfigError("data.hub_name", d.hub_name, "set either data.paths or data.hub_name, not both")
     if d.paths:

@@ -1,4 +1,5 @@
-"""Data pipeline: text sources (embedded stdlib, local files, Hub) -> byte tokens -> batches.
+"""Data pipeline: text sources (embedded stdlib, local files, Hub) -> byte tokens (in memory,
+or memory-mapped token shards on disk) -> batches.
 
 Typical use::
 
@@ -8,6 +9,7 @@ Typical use::
 """
 
 from moe_trainer.data.batches import Batch, BatchSource, build_batch_source, step_seed, tokenize_split
+from moe_trainer.data.shards import build_token_cache, cached_streams
 from moe_trainer.data.sources import (
     TEXT_COLUMN,
     embedded_corpus,
@@ -27,7 +29,9 @@ __all__ = [
     "ByteTokenizer",
     "Tokenizer",
     "build_batch_source",
+    "build_token_cache",
     "build_tokenizer",
+    "cached_streams",
     "embedded_corpus",
     "hub_reachable",
     "load_corpus",

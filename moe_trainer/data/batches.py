@@ -1,7 +1,9 @@
 """Token streams and the batches the trainer reads from them.
 
-Each split is tokenised once into one 1-D int64 stream (documents joined, each followed by the
-end-of-document id). A training batch is a set of random windows of ``seq_len + 1`` tokens; the
+Each split is tokenised once into one 1-D stream (documents joined, each followed by the
+end-of-document id): int64 in memory, or, with ``data.token_cache`` set, uint16/uint32 memory-mapped
+from the token cache of :mod:`moe_trainer.data.shards` (the same ids, so the same batches).
+A training batch is a set of random windows of ``seq_len + 1`` tokens; the
 window starts are a pure function of ``(seed, step)``. That gives, without any saved RNG state:
 
 * resume: step ``s`` after a restart reads exactly the data it read before;
@@ -18,6 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from moe_trainer.config.errors import ConfigError
+from moe_trainer.data.shards import cached_streams
 from moe_trainer.data.sources import TEXT_COLUMN, load_corpus
 from moe_trainer.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -88,8 +91,9 @@ class BatchSource:
     """Training and validation batches over tokenised train/validation streams.
 
     Attributes:
-        train_tokens: int64 [n_train_tokens], the training stream.
-        val_tokens: int64 [n_val_tokens], the validation stream.
+        train_tokens: [n_train_tokens], the training stream: int64 in memory, or uint16/uint32
+            memory-mapped from the token cache (only the windows cut from it become int64).
+        val_tokens: [n_val_tokens], the validation stream, like `train_tokens`.
         seq_len: tokens per sequence (inputs and targets are each [rows, seq_len]).
         batch_size: global batch size B in sequences, split across ranks.
         seed: with the step, determines every training batch.
@@ -112,8 +116,9 @@ class BatchSource:
             raise ConfigError("train.batch_size", batch_size, "must be at least 1")
         _check_stream(train_tokens, seq_len, "train")
         _check_stream(val_tokens, seq_len, "validation")
-        self.train_tokens = train_tokens.to(torch.int64).contiguous()
-        self.val_tokens = val_tokens.to(torch.int64).contiguous()
+        # kept in their own dtype: a memory-mapped uint16 stream stays 2 bytes a token and on disk
+        self.train_tokens = train_tokens.contiguous()
+        self.val_tokens = val_tokens.contiguous()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.tokenizer = tokenizer
         self._offsets = torch.arange(seq_len + 1)  # [seq_len + 1], added to window starts
@@ -125,7 +130,7 @@ class BatchSource:
 
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Batch:
         """Returns (inputs, targets), each [len(starts), seq_len], cut from `tokens` at `starts`."""
-        windows = tokens[starts[:, None] + self._offsets]  # [rows, seq_len + 1]
+        windows = tokens[starts[:, None] + self._offsets].to(torch.int64)  # [rows, seq_len + 1]
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def global_starts(self, step: int) -> torch.Tensor:
@@ -181,15 +186,21 @@ def build_batch_source(
 ) -> BatchSource:
     """Loads (or takes) the corpus, tokenises both splits and returns their BatchSource.
 
-    `corpus` skips loading when the caller already has the ``load_corpus`` result (e.g. to log
-    document counts); `cache_dir` is passed to ``load_corpus``.
+    With ``data.token_cache`` set the streams are memory-mapped from the token cache there,
+    tokenised only by the first process that finds it missing; unset, they are tokenised into
+    memory. `corpus` skips loading when the caller already has the ``load_corpus`` result (e.g.
+    to log document counts); `cache_dir` is passed to ``load_corpus``.
     """
     tokenizer = build_tokenizer(data_cfg.tokenizer)
     if corpus is None:
         corpus = load_corpus(data_cfg, cache_dir=cache_dir)
+    if data_cfg.token_cache:
+        streams = cached_streams(corpus, tokenizer, data_cfg.token_cache, data_cfg.tokenize_procs)
+    else:
+        streams = {split: tokenize_split(corpus[split], tokenizer) for split in ("train", "validation")}
     return BatchSource(
-        tokenize_split(corpus["train"], tokenizer),
-        tokenize_split(corpus["validation"], tokenizer),
+        streams["train"],
+        streams["validation"],
         seq_len=data_cfg.seq_len,
         batch_size=batch_size,
         seed=seed,

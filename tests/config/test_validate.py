@@ -37,6 +37,7 @@ BATTERY = [
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.paths=[/no/such/file.txt]", "data.paths"),
     ("data.tokenizer=sentencepiece", "data.tokenizer"),
+    ("data.tokenize_procs=-1", "data.tokenize_procs"),
     ("model.n_heads=3", "model.n_heads"),
     ("model.d_model=0", "model.d_model"),
     ("logger.mode=loud", "logger.mode"),

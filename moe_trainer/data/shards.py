@@ -1,0 +1,268 @@
+"""Token shards on disk: each split tokenised once, stored flat, memory-mapped by every rank.
+
+Tokenising in memory costs 8 bytes per token in every actor and is redone at every start. The
+cache written here holds, per split, one flat file of the exact stream ``tokenize_split`` makes
+(documents in order, each followed by the tokenizer's end-of-document id) as raw little-endian
+``uint16`` (vocabularies up to 65536 ids) or ``uint32``, plus ``index.json`` (dtype, token
+counts, tokenizer, source fingerprint, format version). Readers map the files: the OS shares
+the pages between all actors of a machine and reads only the windows a batch touches.
+
+Layout: ``<token_cache>/<key>/{train.bin, validation.bin, index.json}``, where ``key`` hashes
+the ``datasets`` fingerprint of each split, the tokenizer's name and vocabulary size and
+:data:`FORMAT_VERSION`, so a changed corpus, split or tokenizer lands in a new directory.
+
+Writes are atomic: everything is built in a hidden temporary directory and renamed into place
+(a directory rename onto an existing non-empty one fails, so the first writer wins). Concurrent
+writers of one key (several Ray actors starting at once) also take a per-key ``flock`` so that
+one tokenises while the others wait and then map its result. A reader trusts a directory only
+when its index names this key and format and every file has the size the index promises, so a
+leftover temporary directory or a truncated file is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, Features, Sequence, Value
+
+from moe_trainer.data.sources import LONG_PREPARATION_BYTES, TEXT_COLUMN, progress_bars
+from moe_trainer.data.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1  # bump when the file layout or the stream's definition changes
+SPLITS = ("train", "validation")
+INDEX_NAME = "index.json"
+IDS_COLUMN = "ids"
+SMALL_TEXT_BYTES = 1_000_000  # below this, worker start-up costs more than tokenising in one process
+DEFAULT_CACHE = "~/.cache/moe-trainer/tokens"  # what moe-prepare-data uses when data.token_cache is null
+
+
+@dataclass(frozen=True)
+class ShardIndex:
+    """What ``index.json`` records about one cache directory."""
+
+    format_version: int
+    key: str
+    dtype: str  # numpy dtype string, little-endian: "<u2" or "<u4"
+    tokens: dict[str, int]  # split -> token count
+    tokenizer: str
+    vocab_size: int
+    fingerprints: dict[str, str]  # split -> datasets fingerprint of its source
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Returns the smallest stored dtype for ids in [0, vocab_size): uint16 up to 65536 ids, else uint32."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def cache_key(corpus: DatasetDict, tokenizer: Tokenizer) -> str:
+    """Returns the cache directory name for `corpus` tokenised by `tokenizer` (16 hex digits)."""
+    parts = {
+        "format_version": FORMAT_VERSION,
+        "fingerprints": {s: corpus[s]._fingerprint for s in SPLITS},
+        "tokenizer": tokenizer.name,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def default_num_proc() -> int:
+    """Tokeniser processes when ``data.tokenize_procs`` is 0: up to 4, never more than the cores."""
+    return min(4, os.cpu_count() or 1)
+
+
+def read_index(directory: Path, key: str) -> ShardIndex | None:
+    """Returns the index of `directory` when it is a complete cache for `key`, else None.
+
+    Complete means: the index parses, names this key and format version, and every split's file
+    is exactly ``tokens * itemsize`` bytes long. Anything else (no index yet, a truncated file,
+    an older format) is not trusted.
+    """
+    try:
+        raw = json.loads((directory / INDEX_NAME).read_text())
+        index = ShardIndex(**raw)
+    except (OSError, ValueError, TypeError):
+        return None
+    if index.format_version != FORMAT_VERSION or index.key != key or set(index.tokens) != set(SPLITS):
+        return None
+    itemsize = np.dtype(index.dtype).itemsize
+    for split, count in index.tokens.items():
+        try:
+            if (directory / f"{split}.bin").stat().st_size != count * itemsize:
+                return None
+        except OSError:
+            return None
+    return index
+
+
+class _Encode:
+    """Batched ``Dataset.map`` function: each document's ids followed by the EOD id, in `dtype`.
+
+    A class rather than a closure so worker processes can pickle it.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, dtype: np.dtype) -> None:
+        self.tokenizer, self.dtype = tokenizer, dtype
+
+    def __call__(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
+        eod = self.tokenizer.eod_id
+        return {IDS_COLUMN: [np.append(self.tokenizer.encode(t), eod).astype(self.dtype) for t in texts]}
+
+
+def _write_split(ds: Dataset, tokenizer: Tokenizer, dtype: np.dtype, out: Path, work: Path,
+                 num_proc: int, key: str) -> int:
+    """Tokenises `ds` into the flat file `out` and returns its token count.
+
+    The ``map`` result goes to Arrow files in `work` (inside the temporary directory, removed
+    before the rename), never into the HF cache and never whole into memory.
+    """
+    text_bytes = ds.data.nbytes
+    procs = 1 if text_bytes < SMALL_TEXT_BYTES or len(ds) < 2 else max(1, min(num_proc, len(ds)))
+    features = Features({IDS_COLUMN: Sequence(Value(dtype.name))})
+    with progress_bars(text_bytes >= LONG_PREPARATION_BYTES):
+        tokens = ds.select_columns([TEXT_COLUMN]).map(
+            _Encode(tokenizer, dtype), batched=True, input_columns=TEXT_COLUMN, remove_columns=[TEXT_COLUMN],
+            # None, not 1: datasets 5 starts a worker pool for any num_proc >= 1
+            features=features, num_proc=procs if procs > 1 else None, cache_file_name=str(work / f"{out.stem}.arrow"),
+            new_fingerprint=f"{key}-{out.stem}", desc=f"Tokenising {out.stem}",
+        )
+    count = 0
+    with open(out, "wb") as f:
+        for chunk in tokens.data.column(IDS_COLUMN).chunks:
+            flat = chunk.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+            flat.tofile(f)
+            count += flat.size
+        f.flush()
+        os.fsync(f.fileno())
+    del tokens
+    return count
+
+
+@contextlib.contextmanager
+def _key_lock(root: Path, key: str) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on ``<root>/.<key>.lock`` so one process tokenises a key at a time.
+
+    Only an economy: correctness comes from the atomic rename, so a filesystem without working
+    locks (some network mounts) costs duplicate work, never a bad cache.
+    """
+    with open(root / f".{key}.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _host() -> str:
+    """This machine's name as it appears in temporary directory names (no '-', which separates fields)."""
+    return socket.gethostname().replace("-", "_")
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one owned by another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_dead_writers(root: Path, key: str) -> None:
+    """Deletes ``.tmp-<key>-<host>-<pid>-*`` directories of writers of `key` that died on this machine.
+
+    A killed writer leaves its temporary directory behind (as large as the cache); nothing reads
+    it, but nothing else would free the space. Only this host's directories whose pid is gone are
+    removed, so a live writer on this machine or on another node of a shared filesystem keeps its own.
+    """
+    for leftover in root.glob(f".tmp-{key}-*"):
+        parts = leftover.name.split("-")  # [".tmp", key, host, pid, uuid]
+        if len(parts) == 5 and parts[2] == _host() and parts[3].isdigit() and not _pid_alive(int(parts[3])):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path, key: str) -> None:
+    """Renames `tmp` to `final` unless a valid cache got there first; an invalid one is moved aside."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError:
+            if read_index(final, key) is not None:  # another writer won: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex}")
+            with contextlib.suppress(OSError):
+                os.rename(final, stale)
+                shutil.rmtree(stale, ignore_errors=True)
+    raise OSError(f"could not move the token cache {tmp} to {final}")
+
+
+def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.PathLike[str],
+                      num_proc: int = 0) -> tuple[Path, ShardIndex, bool]:
+    """Makes sure the cache of `corpus` tokenised by `tokenizer` exists under `root`.
+
+    Returns (directory, index, written): ``written`` is False when a valid cache was already
+    there and nothing was tokenised. `num_proc` 0 means :func:`default_num_proc`.
+    """
+    root_path = Path(root).expanduser()
+    root_path.mkdir(parents=True, exist_ok=True)
+    key = cache_key(corpus, tokenizer)
+    final = root_path / key
+    index = read_index(final, key)
+    if index is not None:
+        return final, index, False
+    with _key_lock(root_path, key):
+        index = read_index(final, key)  # written by the holder we waited for
+        if index is not None:
+            return final, index, False
+        _remove_dead_writers(root_path, key)
+        tmp = root_path / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
+        work = tmp / "work"
+        work.mkdir(parents=True)
+        try:
+            dtype = token_dtype(tokenizer.vocab_size)
+            procs = num_proc or default_num_proc()
+            counts = {s: _write_split(corpus[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
+                      for s in SPLITS}
+            shutil.rmtree(work)
+            index = ShardIndex(FORMAT_VERSION, key, dtype.str, counts, tokenizer.name, tokenizer.vocab_size,
+                               {s: corpus[s]._fingerprint for s in SPLITS})
+            (tmp / INDEX_NAME).write_text(json.dumps(asdict(index), indent=1, sort_keys=True))
+            _publish(tmp, final, key)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final, index, True
+
+
+def map_stream(directory: Path, index: ShardIndex, split: str) -> torch.Tensor:
+    """Returns `split`'s stream memory-mapped, in its stored dtype (uint16/uint32), shape [n_tokens].
+
+    Copy-on-write mapping (``mode="c"``): pages are read lazily and shared with every other
+    reader, and torch gets a writable array (no read-only warning); nothing writes to it.
+    """
+    count = index.tokens[split]
+    dtype = np.dtype(index.dtype)
+    if count == 0:  # mmap refuses an empty file
+        return torch.from_numpy(np.empty(0, dtype=dtype))
+    return torch.from_numpy(np.memmap(directory / f"{split}.bin", dtype=dtype, mode="c", shape=(count,)))
+
+
+def cached_streams(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.PathLike[str],
+                   num_proc: int = 0) -> dict[str, torch.Tensor]:
+    """Returns the train and validation streams, memory-mapped from the cache (built on first use)."""
+    directory, index, _ = build_token_cache(corpus, tokenizer, root, num_proc)
+    return {s: map_stream(directory, index, s) for s in SPLITS}
+
