@@ -35,7 +35,7 @@ from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, permute
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.parallel.context import DistributedContext, Groups
-from moe_trainer.parallel.p2p import LandFromExperts, Lanes, Posted, SendToExperts, Trip
+from moe_trainer.parallel.p2p import LandFromExperts, Lanes, Posted, SendToExperts, Trip, peer_slices
 from moe_trainer.parallel.protocol import BACKWARD, EVAL, FORWARD, HEADER_PREFIX, PHASE_NAMES, Route
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
@@ -165,6 +165,7 @@ class _Incoming:
     rows_MD: Tensor | None = None
     rows: Posted = field(default_factory=Posted)
     host: list[list[int]] | None = None  # the headers, read
+    splits: list[int] = field(default_factory=list)  # rows from each coordinator, from the headers
 
 
 class Inbox:
@@ -198,14 +199,10 @@ class Inbox:
         incoming.headers.wait()
         incoming.host = incoming.headers_CH.tolist()  # phase, key and split sizes: one host read
         s = self.server
-        splits = [sum(h[HEADER_PREFIX:]) for h in incoming.host]
-        incoming.rows_MD = torch.empty(sum(splits), s.d_model, dtype=s.payload_dtype, device=s.device)
-        start = 0
-        for coordinator, n in zip(s.roles.coordinators, splits, strict=True):
-            if n:
-                incoming.rows.recv(incoming.rows_MD[start:start + n], coordinator, s.lanes.requests,
-                                   "receive of rows from a coordinator")
-            start += n
+        incoming.splits = [sum(h[HEADER_PREFIX:]) for h in incoming.host]
+        incoming.rows_MD = torch.empty(sum(incoming.splits), s.d_model, dtype=s.payload_dtype, device=s.device)
+        for coordinator, part in peer_slices(incoming.rows_MD, s.roles.coordinators, incoming.splits):
+            incoming.rows.recv(part, coordinator, s.lanes.requests, "receive of rows from a coordinator")
 
     def next(self) -> Message:
         """The next message, waited for (the wait is this actor's idle time: a timeline ``wait`` region)."""
@@ -237,9 +234,9 @@ class Inbox:
                        f"{_describe(first)}, coordinator {c} sent {_describe(h)} as the same message; their autograd "
                        "graphs must be identical (same model and parallel.micro_batches on every coordinator)")
         phase, key, layer = first
-        splits = [sum(h[HEADER_PREFIX:]) for h in incoming.host]
         counts_CL = incoming.headers_CH[:, HEADER_PREFIX:]
-        return Message(phase, key, layer, Route.received(splits, splits, counts_CL), incoming.rows_MD)
+        route = Route.received(incoming.splits, incoming.splits, counts_CL)  # replies go back the way rows came
+        return Message(phase, key, layer, route, incoming.rows_MD)
 
 
 def refuse(message: str) -> NoReturn:
@@ -252,8 +249,8 @@ def refuse(message: str) -> NoReturn:
 
 
 def _describe(h: list[int]) -> str:
-    where = f" (MoE block {h[2]})" if len(h) > 2 else ""
-    return f"{PHASE_NAMES.get(h[0], f'phase {h[0]}')} of dispatch {h[1]}{where}"
+    """A header's ``(phase, key, MoE block)`` in words."""
+    return f"{PHASE_NAMES.get(h[0], f'phase {h[0]}')} of dispatch {h[1]} (MoE block {h[2]})"
 
 
 @dataclass
@@ -333,12 +330,10 @@ class ExpertServer:
             clock.busy.add(span)
             timeline.span(f"experts {PHASE_NAMES[msg.phase]}", "compute", span,
                           {"dispatch": msg.key, "block": msg.layer, "rows": msg.rows_MD.shape[0]})
-            start = 0
-            for coordinator, n in zip(self.roles.coordinators, msg.route.recv_splits, strict=True):
-                if n:
-                    outbox.send(reply[start:start + n], coordinator, self.lanes.replies,
-                                f"send of {PHASE_NAMES[msg.phase]} replies to coordinator {coordinator}")
-                start += n
+            outbox.reap()  # replies the coordinators already took: their tensors can go now, not at the step's end
+            for coordinator, part in peer_slices(reply, self.roles.coordinators, msg.route.recv_splits):
+                outbox.send(part, coordinator, self.lanes.replies,
+                            f"send of {PHASE_NAMES[msg.phase]} replies to coordinator {coordinator}")
         outbox.wait()
         assert not served, f"dispatches {sorted(served)} got no backward"
 

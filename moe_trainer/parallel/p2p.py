@@ -43,6 +43,16 @@ class Lanes:
     replies: Any
 
 
+def peer_slices(t_ND: Tensor, peers: list[int], rows: list[int]) -> list[tuple[int, Tensor]]:
+    """``(peer, its consecutive rows of t)`` for every peer with rows: what one message sends or receives per peer."""
+    out, start = [], 0
+    for peer, n in zip(peers, rows, strict=True):
+        if n:
+            out.append((peer, t_ND[start:start + n]))
+        start += n
+    return out
+
+
 @dataclass
 class Posted:
     """Sends and receives in flight; tensors stay referenced until their work is done."""
@@ -60,6 +70,11 @@ class Posted:
 
     def done(self) -> bool:
         return all(work.is_completed() for work, _ in self.works)
+
+    def reap(self) -> None:
+        """Lets go of the work and tensors of operations already completed (never waits)."""
+        pending = [(op, tensor) for op, tensor in zip(self.works, self.held, strict=True) if not op[0].is_completed()]
+        self.works, self.held = [op for op, _ in pending], [tensor for _, tensor in pending]
 
     def wait(self) -> None:
         for work, label in self.works:
@@ -86,14 +101,6 @@ class Trip:
     replies: Posted = field(default_factory=Posted)
     input_grad: Tensor | None = None  # backward: the buffer the input gradients land in
 
-    def _slices(self, t_ND: Tensor) -> list[tuple[int, Tensor]]:
-        out, start = [], 0
-        for peer, n in zip(self.peers, self.rows, strict=True):
-            if n:
-                out.append((peer, t_ND[start:start + n]))
-            start += n
-        return out
-
     def request(self, phase: int, payload_ND: Tensor, what: str) -> Tensor:
         """Sends the headers and rows of ``phase``, posts the replies' receives; returns their (unfilled) buffer."""
         t0 = mark(payload_ND.device)
@@ -102,11 +109,11 @@ class Trip:
         label = f"send of {what} rows to the expert actors, MoE block {self.layer}"
         for x, peer in enumerate(self.peers):
             self.sends.send(headers[x], peer, self.lanes.requests, label)
-        for peer, part in self._slices(payload_ND):
+        for peer, part in peer_slices(payload_ND, self.peers, self.rows):
             self.sends.send(part, peer, self.lanes.requests, label)
         reply = torch.empty_like(payload_ND)
         recv_label = f"receive of {what} replies from the expert actors, MoE block {self.layer}"
-        for peer, part in self._slices(reply):
+        for peer, part in peer_slices(reply, self.peers, self.rows):
             self.replies.recv(part, peer, self.lanes.replies, recv_label)
         phase_name = "combine_bwd" if phase == BACKWARD else "dispatch"
         self.counters.add(phase_name, sum(self.rows), 0, payload_ND.shape[1] * payload_ND.element_size(),
