@@ -16,15 +16,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def config(overrides: list[str]) -> tuple[Config, dict[str, Any]]:
     # Hydra only here: the torch-only GPU check imports this module for its tables
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from moe_trainer.cli import CONF_DIR
-    from moe_trainer.config.schema import register_configs, to_dataclass
+    from moe_trainer.cli import compose_config
+    from moe_trainer.config.schema import to_dataclass
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        dcfg = compose(config_name="config", overrides=overrides)
+    dcfg = compose_config(overrides)
     return to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True)  # type: ignore[return-value]
 
 

@@ -40,6 +40,19 @@ _HYDRA_OWN = {".hydra"}
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The config ``moe-train`` would run with these overrides, composed outside a Hydra app.
+
+    For tools that must see exactly what training sees (``moe-prepare-data``'s cache key, the
+    benchmarks), without Hydra's run directory or logging.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
 def _discard_untouched_run_dir(run_dir: Path) -> None:
     """Removes the run dir Hydra created if it holds nothing but Hydra's own bookkeeping."""
     if not run_dir.is_dir():

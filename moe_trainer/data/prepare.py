@@ -12,10 +12,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from hydra import compose, initialize_config_dir
-
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.config.schema import register_configs, to_dataclass
+from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate_data
 
 PROG = "moe-prepare-data"
@@ -36,14 +34,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     """Fills the token cache for the config `overrides` compose; returns the lines to print."""
-    from moe_trainer.cli import CONF_DIR  # the Hydra configs moe-train composes
+    from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
     from moe_trainer.data.shards import DEFAULT_CACHE, build_token_cache
     from moe_trainer.data.sources import load_corpus
     from moe_trainer.data.tokenizer import build_tokenizer
 
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = to_dataclass(compose(config_name="config", overrides=list(overrides)))
+    cfg = to_dataclass(compose_config(list(overrides)))
     validate_data(cfg)
     root = cache or cfg.data.token_cache or DEFAULT_CACHE
     corpus = load_corpus(cfg.data)
