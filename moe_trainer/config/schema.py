@@ -93,6 +93,9 @@ class ClusterConfig:
     connect_timeout_s: float = 30.0  # give up connecting to a cluster after this long
 
 
+DEFAULT_TOKEN_CACHE = "~/.cache/moe-trainer/tokens"  # shared by every run and moe-prepare-data of a user
+
+
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # local files, globs or directories; empty = embedded corpus
@@ -104,7 +107,7 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
     embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus
-    token_cache: str | None = None  # directory of memory-mapped token shards (moe-prepare-data); null = in memory
+    token_cache: str | None = DEFAULT_TOKEN_CACHE  # memory-mapped token shards, written once; null = in memory
     tokenize_procs: int = 0  # processes tokenising into the token cache; 0 = min(4, cores)
 
 

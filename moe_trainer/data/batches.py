@@ -21,7 +21,7 @@ from datasets import Dataset, DatasetDict
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.data.shards import cached_streams
-from moe_trainer.data.sources import TEXT_COLUMN, load_corpus
+from moe_trainer.data.sources import TEXT_COLUMN, CorpusSource, corpus_source, load_corpus
 from moe_trainer.data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
@@ -187,16 +187,17 @@ def build_batch_source(
     """Loads (or takes) the corpus, tokenises both splits and returns their BatchSource.
 
     With ``data.token_cache`` set the streams are memory-mapped from the token cache there,
-    tokenised only by the first process that finds it missing; unset, they are tokenised into
-    memory. `corpus` skips loading when the caller already has the ``load_corpus`` result (e.g.
-    to log document counts); `cache_dir` is passed to ``load_corpus``.
+    tokenised only by the first process that finds it missing (the others, and every later
+    start, never load the corpus); unset, they are tokenised into memory. `corpus` skips
+    loading when the caller already has the ``load_corpus`` result (e.g. to log document
+    counts); `cache_dir` is passed to ``load_corpus``.
     """
     tokenizer = build_tokenizer(data_cfg.tokenizer)
-    if corpus is None:
-        corpus = load_corpus(data_cfg, cache_dir=cache_dir)
     if data_cfg.token_cache:
-        streams = cached_streams(corpus, tokenizer, data_cfg.token_cache, data_cfg.tokenize_procs)
+        source = CorpusSource.of(corpus) if corpus is not None else corpus_source(data_cfg, cache_dir=cache_dir)
+        streams = cached_streams(source, tokenizer, data_cfg.token_cache, data_cfg.tokenize_procs)
     else:
+        corpus = corpus if corpus is not None else load_corpus(data_cfg, cache_dir=cache_dir)
         streams = {split: tokenize_split(corpus[split], tokenizer) for split in ("train", "validation")}
     return BatchSource(
         streams["train"],

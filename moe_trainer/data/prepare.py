@@ -35,15 +35,15 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     """Fills the token cache for the config `overrides` compose; returns the lines to print."""
     from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
-    from moe_trainer.data.shards import DEFAULT_CACHE, build_token_cache
-    from moe_trainer.data.sources import load_corpus
+    from moe_trainer.config.schema import DEFAULT_TOKEN_CACHE
+    from moe_trainer.data.shards import build_token_cache
+    from moe_trainer.data.sources import corpus_source
     from moe_trainer.data.tokenizer import build_tokenizer
 
     cfg = to_dataclass(compose_config(list(overrides)))
     validate_data(cfg)
-    root = cache or cfg.data.token_cache or DEFAULT_CACHE
-    corpus = load_corpus(cfg.data)
-    directory, index, written = build_token_cache(corpus, build_tokenizer(cfg.data.tokenizer), root,
+    root = cache or cfg.data.token_cache or DEFAULT_TOKEN_CACHE
+    directory, index, written = build_token_cache(corpus_source(cfg.data), build_tokenizer(cfg.data.tokenizer), root,
                                                   cfg.data.tokenize_procs)
     counts = ", ".join(f"{split} {n:,}" for split, n in index.tokens.items())
     lines = [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",

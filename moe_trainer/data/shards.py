@@ -8,8 +8,11 @@ counts, tokenizer, source fingerprint, format version). Readers map the files: t
 the pages between all actors of a machine and reads only the windows a batch touches.
 
 Layout: ``<token_cache>/<key>/{train.bin, validation.bin, index.json}``, where ``key`` hashes
-the ``datasets`` fingerprint of each split, the tokenizer's name and vocabulary size and
-:data:`FORMAT_VERSION`, so a changed corpus, split or tokenizer lands in a new directory.
+the corpus's identity (:class:`~moe_trainer.data.sources.CorpusSource`: its files' paths, sizes
+and modification times and the split settings, known without reading any text; a Hub dataset's
+``datasets`` fingerprints), the tokenizer's name and vocabulary size and :data:`FORMAT_VERSION`,
+so a changed corpus, split or tokenizer lands in a new directory, and a start that finds its
+directory maps it without loading the corpus.
 
 Writes are atomic: everything is built in a hidden temporary directory and renamed into place
 (a directory rename onto an existing non-empty one fails, so the first writer wins). Concurrent
@@ -37,15 +40,14 @@ import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
-from moe_trainer.data.sources import LONG_PREPARATION_BYTES, TEXT_COLUMN, progress_bars
+from moe_trainer.data.sources import LONG_PREPARATION_BYTES, TEXT_COLUMN, CorpusSource, loaded_identity, progress_bars
 from moe_trainer.data.tokenizer import Tokenizer
 
-FORMAT_VERSION = 1  # bump when the file layout or the stream's definition changes
+FORMAT_VERSION = 2  # bump when the file layout or the stream's definition changes
 SPLITS = ("train", "validation")
 INDEX_NAME = "index.json"
 IDS_COLUMN = "ids"
 SMALL_TEXT_BYTES = 1_000_000  # below this, worker start-up costs more than tokenising in one process
-DEFAULT_CACHE = "~/.cache/moe-trainer/tokens"  # what moe-prepare-data uses when data.token_cache is null
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class ShardIndex:
     tokens: dict[str, int]  # split -> token count
     tokenizer: str
     vocab_size: int
-    fingerprints: dict[str, str]  # split -> datasets fingerprint of its source
+    source: str  # the corpus's identity (CorpusSource.identity, or its datasets fingerprints)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -66,11 +68,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
-def cache_key(corpus: DatasetDict, tokenizer: Tokenizer) -> str:
-    """Returns the cache directory name for `corpus` tokenised by `tokenizer` (16 hex digits)."""
+def cache_key(source: str, tokenizer: Tokenizer) -> str:
+    """Returns the cache directory name for corpus `source` (an identity) tokenised by `tokenizer` (16 hex digits)."""
     parts = {
         "format_version": FORMAT_VERSION,
-        "fingerprints": {s: corpus[s]._fingerprint for s in SPLITS},
+        "source": source,
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
     }
@@ -210,16 +212,21 @@ def _publish(tmp: Path, final: Path, key: str) -> None:
     raise OSError(f"could not move the token cache {tmp} to {final}")
 
 
-def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.PathLike[str],
+def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, root: str | os.PathLike[str],
                       num_proc: int = 0) -> tuple[Path, ShardIndex, bool]:
     """Makes sure the cache of `corpus` tokenised by `tokenizer` exists under `root`.
 
-    Returns (directory, index, written): ``written`` is False when a valid cache was already
-    there and nothing was tokenised. `num_proc` 0 means :func:`default_num_proc`.
+    A :class:`CorpusSource` with an identity is loaded only when its cache is missing, so a
+    start that finds the cache reads no text. Returns (directory, index, written): ``written``
+    is False when a valid cache was already there and nothing was tokenised. `num_proc` 0
+    means :func:`default_num_proc`.
     """
+    source = corpus if isinstance(corpus, CorpusSource) else CorpusSource.of(corpus)
+    loaded = None if source.identity is not None else source.load()
+    identity = source.identity if loaded is None else loaded_identity(loaded)
     root_path = Path(root).expanduser()
     root_path.mkdir(parents=True, exist_ok=True)
-    key = cache_key(corpus, tokenizer)
+    key = cache_key(identity, tokenizer)
     final = root_path / key
     index = read_index(final, key)
     if index is not None:
@@ -229,17 +236,18 @@ def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.
         if index is not None:
             return final, index, False
         _remove_dead_writers(root_path, key)
+        loaded = loaded if loaded is not None else source.load()
         tmp = root_path / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
         work = tmp / "work"
         work.mkdir(parents=True)
         try:
             dtype = token_dtype(tokenizer.vocab_size)
             procs = num_proc or default_num_proc()
-            counts = {s: _write_split(corpus[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
+            counts = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
                       for s in SPLITS}
             shutil.rmtree(work)
             index = ShardIndex(FORMAT_VERSION, key, dtype.str, counts, tokenizer.name, tokenizer.vocab_size,
-                               {s: corpus[s]._fingerprint for s in SPLITS})
+                               identity)
             (tmp / INDEX_NAME).write_text(json.dumps(asdict(index), indent=1, sort_keys=True))
             _publish(tmp, final, key)
         finally:
@@ -260,7 +268,7 @@ def map_stream(directory: Path, index: ShardIndex, split: str) -> torch.Tensor:
     return torch.from_numpy(np.memmap(directory / f"{split}.bin", dtype=dtype, mode="c", shape=(count,)))
 
 
-def cached_streams(corpus: DatasetDict, tokenizer: Tokenizer, root: str | os.PathLike[str],
+def cached_streams(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, root: str | os.PathLike[str],
                    num_proc: int = 0) -> dict[str, torch.Tensor]:
     """Returns the train and validation streams, memory-mapped from the cache (built on first use)."""
     directory, index, _ = build_token_cache(corpus, tokenizer, root, num_proc)

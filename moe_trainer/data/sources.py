@@ -18,13 +18,17 @@ text is never seen in training.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import socket
+import sys
 import sysconfig
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -324,6 +328,67 @@ def load_documents(data_cfg: DataConfig, cache_dir: str | None = None) -> Datase
     if data_cfg.hub_name:
         return load_hub(data_cfg.hub_name, data_cfg.hub_config, data_cfg.text_field, cache_dir)
     return embedded_corpus(data_cfg.embedded_max_bytes)
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """A corpus named without reading it, and how to load it.
+
+    The token cache is looked up by `identity`, so a start that finds its cache never loads
+    (or filters, or splits) the text at all: on a 500 MB corpus that is the difference between
+    mapping two files and reading every byte of text into each actor. ``identity`` None means
+    the corpus can be named only once loaded (a Hub dataset: its ``datasets`` fingerprints).
+    """
+
+    identity: str | None
+    load: Callable[[], DatasetDict]
+
+    @classmethod
+    def of(cls, corpus: DatasetDict) -> CorpusSource:
+        """A corpus already in hand, named by its splits' ``datasets`` fingerprints."""
+        return cls(loaded_identity(corpus), lambda: corpus)
+
+
+def loaded_identity(corpus: DatasetDict) -> str:
+    """The name of a loaded corpus: its train and validation ``datasets`` fingerprints."""
+    return json.dumps({split: corpus[split]._fingerprint for split in ("train", "validation")}, sort_keys=True)
+
+
+def _files_identity(files: list[str | Path]) -> list[tuple[str, int, int]]:
+    """Each file's real path, size and modification time: a changed file makes a new identity."""
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append((os.path.realpath(f), st.st_size, st.st_mtime_ns))
+    return out
+
+
+def source_identity(data_cfg: DataConfig, split_seed: int = SPLIT_SEED) -> str | None:
+    """Names the corpus `data_cfg` selects from settings and file metadata alone, without reading text.
+
+    Local files: their paths, sizes and modification times, format and text field; the embedded
+    corpus: this interpreter's standard-library files the same way, and the size cap. Both add
+    the train/validation split settings. A Hub dataset returns None (its content is known only
+    through ``datasets``' own fingerprint, after loading).
+    """
+    split = {"val_fraction": data_cfg.val_fraction, "split_seed": split_seed}
+    if data_cfg.hub_name:
+        return None
+    if data_cfg.paths:
+        files = expand_data_paths(list(data_cfg.paths))
+        described = {"kind": "files", "files": _files_identity(files), "format": resolve_format(files, data_cfg.format),
+                     "text_field": data_cfg.text_field, **split}
+    else:
+        described = {"kind": "embedded", "python": sys.version, "stdlib": _files_identity(stdlib_source_files()),
+                     "max_bytes": data_cfg.embedded_max_bytes, **split}
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+def corpus_source(data_cfg: DataConfig, *, split_seed: int = SPLIT_SEED, cache_dir: str | None = None
+                  ) -> CorpusSource:
+    """The corpus `data_cfg` selects, named (:func:`source_identity`) and loadable (:func:`load_corpus`)."""
+    return CorpusSource(source_identity(data_cfg, split_seed),
+                        lambda: load_corpus(data_cfg, split_seed=split_seed, cache_dir=cache_dir))
 
 
 def load_corpus(

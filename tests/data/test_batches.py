@@ -14,7 +14,7 @@ from moe_trainer.data import EOD_ID, BatchSource, ByteTokenizer, build_batch_sou
 from moe_trainer.data.batches import tokenize_split
 
 SEQ_LEN, BATCH = 64, 8
-CFG = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=300_000)
+CFG = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=300_000, token_cache=None)  # in memory
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from moe_trainer.config.schema import DataConfig
-from moe_trainer.data import BatchSource, ByteTokenizer, build_batch_source, load_corpus, tokenize_split
+from moe_trainer.data import BatchSource, ByteTokenizer, build_batch_source, load_corpus, sources, tokenize_split
 from moe_trainer.data.prepare import main as prepare_main
 from moe_trainer.data.shards import (
     INDEX_NAME,
@@ -29,10 +29,11 @@ from moe_trainer.data.shards import (
     read_index,
     token_dtype,
 )
+from moe_trainer.data.sources import loaded_identity, source_identity
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, BATCH = 32, 8
-CFG = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=200_000)
+CFG = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=200_000, token_cache=None)  # in memory
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +60,7 @@ def test_token_dtype_is_the_smallest_that_holds_the_vocabulary() -> None:
 @pytest.mark.parametrize("tokenizer", [ByteTokenizer(), WideTokenizer()], ids=["uint16", "uint32"])
 def test_cached_stream_is_tokenize_split(corpus: DatasetDict, tokenizer: ByteTokenizer, tmp_path: Path) -> None:
     directory, index, written = build_token_cache(corpus, tokenizer, tmp_path)
-    assert written and directory == tmp_path / cache_key(corpus, tokenizer)
+    assert written and directory == tmp_path / cache_key(loaded_identity(corpus), tokenizer)
     assert index.dtype == token_dtype(tokenizer.vocab_size).str
     for split in SPLITS:
         stream = map_stream(directory, index, split)
@@ -113,7 +114,8 @@ def test_second_build_maps_without_tokenising(corpus: DatasetDict, tmp_path: Pat
 
 def test_a_new_corpus_or_tokenizer_gets_a_new_key(corpus: DatasetDict) -> None:
     other = DatasetDict(train=corpus["train"].select(range(3)), validation=corpus["validation"])
-    keys = {cache_key(corpus, ByteTokenizer()), cache_key(corpus, WideTokenizer()), cache_key(other, ByteTokenizer())}
+    keys = {cache_key(loaded_identity(c), t) for c, t in [(corpus, ByteTokenizer()), (corpus, WideTokenizer()),
+                                                             (other, ByteTokenizer())]}
     assert len(keys) == 3
 
 
@@ -132,7 +134,7 @@ def test_truncated_file_or_missing_index_is_rebuilt(corpus: DatasetDict, tmp_pat
 
 def test_leftover_temporary_directory_is_ignored_and_removed_once_its_writer_is_dead(
         corpus: DatasetDict, tmp_path: Path) -> None:
-    key = cache_key(corpus, ByteTokenizer())
+    key = cache_key(loaded_identity(corpus), ByteTokenizer())
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True).stdout.strip()
     killed = tmp_path / f".tmp-{key}-{_host()}-{dead}-dead"  # a writer killed mid-way on this machine
@@ -217,8 +219,40 @@ def test_prepare_data_cli_refuses_a_bad_setting_in_one_line(tmp_path: Path, caps
 def test_the_key_is_the_same_in_a_fresh_interpreter(corpus: DatasetDict) -> None:
     """The next start (a new process, another actor) must find the cache this one wrote."""
     code = ("from moe_trainer.config.schema import DataConfig; "
-            "from moe_trainer.data import ByteTokenizer, load_corpus; from moe_trainer.data.shards import cache_key; "
-            f"print(cache_key(load_corpus(DataConfig(embedded_max_bytes={CFG.embedded_max_bytes})), ByteTokenizer()))")
+            "from moe_trainer.data import ByteTokenizer, load_corpus; "
+            "from moe_trainer.data.shards import cache_key; from moe_trainer.data.sources import loaded_identity, "
+            f"source_identity; cfg = DataConfig(embedded_max_bytes={CFG.embedded_max_bytes}); "
+            "print(cache_key(source_identity(cfg), ByteTokenizer()), "
+            "cache_key(loaded_identity(load_corpus(cfg)), ByteTokenizer()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                          env={**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(REPO)})
-    assert out.stdout.strip().splitlines()[-1] == cache_key(corpus, ByteTokenizer())
+    assert out.stdout.strip().splitlines()[-1].split() == [cache_key(source_identity(CFG), ByteTokenizer()),
+                                                           cache_key(loaded_identity(corpus), ByteTokenizer())]
+
+
+def test_a_start_that_finds_its_cache_never_loads_the_corpus(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = DataConfig(seq_len=SEQ_LEN, embedded_max_bytes=200_000, token_cache=str(tmp_path))
+    loads = []
+    real = sources.load_corpus
+    monkeypatch.setattr(sources, "load_corpus", lambda *a, **k: loads.append(1) or real(*a, **k))
+    first = build_batch_source(cfg, batch_size=BATCH, seed=0)
+    assert loads == [1]
+    second = build_batch_source(cfg, batch_size=BATCH, seed=0)
+    assert loads == [1]  # mapped from the cache, no text read
+    assert torch.equal(first.train_batch(2)[0], second.train_batch(2)[0])
+    in_memory = build_batch_source(CFG, batch_size=BATCH, seed=0)
+    assert torch.equal(in_memory.train_batch(2)[0], second.train_batch(2)[0])
+
+
+def test_a_changed_file_or_split_setting_names_another_corpus(tmp_path: Path) -> None:
+    text = tmp_path / "a.txt"
+    text.write_text("first version of the corpus\n" * 20)
+    cfg = DataConfig(paths=[str(text)])
+    before = source_identity(cfg)
+    assert source_identity(cfg) == before  # stable while nothing changes
+    assert source_identity(DataConfig(paths=[str(text)], val_fraction=0.1)) != before
+    text.write_text("second version of the corpus\n" * 20)  # same size, new content and time
+    os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 1_000_000))
+    assert source_identity(cfg) != before
+    assert source_identity(DataConfig(hub_name="some/dataset")) is None  # known only after loading
