@@ -274,7 +274,13 @@ def select_text(ds: Dataset, field: str, origin: str) -> Dataset:
     ds = ds.select_columns([field])
     if field != TEXT_COLUMN:
         ds = ds.rename_column(field, TEXT_COLUMN)
-    return ds.filter(_non_empty, batched=True, input_columns=TEXT_COLUMN, keep_in_memory=True)
+    # File-backed data: the kept rows' indices go to a cache file beside the Arrow data, and a
+    # large corpus is read by worker processes, so this process's resident set never holds the
+    # pages of all its text (a Ray actor building the token cache on a first start would).
+    in_memory = not ds.cache_files
+    workers = min(4, os.cpu_count() or 1) if not in_memory and ds.data.nbytes >= LONG_PREPARATION_BYTES else 1
+    return ds.filter(_non_empty, batched=True, input_columns=TEXT_COLUMN, keep_in_memory=in_memory,
+                     num_proc=workers if workers > 1 else None)
 
 
 def _non_empty(texts: list[str | None]) -> list[bool]:

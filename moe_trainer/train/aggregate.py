@@ -14,9 +14,9 @@ from typing import Any
 
 from moe_trainer.parallel.telemetry import PHASES
 
-PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "load_imbalance_local", "grad_sync_time_s", "a2a_time_s",
-                 "a2a_rows_sent", "a2a_rows_recv", "a2a_bytes_sent", *(f"a2a_{phase}_{what}" for phase in PHASES
-                                     for what in ("rows_sent", "rows_recv", "time_s")))
+PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "mem_peak_rss_mb", "load_imbalance_local", "grad_sync_time_s",
+                 "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv", "a2a_bytes_sent",
+                 *(f"a2a_{phase}_{what}" for phase in PHASES for what in ("rows_sent", "rows_recv", "time_s")))
 
 
 TIMELINE_KEY = "timeline"
@@ -69,7 +69,8 @@ def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list
         record["coord_wait_s"] = record["a2a_time_s"]
         record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]
         record["coord_idle_share"] = record["coord_wait_s"] / step_time
-        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv", "expert_mem_rss_mb"):
+        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv", "expert_mem_rss_mb",
+                    "expert_mem_peak_rss_mb"):
             values = [r[key] for r in expert_steps]
             record[key] = sum(values) / len(values)
             record[f"{key}_max"] = max(values)

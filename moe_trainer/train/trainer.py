@@ -104,6 +104,25 @@ def process_memory_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def process_peak_memory_mb() -> float:
+    """Peak resident memory of this process since it started (MiB): ``VmHWM``; on GPU, peak CUDA memory.
+
+    The current size (:func:`process_memory_mb`) misses what start-up and checkpoint loads took
+    and then freed; a process killed for memory is killed at its peak, so that is what a memory
+    budget must be checked against.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    return process_memory_mb()  # no /proc (not Linux): the current size is the best known
+
+
 @dataclass
 class LossParts:
     """This rank's losses for one forward (means over its micro-batches) and the router loads.
@@ -262,6 +281,7 @@ class Trainer:
             # this rank's own rows: how far local batches are from the global balance
             "load_imbalance_local": balance_metrics(parts.local_counts)["load_imbalance"],
             "mem_rss_mb": process_memory_mb(),
+            "mem_peak_rss_mb": process_peak_memory_mb(),
             **self.ctx.telemetry(),
         }
         bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]
