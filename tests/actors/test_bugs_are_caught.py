@@ -16,6 +16,8 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,11 @@ MUTATIONS = {
 }
 
 
+CONTROL = "unmutated"  # the control case's key among the drivers' results
+CONTROL_CASE = ("data_parallel", "dropless")
+DRIVERS_AT_ONCE = 2  # each driver is mostly start-up (imports, actor creation); two overlap on 2 cores
+
+
 def copy_tree(root: Path) -> Path:
     copy = root / "tree"
     for name in TREE:
@@ -101,19 +108,34 @@ def trace_in(copy: Path, layout: str, mix: str) -> Any:
     return load_trace(out)
 
 
+@pytest.fixture(scope="module")
+def driver_traces(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Any]]]:
+    """Every case's driver (the control and each mutation), started two at a time in the background.
+
+    The session cluster has room for two drivers' actors (0.5 CPU each), so while one driver
+    imports torch or waits for its actors the other computes; each test waits only for its own.
+    """
+    cases = {CONTROL: (copy_tree(tmp_path_factory.mktemp(CONTROL)), *CONTROL_CASE)}
+    for name, mutation in MUTATIONS.items():
+        cases[name] = (mutated_copy(tmp_path_factory.mktemp(name), mutation), mutation.layout, mutation.mix)
+    pool = ThreadPoolExecutor(max_workers=DRIVERS_AT_ONCE)
+    yield {name: pool.submit(trace_in, *case) for name, case in cases.items()}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
 @pytest.mark.slow
-def test_an_unmutated_copy_passes(ray_cluster: Any, reference: Any, tmp_path: Path) -> None:
+def test_an_unmutated_copy_passes(driver_traces: dict[str, Future[Any]], reference: Any) -> None:
     """The control: the copy-and-driver path itself computes what single computes, so a failure
     below is the injected bug's, not the path's (data_parallel with the bias, a mutated case)."""
-    assert_same_run(trace_in(copy_tree(tmp_path), "data_parallel", "dropless"), reference("dropless"), FP32)
+    assert_same_run(driver_traces[CONTROL].result(), reference(CONTROL_CASE[1]), FP32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS))
-def test_equivalence_fails_when_a_gradient_bug_is_injected(ray_cluster: Any, reference: Any, tmp_path: Path,
+def test_equivalence_fails_when_a_gradient_bug_is_injected(driver_traces: dict[str, Future[Any]], reference: Any,
                                                            name: str) -> None:
     mutation = MUTATIONS[name]
-    got = trace_in(mutated_copy(tmp_path, mutation), mutation.layout, mutation.mix)
+    got = driver_traces[name].result()
     with pytest.raises(AssertionError, match=mutation.caught_by) as caught:
         assert_same_run(got, reference(mutation.mix), FP32)
     size = re.search(r"relative difference ([0-9.e+-]+)", str(caught.value))
