@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import to_dataclass
@@ -35,19 +36,28 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     """Fills the token cache for the config `overrides` compose; returns the lines to print."""
     from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
-    from moe_trainer.data.shards import DEFAULT_CACHE, build_token_cache
+    from moe_trainer.data.bpe import bpe_vocab_size, stored_bpe
+    from moe_trainer.data.shards import DEFAULT_CACHE, build_token_cache, refuse_shard_directory
     from moe_trainer.data.sources import load_corpus
-    from moe_trainer.data.tokenizer import build_tokenizer
+    from moe_trainer.data.tokenizer import BPE, build_tokenizer, describe
 
     cfg = to_dataclass(compose_config(list(overrides)))
     validate_data(cfg)
     root = cache or cfg.data.token_cache or DEFAULT_CACHE
+    if cache is not None:
+        refuse_shard_directory(Path(cache), None)
     corpus = load_corpus(cfg.data)
-    directory, index, written = build_token_cache(corpus, build_tokenizer(cfg.data.tokenizer), root,
-                                                  cfg.data.tokenize_procs)
+    lines = []
+    if cfg.data.tokenizer == BPE:  # trained once here; moe-train with data.token_cache=ROOT loads this file
+        tokenizer, path, trained = stored_bpe(corpus["train"], bpe_vocab_size(cfg.data.vocab_size), root)
+        lines.append(f"{'trained' if trained else 'already trained:'} {path}")
+    else:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+    directory, index, written = build_token_cache(corpus, tokenizer, root, cfg.data.tokenize_procs)
     counts = ", ".join(f"{split} {n:,}" for split, n in index.tokens.items())
-    lines = [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",
-             f"tokens: {counts} ({index.dtype}, tokenizer {index.tokenizer})"]
+    lines += [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",
+              f"tokens: {counts} ({index.dtype}, tokenizer "
+              f"{describe(index.tokenizer, index.vocab_size, index.tokenizer_sha256)})"]
     if cfg.data.token_cache is None or cache not in (None, cfg.data.token_cache):
         lines.append(f"train on it with: data.token_cache={root}")
     return "\n".join(lines)
