@@ -12,11 +12,11 @@ from actors.cluster import Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
-from moe_trainer.engine import checkpoint_signature, model_parameter_counts
+from moe_trainer.engine import checkpoint_signature, model_parameter_counts, save_engine_checkpoint
 from moe_trainer.parallel.resources import role_resources
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
-from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.checkpoint import check_checkpoint
 
 
 def request_for(cfg: Config) -> Request:
@@ -57,7 +57,7 @@ class RayEngine:
         try:
             if actors is None:
                 check_resources(request_for(cfg))
-            self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
+            self.tokenizer = build_tokenizer(cfg.data.tokenizer)  # the resolved file the actors load too
             t0 = time.perf_counter()
             phase(_starting(cfg, reused=actors is not None))
             self.group = ActorGroup(cfg, request_for(cfg), actors=actors)
@@ -89,11 +89,11 @@ class RayEngine:
                 for name in names]
 
     def save(self, root: Path) -> Path:
-        meta = checkpoint_signature(self.cfg, self.vocab_size)
-        return save_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), meta)
+        return save_engine_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), self.cfg,
+                                      self.tokenizer)
 
     def load(self, path: Path) -> None:
-        check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
+        check_checkpoint(path, checkpoint_signature(self.cfg, self.tokenizer))
         self.group.call("load", str(path))
         self._step = int(path.name.removeprefix("step_"))
 
@@ -112,7 +112,7 @@ class RayEngine:
             "params_per_actor": [i["params_local"] for i in infos],
             "expert_params_per_actor": [i["expert_params_local"] for i in infos],
             "expert_range_per_actor": [i["expert_range"] for i in infos],
-            **model_parameter_counts(self.cfg, self.vocab_size),
+            **model_parameter_counts(self.cfg, self.tokenizer.vocab_size),
         }
 
     def gradients(self) -> list[dict[str, Any]]:

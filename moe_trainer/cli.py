@@ -4,9 +4,9 @@ Order matters: check the command line (:mod:`moe_trainer.config.command_line`: e
 override parsed and composed once, unknown keys refused, one line and exit 2) -> compose
 (Hydra) -> the launch gate (:mod:`moe_trainer.launch_gate`: the whole config validated and
 ``train.resume`` checked, before Hydra writes into the run dir) -> refuse keys outside the
-schema -> validate every setting -> load data and resolve the checkpoint -> only then
-write outputs and start W&B or actors. Any user error before that point leaves nothing
-behind on disk.
+schema -> validate every setting -> resolve the checkpoint and the tokenizer (a BPE is
+trained here, once) -> only then write outputs and start W&B or actors. Any user error before
+that point leaves nothing behind on disk.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
 from moe_trainer.outputs import RunOutputs, wandb_run_id
 from moe_trainer.train.checkpoint import list_checkpoints
 from moe_trainer.train.resume import NothingToDo, ResumePoint, plan_resume
+from moe_trainer.train.run_tokenizer import install_tokenizer, resolve_tokenizer
 
 register_configs()
 
@@ -98,10 +99,21 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     """
     validate(cfg)
     resume = plan_resume(cfg.train.resume, cfg.train.max_steps, run_dir)
-    engine = make_engine(cfg)
+    tokenizer = resolve_tokenizer(cfg, resume.checkpoint if resume is not None else None)
+    installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
+    cfg = installed.cfg
+    try:
+        engine = make_engine(cfg)
+    except BaseException:
+        installed.discard()  # a start refused here leaves the run directory as it was
+        raise
     try:
         if resume is not None:
-            engine.load(resume.checkpoint)
+            try:
+                engine.load(resume.checkpoint)
+            except BaseException:
+                installed.discard()
+                raise
         outputs = RunOutputs(run_dir, resolved, cfg.logger, cfg.parallel.strategy,
                              wandb_run_id=continued_wandb_run(resume, run_dir))
         try:

@@ -7,6 +7,7 @@ remote engine (Ray actors) stays off the per-step path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,13 +16,14 @@ import torch
 
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import sequences_per_group
-from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.data import Tokenizer, build_batch_source
 from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
 from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
+from moe_trainer.train.run_tokenizer import saving_tokenizer, tokenizer_record
 from moe_trainer.train.sharded_checkpoint import canonical_grads, load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
 
@@ -83,8 +85,12 @@ def objective_signature(cfg: Config) -> dict[str, Any]:
     return objective
 
 
-def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
-    """What must match for a checkpoint to load into this model (layout and strategy may differ)."""
+def checkpoint_signature(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What must match for a checkpoint to load into this model (layout and strategy may differ).
+
+    ``tokenizer_sha256`` is None for the byte tokenizer, which checkpoints made before it was
+    recorded also read as (they hold no key, so ``meta.get`` gives None).
+    """
     moe = cfg.moe
     return {
         "objective": objective_signature(cfg),
@@ -92,8 +98,16 @@ def checkpoint_signature(cfg: Config, vocab_size: int) -> dict[str, Any]:
         "experts": {"num_experts": moe.num_experts, "expert_hidden": moe.expert_hidden, "every": moe.every,
                     "num_shared_experts": moe.num_shared_experts,
                     "shared_expert_hidden": moe.shared_expert_hidden},
-        "vocab_size": vocab_size,
+        "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tokenizer.digest,
     }
+
+
+def save_engine_checkpoint(root: Path, step: int, write_shards: Callable[[Path], object], cfg: Config,
+                           tokenizer: Tokenizer) -> Path:
+    """Saves a checkpoint of any engine: its shards, the run's tokenizer.json, and the metadata load checks."""
+    meta = {**checkpoint_signature(cfg, tokenizer), "tokenizer": tokenizer_record(tokenizer)}
+    return save_checkpoint(root, step, saving_tokenizer(write_shards, tokenizer), meta)
 
 
 def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
@@ -126,9 +140,9 @@ class LocalEngine:
         self.cfg = cfg
         device = single_device(cfg.train.device)
         configure_process(device)
-        self.vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
         data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)
-        model = build_model(cfg, self.vocab_size).to(device)
+        self.tokenizer = data.tokenizer  # the embedding's size, and what every checkpoint saves
+        model = build_model(cfg, data.vocab_size).to(device)
         self.trainer = Trainer(cfg, model, data, SingleContext(device))
         self.skips = SkipPolicy.from_config(cfg.train)
 
@@ -147,15 +161,15 @@ class LocalEngine:
         return nonfinite_tensors(self.trainer.model, self.trainer.optimizer)
 
     def save(self, root: Path) -> Path:
-        meta = checkpoint_signature(self.cfg, self.vocab_size)
-        return save_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer), meta)
+        return save_engine_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer), self.cfg,
+                                      self.tokenizer)
 
     def load(self, path: Path) -> None:
-        check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
+        check_checkpoint(path, checkpoint_signature(self.cfg, self.tokenizer))
         load_into(path, self.trainer)
 
     def info(self) -> dict[str, Any]:
-        return {**model_parameter_counts(self.cfg, self.vocab_size), "processes": 1}
+        return {**model_parameter_counts(self.cfg, self.tokenizer.vocab_size), "processes": 1}
 
     def gradients(self) -> list[dict[str, torch.Tensor]]:
         return [canonical_grads(self.trainer)]

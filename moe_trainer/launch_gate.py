@@ -21,7 +21,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
-from moe_trainer.train.resume import NothingToDo, may_have_nothing_to_do, plan_resume, require_fixed_run_dir
+from moe_trainer.train.resume import (
+    NothingToDo,
+    may_have_nothing_to_do,
+    plan_resume,
+    require_fixed_run_dir,
+    resume_candidate,
+)
+from moe_trainer.train.run_tokenizer import checkpoint_tokenizer
 
 
 def exit_invalid(err: ConfigError) -> NoReturn:
@@ -51,24 +58,29 @@ def _task_config(config: DictConfig) -> DictConfig:
 
 def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> None:
     """Raises :class:`ConfigError` for any wrong setting of a single run (so a refused start never
-    rewrites an existing run directory's ``.hydra/`` files) and for ``resume=auto`` in a
-    timestamped run directory, and :class:`NothingToDo` when the checkpoint to resume is done.
-    Damaged checkpoints that ``auto`` skips are reported once, by ``train``, not here.
+    rewrites an existing run directory's ``.hydra/`` files), for ``resume=auto`` in a timestamped
+    run directory and for a tokenizer the checkpoint to resume was not trained with, and
+    :class:`NothingToDo` when the checkpoint to resume is done. Damaged checkpoints that ``auto``
+    skips are reported once, by ``train``, not here.
 
     ``job_dir_known``: ``run_dir_key`` is the job's own directory (a run, not a sweep's root).
     """
-    if job_dir_known:  # a single run: every setting checked before Hydra writes into its directory
-        validate(to_dataclass(_task_config(config)))
+    task = to_dataclass(_task_config(config)) if job_dir_known else None
+    if task is not None:  # a single run: every setting checked before Hydra writes into its directory
+        validate(task)
     resume = OmegaConf.select(config, "train.resume")
     if resume is None:
         return
     require_fixed_run_dir(resume, run_dir_key, _raw(config, run_dir_key))
-    if not job_dir_known:
+    if task is None:
         return
     run_dir = Path(str(OmegaConf.select(config, run_dir_key))).absolute()
     max_steps = int(OmegaConf.select(config, "train.max_steps"))
     if may_have_nothing_to_do(resume, max_steps, run_dir):
         plan_resume(resume, max_steps, run_dir, warn=False)
+    candidate = resume_candidate(resume, run_dir)
+    if candidate is not None:  # a tokenizer the checkpoint disagrees with: refused before Hydra writes
+        checkpoint_tokenizer(task.data, candidate)
 
 
 class LaunchGate(Callback):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,11 @@ from moe_trainer.cli import CONF_DIR
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 
 register_configs()
+# data.token_cache (and the BPEs stored in it) under a directory of this session, not the user's
+# ~/.cache: a test must see its own first start, never a cache an earlier session left
+_CACHE = tempfile.mkdtemp(prefix="moe-trainer-cache-")
+os.environ["MOE_TRAINER_CACHE"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, True)
 keep_embedded_ray_on_loopback(None)  # before any test module imports Ray: the test cluster stays on 127.0.0.1
 
 

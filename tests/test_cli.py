@@ -77,6 +77,8 @@ BAD_INPUTS = [
     ("model.n_heads=5", "model.n_heads"),
     ("data.seq_len=4096", "data.seq_len"),
     ("logger.mode=loud", "logger.mode"),
+    ("data.tokenizer=/nonexistent/tokenizer.json", "data.tokenizer"),
+    ("data.tokenizer=bpe data.vocab_size=300000", "data.vocab_size"),  # over the embedding cap
     # the command line itself, checked before Hydra runs: one line with the fix, not Hydra's hint
     ("moe.num_expert=4", "moe.num_expert=4: no such setting; did you mean moe.num_experts?"),
     ("+moe.num_expert=4", "+moe.num_expert=4: no such setting; did you mean moe.num_experts?"),

@@ -133,18 +133,29 @@ def stand_ins(paths: list[str], root: Path) -> list[str]:
     return out
 
 
+def stand_in_tokenizer(root: Path) -> str:
+    """A real tokenizer.json under ``root`` standing in for the docs' own (``/models/...``)."""
+    from datasets import Dataset
+
+    from moe_trainer.data.bpe import MIN_VOCAB, train_bpe
+
+    path = root / "tokenizer.json"
+    train_bpe(Dataset.from_dict({"text": ["a document"]}), MIN_VOCAB).save(path)
+    return str(path)
+
+
 def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
     """What moe-train checks before it starts: the command line as a whole (unknown keys, syntax,
     each swept value), then every job it would run composed and validated, the docs' data
-    paths replaced by stand-in files of the same kinds."""
+    paths and tokenizer.json replaced by stand-in files of the same kinds."""
     check_command_line(list(args), CONF_DIR)
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
-        if cfg.data.paths:
-            with tempfile.TemporaryDirectory() as root:
+        with tempfile.TemporaryDirectory() as root:
+            if cfg.data.paths:
                 cfg.data.paths = stand_ins(list(cfg.data.paths), Path(root))
-                validate(cfg)
-        else:
+            if cfg.data.tokenizer not in ("byte", "bpe"):
+                cfg.data.tokenizer = stand_in_tokenizer(Path(root))
             validate(cfg)
 
 

@@ -24,7 +24,6 @@ SCORE_ORDERS = ("softmax_topk", "topk_softmax")
 AUX_LOSS_SCOPES = ("global", "group")
 ARCHS = ("moe", "dense")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
-TOKENIZERS = ("byte",)
 DATA_FORMATS = ("auto", "text", "json", "parquet")
 PLACEMENTS = ("pack", "spread")
 NAN_POLICIES = ("stop", "skip")
@@ -103,7 +102,8 @@ class DataConfig:
     text_field: str = "text"  # column holding the text in json/parquet/hub data
     hub_name: str | None = None  # a Hugging Face Hub dataset name (needs network)
     hub_config: str | None = None  # its configuration name, if any
-    tokenizer: str = "byte"  # byte: 256 byte values + end-of-document
+    tokenizer: str = "byte"  # byte (256 byte values + end-of-document) | bpe (trained here) | path of a tokenizer.json
+    vocab_size: int | None = None  # bpe only: ids of the trained vocabulary, end-of-document included; null = 8192
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
     embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus

@@ -10,6 +10,7 @@ suggested value is offered only when the whole config validates with it
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.fixes import batch_unit, divisors, even_share_fixes, nearest_multiples, passing, refusal
@@ -26,7 +27,6 @@ from moe_trainer.config.schema import (
     ROUTER_TYPES,
     SCORE_ORDERS,
     STRATEGIES,
-    TOKENIZERS,
     Config,
 )
 from moe_trainer.parallel.resources import ROLE_SETTINGS, role_resources
@@ -283,9 +283,42 @@ def _one_whole_gpu(setting: str, gpus: float) -> None:
                           "actors (parallel.num_actors, or parallel.num_coordinators/num_expert_actors)")
 
 
+def validate_tokenizer(cfg: Config) -> None:
+    """``data.tokenizer`` and ``data.vocab_size``; a tokenizer.json is loaded here, so a bad one stops the start.
+
+    A BPE's vocabulary lies between the byte alphabet plus the end-of-document token and the
+    largest embedding a model takes (:data:`~moe_trainer.data.tokenizer.MAX_VOCAB`, which also
+    bounds the ids of a tokenizer.json). A token cache directory given where its root belongs
+    is refused with the tokenizer it was made with. Nothing of ``moe_trainer.data`` (which needs
+    ``datasets``) is imported for the byte tokenizer without a token cache: torch-only tools
+    such as gpu_check validate configs too.
+    """
+    d = cfg.data
+    if d.tokenizer == "bpe":  # trained after validation, by the driver
+        from moe_trainer.data.bpe import MIN_VOCAB
+        from moe_trainer.data.tokenizer import MAX_VOCAB
+
+        if d.vocab_size is not None and not MIN_VOCAB <= d.vocab_size <= MAX_VOCAB:
+            raise ConfigError("data.vocab_size", d.vocab_size, f"must be between {MIN_VOCAB} (the 256 byte values "
+                              f"and the end-of-document token) and {MAX_VOCAB:,} (the largest embedding a model of "
+                              "this trainer takes)")
+    elif d.vocab_size is not None:
+        raise ConfigError("data.vocab_size", d.vocab_size, "sizes only a BPE this run trains (data.tokenizer=bpe); "
+                          f"data.tokenizer={d.tokenizer} has a vocabulary of its own: leave data.vocab_size unset "
+                          "(null)")
+    if d.tokenizer not in ("byte", "bpe") or d.token_cache:
+        from moe_trainer.data.tokenizer import build_tokenizer
+
+        tokenizer = None if d.tokenizer == "bpe" else build_tokenizer(d.tokenizer)  # loads and checks a file
+        if d.token_cache:
+            from moe_trainer.data.shards import refuse_shard_directory
+
+            refuse_shard_directory(Path(d.token_cache), tokenizer)
+
+
 def validate_data(cfg: Config) -> None:
     d = cfg.data
-    _one_of("data.tokenizer", d.tokenizer, TOKENIZERS)
+    validate_tokenizer(cfg)
     _one_of("data.format", d.format, DATA_FORMATS)
     _positive("data.seq_len", d.seq_len)
     if d.seq_len > cfg.model.max_seq_len:

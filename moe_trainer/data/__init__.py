@@ -1,5 +1,5 @@
-"""Data pipeline: text sources (embedded stdlib, local files, Hub) -> byte tokens (in memory,
-or memory-mapped token shards on disk) -> batches.
+"""Data pipeline: text sources (embedded stdlib, local files, Hub) -> tokens (bytes, a trained BPE
+or a tokenizer.json; in memory, or memory-mapped token shards on disk) -> batches.
 
 Typical use::
 
@@ -20,6 +20,7 @@ from moe_trainer.data.sources import (
     stdlib_source_files,
 )
 from moe_trainer.data.tokenizer import EOD_ID, ByteTokenizer, Tokenizer, build_tokenizer
+from moe_trainer.data.tokenizer_file import FileTokenizer
 
 __all__ = [
     "EOD_ID",
@@ -27,6 +28,7 @@ __all__ = [
     "Batch",
     "BatchSource",
     "ByteTokenizer",
+    "FileTokenizer",
     "Tokenizer",
     "build_batch_source",
     "build_token_cache",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import to_dataclass
@@ -36,18 +37,30 @@ def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     """Fills the token cache for the config `overrides` compose; returns the lines to print."""
     from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
     from moe_trainer.config.schema import DEFAULT_TOKEN_CACHE
-    from moe_trainer.data.shards import build_token_cache
-    from moe_trainer.data.sources import corpus_source
-    from moe_trainer.data.tokenizer import build_tokenizer
+    from moe_trainer.data.bpe import bpe_vocab_size, stored_bpe
+    from moe_trainer.data.shards import build_token_cache, refuse_shard_directory
+    from moe_trainer.data.sources import CorpusSource, corpus_source
+    from moe_trainer.data.tokenizer import BPE, build_tokenizer, describe
 
     cfg = to_dataclass(compose_config(list(overrides)))
     validate_data(cfg)
     root = cache or cfg.data.token_cache or DEFAULT_TOKEN_CACHE
-    directory, index, written = build_token_cache(corpus_source(cfg.data), build_tokenizer(cfg.data.tokenizer), root,
-                                                  cfg.data.tokenize_procs)
+    if cache is not None:
+        refuse_shard_directory(Path(cache), None)
+    source = corpus_source(cfg.data)
+    lines = []
+    if cfg.data.tokenizer == BPE:  # trained once here; moe-train with data.token_cache=ROOT loads this file
+        corpus = source.load()
+        tokenizer, path, trained = stored_bpe(corpus["train"], bpe_vocab_size(cfg.data.vocab_size), root)
+        lines.append(f"{'trained' if trained else 'already trained:'} {path}")
+        source = CorpusSource(source.identity, lambda: corpus)  # loaded once for both
+    else:
+        tokenizer = build_tokenizer(cfg.data.tokenizer)
+    directory, index, written = build_token_cache(source, tokenizer, root, cfg.data.tokenize_procs)
     counts = ", ".join(f"{split} {n:,}" for split, n in index.tokens.items())
-    lines = [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",
-             f"tokens: {counts} ({index.dtype}, tokenizer {index.tokenizer})"]
+    lines += [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",
+              f"tokens: {counts} ({index.dtype}, tokenizer "
+              f"{describe(index.tokenizer, index.vocab_size, index.tokenizer_sha256)})"]
     if cfg.data.token_cache is None or cache not in (None, cfg.data.token_cache):
         lines.append(f"train on it with: data.token_cache={root}")
     return "\n".join(lines)

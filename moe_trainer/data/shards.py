@@ -4,15 +4,18 @@ Tokenising in memory costs 8 bytes per token in every actor and is redone at eve
 cache written here holds, per split, one flat file of the exact stream ``tokenize_split`` makes
 (documents in order, each followed by the tokenizer's end-of-document id) as raw little-endian
 ``uint16`` (vocabularies up to 65536 ids) or ``uint32``, plus ``index.json`` (dtype, token
-counts, tokenizer, source fingerprint, format version). Readers map the files: the OS shares
-the pages between all actors of a machine and reads only the windows a batch touches.
+counts, tokenizer and its sha256, source fingerprint, format version) and, for a tokenizer read
+from a file, that ``tokenizer.json``. Readers map the files: the OS shares the pages between all
+actors of a machine and reads only the windows a batch touches.
 
-Layout: ``<token_cache>/<key>/{train.bin, validation.bin, index.json}``, where ``key`` hashes
-the corpus's identity (:class:`~moe_trainer.data.sources.CorpusSource`: its files' paths, sizes
-and modification times and the split settings, known without reading any text; a Hub dataset's
-``datasets`` fingerprints), the tokenizer's name and vocabulary size and :data:`FORMAT_VERSION`,
-so a changed corpus, split or tokenizer lands in a new directory, and a start that finds its
-directory maps it without loading the corpus.
+Layout: ``<token_cache>/<key>/{train.bin, validation.bin, index.json[, tokenizer.json]}``, where
+``key`` hashes the corpus's identity (:class:`~moe_trainer.data.sources.CorpusSource`: its files'
+paths, sizes and modification times and the split settings, known without reading any text; a
+Hub dataset's ``datasets`` fingerprints), the tokenizer's name, vocabulary size and (for a
+tokenizer.json) the sha256 of its bytes, and :data:`FORMAT_VERSION`, so a changed corpus, split
+or tokenizer lands in a new directory, and a start that finds its directory maps it without
+loading the corpus. ``data.token_cache`` names the root; a shard directory given in its place is
+refused with what it holds (:func:`refuse_shard_directory`).
 
 Writes are atomic: everything is built in a hidden temporary directory and renamed into place
 (a directory rename onto an existing non-empty one fails, so the first writer wins). Concurrent
@@ -41,8 +44,10 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
+from moe_trainer.config.errors import ConfigError
 from moe_trainer.data.sources import LONG_PREPARATION_BYTES, TEXT_COLUMN, CorpusSource, loaded_identity, progress_bars
-from moe_trainer.data.tokenizer import Tokenizer
+from moe_trainer.data.tokenizer import Tokenizer, describe
+from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
 
 FORMAT_VERSION = 2  # bump when the file layout or the stream's definition changes
 SPLITS = ("train", "validation")
@@ -62,6 +67,7 @@ class ShardIndex:
     tokenizer: str
     vocab_size: int
     source: str  # the corpus's identity (CorpusSource.identity, or its datasets fingerprints)
+    tokenizer_sha256: str | None = None  # sha256 of the tokenizer.json (saved beside); None: byte tokenizer
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -77,7 +83,30 @@ def cache_key(source: str, tokenizer: Tokenizer) -> str:
         "tokenizer": tokenizer.name,
         "vocab_size": tokenizer.vocab_size,
     }
+    if tokenizer.digest is not None:  # a tokenizer read from a file: its exact bytes
+        parts["tokenizer_sha256"] = tokenizer.digest
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def refuse_shard_directory(root: Path, tokenizer: Tokenizer | None) -> None:
+    """Raises a ConfigError naming ``data.token_cache`` when `root` is one cache directory, not the root.
+
+    Pointing ``data.token_cache`` at ``<root>/<key>`` would otherwise grow a cache inside a cache
+    (or, read as one, feed ids of another tokenizer to this model). The message says which
+    tokenizer made it and, when `tokenizer` is known, whether that is this run's.
+    """
+    try:
+        raw = json.loads((root.expanduser() / INDEX_NAME).read_text())
+        index = ShardIndex(**raw)
+    except (OSError, ValueError, TypeError):
+        return  # no index there: a root (or not a cache at all)
+    theirs = describe(index.tokenizer, index.vocab_size, index.tokenizer_sha256)
+    made = f"holds token shards made with tokenizer {theirs}"
+    if tokenizer is not None and (tokenizer.name, tokenizer.digest) != (index.tokenizer, index.tokenizer_sha256):
+        made += f", not this run's tokenizer {describe(tokenizer.name, tokenizer.vocab_size, tokenizer.digest)}"
+    raise ConfigError("data.token_cache", str(root), f"{made}; data.token_cache is the cache root, in which "
+                      "every corpus and tokenizer gets its own directory: use data.token_cache="
+                      f"{root.expanduser().parent}")
 
 
 def default_num_proc() -> int:
@@ -240,6 +269,7 @@ def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, 
     loaded = None if source.identity is not None else source.load()
     identity = source.identity if loaded is None else loaded_identity(loaded)
     root_path = Path(root).expanduser()
+    refuse_shard_directory(root_path, tokenizer)
     root_path.mkdir(parents=True, exist_ok=True)
     key = cache_key(identity, tokenizer)
     final = root_path / key
@@ -261,8 +291,10 @@ def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, 
             counts = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
                       for s in SPLITS}
             shutil.rmtree(work)
+            if isinstance(tokenizer, FileTokenizer):  # the shards' ids mean nothing without it
+                tokenizer.save(tmp / TOKENIZER_FILE)
             index = ShardIndex(FORMAT_VERSION, key, dtype.str, counts, tokenizer.name, tokenizer.vocab_size,
-                               identity)
+                               identity, tokenizer.digest)
             (tmp / INDEX_NAME).write_text(json.dumps(asdict(index), indent=1, sort_keys=True))
             _publish(tmp, final, key)
         finally:

@@ -13,7 +13,7 @@ import torch
 import torch.distributed
 
 from moe_trainer.config.schema import Config
-from moe_trainer.data import build_batch_source, build_tokenizer
+from moe_trainer.data import build_batch_source
 from moe_trainer.device import configure_process
 from moe_trainer.engine import build_model
 from moe_trainer.moe.dispatcher import Dispatcher, LocalTransport, Transport
@@ -86,9 +86,9 @@ def expert_parallel_transport(cfg: Config, topo: Topology, ep_group: Any, counte
 def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int], ctx: DistributedContext,
              device: torch.device) -> Trainer:
     torch.manual_seed(cfg.train.seed)
-    vocab_size = build_tokenizer(cfg.data.tokenizer).vocab_size
-    model = build_model(cfg, vocab_size, dispatcher=dispatcher, expert_range=expert_range).to(device)
-    return Trainer(cfg, model, build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed), ctx)
+    data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)  # loads the run's tokenizer file
+    model = build_model(cfg, data.vocab_size, dispatcher=dispatcher, expert_range=expert_range).to(device)
+    return Trainer(cfg, model, data, ctx)
 
 
 def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> RankSetup:

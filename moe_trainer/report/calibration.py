@@ -75,17 +75,35 @@ class RunInfo:
 
 
 def read_run_info(run_dir: Path) -> RunInfo:
-    return run_info(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir))
+    """The run's layout and shape; the vocabulary of a non-byte run is read from its ``tokenizer.json``."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    vocab = None
+    if cfg["data"].get("tokenizer", "byte") != "byte":
+        from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
+
+        file = run_dir / TOKENIZER_FILE
+        if not file.is_file():
+            raise ValueError(f"{run_dir}: data.tokenizer={cfg['data']['tokenizer']} but the run has no "
+                             f"{TOKENIZER_FILE}, so its vocabulary (the embedding and LM head) is unknown")
+        vocab = FileTokenizer.from_file(file).vocab_size
+    return run_info(cfg, str(run_dir), vocab)
 
 
-def run_info(cfg: dict[str, Any], where: str = "config") -> RunInfo:
-    """The layout and shape a resolved config (``config.yaml`` as the driver writes it) describes."""
+def run_info(cfg: dict[str, Any], where: str = "config", vocab: int | None = None) -> RunInfo:
+    """The layout and shape a resolved config (``config.yaml`` as the driver writes it) describes.
+
+    ``vocab``: the run's vocabulary; needed unless the run used the byte tokenizer (whose
+    vocabulary the config alone fixes), since it sizes the embedding and LM head.
+    """
     model, moe, par, train, data = cfg["model"], cfg["moe"], cfg["parallel"], cfg["train"], cfg["data"]
-    if data.get("tokenizer", "byte") != "byte":
-        raise ValueError(f"{where}: only byte-tokenizer runs are calibrated (vocabulary known without the data)")
+    if vocab is None:
+        if data.get("tokenizer", "byte") != "byte":
+            raise ValueError(f"{where}: data.tokenizer={data['tokenizer']}: the vocabulary comes from the run's "
+                             "tokenizer.json (read_run_info reads it), not from the config")
+        vocab = BYTE_VOCAB
     payload = 2 if train.get("precision") == "bf16" else 4
     shape = Shape(d_model=model["d_model"], n_layers=model["n_layers"], n_heads=model["n_heads"],
-                  seq_len=data["seq_len"], vocab=BYTE_VOCAB, num_experts=moe["num_experts"], top_k=moe["top_k"],
+                  seq_len=data["seq_len"], vocab=vocab, num_experts=moe["num_experts"], top_k=moe["top_k"],
                   expert_hidden=moe["expert_hidden"], tokens_per_step=train["batch_size"] * data["seq_len"],
                   moe_every=moe["every"], ffn_hidden=model["ffn_hidden"], payload_bytes=payload)
     strategy = par["strategy"]

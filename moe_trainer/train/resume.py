@@ -93,6 +93,19 @@ def may_have_nothing_to_do(resume: str | None, max_steps: int, run_dir: Path) ->
         return True
 
 
+def resume_candidate(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint ``train.resume`` most likely names, found without hashing any file.
+
+    For ``auto`` the newest one (a damaged newest is skipped later, but every checkpoint of a
+    run directory shares its settings and tokenizer, so the newest stands for all); for a path,
+    the one it names. For checks of settings before Hydra writes (the launch gate).
+    """
+    if resume == "auto":
+        found = list_checkpoints(run_dir / "checkpoints")
+        return found[-1] if found else None
+    return resolve_resume(resume, run_dir, warn=False)
+
+
 def require_fixed_run_dir(resume: str | None, run_dir_setting: str, pattern: str) -> None:
     """Refuses ``train.resume=auto`` when the run directory is new at every start (a ``${now:...}`` path).
 

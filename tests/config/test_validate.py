@@ -36,7 +36,9 @@ BATTERY = [
     ("data.seq_len=4096", "data.seq_len"),  # over model.max_seq_len
     ("data.val_fraction=1.5", "data.val_fraction"),
     ("data.paths=[/no/such/file.txt]", "data.paths"),
-    ("data.tokenizer=sentencepiece", "data.tokenizer"),
+    ("data.tokenizer=sentencepiece", "data.tokenizer"),  # neither byte, bpe nor a tokenizer.json that exists
+    ("data.tokenizer=/no/such/tokenizer.json", "data.tokenizer"),
+    ("data.vocab_size=1000", "data.vocab_size"),  # sizes only a BPE: the byte tokenizer has 257 ids
     ("data.tokenize_procs=-1", "data.tokenize_procs"),
     ("model.n_heads=3", "model.n_heads"),
     ("model.d_model=0", "model.d_model"),
@@ -80,6 +82,9 @@ PARALLEL = [
     (["parallel=disaggregated", "parallel.cpus_per_coordinator=-1"], "parallel.cpus_per_coordinator"),
     (["parallel=disaggregated", "parallel.cpus_per_expert_actor=-0.5"], "parallel.cpus_per_expert_actor"),
     (["parallel=disaggregated", "parallel.gpus_per_coordinator=-1"], "parallel.gpus_per_coordinator"),
+    # a BPE has at least the 256 bytes and the end-of-document token, at most the embedding cap (2**18)
+    (["data.tokenizer=bpe", "data.vocab_size=256"], "data.vocab_size"),
+    (["data.tokenizer=bpe", "data.vocab_size=262145"], "data.vocab_size"),
 ]
 # where ranks compute: one whole GPU per Ray rank (NCCL), train.device agreeing with it; single needs a GPU for cuda
 DEVICE = [

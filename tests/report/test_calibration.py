@@ -176,3 +176,24 @@ def test_measured_step_leaves_out_warm_up(tmp_path: Path) -> None:
     lines[0]["step_time_s_max"] = 100.0  # step 1: warm-up
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
     assert measured_step_s(run) == pytest.approx(lines[-1]["step_time_s_max"])
+
+
+def test_a_run_with_a_tokenizer_file_is_sized_by_its_vocabulary(tmp_path: Path) -> None:
+    """The embedding and LM head follow the run's tokenizer.json, not the byte tokenizer's 257 ids."""
+    from datasets import Dataset
+
+    from moe_trainer.data.bpe import train_bpe
+
+    run = disaggregated_run(tmp_path)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["data"]["tokenizer"] = "bpe"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        read_run_info(run)
+    with pytest.raises(ValueError, match="tokenizer.json"):
+        run_info(cfg)  # the config alone does not say the vocabulary
+    train_bpe(Dataset.from_dict({"text": ["the quick brown fox jumps over the lazy dog"] * 50}), 280).save(
+        run / "tokenizer.json")
+    assert read_run_info(run).shape.vocab == 280
+    byte = config("disaggregated", num_coordinators=1, num_expert_actors=1, micro_batches=2)
+    assert run_info(byte).shape.vocab == 257
