@@ -80,6 +80,10 @@ PARALLEL = [
     (["parallel=disaggregated", "parallel.cpus_per_coordinator=-1"], "parallel.cpus_per_coordinator"),
     (["parallel=disaggregated", "parallel.cpus_per_expert_actor=-0.5"], "parallel.cpus_per_expert_actor"),
     (["parallel=disaggregated", "parallel.gpus_per_coordinator=-1"], "parallel.gpus_per_coordinator"),
+    # sharded optimizer state needs two ranks holding the same parameters
+    (["parallel.shard_optimizer=true"], "parallel.shard_optimizer"),  # single
+    (["parallel=data_parallel", "parallel.num_actors=1", "parallel.shard_optimizer=true"], "parallel.shard_optimizer"),
+    (["parallel=disaggregated", "parallel.shard_optimizer=true"], "parallel.shard_optimizer"),  # one coordinator
 ]
 # where ranks compute: one whole GPU per Ray rank (NCCL), train.device agreeing with it; single needs a GPU for cuda
 DEVICE = [
