@@ -135,7 +135,8 @@ class TrainWorker:
         from moe_trainer.train.sharded_checkpoint import save_shard
 
         s = self.setup
-        save_shard(Path(directory), s.runner, self.rank, dense=s.save_dense, experts=s.save_experts)
+        save_shard(Path(directory), s.runner, self.rank, dense=s.save_dense, experts=s.save_experts,
+                   optim_owner=s.optim_owner)
 
     def load(self, path: str) -> None:
         from moe_trainer.train.sharded_checkpoint import load_into

@@ -128,6 +128,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
         summary["tokens_per_s_mean"] = sum(tokens_per_s) / len(tokens_per_s)
         summary["mem_rss_mb_per_process"] = last.get("mem_rss_mb_per_rank", [])
         summary["mem_peak_rss_mb_per_process"] = last.get("mem_peak_rss_mb_per_rank", [])
+        summary["mem_optim_state_mb_per_process"] = last.get("mem_optim_state_mb_per_rank", [])
         if "expert_mem_rss_mb_per_actor" in last:
             summary["mem_rss_mb_per_expert_actor"] = last["expert_mem_rss_mb_per_actor"]
             summary["mem_peak_rss_mb_per_expert_actor"] = last["expert_mem_peak_rss_mb_per_actor"]

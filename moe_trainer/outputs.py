@@ -52,11 +52,11 @@ def panel(key: str) -> str | None:
         return "eval"
     if key in _BALANCE or key.startswith("load_imbalance_local"):  # per rank: mean, _max, _argmax
         return "balance"
-    if key.startswith(("a2a_", "grad_sync_", "comm_")):
+    if key.startswith(("a2a_", "grad_sync_", "param_sync_", "comm_")):
         return "comm"
     if key.startswith(("coord_", "expert_")):
         return "roles"  # disaggregated only: busy/wait per role
-    return "perf"  # tokens_per_s, step_time_s*, mem_rss_mb*, coordinator/expert busy and idle times
+    return "perf"  # tokens_per_s, step_time_s*, mem_rss_mb*, mem_optim_*, coordinator/expert busy and idle times
 
 
 def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:

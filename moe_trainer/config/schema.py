@@ -84,6 +84,9 @@ class ParallelConfig:
     a2a_chunks: int = 1  # expert_parallel: chunks of local experts whose all-to-alls overlap expert compute; 1 = off
     placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes
     timeout_s: float = 300.0  # every collective (and the rendezvous) fails after this long
+    # ZeRO-1: AdamW state of dense parameters sharded over the data-parallel ranks, of experts over their
+    # expert-data-parallel group; each owner broadcasts its updated parameters. Same losses, less memory
+    shard_optimizer: bool = False
 
 
 @dataclass

@@ -154,6 +154,8 @@ def validate_parallel(cfg: Config) -> None:
                           "only parallel.strategy=expert_parallel (micro-batches overlapping each other's "
                           "all-to-alls) and disaggregated (micro-batches pipelined between coordinators and expert "
                           f"actors) use micro-batches; parallel.strategy={p.strategy} has nothing to overlap: use 1")
+    if p.shard_optimizer:
+        validate_shard_optimizer(cfg)
     if p.strategy == "disaggregated":
         validate_disaggregated(cfg)
     else:
@@ -161,6 +163,25 @@ def validate_parallel(cfg: Config) -> None:
             raise ConfigError(setting, value, "sizes one role of parallel.strategy=disaggregated (coordinators or "
                               f"expert actors); parallel.strategy={p.strategy} has no roles: leave it unset (null) "
                               "and size actors with parallel.cpus_per_actor / parallel.gpus_per_actor")
+
+
+def validate_shard_optimizer(cfg: Config) -> None:
+    """Refuses ``parallel.shard_optimizer`` where no two ranks hold the same parameters: it would change nothing.
+
+    State is shared out among the data-parallel ranks (dense) and the expert-data-parallel
+    replicas (experts); expert actors of ``disaggregated`` hold the only copy of their experts.
+    """
+    ranks = data_parallel_ranks(cfg)
+    if ranks > 1:
+        return
+    what = {"single": "parallel.strategy=single runs one process",
+            "disaggregated": "parallel.num_coordinators=1 leaves the dense parameters on one rank, and expert "
+                             "actors hold the only copy of their experts"}.get(
+        cfg.parallel.strategy, f"parallel.num_actors={cfg.parallel.num_actors} is one data-parallel rank")
+    raise ConfigError("parallel.shard_optimizer", True, f"shares the optimizer state out among ranks holding the "
+                      f"same parameters, but {what}, so there is nothing to share; use parallel.shard_optimizer="
+                      "false, or 2 or more data-parallel ranks (parallel.num_actors, or parallel.num_coordinators "
+                      "for disaggregated)")
 
 
 def _role_settings_set(cfg: Config) -> list[tuple[str, float]]:

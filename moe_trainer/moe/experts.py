@@ -19,6 +19,15 @@ from moe_trainer.host_memory import retaining
 from moe_trainer.moe.expert_kernels import ExpertCall, GradBuffer, GroupedSwiGLU, Runs, choose_kernels, compute_dtype
 
 
+def is_expert_param(name: str) -> bool:
+    """Whether parameter ``name`` (as ``named_parameters`` gives it) belongs to a shard of experts.
+
+    Every model holds its experts in a submodule named ``experts`` (:class:`SwiGLUExperts`); their
+    gradients are reduced over the expert-data-parallel group and their optimizer state sharded there.
+    """
+    return ".experts." in name
+
+
 class SwiGLUExperts(nn.Module):
     """``E_local`` SwiGLU FFNs: ``w2(silu(x w_gate) * (x w_up))`` (Shazeer, https://arxiv.org/abs/2002.05202).
 

@@ -21,13 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from moe_trainer.moe.experts import is_expert_param
 from moe_trainer.parallel.comm import dist, guarded
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timing import Elapsed, Span, mark
-
-
-def _is_expert(name: str) -> bool:
-    return ".experts." in name
 
 
 def all_reduce_flat(grads: list[Tensor], group: Any, label: str) -> None:
@@ -78,7 +75,7 @@ class DistributedContext:
         for name, param in model.named_parameters():
             if param.grad is None:
                 param.grad = torch.zeros_like(param)  # every rank must contribute the same tensors
-            (expert if _is_expert(name) else dense).append(param.grad)
+            (expert if is_expert_param(name) else dense).append(param.grad)
         return dense, expert
 
     def sync_gradients(self, model: nn.Module) -> None:

@@ -41,7 +41,7 @@ from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Elapsed, Span, mark
 from moe_trainer.train.aggregate import TIMELINE_KEY
-from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
+from moe_trainer.train.optim import apply_update, build_optimizer, optimizer_state_mb, set_lr
 from moe_trainer.train.precision import compute_dtype
 from moe_trainer.train.trainer import process_memory_mb, process_peak_memory_mb
 
@@ -369,9 +369,13 @@ class ExpertServer:
         # step_skipped: the chunk loop (nan_guard.run_steps) must stop this rank where it stops the coordinators
         return {"step": self.step, "lr": lr, "step_skipped": not finite, "expert_busy_s": busy,
                 "expert_wait_s": total - busy, "expert_step_time_s": total, "expert_rows_recv": clock.rows,
-                "expert_mem_rss_mb": process_memory_mb(),
-                "expert_mem_peak_rss_mb": process_peak_memory_mb(),
+                "expert_mem_rss_mb": process_memory_mb(), "expert_mem_peak_rss_mb": process_peak_memory_mb(),
+                "expert_mem_optim_state_mb": self._optimizer_state_mb(),
                 **({TIMELINE_KEY: events} if events is not None else {})}
+
+    def _optimizer_state_mb(self) -> float:
+        """This actor's AdamW state (its experts' moments; never sharded: no other rank holds them)."""
+        return optimizer_state_mb(self.optimizer, {})[0]
 
     def evaluate(self, batches: int) -> None:
         """Serves the coordinators' evaluation forwards (the forwards of a training step, per batch)."""

@@ -6,6 +6,7 @@ functions run under any launcher that gives a rank and a rendezvous address.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from moe_trainer.data import build_batch_source
 from moe_trainer.device import configure_process
 from moe_trainer.engine import build_model
 from moe_trainer.moe.dispatcher import Dispatcher, LocalTransport, Transport
+from moe_trainer.moe.experts import is_expert_param
 from moe_trainer.parallel.async_a2a import AsyncAllToAllTransport
 from moe_trainer.parallel.comm import init_process_group, new_group
 from moe_trainer.parallel.context import DistributedContext, Groups
@@ -27,6 +29,7 @@ from moe_trainer.parallel.p2p import Lanes
 from moe_trainer.parallel.resources import rank_resources
 from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.parallel.topology import Topology, world_size
+from moe_trainer.parallel.zero import OptimizerShards
 from moe_trainer.train.trainer import Trainer
 
 
@@ -49,6 +52,9 @@ class RankSetup:
     expert_range: tuple[int, int]
     save_dense: bool  # this rank writes the dense checkpoint entries
     save_experts: bool  # this rank writes its experts' checkpoint entries
+    # parallel.shard_optimizer: the parameters whose optimizer entries this rank writes (and alone holds);
+    # None: optimizer entries follow save_dense / save_experts
+    optim_owner: Callable[[str], bool] | None = None
 
 
 def _device(cfg: Config, rank: int) -> tuple[str, torch.device]:
@@ -83,12 +89,23 @@ def expert_parallel_transport(cfg: Config, topo: Topology, ep_group: Any, counte
     return AllToAllTransport(*args, counters=counters)
 
 
+# ranks holding the same copy of a set of parameters, and their process group (None: the world)
+ShardGroup = tuple[Sequence[int], Any]
+
+
 def _trainer(cfg: Config, dispatcher: Dispatcher, expert_range: tuple[int, int], ctx: DistributedContext,
-             device: torch.device) -> Trainer:
+             device: torch.device, rank: int, shard_over: tuple[ShardGroup, ShardGroup]) -> Trainer:
+    """This rank's Trainer; with ``parallel.shard_optimizer`` its optimizer state is sharded over
+    ``shard_over`` (dense parameters' ranks, experts' ranks)."""
     torch.manual_seed(cfg.train.seed)
     data = build_batch_source(cfg.data, cfg.train.batch_size, cfg.train.seed)  # loads the run's tokenizer file
     model = build_model(cfg, data.vocab_size, dispatcher=dispatcher, expert_range=expert_range).to(device)
-    return Trainer(cfg, model, data, ctx)
+    shards = OptimizerShards.for_model(model, rank, *shard_over) if cfg.parallel.shard_optimizer else None
+    return Trainer(cfg, model, data, ctx, shards)
+
+
+def _owner(trainer: Trainer) -> Callable[[str], bool] | None:
+    return trainer.shards.owns if trainer.shards is not None else None
 
 
 def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> RankSetup:
@@ -109,9 +126,10 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     groups = Groups(data=None, expert_replicas=edp_group, replicas=topo.world // topo.ep_size,
                     norm=ep_group if topo.ep_size > 1 else None, counts_dense_norm=topo.ep_rank == 0)
     ctx = DistributedContext(rank, topo.world, groups, counters, device)
-    trainer = _trainer(cfg, dispatcher, topo.expert_range, ctx, device)
+    shard_over = ((range(topo.world), None), (topo.edp_groups()[topo.ep_rank], edp_group))
+    trainer = _trainer(cfg, dispatcher, topo.expert_range, ctx, device, rank, shard_over)
     return RankSetup(trainer, "trainer", backend, topo.expert_range, save_dense=rank == 0,
-                     save_experts=rank < topo.ep_size)
+                     save_experts=rank < topo.ep_size, optim_owner=_owner(trainer))
 
 
 def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.device) -> RankSetup:
@@ -127,13 +145,15 @@ def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.dev
     dispatcher = Dispatcher(cfg.moe.num_experts, cfg.moe.capacity_factor, ExpertActorsTransport(r, lanes, counters))
     groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
     ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
-    trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device)
+    # expert actors hold the only copy of their experts: only the coordinators' dense state is shared out
+    shard_over = ((r.coordinators, coordinators), ([rank], None))
+    trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device, rank, shard_over)
     return RankSetup(trainer, "coordinator", backend, r.expert_range(rank), save_dense=rank == 0,
-                     save_experts=False)
+                     save_experts=False, optim_owner=_owner(trainer))
 
 
 def local_parameter_counts(model: torch.nn.Module) -> dict[str, Any]:
     """Parameters this rank actually holds (experts: only its shard)."""
-    expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    expert = sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n))
     total = sum(p.numel() for p in model.parameters())
     return {"params_local": total, "expert_params_local": expert, "dense_params_local": total - expert}

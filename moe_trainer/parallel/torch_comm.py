@@ -11,9 +11,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch.distributed
-from torch.distributed import ReduceOp, all_reduce, all_to_all_single, get_world_size, irecv, isend
+from torch.distributed import ReduceOp, all_reduce, all_to_all_single, broadcast, get_world_size, irecv, isend
 
-__all__ = ["ReduceOp", "all_reduce", "all_to_all_single", "get_world_size", "init_distributed", "irecv", "isend"]
+__all__ = ["ReduceOp", "all_reduce", "all_to_all_single", "broadcast", "get_world_size", "init_distributed", "irecv",
+           "isend"]
 
 
 def init_distributed(dist_backend: str, auto_mpi_discovery: bool, init_method: str, rank: int, world_size: int,

@@ -14,8 +14,9 @@ from typing import Any
 
 from moe_trainer.parallel.telemetry import PHASES
 
-PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "mem_peak_rss_mb", "load_imbalance_local", "grad_sync_time_s",
-                 "a2a_time_s", "a2a_rows_sent", "a2a_rows_recv", "a2a_bytes_sent",
+PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "mem_peak_rss_mb", "mem_optim_state_mb", "mem_optim_dense_state_mb",
+                 "load_imbalance_local", "grad_sync_time_s", "param_sync_time_s", "a2a_time_s", "a2a_rows_sent",
+                 "a2a_rows_recv", "a2a_bytes_sent",
                  *(f"a2a_{phase}_{what}" for phase in PHASES for what in ("rows_sent", "rows_recv", "time_s")))
 
 
@@ -46,8 +47,8 @@ def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
     step_time = record.get("step_time_s_max", record["step_time_s"])
     record["tokens_per_s"] = record["tokens_step"] / step_time
     if "a2a_time_s" in record:
-        record["comm_share"] = (record["a2a_time_s"] + record.get("grad_sync_time_s", 0.0)) / max(
-            record["step_time_s"], 1e-12)
+        record["comm_share"] = (record["a2a_time_s"] + record.get("grad_sync_time_s", 0.0)
+                                + record.get("param_sync_time_s", 0.0)) / max(record["step_time_s"], 1e-12)
     return record
 
 
@@ -70,7 +71,7 @@ def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list
         record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]
         record["coord_idle_share"] = record["coord_wait_s"] / step_time
         for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv", "expert_mem_rss_mb",
-                    "expert_mem_peak_rss_mb"):
+                    "expert_mem_peak_rss_mb", "expert_mem_optim_state_mb"):
             values = [r[key] for r in expert_steps]
             record[key] = sum(values) / len(values)
             record[f"{key}_max"] = max(values)

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from moe_trainer.config.schema import TrainConfig
+from moe_trainer.moe.experts import is_expert_param
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, owns: Callable[[str], bool] | None = None
+                    ) -> torch.optim.AdamW:
     """Decays weight matrices (and stacked expert matrices); never norms or 1-D tensors.
 
     ``fused=True``: one elementwise kernel per tensor, the same arithmetic for every element
     whatever the tensor's size, so a shard of experts gets the update those experts get in the
     unsharded model; and it is ~9x faster than the per-tensor loop on CPU at 50M parameters
     (benchmarks/expert_scaling.py), which is what keeps many-expert steps cheap.
+    ``owns``: the parameters (by name) whose state this rank keeps under ``parallel.shard_optimizer``
+    (:mod:`moe_trainer.parallel.zero`); the others get no state and no update here. A group may be empty.
     """
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    params = [p for name, p in model.named_parameters() if p.requires_grad and (owns is None or owns(name))]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
@@ -43,7 +49,10 @@ def clipped_step(optimizer: torch.optim.Optimizer, total_norm: Tensor, max_norm:
                     p.grad.mul_(coef.to(p.grad.dtype))
         optimizer.step()
         return
-    device = optimizer.param_groups[0]["params"][0].device
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if not params:  # a rank that owns no optimizer state (parallel.shard_optimizer): nothing to update
+        return
+    device = params[0].device
     optimizer.grad_scale = (1.0 / coef).to(device)  # type: ignore[attr-defined]
     try:
         optimizer.step()
@@ -61,6 +70,20 @@ def apply_update(optimizer: torch.optim.Optimizer, grad_norm: Tensor, max_norm: 
     if finite:
         clipped_step(optimizer, grad_norm, max_norm)
     return finite
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> tuple[float, float]:
+    """``(all, dense)`` MiB of the state tensors ``optimizer`` holds (moments and step counters).
+
+    ``names``: parameter id -> name, which tells expert parameters from dense ones. Sizes only,
+    never values: no device sync. Zero before the first step (AdamW creates its state lazily).
+    """
+    total = dense = 0
+    for param, state in optimizer.state.items():
+        size = sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        total += size
+        dense += 0 if is_expert_param(names.get(id(param), "")) else size
+    return total / 2**20, dense / 2**20
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -3,13 +3,15 @@
 Stacked expert tensors ``[E_local, ...]`` are stored one expert at a time
 (``model/blocks.0.ffn.experts.w_down_EFD/expert5``), with their AdamW moments
 beside them. Every process writes only what it owns (dense state: rank 0;
-experts: the ranks of the first expert-parallel group), and a loader picks the
-entries its own layout needs, so a run saved with 4 expert-parallel ranks loads
-into 2, into ``data_parallel`` or into ``single``.
+experts: the ranks of the first expert-parallel group; with ``parallel.shard_optimizer``
+the optimizer entries of a parameter: the rank holding its state), and a loader picks
+the entries its own layout needs, so a run saved with 4 expert-parallel ranks loads
+into 2, into ``data_parallel`` or into ``single``, sharded or not: the keys are the same.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,20 +55,26 @@ def _put(out: dict[str, Tensor], prefix: str, name: str, tensor: Tensor, expert_
         out[f"{prefix}/{name}"] = tensor.detach().cpu().clone()
 
 
-def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True) -> dict[str, Tensor]:
-    """Flat ``{key: tensor}`` of the parts of model and optimizer this process should write."""
+def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True,
+                    optim_owner: Callable[[str], bool] | None = None) -> dict[str, Tensor]:
+    """Flat ``{key: tensor}`` of the parts of model and optimizer this process should write.
+
+    ``optim_owner`` (``parallel.shard_optimizer``): the parameters whose optimizer entries this
+    process writes, whatever ``dense`` and ``experts`` say (those then choose the model entries only).
+    """
     expert_first = _expert_params(trainer)
     out: dict[str, Tensor] = {}
     for name, tensor in trainer.model.state_dict().items():
         _put(out, "model", name, tensor, expert_first, dense, experts)
     state = trainer.optimizer.state_dict()["state"]
     for index, name in enumerate(_param_names(trainer)):
+        opt_dense, opt_experts = (dense, experts) if optim_owner is None else (optim_owner(name),) * 2
         for field, value in state.get(index, {}).items():
             if field == "step":
-                if dense or (experts and name in expert_first):
+                if opt_dense or (opt_experts and name in expert_first):
                     out[f"optim/{name}/step"] = value.detach().cpu().clone()
             else:
-                _put(out, f"optim.{field}", name, value, expert_first, dense, experts)
+                _put(out, f"optim.{field}", name, value, expert_first, opt_dense, opt_experts)
     if dense:
         out["trainer/step"] = torch.tensor(trainer.step)
         out["trainer/tokens_seen"] = torch.tensor(trainer.tokens_seen)
@@ -87,10 +95,11 @@ def canonical_grads(trainer: Trainer, dense: bool = True, experts: bool = True) 
     return out
 
 
-def save_shard(directory: Path, trainer: Trainer, rank: int = 0, dense: bool = True, experts: bool = True) -> None:
-    """Writes the entries this process owns (``dense`` state, its ``experts``) into ``directory``."""
-    if dense or experts:
-        torch.save(canonical_state(trainer, dense, experts), directory / f"shard_rank{rank:05d}.pt")
+def save_shard(directory: Path, trainer: Trainer, rank: int = 0, dense: bool = True, experts: bool = True,
+               optim_owner: Callable[[str], bool] | None = None) -> None:
+    """Writes the entries this process owns (``dense`` state, its ``experts``, ``optim_owner``'s) into ``directory``."""
+    if dense or experts or optim_owner is not None:
+        torch.save(canonical_state(trainer, dense, experts, optim_owner), directory / f"shard_rank{rank:05d}.pt")
 
 
 def read_entries(directory: Path) -> dict[str, Tensor]:
@@ -122,7 +131,11 @@ def _take(entries: dict[str, Tensor], prefix: str, name: str, like: Tensor, firs
 
 
 def load_into(directory: Path, trainer: Trainer) -> None:
-    """Loads the entries this process's layout needs from a checkpoint directory."""
+    """Loads the entries this process's layout needs from a checkpoint directory.
+
+    Optimizer entries: those of the parameters ``trainer.optimizer`` holds, which a sharded
+    optimizer (``parallel.shard_optimizer``) limits to the ones this rank owns.
+    """
     entries = read_entries(directory)
     expert_first = _expert_params(trainer)
     device = trainer.ctx.device

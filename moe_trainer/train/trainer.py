@@ -9,7 +9,7 @@ dispatcher/expert shard it gives the model. The single-process reference uses
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +25,11 @@ from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
-from moe_trainer.train.optim import apply_update, build_optimizer, set_lr
+from moe_trainer.train.optim import apply_update, build_optimizer, optimizer_state_mb, set_lr
 from moe_trainer.train.precision import autocast
+
+if TYPE_CHECKING:
+    from moe_trainer.parallel.zero import OptimizerShards
 
 
 class BatchSource(Protocol):
@@ -163,9 +166,13 @@ class StepResult:
 class Trainer:
     """Owns model, optimizer and step counter of one process; strategies call :meth:`train_step`."""
 
-    def __init__(self, cfg: Config, model: Transformer, data: BatchSource, ctx: ParallelContext) -> None:
+    def __init__(self, cfg: Config, model: Transformer, data: BatchSource, ctx: ParallelContext,
+                 shards: OptimizerShards | None = None) -> None:
+        """``shards``: this rank's share of the optimizer state (``parallel.shard_optimizer``); None = all of it."""
         self.cfg, self.model, self.data, self.ctx = cfg, model, data, ctx
-        self.optimizer = build_optimizer(model, cfg.train)
+        self.shards = shards
+        self.optimizer = build_optimizer(model, cfg.train, shards.owns if shards is not None else None)
+        self.param_names = {id(p): name for name, p in model.named_parameters()}
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0  # global tokens trained on
         self.micro_batches = micro_batches(cfg)
@@ -235,7 +242,7 @@ class Trainer:
         t0 = mark(device)
         lr = set_lr(self.optimizer, self.step, self.cfg.train)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)  # every gradient: a sharded optimizer holds only the owned ones
         passes, tokens = [], 0
         for a, (share, shares) in enumerate(self.accumulation_shares()):
             inputs, targets = self._to_device(self.data.train_batch(self.step, share, shares))
@@ -256,6 +263,9 @@ class Trainer:
             for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
                 if finite:
                     layer.router.update_bias(load_E)
+        if self.shards is not None:
+            with timeline.region("parameter broadcast", "sync", device):
+                self.shards.after_step(self.model, finite)
         with timeline.region("loss all-reduce", "sync", device):
             losses = self.ctx.all_reduce_sum(torch.stack([parts.lm, parts.aux, parts.z, parts.total]).detach()
                                              .double())
@@ -282,6 +292,7 @@ class Trainer:
             "load_imbalance_local": balance_metrics(parts.local_counts)["load_imbalance"],
             "mem_rss_mb": process_memory_mb(),
             "mem_peak_rss_mb": process_peak_memory_mb(),
+            **self._optimizer_memory(),
             **self.ctx.telemetry(),
         }
         bias = [layer.router.expert_bias.tolist() for layer in self.model.moe_layers()]
@@ -290,6 +301,12 @@ class Trainer:
         if events is not None:
             record["timeline"] = events
         return StepResult(self.step, record)
+
+    def _optimizer_memory(self) -> dict[str, float]:
+        """This rank's optimizer state (all, dense) and the time it spent broadcasting sharded updates."""
+        total, dense = optimizer_state_mb(self.optimizer, self.param_names)
+        sync = self.shards.take_time() if self.shards is not None else 0.0
+        return {"mem_optim_state_mb": total, "mem_optim_dense_state_mb": dense, "param_sync_time_s": sync}
 
     def _global_counts(self, local: LoadCounts) -> LoadCounts:
         with timeline.region("router loads all-reduce", "sync", self.ctx.device):

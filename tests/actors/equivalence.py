@@ -77,6 +77,10 @@ MIXES = {
 STEPS_OF = {"expert_choice": 1, "bf16": 2}
 # train.precision=bf16 on the richest mix, over every layout, against single in bf16
 MIXES["bf16"] = [*MIXES["dropless"], "train.precision=bf16"]
+# gradient clipping on (below every step's norm): the clip is folded into the fused update, which a
+# sharded optimizer runs on its own parameters only; the gradients compared are the clipped ones
+CLIP = 0.5
+MIXES["clipped"] = [*MIXES["capacity"], f"train.grad_clip={CLIP}"]
 TOLERANCE_OF = {"bf16": BF16}
 LAYOUTS = {  # name: (overrides, processes)
     "data_parallel": (["parallel=data_parallel", "parallel.num_actors=2"], 2),
@@ -84,6 +88,10 @@ LAYOUTS = {  # name: (overrides, processes)
     "expert_parallel_chunks": (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], 2),
     "expert_parallel_2mb": (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.micro_batches=2"], 2),
     "expert_parallel_4_ep2": (["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4),
+    # ZeRO-1 (parallel.shard_optimizer): dense and expert state over 2 ranks; dense over 4, experts over 2
+    "data_parallel_zero": (["parallel=data_parallel", "parallel.num_actors=2", "parallel.shard_optimizer=true"], 2),
+    "expert_parallel_4_ep2_zero": (["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2",
+                                    "parallel.shard_optimizer=true"], 4),
     "disaggregated_1c": (["parallel=disaggregated", "parallel.num_coordinators=1"], 3),
     "disaggregated_1c_4mb": (["parallel=disaggregated", "parallel.num_coordinators=1",
                               "parallel.micro_batches=4"], 3),
@@ -141,16 +149,20 @@ class WarmActors:
             ray.kill(actor, no_restart=True)
 
 
-def trace(directory: Path, mix: str, *overrides: str, actors: WarmActors | None = None) -> Trace:
-    """Runs a mix under ``overrides``; a Ray layout reuses ``actors`` when given."""
+def start(mix: str, *overrides: str, actors: WarmActors | None = None) -> Any:
+    """The engine of a mix under ``overrides``; a Ray layout reuses ``actors`` when given."""
     cfg = to_dataclass(compose_dict([*BASE, *MIXES[mix], *overrides]))
     validate(cfg)
     if actors is not None and cfg.parallel.strategy != "single":
         from actors.engine import RayEngine
 
-        engine: Any = RayEngine(cfg, actors.take(world_size(cfg)))
-    else:
-        engine = make_engine(cfg)
+        return RayEngine(cfg, actors.take(world_size(cfg)))
+    return make_engine(cfg)
+
+
+def trace(directory: Path, mix: str, *overrides: str, actors: WarmActors | None = None) -> Trace:
+    """Runs a mix under ``overrides``; a Ray layout reuses ``actors`` when given."""
+    engine = start(mix, *overrides, actors=actors)
     try:
         records = engine.train(1)
         grads = engine.gradients()

@@ -74,6 +74,13 @@ MUTATIONS = {
         # each replica nudges its own bias: rank 1's routing drifts from rank 0's (which reports the
         # bias), and the per-step losses, loads or biases stop matching single's
         "data_parallel", "dropless", r"(loss|bias|expert loads|grad_norm|drops) at step"),
+    "sharded_update_not_broadcast": Mutation(
+        "moe_trainer/parallel/zero.py",
+        "if bucket.owner != self.rank:\n            for t, part in",
+        "if False:\n            for t, part in",
+        # ZeRO-1: every rank updates only what it owns; a rank that drops the owners' broadcasts trains on with
+        # stale copies of the others' parameters from step 2 on (its rows' losses, and the state rank 0 saves)
+        "data_parallel_zero", "capacity", r"((loss|grad_norm) at step 2|relative difference)"),
 }
 
 

@@ -85,6 +85,10 @@ PARALLEL = [
     # a BPE has at least the 256 bytes and the end-of-document token, at most the embedding cap (2**18)
     (["data.tokenizer=bpe", "data.vocab_size=256"], "data.vocab_size"),
     (["data.tokenizer=bpe", "data.vocab_size=262145"], "data.vocab_size"),
+    # sharded optimizer state needs two ranks holding the same parameters
+    (["parallel.shard_optimizer=true"], "parallel.shard_optimizer"),  # single
+    (["parallel=data_parallel", "parallel.num_actors=1", "parallel.shard_optimizer=true"], "parallel.shard_optimizer"),
+    (["parallel=disaggregated", "parallel.shard_optimizer=true"], "parallel.shard_optimizer"),  # one coordinator
 ]
 # where ranks compute: one whole GPU per Ray rank (NCCL), train.device agreeing with it; single needs a GPU for cuda
 DEVICE = [

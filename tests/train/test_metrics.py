@@ -61,7 +61,7 @@ def test_aggregation_joins_every_ranks_timeline_and_the_expert_actors() -> None:
     (record,) = aggregate_chunk([[rank(0)], [rank(1)]])
     assert [e["pid"] for e in record["timeline"]] == [0, 1]  # not rank 0's list alone
     expert = {key: 0.1 for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv",
-                                   "expert_mem_rss_mb")}
+                                   "expert_mem_rss_mb", "expert_mem_peak_rss_mb", "expert_mem_optim_state_mb")}
     add_expert_role([record], [[{**expert, "timeline": [{"name": "experts", "ph": "X", "pid": 2}]}], [expert]])
     assert [e["pid"] for e in record["timeline"]] == [0, 1, 2]
     (unsampled,) = aggregate_chunk([[{**rank(0), "timeline": None}], [{"step": 2, **rank(1)}]])
