@@ -26,6 +26,7 @@ from moe_trainer.config.command_line import check_command_line
 from moe_trainer.config.errors import CollectiveError, ConfigError
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
+from moe_trainer.data.shards import refuse_corrupted_cache
 from moe_trainer.driver import TrainingDiverged, run_training
 from moe_trainer.engine import Engine, EngineLost, LocalEngine
 from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
@@ -100,6 +101,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     validate(cfg)
     resume = plan_resume(cfg.train.resume, cfg.train.max_steps, run_dir)
     tokenizer = resolve_tokenizer(cfg, resume.checkpoint if resume is not None else None)
+    refuse_corrupted_cache(cfg.data, tokenizer)  # the shards every actor will map (verified once per process)
     installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
     cfg = installed.cfg
     try:

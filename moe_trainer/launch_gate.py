@@ -21,6 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
+from moe_trainer.data.shards import refuse_corrupted_cache
+from moe_trainer.data.tokenizer import BPE, build_tokenizer
 from moe_trainer.train.resume import (
     NothingToDo,
     may_have_nothing_to_do,
@@ -59,7 +61,8 @@ def _task_config(config: DictConfig) -> DictConfig:
 def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> None:
     """Raises :class:`ConfigError` for any wrong setting of a single run (so a refused start never
     rewrites an existing run directory's ``.hydra/`` files), for ``resume=auto`` in a timestamped
-    run directory and for a tokenizer the checkpoint to resume was not trained with, and
+    run directory, for a tokenizer the checkpoint to resume was not trained with and for damaged
+    token shards of the run's corpus, and
     :class:`NothingToDo` when the checkpoint to resume is done. Damaged checkpoints that ``auto``
     skips are reported once, by ``train``, not here.
 
@@ -68,6 +71,8 @@ def check_start(config: DictConfig, run_dir_key: str, job_dir_known: bool) -> No
     task = to_dataclass(_task_config(config)) if job_dir_known else None
     if task is not None:  # a single run: every setting checked before Hydra writes into its directory
         validate(task)
+        if task.data.tokenizer != BPE:  # a BPE is resolved (maybe trained) by the run itself
+            refuse_corrupted_cache(task.data, build_tokenizer(task.data.tokenizer))
     resume = OmegaConf.select(config, "train.resume")
     if resume is None:
         return

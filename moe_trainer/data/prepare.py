@@ -9,6 +9,7 @@ from the same Hydra configs, so the cache key is the one training will look up.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,7 +39,7 @@ def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
     from moe_trainer.config.schema import DEFAULT_TOKEN_CACHE
     from moe_trainer.data.bpe import bpe_vocab_size, stored_bpe
-    from moe_trainer.data.shards import build_token_cache, refuse_shard_directory
+    from moe_trainer.data.shards import build_token_cache, refuse_corrupted_cache, refuse_shard_directory
     from moe_trainer.data.sources import CorpusSource, corpus_source
     from moe_trainer.data.tokenizer import BPE, build_tokenizer, describe
 
@@ -56,6 +57,7 @@ def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
         source = CorpusSource(source.identity, lambda: corpus)  # loaded once for both
     else:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
+    refuse_corrupted_cache(dataclasses.replace(cfg.data, token_cache=str(root)), tokenizer)  # never "already there"
     directory, index, written = build_token_cache(source, tokenizer, root, cfg.data.tokenize_procs)
     counts = ", ".join(f"{split} {n:,}" for split, n in index.tokens.items())
     lines += [f"{'wrote' if written else 'already there, nothing to do:'} {directory}",

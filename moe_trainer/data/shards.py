@@ -44,8 +44,17 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 
+from moe_trainer.checksums import file_sha256
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.data.sources import LONG_PREPARATION_BYTES, TEXT_COLUMN, CorpusSource, loaded_identity, progress_bars
+from moe_trainer.config.schema import DataConfig
+from moe_trainer.data.sources import (
+    LONG_PREPARATION_BYTES,
+    TEXT_COLUMN,
+    CorpusSource,
+    loaded_identity,
+    progress_bars,
+    source_identity,
+)
 from moe_trainer.data.tokenizer import Tokenizer, describe
 from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
 
@@ -68,6 +77,7 @@ class ShardIndex:
     vocab_size: int
     source: str  # the corpus's identity (CorpusSource.identity, or its datasets fingerprints)
     tokenizer_sha256: str | None = None  # sha256 of the tokenizer.json (saved beside); None: byte tokenizer
+    sha256: dict[str, str] | None = None  # split -> sha256 of its .bin file, checked before a run starts
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -138,6 +148,45 @@ def read_index(directory: Path, key: str) -> ShardIndex | None:
     return index
 
 
+def cache_problems(directory: Path, index: ShardIndex) -> list[str]:
+    """What is wrong with a complete cache's files: each split whose bytes do not match the index's sha256.
+
+    :func:`read_index` sees a truncated or missing file (and the cache is rebuilt); a file of the
+    right size with other bytes (a disk error, a copy gone wrong, an edit) only shows here.
+    """
+    return [f"{split}.bin does not match its checksum (corrupted or altered)"
+            for split, want in (index.sha256 or {}).items() if file_sha256(directory / f"{split}.bin") != want]
+
+
+_VERIFIED: set[tuple[object, ...]] = set()  # caches this process checked: (directory, (size, mtime) per file)
+
+
+def refuse_corrupted_cache(data_cfg: DataConfig, tokenizer: Tokenizer) -> Path | None:
+    """Before any actor starts: checks the cache this run will map, if it exists; returns its directory.
+
+    Raises :class:`ConfigError` naming ``data.token_cache`` when its files do not match their
+    checksums, with the fix (delete it: the next start rebuilds it). A Hub corpus is named only
+    after loading, so its cache is checked by the actors' lookup alone (sizes).
+    """
+    identity = source_identity(data_cfg) if data_cfg.token_cache else None
+    if identity is None:
+        return None
+    directory = Path(data_cfg.token_cache).expanduser() / cache_key(identity, tokenizer)
+    index = read_index(directory, directory.name)
+    if index is None:
+        return None  # not built yet (or incomplete): the first actor builds it
+    stamp = (str(directory), *((f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(directory.glob("*.bin"))))
+    if stamp in _VERIFIED:  # the launch gate and the run are one process: hash once
+        return directory
+    problems = cache_problems(directory, index)
+    if problems:
+        raise ConfigError("data.token_cache", str(data_cfg.token_cache),
+                          f"token shards {directory} are damaged: {'; '.join(problems)}; delete that directory "
+                          "(the next start tokenises the corpus again) or run moe-prepare-data")
+    _VERIFIED.add(stamp)
+    return directory
+
+
 class _Encode:
     """Batched ``Dataset.map`` function: each document's ids followed by the EOD id, in `dtype`.
 
@@ -153,8 +202,8 @@ class _Encode:
 
 
 def _write_split(ds: Dataset, tokenizer: Tokenizer, dtype: np.dtype, out: Path, work: Path,
-                 num_proc: int, key: str) -> int:
-    """Tokenises `ds` into the flat file `out` and returns its token count.
+                 num_proc: int, key: str) -> tuple[int, str]:
+    """Tokenises `ds` into the flat file `out`; returns its token count and the file's sha256.
 
     The ``map`` result goes to Arrow files in `work` (inside the temporary directory, removed
     before the rename), never into the HF cache and never whole into memory.
@@ -172,13 +221,16 @@ def _write_split(ds: Dataset, tokenizer: Tokenizer, dtype: np.dtype, out: Path, 
     files = [c["filename"] for c in tokens.cache_files]
     del tokens  # its memory map of the ids: read below batch by batch instead
     count = 0
+    digest = hashlib.sha256()
     with open(out, "wb") as f:
         for flat in _id_batches(files):
-            flat.astype(dtype, copy=False).tofile(f)
-            count += flat.size
+            stored = np.ascontiguousarray(flat.astype(dtype, copy=False))
+            stored.tofile(f)
+            digest.update(memoryview(stored).cast("B"))
+            count += stored.size
         f.flush()
         os.fsync(f.fileno())
-    return count
+    return count, digest.hexdigest()
 
 
 def _id_batches(files: list[str]) -> Iterator[np.ndarray]:
@@ -288,13 +340,14 @@ def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, 
         try:
             dtype = token_dtype(tokenizer.vocab_size)
             procs = num_proc or default_num_proc()
-            counts = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
-                      for s in SPLITS}
+            written = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
+                       for s in SPLITS}
+            counts, digests = {s: n for s, (n, _) in written.items()}, {s: h for s, (_, h) in written.items()}
             shutil.rmtree(work)
             if isinstance(tokenizer, FileTokenizer):  # the shards' ids mean nothing without it
                 tokenizer.save(tmp / TOKENIZER_FILE)
             index = ShardIndex(FORMAT_VERSION, key, dtype.str, counts, tokenizer.name, tokenizer.vocab_size,
-                               identity, tokenizer.digest)
+                               identity, tokenizer.digest, digests)
             (tmp / INDEX_NAME).write_text(json.dumps(asdict(index), indent=1, sort_keys=True))
             _publish(tmp, final, key)
         finally:

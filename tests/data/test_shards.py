@@ -15,7 +15,8 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from moe_trainer.config.schema import DataConfig
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import DataConfig, to_dataclass
 from moe_trainer.data import BatchSource, ByteTokenizer, build_batch_source, load_corpus, sources, tokenize_split
 from moe_trainer.data.prepare import main as prepare_main
 from moe_trainer.data.shards import (
@@ -27,9 +28,11 @@ from moe_trainer.data.shards import (
     cache_key,
     map_stream,
     read_index,
+    refuse_corrupted_cache,
     token_dtype,
 )
 from moe_trainer.data.sources import loaded_identity, source_identity
+from tests.conftest import compose_dict
 
 REPO = Path(__file__).resolve().parents[2]
 SEQ_LEN, BATCH = 32, 8
@@ -256,3 +259,35 @@ def test_a_changed_file_or_split_setting_names_another_corpus(tmp_path: Path) ->
     os.utime(text, ns=(text.stat().st_atime_ns, text.stat().st_mtime_ns + 1_000_000))
     assert source_identity(cfg) != before
     assert source_identity(DataConfig(hub_name="some/dataset")) is None  # known only after loading
+
+
+def _flip_a_byte(path: Path) -> None:
+    """Same size, other bytes: what read_index's size check cannot see."""
+    with open(path, "r+b") as f:
+        f.seek(path.stat().st_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_a_corrupted_shard_is_refused_before_anything_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    overrides = ["experiment=debug", f"data.token_cache={tmp_path / 'tokens'}"]
+    data_cfg = to_dataclass(compose_dict(overrides)).data
+    build_batch_source(data_cfg, batch_size=BATCH, seed=0)
+    directory = refuse_corrupted_cache(data_cfg, ByteTokenizer())  # intact: passes, names the directory
+    assert directory is not None and directory.parent == tmp_path / "tokens"
+    _flip_a_byte(directory / "train.bin")
+    with pytest.raises(ConfigError, match=r"train.bin does not match its checksum") as err:
+        refuse_corrupted_cache(data_cfg, ByteTokenizer())
+    assert err.value.setting == "data.token_cache" and "delete that directory" in str(err.value)
+    with pytest.raises(SystemExit) as exit_info:  # moe-prepare-data never calls it "already there"
+        prepare_main(["--cache", str(tmp_path / "tokens"), *overrides[:1]])
+    assert exit_info.value.code == 2 and "does not match its checksum" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([str(Path(sys.executable).parent / "moe-train"), *overrides, "logger.mode=disabled",
+                           f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("moe-train: invalid setting: data.token_cache=") and proc.stderr.count("\n") == 1
+    assert not run_dir.exists()  # refused by the launch gate, before Hydra wrote anything
