@@ -42,8 +42,8 @@ def tokenize_split(ds: Dataset, tokenizer: Tokenizer, batch_size: int = 1024) ->
     pieces: list[np.ndarray] = []
     eod = np.array([tokenizer.eod_id], dtype=np.int64)
     for batch in ds.select_columns([TEXT_COLUMN]).iter(batch_size=batch_size):
-        for text in batch[TEXT_COLUMN]:
-            pieces.append(tokenizer.encode(text))
+        for ids in tokenizer.encode_batch(batch[TEXT_COLUMN]):
+            pieces.append(ids)
             pieces.append(eod)
     if not pieces:
         return torch.empty(0, dtype=torch.int64)

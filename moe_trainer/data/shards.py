@@ -198,7 +198,7 @@ class _Encode:
 
     def __call__(self, texts: list[str]) -> dict[str, list[np.ndarray]]:
         eod = self.tokenizer.eod_id
-        return {IDS_COLUMN: [np.append(self.tokenizer.encode(t), eod).astype(self.dtype) for t in texts]}
+        return {IDS_COLUMN: [np.append(ids, eod).astype(self.dtype) for ids in self.tokenizer.encode_batch(texts)]}
 
 
 def _write_split(ds: Dataset, tokenizer: Tokenizer, dtype: np.dtype, out: Path, work: Path,

@@ -45,6 +45,10 @@ class Tokenizer(Protocol):
         """Returns the ids of `text` as a 1-D int64 array of shape [n_tokens] (no EOD appended)."""
         ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text (a tokenizer with a parallel batch encoder uses it here)."""
+        ...
+
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Returns the text of `ids`, skipping special ids."""
         ...
@@ -85,6 +89,10 @@ class ByteTokenizer:
         """Returns the UTF-8 bytes of `text` as int64 ids, shape [n_bytes]."""
         raw = text.encode("utf-8", errors="replace")
         return np.frombuffer(raw, dtype=np.uint8).astype(np.int64)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text."""
+        return [self.encode(t) for t in texts]
 
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Returns the text of 1-D `ids`, dropping EOD ids; ids outside [0, 256] are an error."""

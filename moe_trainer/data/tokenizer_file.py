@@ -80,6 +80,14 @@ class FileTokenizer:
                                    add_special_tokens=False).ids
         return np.asarray(ids, dtype=np.int64)
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """``encode`` of each text, through ``tokenizers``' batch encoder (Rust threads, one call per batch)."""
+        try:
+            encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # a text with lone surrogates: encode one by one, replacing them
+            return [self.encode(t) for t in texts]
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
     def decode(self, ids: Sequence[int] | np.ndarray | torch.Tensor) -> str:
         """Returns the text of 1-D `ids`, skipping special tokens; ids outside the vocabulary are an error."""
         return self._tok.decode(ids_array(ids, self.vocab_size, self.name).tolist(), skip_special_tokens=True)
