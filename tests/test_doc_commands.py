@@ -31,7 +31,7 @@ from tests.conftest import compose_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/user-guide.md")
-PROGRAMS = ("moe-train", "moe-report", "moe-submit")
+PROGRAMS = ("moe-train", "moe-report", "moe-submit", "moe-plan")
 VENV_BIN = ".venv/bin/"
 _CONTROL = {"&&", "||", ";", "|", "&"}
 _REDIRECTS = {">", ">>", "<", "2>", "&>"}
@@ -150,8 +150,8 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
 
 def check(cmd: DocCommand) -> None:
     """Checks ``cmd`` as its program would parse it, without running anything."""
-    if cmd.name == "moe-train":
-        check_moe_train(cmd.args)
+    if cmd.name in ("moe-train", "moe-plan"):  # moe-plan takes moe-train's overrides; --plan is moe-train's flag
+        check_moe_train([a for a in cmd.args if a != "--plan"])
     elif cmd.name == "moe-report":
         report_parser().parse_args(list(cmd.args))
     elif cmd.args and cmd.args[0] in COMMANDS:  # moe-submit status|stop|logs JOB_ID

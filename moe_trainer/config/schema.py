@@ -85,6 +85,9 @@ class ParallelConfig:
     a2a_chunks: int = 1  # expert_parallel: chunks of local experts whose all-to-alls overlap expert compute; 1 = off
     placement: str = "pack"  # pack | spread: how the placement group lays actors over nodes
     timeout_s: float = 300.0  # every collective (and the rendezvous) fails after this long
+    # GiB each rank may use (host memory on the CPU, device memory on a GPU): validation refuses a config whose
+    # memory plan exceeds it; null = the GPU's memory, or on the CPU this machine's memory / processes started on it
+    memory_per_actor_gb: float | None = None
 
 
 @dataclass
