@@ -155,13 +155,20 @@ def cpu_bf16_kernels(cfg: Config, shape: RankShape, rows_per_token: float) -> in
     return min(ONEDNN_CACHE_CAPACITY, linear + 6 * buckets)
 
 
-def _rank_plans(cfg: Config, shape: RankShape, base: Baseline, on_gpu: bool, data_tokens: int,
-                mapped: int) -> list[RankPlan]:
-    vocab = planned_vocab_size(cfg)
-    w = Widths.of(cfg, vocab, on_gpu)
-    rows = _rows_per_token(cfg, w)
+@dataclass(frozen=True)
+class _Step:
+    """The bytes of one step that every rank of a shape shares."""
+
+    kept: dict[str, int]  # per train.recompute mode
+    workspace: int
+    comm: int
+    grad_sync: int
+
+
+def _step(cfg: Config, shape: RankShape, w: Widths, rows: float) -> _Step:
+    """Activations per mode, the backward's workspace, rows in flight and the all-reduce buffer of ``shape``."""
     experts_here = shape.role != "coordinator"
-    kept, workspace, comm = {}, 0, 0
+    kept = {}
     for mode in RECOMPUTE_MODES:
         mode_cfg = _with_recompute(cfg, mode)
         if shape.role == "expert actor":
@@ -169,38 +176,52 @@ def _rank_plans(cfg: Config, shape: RankShape, base: Baseline, on_gpu: bool, dat
         else:
             kept[mode] = trainer_kept(mode_cfg, w, shape.local_experts, shape.micro_batches, rows,
                                       experts_here).bytes(shape.tokens)
-    if shape.role == "expert actor":
-        workspace = int(w.b * (4 * w.expert_hidden + 2 * w.d) * shape.tokens / max(1, shape.micro_batches))
-        comm = int(w.b * w.d * shape.tokens)  # one layer's outputs on their way back
+    comm = 0
+    if shape.role == "expert actor":  # one message's expert backward; one layer's outputs on their way back
+        workspace = int(w.b * (4 * w.expert_hidden + 2 * w.d) * shape.tokens / shape.micro_batches)
+        comm = int(w.b * w.d * shape.tokens)
     else:
         workspace = backward_workspace(cfg, w, shape.tokens, rows, experts_here)
         if shape.ep_size > 1 or shape.role == "coordinator":
             comm = int(w.b * w.k * w.d * shape.tokens)  # one layer's dispatched rows on their way
     dense_grad = FP32 * shape.dense_numel if shape.dp_ranks > 1 else 0
     expert_grad = FP32 * shape.expert_numel if shape.replicas > 1 else 0
-    grad_sync = max(dense_grad, expert_grad)  # one flat buffer at a time
+    return _Step(kept, workspace, comm, max(dense_grad, expert_grad))  # one flat buffer at a time
+
+
+def _host_fixed(cfg: Config, shape: RankShape, base: Baseline, rows: float) -> tuple[int, int]:
+    """``(baseline, bf16 kernels)`` of a host process of ``shape``: the driver (single) or a Ray actor."""
+    if shape.role == "single":
+        baseline = base.rank + base.driver + (base.logger if cfg.logger.mode != "disabled" else 0)
+    else:
+        baseline = base.rank + RAY_WORKER_BYTES
+    kernels = int(base.bf16_kernel * cpu_bf16_kernels(cfg, shape, rows)) if cfg.train.precision == "bf16" else 0
+    return baseline, kernels
+
+
+def _rank_plans(cfg: Config, shape: RankShape, base: Baseline, on_gpu: bool, data_tokens: int,
+                mapped: int) -> list[RankPlan]:
+    """One plan per rank of ``shape`` (they differ only in a sharded optimizer's share), merged where equal."""
+    w = Widths.of(cfg, planned_vocab_size(cfg), on_gpu)
+    rows = _rows_per_token(cfg, w)
+    step = _step(cfg, shape, w, rows)
     host = not on_gpu
-    kind = "main" if shape.role == "single" else "actor"
-    baseline = 0
-    if host:
-        baseline = base.rank + (RAY_WORKER_BYTES if kind == "actor" else base.driver)
-        if kind == "main" and cfg.logger.mode != "disabled":
-            baseline += base.logger
-    kernels = 0
-    if host and cfg.train.precision == "bf16":
-        kernels = int(base.bf16_kernel * cpu_bf16_kernels(cfg, shape, rows))
-    plans = []
+    baseline, kernels = _host_fixed(cfg, shape, base, rows) if host else (0, 0)
+    loads_data = host and shape.role != "expert actor"  # expert actors get rows, not token streams
+    heap_fraction = HEAP_OVERHEAD["main" if shape.role == "single" else "actor"] if host else 0.0
+    transient = step.kept[cfg.train.recompute] + step.workspace + step.comm
     numel = shape.dense_numel + shape.expert_numel
-    transient = kept[cfg.train.recompute] + workspace + comm
+    plans = []
     for position, (rank, experts) in enumerate(zip(shape.ranks, shape.experts, strict=True)):
+        moments = optimizer_numel(cfg, shape.params, position % shape.dp_ranks, shape.dp_ranks,
+                                  position // shape.ep_size, shape.replicas)
         plans.append(RankPlan(
-            role=shape.role, ranks=(rank,), experts=(experts,),
-            params=FP32 * numel + shape.buffer_bytes, grads=FP32 * numel,
-            optimizer=ADAM_MOMENTS * FP32 * optimizer_numel(cfg, shape.params, position, shape.dp_ranks,
-                                                              shape.replicas),
-            activations=kept, recompute=cfg.train.recompute, workspace=workspace, comm=comm, grad_sync=grad_sync,
-            data=int(base.data_per_token * data_tokens) if host else 0, data_mapped=mapped if host else 0,
-            baseline=baseline, kernels=kernels, heap=int(HEAP_OVERHEAD[kind] * transient) if host else 0, on_gpu=on_gpu,
+            role=shape.role, ranks=(rank,), experts=(experts,), params=FP32 * numel + shape.buffer_bytes,
+            grads=FP32 * numel, optimizer=ADAM_MOMENTS * FP32 * moments, activations=step.kept,
+            recompute=cfg.train.recompute, workspace=step.workspace, comm=step.comm, grad_sync=step.grad_sync,
+            data=int(base.data_per_token * data_tokens) if loads_data else 0,
+            data_mapped=mapped if loads_data else 0, baseline=baseline, kernels=kernels,
+            heap=int(heap_fraction * transient), on_gpu=on_gpu,
         ))
     return _merge_equal(plans)
 

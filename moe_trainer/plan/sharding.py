@@ -26,17 +26,18 @@ def greedy_owners(sizes: list[int], owners: int) -> list[int]:
     return held
 
 
-def optimizer_numel(cfg: Config, params: tuple[ParamTensor, ...], position: int, dp_ranks: int,
+def optimizer_numel(cfg: Config, params: tuple[ParamTensor, ...], dp_index: int, dp_ranks: int, edp_index: int,
                     replicas: int) -> int:
-    """Elements whose AdamW moments the rank at ``position`` holds (its index in the data-parallel ranks).
+    """Elements whose AdamW moments one rank holds.
 
-    ``position`` picks this rank's share: the ``position % n``-th fullest share is not known
-    before the greedy pass, so the rank gets the share of index ``position % n`` in it.
+    ``dp_index``: the rank's place among the ``dp_ranks`` data-parallel ranks that share the dense
+    parameters; ``edp_index``: its place in its expert-data-parallel group of ``replicas`` ranks.
+    Shares are handed out as :func:`greedy_owners` does, in rank order (ties to the lower rank).
     """
     dense = [p.numel for p in params if not p.expert]
     expert = [p.numel for p in params if p.expert]
     if not shards_optimizer(cfg):
         return sum(dense) + sum(expert)
-    dense_share = greedy_owners(dense, dp_ranks)[position % dp_ranks] if dense else 0
-    expert_share = greedy_owners(expert, replicas)[position % replicas] if expert else 0
+    dense_share = greedy_owners(dense, dp_ranks)[dp_index] if dense else 0
+    expert_share = greedy_owners(expert, replicas)[edp_index] if expert else 0
     return dense_share + expert_share

@@ -93,3 +93,15 @@ def test_recompute_lowers_the_activations_and_the_configured_mode_is_counted(
     assert none.activations == block.activations  # every mode is reported, whichever runs
     assert none.activations["block"] < none.activations["attention"] < none.activations["none"]
     assert block.total < none.total
+
+
+def test_a_sharded_optimizer_holds_each_moment_once_per_expert_parallel_group(
+        make_config: Callable[..., Config]) -> None:
+    """4 actors, ep_size 2: dense moments over all 4 ranks, each expert's over its 2 replicas."""
+    cfg = make_config(*LAYOUTS["expert_parallel ep=2 of 4"])
+    cfg.parallel.shard_optimizer = True  # type: ignore[attr-defined]
+    ranks = [r for plan in planned(cfg).ranks for r in [plan] * len(plan.ranks)]
+    model = build_model(cfg, 257)  # the whole model: every expert once
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    assert sum(r.optimizer for r in ranks) == 8 * (dense + experts)
