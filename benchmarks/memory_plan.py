@@ -4,7 +4,7 @@
                                      [--layouts single expert_parallel_x2] [--extra train.precision=bf16 ...]
 
 For every model size and layout: the plan (:func:`moe_trainer.plan.build_plan`, what
-``moe-train ... --plan`` prints) of the largest rank, and every process's peak RSS (``VmHWM``)
+``moe-train ... --plan`` prints) of every rank, and every process's peak RSS (``VmHWM``)
 after ``--steps`` training steps: ``single`` in a spawned process, the Ray layouts as actor
 groups on a local cluster (both through ``benchmarks.memory``). The target: the plan within
 15 % of every measured process. Each ``--extra`` is a set of overrides measured as further cases
@@ -34,6 +34,8 @@ LAYOUTS = {
     "single": ["parallel=single"],
     "data_parallel_x2": ["parallel=data_parallel", "parallel.num_actors=2", "parallel.cpus_per_actor=1"],
     "expert_parallel_x2": ["parallel=expert_parallel", "parallel.num_actors=2", "parallel.cpus_per_actor=1"],
+    "disaggregated_1c2e": ["parallel=disaggregated", "parallel.num_coordinators=1", "parallel.num_expert_actors=2",
+                           "parallel.cpus_per_actor=1"],
 }
 COMMON = ["logger.mode=disabled", "logger.progress=false", "train.checkpoint_every=0"]
 TARGET = 0.15
@@ -52,15 +54,17 @@ def case(size: str, layout: str, extra: list[str], steps: int) -> dict[str, Any]
     cfg, _ = config(overrides)
     plan = build_plan(cfg)
     peaks = measure(overrides, layout, steps)
-    planned = plan.largest().total / 2**20
-    errors = [(planned - p) / p for p in peaks]
+    per_rank = {rank: r for r in plan.ranks for rank in r.ranks}  # processes come back in rank order
+    planned = [per_rank[rank].total / 2**20 for rank in range(len(peaks))]
+    errors = [(p - m) / m for p, m in zip(planned, peaks, strict=True)]
     largest = plan.largest()
     return {"size": size, "layout": layout, "extra": " ".join(extra) or "-",
-            "params_m": (largest.params // 4) / 1e6, "plan_mib": planned,
+            "params_m": (largest.params // 4) / 1e6, "plan_mib": " / ".join(f"{p:,.0f}" for p in planned),
+            "plan_per_process": planned,
             "measured_mib": " / ".join(f"{p:,.0f}" for p in peaks), "measured_per_process": peaks,
             "error_pct": " / ".join(f"{100 * e:+.1f}" for e in errors), "worst_error": max(map(abs, errors)),
             "within_target": all(abs(e) <= TARGET for e in errors),
-            "plan_parts_mib": {k: v / 2**20 for k, v in {
+            "largest_rank_parts_mib": {k: v / 2**20 for k, v in {
                 "params": largest.params, "grads": largest.grads, "optimizer": largest.optimizer,
                 "activations": largest.activations[largest.recompute], "workspace": largest.workspace,
                 "comm": largest.comm + largest.grad_sync, "data": largest.data, "baseline": largest.baseline,
