@@ -23,6 +23,7 @@ from benchmarks.common import config, loadavg, print_table, write_json
 from benchmarks.memory import RayRun, SingleRun
 from moe_trainer.plan import build_plan
 from moe_trainer.plan.baseline import process_baseline
+from moe_trainer.plan.memory_plan import RAY_WORKER_BYTES
 
 SIZES = {
     "default": [],
@@ -39,6 +40,27 @@ LAYOUTS = {
 }
 COMMON = ["logger.mode=disabled", "logger.progress=false", "train.checkpoint_every=0"]
 TARGET = 0.15
+
+
+def _idle_rank_rss() -> int:
+    """Resident bytes of a Ray worker once it imported what a rank imports (the plan's baseline measures a plain
+    interpreter; the difference is ``RAY_WORKER_BYTES``)."""
+    import torch
+
+    import moe_trainer.engine  # noqa: F401
+    import moe_trainer.parallel.setup  # noqa: F401
+    from moe_trainer.host_memory import retain_freed_memory
+
+    retain_freed_memory()
+    torch.ones(256, 256) @ torch.ones(256, 256)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+def ray_worker_overhead(rank_baseline: int) -> float:
+    """MiB a fresh Ray actor holds beyond the plan's measured rank baseline."""
+    worker = ray.remote(num_cpus=0)(_idle_rank_rss)
+    return (ray.get(worker.remote()) - rank_baseline) / 2**20
 
 
 def measure(overrides: list[str], layout: str, steps: int) -> list[float]:
@@ -81,13 +103,18 @@ def main() -> None:
     args = parser.parse_args()
     load_before = loadavg()
     baseline = process_baseline()  # measured (or cached) before the runs load the machine
-    if any(layout != "single" for layout in args.layouts):
+    ray_layouts = any(layout != "single" for layout in args.layouts)
+    worker_mib = 0.0
+    if ray_layouts:
         ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False,
                  num_cpus=4)
     rows = []
     with contextlib.ExitStack() as stack:
         if ray.is_initialized():
             stack.callback(ray.shutdown)
+            worker_mib = ray_worker_overhead(baseline.rank)
+            print(f"a Ray worker over a plain interpreter: {worker_mib:+.1f} MiB (the plan counts "
+                  f"{RAY_WORKER_BYTES / 2**20:.0f})")
         for extra in [[], *(e.split() for e in args.extra)]:
             for size in args.sizes:
                 for layout in args.layouts:
@@ -97,7 +124,8 @@ def main() -> None:
                        "within_target"])
     worst = max(r["worst_error"] for r in rows)
     print(f"worst |plan - measured| / measured: {100 * worst:.1f} % (target {100 * TARGET:.0f} %)")
-    print(write_json(args.out, {"args": vars(args), "baseline": baseline.__dict__, "loadavg_before": load_before,
+    print(write_json(args.out, {"args": vars(args), "baseline": baseline.__dict__,
+                                "ray_worker_mib": worker_mib if ray_layouts else None, "loadavg_before": load_before,
                                 "loadavg_after": loadavg(), "rows": rows}))
 
 
