@@ -8,13 +8,17 @@ For every model size and layout: the plan (:func:`moe_trainer.plan.build_plan`, 
 after ``--steps`` training steps: ``single`` in a spawned process, the Ray layouts as actor
 groups on a local cluster (both through ``benchmarks.memory``). The target: the plan within
 15 % of every measured process. Each ``--extra`` is a set of overrides measured as further cases
-(``--extra "train.recompute=block" "train.precision=bf16"``).
+(``--extra "train.recompute=block" "train.precision=bf16"``). ``--replan JSON`` re-plans the cases
+of an earlier result against its measured peaks, without running them (the peaks do not depend
+on the plan).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -71,16 +75,15 @@ def measure(overrides: list[str], layout: str, steps: int) -> list[float]:
     return run.finish()
 
 
-def case(size: str, layout: str, extra: list[str], steps: int) -> dict[str, Any]:
-    overrides = [*COMMON, *LAYOUTS[layout], *SIZES[size], *extra, f"train.max_steps={steps}"]
-    cfg, _ = config(overrides)
+def row(size: str, layout: str, extra: list[str], steps: int, peaks: list[float]) -> dict[str, Any]:
+    """The plan of every rank of one case against its processes' measured peaks (MiB, in rank order)."""
+    cfg, _ = config(overrides(size, layout, extra, steps))
     plan = build_plan(cfg)
-    peaks = measure(overrides, layout, steps)
-    per_rank = {rank: r for r in plan.ranks for rank in r.ranks}  # processes come back in rank order
+    per_rank = {rank: r for r in plan.ranks for rank in r.ranks}
     planned = [per_rank[rank].total / 2**20 for rank in range(len(peaks))]
     errors = [(p - m) / m for p, m in zip(planned, peaks, strict=True)]
     largest = plan.largest()
-    return {"size": size, "layout": layout, "extra": " ".join(extra) or "-",
+    return {"size": size, "layout": layout, "extra": " ".join(extra) or "-", "steps": steps,
             "params_m": (largest.params // 4) / 1e6, "plan_mib": " / ".join(f"{p:,.0f}" for p in planned),
             "plan_per_process": planned,
             "measured_mib": " / ".join(f"{p:,.0f}" for p in peaks), "measured_per_process": peaks,
@@ -93,6 +96,17 @@ def case(size: str, layout: str, extra: list[str], steps: int) -> dict[str, Any]
                 "kernels": largest.kernels, "heap": largest.heap}.items()}}
 
 
+def overrides(size: str, layout: str, extra: list[str], steps: int) -> list[str]:
+    return [*COMMON, *LAYOUTS[layout], *SIZES[size], *extra, f"train.max_steps={steps}"]
+
+
+def replan(path: str) -> list[dict[str, Any]]:
+    """The rows of an earlier result with the current plan (the measured peaks do not depend on it)."""
+    earlier = json.loads(Path(path).read_text())
+    return [row(r["size"], r["layout"], [] if r["extra"] == "-" else r["extra"].split(),
+                r.get("steps", earlier["args"]["steps"]), r["measured_per_process"]) for r in earlier["rows"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=10)
@@ -100,9 +114,15 @@ def main() -> None:
     parser.add_argument("--layouts", nargs="+", default=["single", "expert_parallel_x2"], choices=LAYOUTS)
     parser.add_argument("--extra", nargs="*", default=[], help="override sets measured as further cases")
     parser.add_argument("--out", default="memory_plan", help="name of the JSON result in benchmarks/results/")
+    parser.add_argument("--replan", metavar="JSON", help="no runs: the plan of an earlier result's cases, against "
+                        "its measured peaks (after a change to the plan)")
     args = parser.parse_args()
     load_before = loadavg()
     baseline = process_baseline()  # measured (or cached) before the runs load the machine
+    if args.replan:
+        report(replan(args.replan), {"args": vars(args), "baseline": baseline.__dict__, "replanned": args.replan,
+                                     "measured": json.loads(Path(args.replan).read_text())["args"]}, args.out)
+        return
     ray_layouts = any(layout != "single" for layout in args.layouts)
     worker_mib = 0.0
     if ray_layouts:
@@ -118,15 +138,20 @@ def main() -> None:
         for extra in [[], *(e.split() for e in args.extra)]:
             for size in args.sizes:
                 for layout in args.layouts:
-                    rows.append(case(size, layout, extra, args.steps))
+                    peaks = measure(overrides(size, layout, extra, args.steps), layout, args.steps)
+                    rows.append(row(size, layout, extra, args.steps, peaks))
                     print_table(rows[-1:], ["size", "layout", "extra", "plan_mib", "measured_mib", "error_pct"])
+    report(rows, {"args": vars(args), "baseline": baseline.__dict__,
+                  "ray_worker_mib": worker_mib if ray_layouts else None, "loadavg_before": load_before,
+                  "loadavg_after": loadavg()}, args.out)
+
+
+def report(rows: list[dict[str, Any]], meta: dict[str, Any], out: str) -> None:
     print_table(rows, ["size", "layout", "extra", "params_m", "plan_mib", "measured_mib", "error_pct",
                        "within_target"])
     worst = max(r["worst_error"] for r in rows)
     print(f"worst |plan - measured| / measured: {100 * worst:.1f} % (target {100 * TARGET:.0f} %)")
-    print(write_json(args.out, {"args": vars(args), "baseline": baseline.__dict__,
-                                "ray_worker_mib": worker_mib if ray_layouts else None, "loadavg_before": load_before,
-                                "loadavg_after": loadavg(), "rows": rows}))
+    print(write_json(out, {**meta, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -165,14 +165,15 @@ def trainer_kept(cfg: Config, w: Widths, local_experts: int, micro_batches: int,
 
 
 def expert_actor_kept(cfg: Config, w: Widths, local_experts: int, messages: int) -> Kept:
-    """A disaggregated expert actor: per row it received, its experts' kept tensors (see :func:`_expert_rows`).
+    """A disaggregated expert actor: per row it received, its experts' kept tensors (see :func:`_expert_rows`),
+    held with the rows and outputs of every served dispatch until that dispatch's backward.
 
     Here a "token" is a received row; ``messages``: forward messages per step (coordinators x
     micro-batches), each of which casts the weights once under bf16.
     """
     recompute = cfg.train.recompute == "block"
     layers = sum(is_moe_block(i, cfg.moe) for i in range(cfg.model.n_layers))
-    per_row = (_expert_rows(w, 1.0, recompute) - w.b * w.d) * layers  # the outputs are sent back, not kept
+    per_row = _expert_rows(w, 1.0, recompute) * layers  # outputs too: each served dispatch keeps them for backward
     return Kept(per_row, expert_weight_casts(w, local_experts, recompute) * messages * layers)
 
 
