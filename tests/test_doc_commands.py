@@ -136,8 +136,10 @@ def stand_ins(paths: list[str], root: Path) -> list[str]:
 def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
     """What moe-train checks before it starts: the command line as a whole (unknown keys, syntax,
     each swept value), then every job it would run composed and validated, the docs' data
-    paths replaced by stand-in files of the same kinds."""
-    check_command_line(list(args), CONF_DIR)
+    paths replaced by stand-in files of the same kinds. ``--plan`` is moe-train's own flag, taken
+    off before Hydra sees the rest (as ``moe_trainer.cli.main`` does)."""
+    args = [a for a in args if a != "--plan"]
+    check_command_line(args, CONF_DIR)
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
         if cfg.data.paths:
@@ -150,8 +152,8 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
 
 def check(cmd: DocCommand) -> None:
     """Checks ``cmd`` as its program would parse it, without running anything."""
-    if cmd.name in ("moe-train", "moe-plan"):  # moe-plan takes moe-train's overrides; --plan is moe-train's flag
-        check_moe_train([a for a in cmd.args if a != "--plan"])
+    if cmd.name in ("moe-train", "moe-plan"):  # moe-plan takes moe-train's overrides
+        check_moe_train(cmd.args)
     elif cmd.name == "moe-report":
         report_parser().parse_args(list(cmd.args))
     elif cmd.args and cmd.args[0] in COMMANDS:  # moe-submit status|stop|logs JOB_ID
