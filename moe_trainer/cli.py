@@ -200,7 +200,14 @@ def _main(dcfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """Console-script entry point: the command line is checked (one line, exit 2) before Hydra runs it."""
+    """Console-script entry point: the command line is checked (one line, exit 2) before Hydra runs it.
+
+    ``--plan`` prints the memory plan of the composed config instead of training (:mod:`moe_trainer.plan.cli`).
+    """
+    from moe_trainer.plan.cli import PLAN_FLAG, plan_command
+
+    if PLAN_FLAG in sys.argv[1:]:
+        sys.exit(plan_command([a for a in sys.argv[1:] if a != PLAN_FLAG]))
     try:
         check_command_line(sys.argv[1:], CONF_DIR)
     except ConfigError as err:

@@ -31,7 +31,7 @@ from tests.conftest import compose_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/user-guide.md")
-PROGRAMS = ("moe-train", "moe-report", "moe-submit")
+PROGRAMS = ("moe-train", "moe-report", "moe-submit", "moe-plan")
 VENV_BIN = ".venv/bin/"
 _CONTROL = {"&&", "||", ";", "|", "&"}
 _REDIRECTS = {">", ">>", "<", "2>", "&>"}
@@ -147,8 +147,10 @@ def stand_in_tokenizer(root: Path) -> str:
 def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
     """What moe-train checks before it starts: the command line as a whole (unknown keys, syntax,
     each swept value), then every job it would run composed and validated, the docs' data
-    paths and tokenizer.json replaced by stand-in files of the same kinds."""
-    check_command_line(list(args), CONF_DIR)
+    paths and tokenizer.json replaced by stand-in files of the same kinds. ``--plan`` is moe-train's own
+    flag, taken off before Hydra sees the rest (as ``moe_trainer.cli.main`` does)."""
+    args = [a for a in args if a != "--plan"]
+    check_command_line(args, CONF_DIR)
     for overrides in sweep_jobs(tuple(args)):
         cfg = to_dataclass(compose_dict(overrides))
         with tempfile.TemporaryDirectory() as root:
@@ -161,7 +163,7 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
 
 def check(cmd: DocCommand) -> None:
     """Checks ``cmd`` as its program would parse it, without running anything."""
-    if cmd.name == "moe-train":
+    if cmd.name in ("moe-train", "moe-plan"):  # moe-plan takes moe-train's overrides
         check_moe_train(cmd.args)
     elif cmd.name == "moe-report":
         report_parser().parse_args(list(cmd.args))

@@ -87,6 +87,9 @@ class ParallelConfig:
     # ZeRO-1: AdamW state of dense parameters sharded over the data-parallel ranks, of experts over their
     # expert-data-parallel group; each owner broadcasts its updated parameters. Same losses, less memory
     shard_optimizer: bool = False
+    # GiB each rank may use (host memory on the CPU, device memory on a GPU): validation refuses a config whose
+    # memory plan exceeds it; null = the GPU's memory, or on the CPU this machine's memory / processes started on it
+    memory_per_actor_gb: float | None = None
 
 
 @dataclass

@@ -430,8 +430,21 @@ def validate_logger(cfg: Config) -> None:
     _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
 
 
-def validate(cfg: Config) -> None:
-    """Raises the first :class:`ConfigError` found; returns silently when the config is usable."""
+def validate_memory(cfg: Config) -> None:
+    """The memory plan fits each rank's memory (:mod:`moe_trainer.plan`); last, as the plan needs a valid layout."""
+    from moe_trainer.plan.budget import check_fits  # the plan builds the model on the meta device: torch
+
+    check_fits(cfg)
+
+
+def validate_settings(cfg: Config) -> None:
+    """Every check but the memory plan's (``moe-train --plan`` prints the plan of a config that passes these)."""
     for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_batch_split,
                   validate_device, validate_logger):
         check(cfg)
+
+
+def validate(cfg: Config) -> None:
+    """Raises the first :class:`ConfigError` found; returns silently when the config is usable."""
+    validate_settings(cfg)
+    validate_memory(cfg)

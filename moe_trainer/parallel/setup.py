@@ -28,16 +28,9 @@ from moe_trainer.parallel.overlap import ChunkedAllToAllTransport
 from moe_trainer.parallel.p2p import Lanes
 from moe_trainer.parallel.resources import rank_resources
 from moe_trainer.parallel.telemetry import CommCounters
-from moe_trainer.parallel.topology import Topology, world_size
+from moe_trainer.parallel.topology import Topology, ep_size, shard_ranks, world_size
 from moe_trainer.parallel.zero import OptimizerShards
 from moe_trainer.train.trainer import Trainer
-
-
-def ep_size(cfg: Config) -> int:
-    """Expert-parallel size: 1 for data_parallel, ``parallel.ep_size`` or all actors for expert_parallel."""
-    if cfg.parallel.strategy == "expert_parallel":
-        return cfg.parallel.ep_size if cfg.parallel.ep_size is not None else cfg.parallel.num_actors
-    return 1
 
 
 def roles(cfg: Config) -> Roles:
@@ -126,7 +119,8 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     groups = Groups(data=None, expert_replicas=edp_group, replicas=topo.world // topo.ep_size,
                     norm=ep_group if topo.ep_size > 1 else None, counts_dense_norm=topo.ep_rank == 0)
     ctx = DistributedContext(rank, topo.world, groups, counters, device)
-    shard_over = ((range(topo.world), None), (topo.edp_groups()[topo.ep_rank], edp_group))
+    dense_ranks, expert_ranks = shard_ranks(cfg, rank)
+    shard_over = ((dense_ranks, None), (expert_ranks, edp_group))
     trainer = _trainer(cfg, dispatcher, topo.expert_range, ctx, device, rank, shard_over)
     return RankSetup(trainer, "trainer", backend, topo.expert_range, save_dense=rank == 0,
                      save_experts=rank < topo.ep_size, optim_owner=_owner(trainer))
@@ -146,7 +140,8 @@ def _build_disaggregated(cfg: Config, rank: int, backend: str, device: torch.dev
     groups = Groups(data=coordinators, expert_replicas=None, replicas=1, norm=world, counts_dense_norm=rank == 0)
     ctx = DistributedContext(rank, r.num_coordinators, groups, counters, device)
     # expert actors hold the only copy of their experts: only the coordinators' dense state is shared out
-    shard_over = ((r.coordinators, coordinators), ([rank], None))
+    dense_ranks, expert_ranks = shard_ranks(cfg, rank)
+    shard_over = ((dense_ranks, coordinators), (expert_ranks, None))
     trainer = _trainer(cfg, dispatcher, r.expert_range(rank), ctx, device, rank, shard_over)
     return RankSetup(trainer, "coordinator", backend, r.expert_range(rank), save_dense=rank == 0,
                      save_experts=False, optim_owner=_owner(trainer))

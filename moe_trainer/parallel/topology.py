@@ -23,6 +23,24 @@ def world_size(cfg: Config) -> int:
     return p.num_coordinators + p.num_expert_actors if p.strategy == "disaggregated" else p.num_actors
 
 
+def ep_size(cfg: Config) -> int:
+    """Expert-parallel size: 1 for data_parallel, ``parallel.ep_size`` or all actors for expert_parallel."""
+    if cfg.parallel.strategy == "expert_parallel":
+        return cfg.parallel.ep_size if cfg.parallel.ep_size is not None else cfg.parallel.num_actors
+    return 1
+
+
+def shard_ranks(cfg: Config, rank: int) -> tuple[list[int], list[int]]:
+    """``parallel.shard_optimizer``'s two domains for ``rank``: the ranks sharing its dense parameters,
+    and those sharing its experts (its expert-data-parallel group; a disaggregated coordinator's
+    experts are the expert actors', so only its own rank)."""
+    p = cfg.parallel
+    if p.strategy == "disaggregated":
+        return list(range(p.num_coordinators)), [rank]
+    topo = Topology(rank=rank, world=world_size(cfg), ep_size=ep_size(cfg), num_experts=cfg.moe.num_experts)
+    return list(range(topo.world)), list(topo.edp_groups()[topo.ep_rank])
+
+
 @dataclass(frozen=True)
 class Topology:
     rank: int  # global rank

@@ -32,31 +32,8 @@ from torch import Tensor, nn
 
 from moe_trainer.moe.experts import is_expert_param
 from moe_trainer.parallel.comm import dist, guarded
+from moe_trainer.parallel.zero_owners import Domain, domain_owners
 from moe_trainer.timing import Elapsed, Span, mark
-
-
-@dataclass(frozen=True)
-class Domain:
-    """Ranks holding identical copies of some parameters, and the group they broadcast over."""
-
-    ranks: tuple[int, ...]  # global ranks, ascending
-    group: Any  # their process group (None: the world)
-    sizes: dict[str, int]  # parameter name -> bytes of its AdamW state, in model order
-
-
-def assign_owners(sizes: dict[str, int], ranks: Sequence[int], loads: dict[int, int]) -> dict[str, int]:
-    """Owner rank of each parameter: largest first, each to the least-loaded rank (ties: the lower rank).
-
-    Graham's LPT rule (the largest share is at most 4/3 of the optimum); ``loads`` (bytes
-    already owned per rank, from earlier domains) is updated in place, so dense and expert
-    state balance together. Deterministic: every rank of a domain computes the same owners.
-    """
-    owners = {}
-    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
-        rank = min(ranks, key=lambda r: (loads.get(r, 0), r))
-        owners[name] = rank
-        loads[rank] = loads.get(rank, 0) + sizes[name]
-    return owners
 
 
 @dataclass
@@ -77,17 +54,15 @@ class OptimizerShards:
 
     def __init__(self, rank: int, domains: Sequence[Domain]) -> None:
         self.rank = rank
-        loads: dict[int, int] = {}
-        self.owner: dict[str, int] = {}
+        self.owner, loads = domain_owners(domains)
         buckets: dict[tuple[int, int], Bucket] = {}  # (first domain with these ranks, owner) -> bucket
         first = {}  # ranks -> position of the first domain with them
-        for position, domain in enumerate(domains):  # dense first: the experts then fill the ranks it left lighter
-            owners = assign_owners(domain.sizes, domain.ranks, loads)
-            self.owner.update(owners)
+        for position, domain in enumerate(domains):
             if len(domain.ranks) > 1:
                 at = first.setdefault(domain.ranks, position)
                 for name in domain.sizes:  # model order inside a bucket
-                    buckets.setdefault((at, owners[name]), Bucket(owners[name], domain.group)).names.append(name)
+                    owner = self.owner[name]
+                    buckets.setdefault((at, owner), Bucket(owner, domain.group)).names.append(name)
         # a fixed order (domain, then owner): two ranks sharing two groups must issue their broadcasts alike
         self.buckets = [buckets[key] for key in sorted(buckets)]
         self.loads = loads  # bytes of optimizer state per rank of this rank's domains

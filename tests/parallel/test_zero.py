@@ -12,7 +12,8 @@ import torch
 
 from moe_trainer.config.schema import Config, to_dataclass
 from moe_trainer.engine import build_model
-from moe_trainer.parallel.zero import OptimizerShards, assign_owners
+from moe_trainer.parallel.zero import OptimizerShards
+from moe_trainer.parallel.zero_owners import assign_owners
 from moe_trainer.train.optim import build_optimizer, clipped_step, optimizer_state_mb
 from tests.conftest import compose_dict
 
