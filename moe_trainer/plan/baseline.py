@@ -116,8 +116,9 @@ def process_baseline() -> Baseline:
         return Baseline(**json.loads(path.read_text()))
     except (OSError, ValueError, TypeError):
         pass
-    print(f"moe-train: measuring this machine's per-process memory once for the memory plan (seconds; kept in "
-          f"{path.parent})", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():  # a person waiting at a terminal; a captured stderr keeps its one-line errors
+        print(f"moe-train: measuring this machine's per-process memory once for the memory plan (seconds; kept in "
+              f"{path.parent})", file=sys.stderr, flush=True)
     found = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
