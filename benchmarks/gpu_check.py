@@ -96,7 +96,7 @@ def make_config(args: argparse.Namespace, precision: str, device: torch.device) 
         model=ModelConfig(d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
                           max_seq_len=args.seq_len, ffn_hidden=4 * args.d_model),
         moe=MoEConfig(num_experts=args.experts, top_k=2, expert_hidden=args.expert_hidden),
-        parallel=ParallelConfig(), data=DataConfig(seq_len=args.seq_len),
+        parallel=ParallelConfig(), data=DataConfig(seq_len=args.seq_len, token_cache=None),
         train=TrainConfig(batch_size=args.batch, warmup_steps=2, max_steps=args.check_steps + args.steps,
                           precision=precision, device=device.type),
         logger=LoggerConfig(mode="disabled", progress=False), cluster=ClusterConfig(),
