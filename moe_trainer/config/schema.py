@@ -114,6 +114,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation
     embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus
     token_cache: str | None = DEFAULT_TOKEN_CACHE  # memory-mapped token shards, written once; null = in memory
+    streaming: bool = False  # read the source as a datasets stream straight into the token cache (no Arrow copy)
     tokenize_procs: int = 0  # processes tokenising into the token cache; 0 = min(4, cores)
 
 

@@ -351,6 +351,13 @@ def validate_data(cfg: Config) -> None:
         raise ConfigError("data.tokenize_procs", d.tokenize_procs, "must be >= 0 (0 = min(4, cores))")
     if d.paths and d.hub_name:
         raise ConfigError("data.hub_name", d.hub_name, "set either data.paths or data.hub_name, not both")
+    if d.streaming and not d.token_cache:
+        raise ConfigError("data.streaming", True, "a streamed corpus is tokenised into the token cache as it is "
+                          "read; set data.token_cache (e.g. ~/.cache/moe-trainer/tokens) or data.streaming=false")
+    if d.streaming and d.tokenizer == "bpe":
+        raise ConfigError("data.streaming", True, "a BPE is trained on the whole training split, which a stream "
+                          "does not hold; train one on a sample (moe-prepare-data data.tokenizer=bpe on a subset) "
+                          "and give its tokenizer.json as data.tokenizer, or data.streaming=false")
     if d.paths:
         # the loader's own expansion, so what passes here is what it reads; imported here because
         # moe_trainer.data imports `datasets`, which torch-only users of this module (gpu_check) lack

@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
+from tqdm.auto import tqdm
 
 from moe_trainer.checksums import file_sha256
 from moe_trainer.config.errors import ConfigError
@@ -233,6 +234,36 @@ def _write_split(ds: Dataset, tokenizer: Tokenizer, dtype: np.dtype, out: Path, 
     return count, digest.hexdigest()
 
 
+def _write_documents(batches: Iterator[list[tuple[bool, str]]], tokenizer: Tokenizer, dtype: np.dtype,
+                     tmp: Path) -> dict[str, tuple[int, str]]:
+    """Tokenises streamed (held out, text) batches into ``train.bin`` / ``validation.bin`` in `tmp`.
+
+    Returns each split's token count and sha256. The stream order is kept inside each split, as
+    the map-style path keeps document order.
+    """
+    files = {s: open(tmp / f"{s}.bin", "wb") for s in SPLITS}  # noqa: SIM115 - closed below, after fsync
+    digests = {s: hashlib.sha256() for s in SPLITS}
+    counts = dict.fromkeys(SPLITS, 0)
+    eod = tokenizer.eod_id
+    try:
+        with tqdm(desc="Tokenising (streamed)", unit=" docs", disable=None) as bar:
+            for batch in batches:
+                for (held_out, _), ids in zip(batch, tokenizer.encode_batch([t for _, t in batch]), strict=True):
+                    split = "validation" if held_out else "train"
+                    stored = np.append(ids, eod).astype(dtype)
+                    files[split].write(stored.tobytes())
+                    digests[split].update(stored.tobytes())
+                    counts[split] += stored.size
+                bar.update(len(batch))
+        for f in files.values():
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            f.close()
+    return {s: (counts[s], digests[s].hexdigest()) for s in SPLITS}
+
+
 def _id_batches(files: list[str]) -> Iterator[np.ndarray]:
     """The ids column of ``Dataset.map``'s Arrow cache files, flattened, one record batch at a time.
 
@@ -333,15 +364,19 @@ def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, 
         if index is not None:
             return final, index, False
         _remove_dead_writers(root_path, key)
-        loaded = loaded if loaded is not None else source.load()
+        if loaded is None and source.documents is None:
+            loaded = source.load()
         tmp = root_path / f".tmp-{key}-{_host()}-{os.getpid()}-{uuid.uuid4().hex}"
         work = tmp / "work"
         work.mkdir(parents=True)
         try:
             dtype = token_dtype(tokenizer.vocab_size)
             procs = num_proc or default_num_proc()
-            written = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
-                       for s in SPLITS}
+            if source.documents is not None:  # data.streaming: straight from the stream, no Arrow copy
+                written = _write_documents(source.documents(), tokenizer, dtype, tmp)
+            else:
+                written = {s: _write_split(loaded[s], tokenizer, dtype, tmp / f"{s}.bin", work, procs, key)
+                           for s in SPLITS}
             counts, digests = {s: n for s, (n, _) in written.items()}, {s: h for s, (_, h) in written.items()}
             shutil.rmtree(work)
             if isinstance(tokenizer, FileTokenizer):  # the shards' ids mean nothing without it

@@ -348,6 +348,9 @@ class CorpusSource:
 
     identity: str | None
     load: Callable[[], DatasetDict]
+    # data.streaming: batches of (held out, text) read from an IterableDataset; the cache is written
+    # from these instead of from `load` (which a streamed source never calls)
+    documents: Callable[[], Iterator[list[tuple[bool, str]]]] | None = None
 
     @classmethod
     def of(cls, corpus: DatasetDict) -> CorpusSource:
@@ -377,9 +380,13 @@ def source_identity(data_cfg: DataConfig, split_seed: int = SPLIT_SEED) -> str |
     the train/validation split settings. A Hub dataset returns None (its content is known only
     through ``datasets``' own fingerprint, after loading).
     """
-    split = {"val_fraction": data_cfg.val_fraction, "split_seed": split_seed}
+    split = {"val_fraction": data_cfg.val_fraction, "split_seed": split_seed, "streaming": data_cfg.streaming}
     if data_cfg.hub_name:
-        return None
+        if not data_cfg.streaming:
+            return None
+        described = {"kind": "hub", "name": data_cfg.hub_name, "config": data_cfg.hub_config,
+                     "text_field": data_cfg.text_field, **split}  # a stream has no fingerprint: its name
+        return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
     if data_cfg.paths:
         files = expand_data_paths(list(data_cfg.paths))
         described = {"kind": "files", "files": _files_identity(files), "format": resolve_format(files, data_cfg.format),
@@ -392,9 +399,17 @@ def source_identity(data_cfg: DataConfig, split_seed: int = SPLIT_SEED) -> str |
 
 def corpus_source(data_cfg: DataConfig, *, split_seed: int = SPLIT_SEED, cache_dir: str | None = None
                   ) -> CorpusSource:
-    """The corpus `data_cfg` selects, named (:func:`source_identity`) and loadable (:func:`load_corpus`)."""
-    return CorpusSource(source_identity(data_cfg, split_seed),
-                        lambda: load_corpus(data_cfg, split_seed=split_seed, cache_dir=cache_dir))
+    """The corpus `data_cfg` selects, named (:func:`source_identity`) and loadable (:func:`load_corpus`),
+    or with ``data.streaming`` readable as a stream (:mod:`moe_trainer.data.streaming`)."""
+    identity = source_identity(data_cfg, split_seed)
+    if data_cfg.streaming:
+        from moe_trainer.data.streaming import stream_documents
+
+        def never() -> DatasetDict:
+            raise RuntimeError("a streamed corpus is only read into the token cache (data.streaming=true)")
+
+        return CorpusSource(identity, never, lambda: stream_documents(data_cfg, split_seed))
+    return CorpusSource(identity, lambda: load_corpus(data_cfg, split_seed=split_seed, cache_dir=cache_dir))
 
 
 def load_corpus(
