@@ -10,6 +10,7 @@ Range checks that types cannot express live in :mod:`moe_trainer.config.validate
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,7 +99,14 @@ class ClusterConfig:
     connect_timeout_s: float = 30.0  # give up connecting to a cluster after this long
 
 
-DEFAULT_TOKEN_CACHE = "~/.cache/moe-trainer/tokens"  # shared by every run and moe-prepare-data of a user
+def cache_root() -> str:
+    """``$MOE_TRAINER_CACHE``, else ``~/.cache/moe-trainer``: where runs share token shards, BPEs, measurements."""
+    return os.environ.get("MOE_TRAINER_CACHE") or "~/.cache/moe-trainer"
+
+
+def default_token_cache() -> str:
+    """``data.token_cache``'s default (the Hydra configs read the same variable, conf/data/*.yaml)."""
+    return f"{cache_root()}/tokens"
 
 
 @dataclass
@@ -113,7 +121,8 @@ class DataConfig:
     seq_len: int = 128  # tokens per training sequence
     val_fraction: float = 0.05  # share of documents held out for validation
     embedded_max_bytes: int = 4_000_000  # size cap of the embedded stdlib corpus
-    token_cache: str | None = DEFAULT_TOKEN_CACHE  # memory-mapped token shards, written once; null = in memory
+    # memory-mapped token shards, written once and shared by runs; null = tokenise into memory
+    token_cache: str | None = field(default_factory=default_token_cache)
     streaming: bool = False  # read the source as a datasets stream straight into the token cache (no Arrow copy)
     tokenize_procs: int = 0  # processes tokenising into the token cache; 0 = min(4, cores)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from moe_trainer.data.sources import TEXT_COLUMN
+from moe_trainer.data.sources import TEXT_COLUMN, CorpusSource, loaded_identity
 from moe_trainer.data.tokenizer_file import FileTokenizer
 
 EOD_TOKEN = "<|endoftext|>"
@@ -60,30 +60,37 @@ def train_bpe(train: Dataset, vocab_size: int) -> FileTokenizer:
     return FileTokenizer(tok.to_str(), "data.vocab_size", f"a BPE of {vocab_size} ids")
 
 
-def bpe_key(train: Dataset, vocab_size: int) -> str:
-    """What a trained BPE depends on, hashed (16 hex digits): the split, the size, the recipe, the library."""
+def bpe_key(identity: str, vocab_size: int) -> str:
+    """What a trained BPE depends on, hashed (16 hex digits): the corpus, the size, the recipe, the library.
+
+    `identity` names the corpus as the token cache does (:class:`~moe_trainer.data.sources.CorpusSource`),
+    so a stored BPE is found without loading the corpus, and on every machine alike.
+    """
     import tokenizers
 
-    parts = {"fingerprint": train._fingerprint, "vocab_size": vocab_size, "recipe": RECIPE_VERSION,
+    parts = {"corpus": identity, "vocab_size": vocab_size, "recipe": RECIPE_VERSION,
              "tokenizers": tokenizers.__version__}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stored_bpe(train: Dataset, vocab_size: int, root: str | os.PathLike[str]) -> tuple[FileTokenizer, Path, bool]:
-    """The BPE of `train` kept under token cache `root`, trained and stored on first use.
+def stored_bpe(source: CorpusSource, vocab_size: int, root: str | os.PathLike[str]
+               ) -> tuple[FileTokenizer, Path, bool]:
+    """The BPE of `source`'s training split kept under token cache `root`, trained and stored on first use.
 
-    Returns (tokenizer, its file, trained). The file is written to a unique temporary name and
-    renamed into place, so a reader never sees half a file; two processes training at once
-    write identical bytes, so whichever rename lands last changes nothing. A file that no
-    longer loads (cut short by a full disk) is trained again.
+    Returns (tokenizer, its file, trained). The corpus is loaded only to train. The file is
+    written to a unique temporary name and renamed into place, so a reader never sees half a
+    file; two processes training at once write identical bytes, so whichever rename lands last
+    changes nothing. A file that no longer loads (cut short by a full disk) is trained again.
     """
-    path = Path(root).expanduser() / STORE_DIR / f"bpe-{bpe_key(train, vocab_size)}.json"
+    corpus = None if source.identity is not None else source.load()
+    identity = source.identity if corpus is None else loaded_identity(corpus)
+    path = Path(root).expanduser() / STORE_DIR / f"bpe-{bpe_key(identity, vocab_size)}.json"
     if path.is_file():
         try:
             return FileTokenizer.from_file(path), path, False
         except ValueError:  # ConfigError: not a tokenizer any more; retrain below
             pass
-    tok = train_bpe(train, vocab_size)
+    tok = train_bpe((corpus if corpus is not None else source.load())["train"], vocab_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex}")
     tok.save(tmp)

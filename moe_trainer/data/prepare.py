@@ -37,24 +37,22 @@ def _parser() -> argparse.ArgumentParser:
 def prepare(overrides: Sequence[str], cache: str | None = None) -> str:
     """Fills the token cache for the config `overrides` compose; returns the lines to print."""
     from moe_trainer.cli import compose_config  # the Hydra configs moe-train composes
-    from moe_trainer.config.schema import DEFAULT_TOKEN_CACHE
+    from moe_trainer.config.schema import default_token_cache
     from moe_trainer.data.bpe import bpe_vocab_size, stored_bpe
     from moe_trainer.data.shards import build_token_cache, refuse_corrupted_cache, refuse_shard_directory
-    from moe_trainer.data.sources import CorpusSource, corpus_source
+    from moe_trainer.data.sources import corpus_source
     from moe_trainer.data.tokenizer import BPE, build_tokenizer, describe
 
     cfg = to_dataclass(compose_config(list(overrides)))
     validate_data(cfg)
-    root = cache or cfg.data.token_cache or DEFAULT_TOKEN_CACHE
+    root = cache or cfg.data.token_cache or default_token_cache()
     if cache is not None:
         refuse_shard_directory(Path(cache), None)
     source = corpus_source(cfg.data)
     lines = []
     if cfg.data.tokenizer == BPE:  # trained once here; moe-train with data.token_cache=ROOT loads this file
-        corpus = source.load()
-        tokenizer, path, trained = stored_bpe(corpus["train"], bpe_vocab_size(cfg.data.vocab_size), root)
+        tokenizer, path, trained = stored_bpe(source, bpe_vocab_size(cfg.data.vocab_size), root)
         lines.append(f"{'trained' if trained else 'already trained:'} {path}")
-        source = CorpusSource(source.identity, lambda: corpus)  # loaded once for both
     else:
         tokenizer = build_tokenizer(cfg.data.tokenizer)
     refuse_corrupted_cache(dataclasses.replace(cfg.data, token_cache=str(root)), tokenizer)  # never "already there"

@@ -59,7 +59,7 @@ from moe_trainer.data.sources import (
 from moe_trainer.data.tokenizer import Tokenizer, describe
 from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
 
-FORMAT_VERSION = 2  # bump when the file layout or the stream's definition changes
+FORMAT_VERSION = 3  # bump when the file layout or the stream's definition changes
 SPLITS = ("train", "validation")
 INDEX_NAME = "index.json"
 IDS_COLUMN = "ids"
@@ -183,7 +183,7 @@ def refuse_corrupted_cache(data_cfg: DataConfig, tokenizer: Tokenizer) -> Path |
     if problems:
         raise ConfigError("data.token_cache", str(data_cfg.token_cache),
                           f"token shards {directory} are damaged: {'; '.join(problems)}; delete that directory "
-                          "(the next start tokenises the corpus again) or run moe-prepare-data")
+                          "and start again: the next start (or moe-prepare-data) tokenises the corpus anew")
     _VERIFIED.add(stamp)
     return directory
 

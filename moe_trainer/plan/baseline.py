@@ -8,7 +8,7 @@ high-water mark after loading and tokenising a slice of the embedded corpus into
 streams the trainer keeps, with freed memory retained as ranks retain it
 (:mod:`moe_trainer.host_memory`), then what each bf16 matmul of a new shape adds on the CPU
 (oneDNN compiles and caches a kernel per shape). The measurement takes a few seconds, so it is kept in
-``$MOE_TRAINER_CACHE`` or ``$XDG_CACHE_HOME/moe-trainer/`` (``~/.cache``) under a key of this interpreter and these
+``$MOE_TRAINER_CACHE`` (``~/.cache/moe-trainer``) under a key of this interpreter and these
 libraries' versions, and measured again when one changes.
 """
 
@@ -23,6 +23,8 @@ import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+
+from moe_trainer.config.schema import cache_root
 
 FORMAT = 3  # of the cached file and its measurement: a change measures again
 SAMPLE_CORPUS_BYTES = 2_000_000  # enough for the per-token cost to dominate the corpus loader's own imports
@@ -93,10 +95,8 @@ def _key() -> str:
 
 
 def cache_path() -> Path:
-    """``$MOE_TRAINER_CACHE`` (shared with the token cache), else ``$XDG_CACHE_HOME/moe-trainer`` (``~/.cache``)."""
-    root = os.environ.get("MOE_TRAINER_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") \
-        / "moe-trainer"
-    return Path(root) / f"process-baseline-{_key()}.json"
+    """Under :func:`~moe_trainer.config.schema.cache_root`, with the token cache."""
+    return Path(cache_root()).expanduser() / f"process-baseline-{_key()}.json"
 
 
 def measure() -> Baseline:

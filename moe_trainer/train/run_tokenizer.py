@@ -103,7 +103,9 @@ def checkpoint_tokenizer(data: DataConfig, checkpoint: Path, verify: bool = Fals
                           f"{TOKENIZER_FILE} ({_describe(saved)}), not the byte tokenizer; {use}")
     if data.tokenizer == BPE:
         want = bpe_vocab_size(data.vocab_size)
-        if saved.vocab_size != want:
+        # a trained BPE has at most the ids asked for (fewer when the corpus runs out of merges),
+        # so only one with more ids was certainly trained with another data.vocab_size
+        if saved.vocab_size > want:
             raise ConfigError("data.vocab_size", data.vocab_size, f"this run's BPE would have {want} ids, but "
                               f"checkpoint {checkpoint} was trained with a tokenizer of {saved.vocab_size} "
                               f"({_describe(saved)}); resume with data.vocab_size={saved.vocab_size}, {fresh}")
@@ -118,16 +120,15 @@ def checkpoint_tokenizer(data: DataConfig, checkpoint: Path, verify: bool = Fals
 def _bpe(data: DataConfig) -> FileTokenizer:
     """The run's BPE: from the token cache's store when there is one (trained there on first use), else trained."""
     from moe_trainer.data.bpe import bpe_vocab_size, stored_bpe, train_bpe
-    from moe_trainer.data.sources import load_corpus
+    from moe_trainer.data.sources import corpus_source, load_corpus
 
     vocab = bpe_vocab_size(data.vocab_size)
-    train = load_corpus(data)["train"]
-    if data.token_cache:
-        tokenizer, path, trained = stored_bpe(train, vocab, data.token_cache)
+    if data.token_cache:  # found by the corpus's identity: loaded only when it must be trained
+        tokenizer, path, trained = stored_bpe(corpus_source(data), vocab, data.token_cache)
         phase(f"{'trained' if trained else 'loaded'} the BPE tokenizer ({_describe(tokenizer)}): {path}")
         return tokenizer
     phase(f"training a BPE tokenizer of {vocab} ids on the training split")
-    return train_bpe(train, vocab)
+    return train_bpe(load_corpus(data)["train"], vocab)
 
 
 def resolve_tokenizer(cfg: Config, checkpoint: Path | None) -> Tokenizer:

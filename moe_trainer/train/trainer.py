@@ -108,14 +108,12 @@ def process_memory_mb() -> float:
 
 
 def process_peak_memory_mb() -> float:
-    """Peak resident memory of this process since it started (MiB): ``VmHWM``; on GPU, peak CUDA memory.
+    """Peak resident host memory of this process since it started (MiB): ``VmHWM``, on GPU machines too.
 
     The current size (:func:`process_memory_mb`) misses what start-up and checkpoint loads took
     and then freed; a process killed for memory is killed at its peak, so that is what a memory
-    budget must be checked against.
+    budget must be checked against. (On GPU, ``mem_rss_mb`` is the peak CUDA memory.)
     """
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return torch.cuda.max_memory_allocated() / 2**20
     try:
         with open("/proc/self/status") as f:
             for line in f:
