@@ -16,7 +16,7 @@ from moe_trainer.engine import checkpoint_signature, model_parameter_counts
 from moe_trainer.parallel.resources import role_resources
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
-from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.checkpoint import BackgroundSave, begin_checkpoint, check_checkpoint, save_checkpoint
 
 
 def request_for(cfg: Config) -> Request:
@@ -66,6 +66,7 @@ class RayEngine:
             disconnect()
             raise
         self._step = 0
+        self.background: BackgroundSave | None = None
 
     @property
     def step(self) -> int:
@@ -91,6 +92,15 @@ class RayEngine:
     def save(self, root: Path) -> Path:
         meta = checkpoint_signature(self.cfg, self.vocab_size)
         return save_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), meta)
+
+    def save_in_background(self, root: Path) -> None:
+        pending = begin_checkpoint(root, self._step, checkpoint_signature(self.cfg, self.vocab_size))
+        self.group.call("save", str(pending.tmp), True)  # returns once every rank has copied its entries
+        self.background = BackgroundSave(pending, lambda: self.group.call("finish_save"))
+
+    def finish_save(self) -> Path | None:
+        background, self.background = self.background, None
+        return None if background is None else background.finish()
 
     def load(self, path: Path) -> None:
         check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
@@ -119,7 +129,13 @@ class RayEngine:
         return self.group.call("gradients")
 
     def close(self, keep_cluster: bool = False) -> None:
-        """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts)."""
+        """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts).
+
+        A background save still in flight is deleted, never completed: its writers are gone.
+        """
         self.group.shutdown()
+        if self.background is not None:
+            self.background.pending.abandon()
+            self.background = None
         if not keep_cluster:
             disconnect()

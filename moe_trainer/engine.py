@@ -20,7 +20,7 @@ from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
-from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.checkpoint import BackgroundSave, begin_checkpoint, check_checkpoint, save_checkpoint
 from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 from moe_trainer.train.sharded_checkpoint import canonical_grads, load_into, save_shard
 from moe_trainer.train.trainer import SingleContext, Trainer
@@ -47,6 +47,16 @@ class Engine(Protocol):
         """Names (with the rank) of parameters or optimizer state holding NaN/inf on any process."""
 
     def save(self, root: Path) -> Path: ...
+
+    def save_in_background(self, root: Path) -> None:
+        """Starts saving the current state and returns once it is copied (``train.async_checkpoint``).
+
+        The files are written while training goes on; the checkpoint exists only after
+        :meth:`finish_save`, which the caller must call before the next save.
+        """
+
+    def finish_save(self) -> Path | None:
+        """Completes the background save in flight, if any (waits for every rank's writes): its path, else None."""
 
     def load(self, path: Path) -> None: ...
 
@@ -131,6 +141,7 @@ class LocalEngine:
         model = build_model(cfg, self.vocab_size).to(device)
         self.trainer = Trainer(cfg, model, data, SingleContext(device))
         self.skips = SkipPolicy.from_config(cfg.train)
+        self.background: BackgroundSave | None = None
 
     @property
     def step(self) -> int:
@@ -150,6 +161,14 @@ class LocalEngine:
         meta = checkpoint_signature(self.cfg, self.vocab_size)
         return save_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer), meta)
 
+    def save_in_background(self, root: Path) -> None:
+        pending = begin_checkpoint(root, self.trainer.step, checkpoint_signature(self.cfg, self.vocab_size))
+        self.background = BackgroundSave(pending, save_shard(pending.tmp, self.trainer, background=True))
+
+    def finish_save(self) -> Path | None:
+        background, self.background = self.background, None
+        return None if background is None else background.finish()
+
     def load(self, path: Path) -> None:
         check_checkpoint(path, checkpoint_signature(self.cfg, self.vocab_size))
         load_into(path, self.trainer)
@@ -161,4 +180,10 @@ class LocalEngine:
         return [canonical_grads(self.trainer)]
 
     def close(self, keep_cluster: bool = False) -> None:
-        return None
+        """A background save still in flight here was cut off by an error: its writes end, it is deleted."""
+        background, self.background = self.background, None
+        if background is not None:
+            try:
+                background.wait()
+            finally:
+                background.pending.abandon()

@@ -1,10 +1,12 @@
 """Checkpoint directories: one per step, written atomically, checked before loading.
 
-A checkpoint is ``step_XXXXXXXX/{shard_rank*.pt, meta.json}``, first written under a
-temporary name and renamed into place, so a crash mid-save never leaves a
-half-written checkpoint where ``resume`` would look. What goes in the shards is
-:mod:`moe_trainer.train.sharded_checkpoint`'s business; they hold only tensors and
-are read with ``torch.load(weights_only=True)``.
+A checkpoint is ``step_XXXXXXXX/{.metadata, __<rank>_0.distcp, ..., meta.json}``, first
+written under a temporary name and renamed into place once every file is written, so a
+crash mid-save (or mid background save) never leaves a half-written checkpoint where
+``resume`` would look. ``meta.json`` records the size and SHA-256 of every other file in
+the directory, whoever wrote it. What goes in the files is
+:mod:`moe_trainer.train.sharded_checkpoint`'s and :mod:`moe_trainer.train.checkpoint_io`'s
+business.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,20 +32,65 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-    """Has ``write_shards`` fill a temporary directory, adds ``meta.json``, renames it into place."""
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint being written into its temporary directory; final only after :meth:`complete`."""
+
+    tmp: Path
+    final: Path
+    step: int
+    meta: dict[str, Any]
+
+    def complete(self) -> Path:
+        """Records every file's size and checksum in ``meta.json``, then renames the directory into place.
+
+        Call only once every writer has finished: the rename is what makes the checkpoint exist.
+        """
+        files = {str(f.relative_to(self.tmp)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                 for f in sorted(self.tmp.rglob("*")) if f.is_file()}
+        (self.tmp / META_FILE).write_text(json.dumps({"step": self.step, "files": files, **self.meta}, indent=1))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abandon(self) -> None:
+        """Deletes what was written (a save whose writers died): it never becomes a checkpoint."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def begin_checkpoint(root: Path, step: int, meta: dict[str, Any]) -> PendingCheckpoint:
+    """An empty temporary directory for the checkpoint of ``step`` (a stale one of this process is cleared)."""
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_shards(tmp)
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return PendingCheckpoint(tmp, final, step, meta)
+
+
+@dataclass
+class BackgroundSave:
+    """A checkpoint whose files are being written while training goes on (``train.async_checkpoint``)."""
+
+    pending: PendingCheckpoint
+    wait: Callable[[], None]  # returns once every writer has finished; raises if one failed
+
+    def finish(self) -> Path:
+        """Waits for every writer, then completes the checkpoint; a failed save is deleted and re-raised."""
+        try:
+            self.wait()
+        except BaseException:
+            self.pending.abandon()
+            raise
+        return self.pending.complete()
+
+
+def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    """Has ``write_shards`` fill a temporary directory, adds ``meta.json``, renames it into place."""
+    pending = begin_checkpoint(root, step, meta)
+    write_shards(pending.tmp)
+    return pending.complete()
 
 
 def _sha256(path: Path) -> str:
