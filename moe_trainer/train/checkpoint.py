@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from moe_trainer.config.errors import ConfigError
+from moe_trainer.train.safe_metadata import METADATA_FILE as METADATA_FILE_DCP
+from moe_trainer.train.safe_metadata import load_metadata
 
 META_FILE = "meta.json"
 # objective settings recorded only since a later version: the value a checkpoint without them was trained with
@@ -171,8 +173,14 @@ def refuse_damaged(path: Path) -> None:
 
 
 def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
-    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ)."""
+    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ).
+
+    A DCP index (``.metadata``) is read here too, through the restricted unpickler: a foreign one is
+    refused in this process, before any rank (a Ray actor) opens the checkpoint.
+    """
     refuse_damaged(path)
+    if (path / METADATA_FILE_DCP).exists():
+        load_metadata(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:
