@@ -1,7 +1,7 @@
 """Checkpoint save and load at 2 and 4 expert-parallel ranks: DCP against the earlier ``shard_rank*.pt`` format.
 
     python -m benchmarks.checkpoint_io [--ranks 2 4] [--d-model 512] [--layers 2] [--experts 32]
-                                       [--expert-hidden 1024] [--formats dcp torch_save]
+                                       [--expert-hidden 1024] [--formats dcp torch_save] [--ray]
 
 Each rank is a spawned process holding what an expert-parallel actor holds for a checkpoint:
 the dense part and its ``E / ranks`` experts (the model built with its ``expert_range``), and
@@ -21,6 +21,9 @@ checkpoint I/O, so they are left out: that keeps the processes small enough to r
   ``state_at_peak_x`` = (the rank's parameters, already resident, + the RSS the load added at
   its peak) / the rank's own state (parameters + AdamW moments): 1.0 means loading cost
   nothing beyond the state the rank must hold anyway.
+
+``--ray`` also loads inside real actors: ``expert_parallel`` trains 2 steps, saves, and a new
+group of actors loads, each measuring its own load (``__ray_call__``).
 
 ``torch_save`` is the format before DCP, written and read as that code did (kept here only
 to measure it): one ``torch.save`` of cloned entries per rank; every rank reads every file
@@ -217,6 +220,49 @@ def measure(args: dict[str, int], ranks: int, fmt: str, background: bool, root: 
     return row
 
 
+# --- the same load inside real Ray actors (``--ray``): the actors of an expert_parallel run --------------------
+
+def _measured_actor_load(worker: Any, path: str) -> dict[str, float]:
+    """Runs inside a TrainWorker (``__ray_call__``): its own load of ``path``, with peak RSS and bytes read."""
+    runner = worker.setup.runner
+    params, own = own_state_bytes(runner)
+    rss_before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    read0, t0 = _rchar(), time.perf_counter()
+    worker.load(path)
+    seconds = time.perf_counter() - t0
+    added = _status("VmHWM") - rss_before
+    return {"load_s": seconds, "read_mb": (_rchar() - read0) / 2**20, "own_state_mb": own / 2**20,
+            "load_peak_added_mb": added, "state_at_peak_x": (params / 2**20 + added) / (own / 2**20)}
+
+
+def ray_load(args: dict[str, int], ranks: int, root: Path) -> dict[str, Any]:
+    """Trains 2 steps of expert_parallel with ``ranks`` actors, saves, and loads into a new group of actors."""
+    import ray
+
+    from actors.engine import RayEngine
+
+    cfg = config([f"model.d_model={args['d_model']}", f"model.n_layers={args['layers']}", "model.n_heads=8",
+                  f"moe.num_experts={args['experts']}", f"moe.expert_hidden={args['expert_hidden']}",
+                  "parallel=expert_parallel", f"parallel.num_actors={ranks}", "parallel.cpus_per_actor=0.5",
+                  "train.batch_size=4", "data.seq_len=64", "train.max_steps=2", "logger.mode=disabled",
+                  "logger.progress=false"])[0]
+    engine = RayEngine(cfg)
+    engine.train(2)
+    path = engine.save(root)
+    engine.close(keep_cluster=True)
+    engine = RayEngine(cfg)
+    try:
+        loads = ray.get([a.__ray_call__.remote(_measured_actor_load, str(path)) for a in engine.group.actors])
+    finally:
+        engine.close(keep_cluster=True)
+        shutil.rmtree(path)
+    return {"format": "dcp (Ray actors)", "ranks": ranks, "load_s": max(r["load_s"] for r in loads),
+            "read_mb_max": max(r["read_mb"] for r in loads), "own_state_mb_max": max(r["own_state_mb"] for r in loads),
+            "load_peak_added_mb_max": max(r["load_peak_added_mb"] for r in loads),
+            "state_at_peak_x_max": max(r["state_at_peak_x"] for r in loads), "per_rank": loads}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
@@ -226,6 +272,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expert-hidden", type=int, default=1024)
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
     p.add_argument("--no-background", action="store_true", help="skip the background (async) DCP save")
+    p.add_argument("--ray", action="store_true", help="also load inside the actors of a real expert_parallel run")
     p.add_argument("--dir", type=Path, default=None, help="where checkpoints are written (default: a temp dir)")
     p.add_argument("--json", default="checkpoint_io", help="result name under benchmarks/results/")
     return p.parse_args(argv)
@@ -249,6 +296,13 @@ def main(argv: list[str] | None = None) -> None:
                                     "own_state_mb_max", "load_peak_added_mb_max", "state_at_peak_x_max"])
         if "dcp" in a.formats and not a.no_background:
             rows.append(measure(args, ranks, "dcp", True, root, state_mb))
+    if a.ray:
+        from actors import keep_embedded_ray_on_loopback
+
+        keep_embedded_ray_on_loopback(None)
+        for ranks in a.ranks:
+            wait_for_memory(ranks * (900 + 3 * state_mb / ranks) + 1000)
+            rows.append(ray_load(args, ranks, root))
     print()
     print_table(rows, ["format", "ranks", "files_mb", "save_s", "blocking_s", "complete_s", "load_s", "read_mb_max",
                        "own_state_mb_max", "load_peak_added_mb_max", "state_at_peak_x_max"])
