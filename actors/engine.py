@@ -12,11 +12,16 @@ from actors.cluster import Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
-from moe_trainer.engine import checkpoint_signature, model_parameter_counts, save_engine_checkpoint
+from moe_trainer.engine import (
+    begin_engine_checkpoint,
+    checkpoint_signature,
+    model_parameter_counts,
+    save_engine_checkpoint,
+)
 from moe_trainer.parallel.resources import role_resources
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
-from moe_trainer.train.checkpoint import check_checkpoint
+from moe_trainer.train.checkpoint import BackgroundSave, check_checkpoint
 
 
 def request_for(cfg: Config) -> Request:
@@ -66,6 +71,7 @@ class RayEngine:
             disconnect()
             raise
         self._step = 0
+        self.background: BackgroundSave | None = None
 
     @property
     def step(self) -> int:
@@ -91,6 +97,15 @@ class RayEngine:
     def save(self, root: Path) -> Path:
         return save_engine_checkpoint(root, self._step, lambda d: self.group.call("save", str(d)), self.cfg,
                                       self.tokenizer)
+
+    def save_in_background(self, root: Path) -> None:
+        pending = begin_engine_checkpoint(root, self._step, self.cfg, self.tokenizer)
+        self.group.call("save", str(pending.tmp), True)  # returns once every rank has copied its entries
+        self.background = BackgroundSave(pending, lambda: self.group.call("finish_save"))
+
+    def finish_save(self) -> Path | None:
+        background, self.background = self.background, None
+        return None if background is None else background.finish()
 
     def load(self, path: Path) -> None:
         check_checkpoint(path, checkpoint_signature(self.cfg, self.tokenizer))
@@ -119,7 +134,13 @@ class RayEngine:
         return self.group.call("gradients")
 
     def close(self, keep_cluster: bool = False) -> None:
-        """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts)."""
+        """Stops the actors; ``keep_cluster`` keeps the Ray connection for a rebuilt group (restarts).
+
+        A background save still in flight is deleted, never completed: its writers are gone.
+        """
         self.group.shutdown()
+        if self.background is not None:
+            self.background.pending.abandon()
+            self.background = None
         if not keep_cluster:
             disconnect()

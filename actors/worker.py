@@ -12,6 +12,7 @@ import math
 import os
 import random
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ class TrainWorker:
     def _configure(self, cfg: Config, rank: int) -> None:
         self.cfg, self.rank = cfg, rank
         self.setup: Any = None
+        self.pending_save: Callable[[], None] | None = None  # waits for this rank's background checkpoint writes
         self.skips = SkipPolicy.from_config(cfg.train)
 
     def reuse(self, cfg: Config, rank: int) -> None:
@@ -131,12 +133,20 @@ class TrainWorker:
     def nonfinite_state(self) -> list[str]:
         return nonfinite_tensors(self.setup.runner.model, self.setup.runner.optimizer)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, background: bool = False) -> None:
+        """Writes this rank's entries (a collective of every rank); ``background``: returns once they are copied."""
         from moe_trainer.train.sharded_checkpoint import save_shard
 
         s = self.setup
-        save_shard(Path(directory), s.runner, self.rank, dense=s.save_dense, experts=s.save_experts,
-                   optim_owner=s.optim_owner)
+        self.pending_save = save_shard(Path(directory), s.runner, s.checkpoint_group, dense=s.save_dense,
+                                       experts=s.save_experts, background=background,
+                                       optim_owner=s.optim_owner)
+
+    def finish_save(self) -> None:
+        """Waits until this rank's background writes are done (re-raising their error)."""
+        wait, self.pending_save = self.pending_save, None
+        if wait is not None:
+            wait()
 
     def load(self, path: str) -> None:
         from moe_trainer.train.sharded_checkpoint import load_into

@@ -51,15 +51,29 @@ def _diverged(record: dict[str, Any], policy: SkipPolicy, ckpt_root: Path) -> Tr
                             "or raise train.max_skipped_steps if the bad batches are transient.")
 
 
-def _save(engine: Engine, ckpt_root: Path, keep_last: int) -> None:
-    """Saves and prunes, unless the state went non-finite: that one is never written (and nothing pruned)."""
+def _save(engine: Engine, ckpt_root: Path, keep_last: int, background: bool) -> None:
+    """Saves and prunes, unless the state went non-finite: that one is never written (and nothing pruned).
+
+    ``background`` (``train.async_checkpoint``): the previous background save is completed first (one in
+    flight at most), then this one starts and training goes on while its files are written.
+    """
+    _finish_background_save(engine, ckpt_root, keep_last)
     bad = engine.nonfinite_state()
     if bad:
         more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise TrainingDiverged(f"the model state at step {engine.step} holds NaN/inf ({', '.join(bad[:3])}{more}); "
                                f"it was not saved and no checkpoint was pruned: {_last_checkpoint(ckpt_root)}.")
+    if background:
+        engine.save_in_background(ckpt_root)
+        return
     engine.save(ckpt_root)
     prune_checkpoints(ckpt_root, keep_last)
+
+
+def _finish_background_save(engine: Engine, ckpt_root: Path, keep_last: int) -> None:
+    """Completes the background save in flight (its state was finite when it started), then prunes."""
+    if engine.finish_save() is not None:
+        prune_checkpoints(ckpt_root, keep_last)
 
 
 def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, Any]:
@@ -105,6 +119,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 if ends or record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
                     outputs.log(record)
                 if ends:  # the engine ended the chunk right after this step, on every rank
+                    _finish_background_save(engine, ckpt_root, t.keep_last)  # a finite state: the last good one
                     raise _diverged(record, policy, ckpt_root)
                 if record.get("step_skipped"):
                     bar.write(f"warning: {_non_finite(record)}; update skipped (train.on_nan=skip, "
@@ -118,8 +133,9 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 summary["final_val_loss"] = val
                 bar.write(f"step {engine.step}: val_loss {val:.4f}")
             if (t.checkpoint_every and engine.step % t.checkpoint_every == 0) or engine.step == t.max_steps:
-                _save(engine, ckpt_root, t.keep_last)
+                _save(engine, ckpt_root, t.keep_last, t.async_checkpoint)
             summary["final_loss"] = last["loss"]
+        _finish_background_save(engine, ckpt_root, t.keep_last)
     finally:
         bar.close()
     summary["steps"] = engine.step

@@ -21,7 +21,13 @@ from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
-from moe_trainer.train.checkpoint import check_checkpoint, save_checkpoint
+from moe_trainer.train.checkpoint import (
+    BackgroundSave,
+    PendingCheckpoint,
+    begin_checkpoint,
+    check_checkpoint,
+    save_checkpoint,
+)
 from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 from moe_trainer.train.run_tokenizer import saving_tokenizer, tokenizer_record
 from moe_trainer.train.sharded_checkpoint import canonical_grads, load_into, save_shard
@@ -49,6 +55,16 @@ class Engine(Protocol):
         """Names (with the rank) of parameters or optimizer state holding NaN/inf on any process."""
 
     def save(self, root: Path) -> Path: ...
+
+    def save_in_background(self, root: Path) -> None:
+        """Starts saving the current state and returns once it is copied (``train.async_checkpoint``).
+
+        The files are written while training goes on; the checkpoint exists only after
+        :meth:`finish_save`, which the caller must call before the next save.
+        """
+
+    def finish_save(self) -> Path | None:
+        """Completes the background save in flight, if any (waits for every rank's writes): its path, else None."""
 
     def load(self, path: Path) -> None: ...
 
@@ -103,11 +119,21 @@ def checkpoint_signature(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
+def _checkpoint_meta(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
+    return {**checkpoint_signature(cfg, tokenizer), "tokenizer": tokenizer_record(tokenizer)}
+
+
 def save_engine_checkpoint(root: Path, step: int, write_shards: Callable[[Path], object], cfg: Config,
                            tokenizer: Tokenizer) -> Path:
     """Saves a checkpoint of any engine: its shards, the run's tokenizer.json, and the metadata load checks."""
-    meta = {**checkpoint_signature(cfg, tokenizer), "tokenizer": tokenizer_record(tokenizer)}
-    return save_checkpoint(root, step, saving_tokenizer(write_shards, tokenizer), meta)
+    return save_checkpoint(root, step, saving_tokenizer(write_shards, tokenizer), _checkpoint_meta(cfg, tokenizer))
+
+
+def begin_engine_checkpoint(root: Path, step: int, cfg: Config, tokenizer: Tokenizer) -> PendingCheckpoint:
+    """The temporary directory of a background save, already holding the run's tokenizer.json (small: written now)."""
+    pending = begin_checkpoint(root, step, _checkpoint_meta(cfg, tokenizer))
+    saving_tokenizer(lambda _: None, tokenizer)(pending.tmp)
+    return pending
 
 
 def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
@@ -145,6 +171,7 @@ class LocalEngine:
         model = build_model(cfg, data.vocab_size).to(device)
         self.trainer = Trainer(cfg, model, data, SingleContext(device))
         self.skips = SkipPolicy.from_config(cfg.train)
+        self.background: BackgroundSave | None = None
 
     @property
     def step(self) -> int:
@@ -164,6 +191,14 @@ class LocalEngine:
         return save_engine_checkpoint(root, self.trainer.step, lambda d: save_shard(d, self.trainer), self.cfg,
                                       self.tokenizer)
 
+    def save_in_background(self, root: Path) -> None:
+        pending = begin_engine_checkpoint(root, self.trainer.step, self.cfg, self.tokenizer)
+        self.background = BackgroundSave(pending, save_shard(pending.tmp, self.trainer, background=True))
+
+    def finish_save(self) -> Path | None:
+        background, self.background = self.background, None
+        return None if background is None else background.finish()
+
     def load(self, path: Path) -> None:
         check_checkpoint(path, checkpoint_signature(self.cfg, self.tokenizer))
         load_into(path, self.trainer)
@@ -175,4 +210,10 @@ class LocalEngine:
         return [canonical_grads(self.trainer)]
 
     def close(self, keep_cluster: bool = False) -> None:
-        return None
+        """A background save still in flight here was cut off by an error: its writes end, it is deleted."""
+        background, self.background = self.background, None
+        if background is not None:
+            try:
+                background.wait()
+            finally:
+                background.pending.abandon()

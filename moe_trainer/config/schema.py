@@ -145,6 +145,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # save every N steps (and at the end); 0 = only at the end
     resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
     keep_last: int = 3  # checkpoints kept on disk (older ones deleted after a successful save); 0 = all
+    async_checkpoint: bool = False  # write checkpoint files in the background while training goes on
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)
     max_skipped_steps: int = 10  # on_nan=skip: stop after this many skipped steps in a row
     retain_freed_memory: bool = True  # keep freed host memory for reuse instead of re-faulting it each step

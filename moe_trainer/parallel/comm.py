@@ -106,9 +106,12 @@ def one_rank_group(backend: str, timeout_s: float = 60.0) -> Iterator[Any]:
         torch.distributed.destroy_process_group()
 
 
-def new_group(ranks: list[int], timeout_s: float) -> Any:
-    """A subgroup with the same collective timeout as the world group (every rank must call this)."""
-    return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s))
+def new_group(ranks: list[int], timeout_s: float, backend: str | None = None) -> Any:
+    """A subgroup with the same collective timeout as the world group (every rank must call this).
+
+    ``backend``: another backend than the world's (``gloo`` for checkpoint coordination on GPUs).
+    """
+    return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
 
 
 def start_counts_exchange(counts_E: Tensor, group: Any, label: str = "") -> Callable[[], Tensor]:

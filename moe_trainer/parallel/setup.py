@@ -7,7 +7,7 @@ functions run under any launcher that gives a rank and a rendezvous address.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class RankSetup:
     # parallel.shard_optimizer: the parameters whose optimizer entries this rank writes (and alone holds);
     # None: optimizer entries follow save_dense / save_experts
     optim_owner: Callable[[str], bool] | None = None
+    checkpoint_group: Any = None  # every rank, gloo: checkpoint saves (set by build_rank)
 
 
 def _device(cfg: Config, rank: int) -> tuple[str, torch.device]:
@@ -107,9 +108,19 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     configure_process(device)
     timeout = cfg.parallel.timeout_s
     init_process_group(backend, master_addr, master_port, rank, world_size(cfg), timeout)
+    # its own group, first on every rank: a background save coordinates in a thread of its own while training's
+    # collectives run, and DCP's asynchronous save needs a CPU backend whatever the world's is
+    checkpoint_group = new_group(list(range(world_size(cfg))), timeout, backend="gloo")
     if cfg.parallel.strategy == "disaggregated":
-        return _build_disaggregated(cfg, rank, backend, device)
+        setup = _build_disaggregated(cfg, rank, backend, device)
+    else:
+        setup = _build_parallel(cfg, rank, backend, device)
+    return replace(setup, checkpoint_group=checkpoint_group)
 
+
+def _build_parallel(cfg: Config, rank: int, backend: str, device: torch.device) -> RankSetup:
+    """A data- or expert-parallel rank: its expert-parallel and expert-data-parallel groups, its Trainer."""
+    timeout = cfg.parallel.timeout_s
     topo = Topology(rank=rank, world=world_size(cfg), ep_size=ep_size(cfg), num_experts=cfg.moe.num_experts)
     ep_group = _groups_containing(rank, topo.ep_groups(), timeout)
     edp_group = _groups_containing(rank, topo.edp_groups(), timeout)

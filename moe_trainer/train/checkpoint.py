@@ -1,24 +1,29 @@
 """Checkpoint directories: one per step, written atomically, checked before loading.
 
-A checkpoint is ``step_XXXXXXXX/{shard_rank*.pt, meta.json}``, first written under a
-temporary name and renamed into place, so a crash mid-save never leaves a
-half-written checkpoint where ``resume`` would look. What goes in the shards is
-:mod:`moe_trainer.train.sharded_checkpoint`'s business; they hold only tensors and
-are read with ``torch.load(weights_only=True)``.
+A checkpoint is ``step_XXXXXXXX/{.metadata, __<rank>_0.distcp, ..., meta.json}``, first
+written under a temporary name and renamed into place once every file is written, so a
+crash mid-save (or mid background save) never leaves a half-written checkpoint where
+``resume`` would look. ``meta.json`` records the size and SHA-256 of every other file in
+the directory, whoever wrote it. What goes in the files is
+:mod:`moe_trainer.train.sharded_checkpoint`'s and :mod:`moe_trainer.train.checkpoint_io`'s
+business.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moe_trainer.checksums import file_sha256
 from moe_trainer.config.errors import ConfigError
+from moe_trainer.train.safe_metadata import METADATA_FILE as METADATA_FILE_DCP
+from moe_trainer.train.safe_metadata import load_metadata
 
 META_FILE = "meta.json"
 # objective settings recorded only since a later version: the value a checkpoint without them was trained with
@@ -29,28 +34,65 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
 
 
-def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None], meta: dict[str, Any]) -> Path:
-    """Has ``write_shards`` fill a temporary directory, adds ``meta.json``, renames it into place."""
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint being written into its temporary directory; final only after :meth:`complete`."""
+
+    tmp: Path
+    final: Path
+    step: int
+    meta: dict[str, Any]
+
+    def complete(self) -> Path:
+        """Records every file's size and checksum in ``meta.json``, then renames the directory into place.
+
+        Call only once every writer has finished: the rename is what makes the checkpoint exist.
+        """
+        files = {str(f.relative_to(self.tmp)): {"bytes": f.stat().st_size, "sha256": file_sha256(f)}
+                 for f in sorted(self.tmp.rglob("*")) if f.is_file()}
+        (self.tmp / META_FILE).write_text(json.dumps({"step": self.step, "files": files, **self.meta}, indent=1))
+        if self.final.exists():
+            shutil.rmtree(self.final)
+        os.replace(self.tmp, self.final)
+        return self.final
+
+    def abandon(self) -> None:
+        """Deletes what was written (a save whose writers died): it never becomes a checkpoint."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def begin_checkpoint(root: Path, step: int, meta: dict[str, Any]) -> PendingCheckpoint:
+    """An empty temporary directory for the checkpoint of ``step`` (a stale one of this process is cleared)."""
     final = checkpoint_dir(root, step)
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    write_shards(tmp)
-    files = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    (tmp / META_FILE).write_text(json.dumps({"step": step, "files": files, **meta}, indent=1))
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    return PendingCheckpoint(tmp, final, step, meta)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+@dataclass
+class BackgroundSave:
+    """A checkpoint whose files are being written while training goes on (``train.async_checkpoint``)."""
+
+    pending: PendingCheckpoint
+    wait: Callable[[], None]  # returns once every writer has finished; raises if one failed
+
+    def finish(self) -> Path:
+        """Waits for every writer, then completes the checkpoint; a failed save is deleted and re-raised."""
+        try:
+            self.wait()
+        except BaseException:
+            self.pending.abandon()
+            raise
+        return self.pending.complete()
+
+
+def save_checkpoint(root: Path, step: int, write_shards: Callable[[Path], None], meta: dict[str, Any]) -> Path:
+    """Has ``write_shards`` fill a temporary directory, adds ``meta.json``, renames it into place."""
+    pending = begin_checkpoint(root, step, meta)
+    write_shards(pending.tmp)
+    return pending.complete()
 
 
 def checkpoint_problems(path: Path) -> list[str]:
@@ -69,7 +111,7 @@ def checkpoint_problems(path: Path) -> list[str]:
             problems.append(f"{name} is missing")
         elif f.stat().st_size != want.get("bytes"):
             problems.append(f"{name} has {f.stat().st_size} bytes, {want.get('bytes')} were written (truncated?)")
-        elif _sha256(f) != want.get("sha256"):
+        elif file_sha256(f) != want.get("sha256"):
             problems.append(f"{name} does not match its checksum (altered or corrupt)")
     return problems
 
@@ -123,8 +165,14 @@ def refuse_damaged(path: Path) -> None:
 
 
 def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
-    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ)."""
+    """Refuses a damaged checkpoint, or one made by a model of another shape (layout and strategy may differ).
+
+    A DCP index (``.metadata``) is read here too, through the restricted unpickler: a foreign one is
+    refused in this process, before any rank (a Ray actor) opens the checkpoint.
+    """
     refuse_damaged(path)
+    if (path / METADATA_FILE_DCP).exists():
+        load_metadata(path)
     try:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:

@@ -65,6 +65,23 @@ def test_checkpoint_from_4_actors_resumes_under_other_layouts(ray_cluster: objec
 
 
 @pytest.mark.slow
+def test_background_checkpoints_of_actors_hold_what_blocking_ones_hold(ray_cluster: object, tmp_path: Path) -> None:
+    """``train.async_checkpoint``: each rank copies its entries and writes them in a thread while the next
+    steps train (checkpoint collectives on their own gloo group); the step-5 checkpoint must hold step 5."""
+    layout = ["parallel=disaggregated", "parallel.num_expert_actors=2"]  # coordinator and expert actors save
+    blocking = run(tmp_path / "blocking", *layout)
+    background = run(tmp_path / "background", *layout, "train.async_checkpoint=true")
+    assert background == blocking
+    for step in (5, STEPS):
+        want = read_entries(tmp_path / "blocking" / "checkpoints" / f"step_{step:08d}")
+        got = read_entries(tmp_path / "background" / "checkpoints" / f"step_{step:08d}")
+        assert got.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(got[key], value), (step, key)
+    assert not list((tmp_path / "background" / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow
 def test_killed_actor_costs_only_the_steps_since_the_checkpoint(tmp_path: Path) -> None:
     steps = 60
     common = ["experiment=debug", "parallel=expert_parallel", "parallel.num_actors=2", f"train.max_steps={steps}",

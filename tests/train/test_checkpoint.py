@@ -24,7 +24,7 @@ def test_truncated_checkpoint_is_refused_and_auto_takes_the_earlier_one(tmp_path
                                                                         capsys: pytest.CaptureFixture) -> None:
     run(tmp_path)  # checkpoints at steps 3 and 6
     newest = tmp_path / "checkpoints" / "step_00000006"
-    shard = newest / "shard_rank00000.pt"
+    shard = newest / "__0_0.distcp"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     with pytest.raises(ConfigError) as err:
         run(tmp_path / "b", f"train.resume={newest}")

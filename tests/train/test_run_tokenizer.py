@@ -95,7 +95,9 @@ def _bad_resumes(run_dir: Path, tmp_path: Path) -> dict[str, tuple[list[str], st
     resume = f"train.resume={run_dir / 'checkpoints' / 'step_00000003'}"
     return {
         "byte on a BPE checkpoint": (["data.tokenizer=byte", resume], "data.tokenizer"),
-        "another vocabulary size": (["data.tokenizer=bpe", "data.vocab_size=320", resume], "data.vocab_size"),
+        # fewer ids than the checkpoint's BPE holds: certainly another size (a larger request may only
+        # mean the corpus ran out of merges, test_a_bpe_that_stopped_short_resumes_with_its_request)
+        "another vocabulary size": (["data.tokenizer=bpe", "data.vocab_size=280", resume], "data.vocab_size"),
         "another tokenizer.json": ([f"data.tokenizer={other}", resume], "data.tokenizer"),
         "an altered tokenizer.json": ([*BPE, f"train.resume={altered}"], "train.resume"),
     }
@@ -140,3 +142,14 @@ def test_a_run_dir_of_another_tokenizer_is_not_overwritten(bpe_run: tuple[Path, 
     with pytest.raises(ConfigError, match="already holds another tokenizer.json"):
         train_run(tmp_path, "data.tokenizer=bpe", "data.vocab_size=280")
     assert tree_state(tmp_path) == before
+
+
+def test_a_bpe_that_stopped_short_resumes_with_its_request(tmp_path: Path) -> None:
+    """A BPE asked for 8192 ids on a tiny corpus has fewer; resuming with the same request must work."""
+    small = bpe_module.train_bpe(Dataset.from_dict({"text": ["a tiny corpus of a few words"] * 30}), 8192)
+    assert small.vocab_size < 8192
+    checkpoint = tmp_path / "step_00000001"
+    checkpoint.mkdir()
+    small.save(checkpoint / TOKENIZER_FILE)
+    got = checkpoint_tokenizer(DataConfig(tokenizer="bpe", vocab_size=8192, token_cache=None), checkpoint)
+    assert got.digest == small.digest
