@@ -99,6 +99,14 @@ def cache_key(source: str, tokenizer: Tokenizer) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _parse_index(directory: Path) -> ShardIndex | None:
+    """``directory``'s ``index.json``, or None when there is none or it is not an index of this format."""
+    try:
+        return ShardIndex(**json.loads((directory / INDEX_NAME).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 def refuse_shard_directory(root: Path, tokenizer: Tokenizer | None) -> None:
     """Raises a ConfigError naming ``data.token_cache`` when `root` is one cache directory, not the root.
 
@@ -106,10 +114,8 @@ def refuse_shard_directory(root: Path, tokenizer: Tokenizer | None) -> None:
     (or, read as one, feed ids of another tokenizer to this model). The message says which
     tokenizer made it and, when `tokenizer` is known, whether that is this run's.
     """
-    try:
-        raw = json.loads((root.expanduser() / INDEX_NAME).read_text())
-        index = ShardIndex(**raw)
-    except (OSError, ValueError, TypeError):
+    index = _parse_index(root.expanduser())
+    if index is None:
         return  # no index there: a root (or not a cache at all)
     theirs = describe(index.tokenizer, index.vocab_size, index.tokenizer_sha256)
     made = f"holds token shards made with tokenizer {theirs}"
@@ -132,10 +138,8 @@ def read_index(directory: Path, key: str) -> ShardIndex | None:
     is exactly ``tokens * itemsize`` bytes long. Anything else (no index yet, a truncated file,
     an older format) is not trusted.
     """
-    try:
-        raw = json.loads((directory / INDEX_NAME).read_text())
-        index = ShardIndex(**raw)
-    except (OSError, ValueError, TypeError):
+    index = _parse_index(directory)
+    if index is None:
         return None
     if index.format_version != FORMAT_VERSION or index.key != key or set(index.tokens) != set(SPLITS):
         return None

@@ -100,11 +100,6 @@ class ByteTokenizer:
         return arr[arr != EOD_ID].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
 
-def is_tokenizer_path(setting: str) -> bool:
-    """Whether a ``data.tokenizer`` value names a file or directory rather than ``byte`` or ``bpe``."""
-    return setting not in (BYTE, BPE)
-
-
 def build_tokenizer(setting: str) -> Tokenizer:
     """Returns the tokenizer ``data.tokenizer`` names: ``byte``, or the path of a tokenizer.json (or its folder).
 

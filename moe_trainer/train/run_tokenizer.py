@@ -19,13 +19,13 @@ a copy through :func:`saving_tokenizer`, a wrapper of the shard writer: the chec
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from moe_trainer.checksums import file_sha256
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import Config, DataConfig
 from moe_trainer.data.tokenizer import BPE, BYTE, ByteTokenizer, Tokenizer, build_tokenizer, describe
@@ -172,7 +172,7 @@ def install_tokenizer(cfg: Config, tokenizer: Tokenizer, run_dir: Path) -> Insta
     # a config valid on its own: data.vocab_size only sizes a BPE still to be trained
     pointed = replace(cfg, data=replace(cfg.data, tokenizer=str(file), vocab_size=None))
     if file.is_file():
-        if hashlib.sha256(file.read_bytes()).hexdigest() != tokenizer.digest:
+        if file_sha256(file) != tokenizer.digest:
             raise ConfigError("data.tokenizer", cfg.data.tokenizer, f"the run directory {run_dir} already holds "
                               f"another {TOKENIZER_FILE} (a run with another tokenizer, whose checkpoints need it); "
                               f"train into a new run directory, or resume that run with train.resume=auto")

@@ -115,16 +115,26 @@ def trace_in(copy: Path, layout: str, mix: str) -> Any:
     return load_trace(out)
 
 
+def _selected(request: pytest.FixtureRequest) -> set[str]:
+    """The cases whose tests this session runs (``-k`` may select a few): the control and mutation names."""
+    here = [item for item in request.session.items if item.path == Path(__file__)]
+    names = {item.callspec.params["name"] for item in here if hasattr(item, "callspec")}
+    return names | ({CONTROL} if any(item.name == "test_an_unmutated_copy_passes" for item in here) else set())
+
+
 @pytest.fixture(scope="module")
-def driver_traces(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Any]]]:
+def driver_traces(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> Iterator[dict[str, Future[Any]]]:
     """Every case's driver (the control and each mutation), started two at a time in the background.
 
     The session cluster has room for two drivers' actors (0.5 CPU each), so while one driver
     imports torch or waits for its actors the other computes; each test waits only for its own.
     """
-    cases = {CONTROL: (copy_tree(tmp_path_factory.mktemp(CONTROL)), *CONTROL_CASE)}
+    selected = _selected(request)
+    cases = {CONTROL: (copy_tree(tmp_path_factory.mktemp(CONTROL)), *CONTROL_CASE)} if CONTROL in selected else {}
     for name, mutation in MUTATIONS.items():
-        cases[name] = (mutated_copy(tmp_path_factory.mktemp(name), mutation), mutation.layout, mutation.mix)
+        if name in selected:
+            cases[name] = (mutated_copy(tmp_path_factory.mktemp(name), mutation), mutation.layout, mutation.mix)
     pool = ThreadPoolExecutor(max_workers=DRIVERS_AT_ONCE)
     yield {name: pool.submit(trace_in, *case) for name, case in cases.items()}
     pool.shutdown(wait=True, cancel_futures=True)
