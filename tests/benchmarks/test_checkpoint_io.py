@@ -12,13 +12,14 @@ from benchmarks import checkpoint_io
 
 
 @pytest.mark.slow
-def test_checkpoint_io_measures_both_formats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_io_measures_a_save_and_every_ranks_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One format, no background save: the script's path end to end (each format and each rank is a spawned
+    process importing torch; the comparison of formats is what docs/benchmarks.md measures at 103M)."""
     monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path)
     checkpoint_io.main(["--ranks", "2", "--d-model", "64", "--experts", "8", "--expert-hidden", "64",
-                        "--dir", str(tmp_path / "ckpt"), "--json", "ckpt_io"])
-    rows = {r["format"]: r for r in json.loads((tmp_path / "ckpt_io.json").read_text())["rows"]}
-    assert set(rows) == {"dcp", "torch_save", "dcp (background)"}
-    assert len(rows["dcp"]["per_rank"]) == 2 and rows["dcp (background)"]["blocking_s"] > 0
-    # the old format reads every shard whole and stacks copies: its load holds more than the rank's own state
-    assert rows["dcp"]["state_at_peak_x_max"] < rows["torch_save"]["state_at_peak_x_max"]
+                        "--formats", "dcp", "--no-background", "--dir", str(tmp_path / "ckpt"), "--json", "ckpt_io"])
+    (row,) = json.loads((tmp_path / "ckpt_io.json").read_text())["rows"]
+    assert row["format"] == "dcp" and len(row["per_rank"]) == 2
+    # each rank read about its own share (the dense part and its experts), not the whole checkpoint
+    assert 0 < row["state_at_peak_x_max"] < 1.5
     assert not list((tmp_path / "ckpt").iterdir())  # every checkpoint it wrote was deleted
