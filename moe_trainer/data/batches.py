@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.data.shards import cached_streams
+from moe_trainer.data.shards import TokenFile, cached_streams
 from moe_trainer.data.sources import TEXT_COLUMN, CorpusSource, corpus_source, load_corpus
 from moe_trainer.data.tokenizer import Tokenizer, build_tokenizer
 
@@ -130,7 +130,10 @@ class BatchSource:
 
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> Batch:
         """Returns (inputs, targets), each [len(starts), seq_len], cut from `tokens` at `starts`."""
-        windows = tokens[starts[:, None] + self._offsets].to(torch.int64)  # [rows, seq_len + 1]
+        if isinstance(tokens, TokenFile):  # the token cache: read with pread, not mapped
+            windows = tokens.windows(starts, self.seq_len + 1).to(torch.int64)
+        else:
+            windows = tokens[starts[:, None] + self._offsets].to(torch.int64)  # [rows, seq_len + 1]
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def global_starts(self, step: int) -> torch.Tensor:
