@@ -1,5 +1,5 @@
 """Data pipeline: text sources (embedded stdlib, local files, Hub) -> tokens (bytes, a trained BPE
-or a tokenizer.json; in memory, or memory-mapped token shards on disk) -> batches.
+or a tokenizer.json; in memory, or token shards on disk read a window at a time) -> batches.
 
 Typical use::
 

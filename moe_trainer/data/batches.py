@@ -1,7 +1,7 @@
 """Token streams and the batches the trainer reads from them.
 
 Each split is tokenised once into one 1-D stream (documents joined, each followed by the
-end-of-document id): int64 in memory, or, with ``data.token_cache`` set, uint16/uint32 memory-mapped
+end-of-document id): int64 in memory, or, with ``data.token_cache`` set, uint16/uint32 read from
 from the token cache of :mod:`moe_trainer.data.shards` (the same ids, so the same batches).
 A training batch is a set of random windows of ``seq_len + 1`` tokens; the
 window starts are a pure function of ``(seed, step)``. That gives, without any saved RNG state:
@@ -92,7 +92,7 @@ class BatchSource:
 
     Attributes:
         train_tokens: [n_train_tokens], the training stream: int64 in memory, or uint16/uint32
-            memory-mapped from the token cache (only the windows cut from it become int64).
+            the token cache's files (:class:`~moe_trainer.data.shards.TokenFile`: windows read as needed).
         val_tokens: [n_val_tokens], the validation stream, like `train_tokens`.
         seq_len: tokens per sequence (inputs and targets are each [rows, seq_len]).
         batch_size: global batch size B in sequences, split across ranks.
@@ -116,7 +116,7 @@ class BatchSource:
             raise ConfigError("train.batch_size", batch_size, "must be at least 1")
         _check_stream(train_tokens, seq_len, "train")
         _check_stream(val_tokens, seq_len, "validation")
-        # kept in their own dtype: a memory-mapped uint16 stream stays 2 bytes a token and on disk
+        # kept in their own dtype: a cached uint16 stream stays 2 bytes a token and on disk
         self.train_tokens = train_tokens.contiguous()
         self.val_tokens = val_tokens.contiguous()
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -189,7 +189,7 @@ def build_batch_source(
 ) -> BatchSource:
     """Loads (or takes) the corpus, tokenises both splits and returns their BatchSource.
 
-    With ``data.token_cache`` set the streams are memory-mapped from the token cache there,
+    With ``data.token_cache`` set the streams are read from the token cache there (windows by ``pread``),
     tokenised only by the first process that finds it missing (the others, and every later
     start, never load the corpus); unset, they are tokenised into memory. `corpus` skips
     loading when the caller already has the ``load_corpus`` result (e.g. to log document

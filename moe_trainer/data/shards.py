@@ -1,19 +1,20 @@
-"""Token shards on disk: each split tokenised once, stored flat, memory-mapped by every rank.
+"""Token shards on disk: each split tokenised once, stored flat, read a window at a time by every rank.
 
 Tokenising in memory costs 8 bytes per token in every actor and is redone at every start. The
 cache written here holds, per split, one flat file of the exact stream ``tokenize_split`` makes
 (documents in order, each followed by the tokenizer's end-of-document id) as raw little-endian
 ``uint16`` (vocabularies up to 65536 ids) or ``uint32``, plus ``index.json`` (dtype, token
 counts, tokenizer and its sha256, source fingerprint, format version) and, for a tokenizer read
-from a file, that ``tokenizer.json``. Readers map the files: the OS shares the pages between all
-actors of a machine and reads only the windows a batch touches.
+from a file, that ``tokenizer.json``. Readers ``pread`` windows (:class:`TokenFile`): the OS
+page cache holds the files once for all actors of a machine, and a process holds only the
+windows of its batch.
 
 Layout: ``<token_cache>/<key>/{train.bin, validation.bin, index.json[, tokenizer.json]}``, where
 ``key`` hashes the corpus's identity (:class:`~moe_trainer.data.sources.CorpusSource`: its files'
 paths, sizes and modification times and the split settings, known without reading any text; a
 Hub dataset's ``datasets`` fingerprints), the tokenizer's name, vocabulary size and (for a
 tokenizer.json) the sha256 of its bytes, and :data:`FORMAT_VERSION`, so a changed corpus, split
-or tokenizer lands in a new directory, and a start that finds its directory maps it without
+or tokenizer lands in a new directory, and a start that finds its directory reads it without
 loading the corpus. ``data.token_cache`` names the root; a shard directory given in its place is
 refused with what it holds (:func:`refuse_shard_directory`).
 
