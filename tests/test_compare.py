@@ -21,7 +21,7 @@ from tests.helpers import read_records
 BIN = Path(sys.executable).parent
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64", "moe.num_experts=4",
         "moe.expert_hidden=32", "data.seq_len=32", "data.embedded_max_bytes=300000", "train.batch_size=4",
-        "train.max_steps=6", "train.eval_every=3", "train.eval_batches=2", "logger.progress=false"]
+        "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2", "logger.progress=false"]
 
 
 @pytest.mark.slow
