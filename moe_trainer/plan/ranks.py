@@ -19,6 +19,7 @@ from torch import nn
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import data_parallel_ranks, micro_batches, sequences_per_forward
 from moe_trainer.model.transformer import Transformer
+from moe_trainer.moe.experts import is_expert_param
 from moe_trainer.parallel.topology import Topology, ep_size, world_size
 
 
@@ -31,7 +32,7 @@ class ParamTensor:
 
     @property
     def expert(self) -> bool:
-        return ".experts." in self.name
+        return is_expert_param(self.name)
 
 
 @dataclass(frozen=True)
