@@ -398,6 +398,8 @@ def build_token_cache(corpus: DatasetDict | CorpusSource, tokenizer: Tokenizer, 
 def map_stream(directory: Path, index: ShardIndex, split: str) -> torch.Tensor:
     """Returns `split`'s stream memory-mapped, in its stored dtype (uint16/uint32), shape [n_tokens].
 
+    The whole stream at once, for tools and tests that compare or scan it; training reads
+    windows through :class:`TokenFile` instead (a mapping's touched pages stay resident).
     Copy-on-write mapping (``mode="c"``): pages are read lazily and shared with every other
     reader, and torch gets a writable array (no read-only warning); nothing writes to it.
     """
