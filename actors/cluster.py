@@ -133,14 +133,95 @@ def _asked(request: Request, resource: str) -> str:
     return " + ".join(map(share, request.roles)) + f" = {request.total(resource):g} {resource}s requested"
 
 
-def check_resources(request: Request) -> None:
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """The cluster's alive nodes by address, each with its total CPUs and GPUs (``{"CPU": 2.0, "GPU": 0.0}``)."""
+    return {n["NodeManagerAddress"]: {"CPU": n["Resources"].get("CPU", 0.0), "GPU": n["Resources"].get("GPU", 0.0)}
+            for n in ray.nodes() if n["Alive"]}
+
+
+def dead_nodes(addresses: set[str]) -> set[str]:
+    """Which of these node addresses are gone: marked dead by Ray, or whose raylet refuses connections.
+
+    The second answers within a second of a machine's processes dying (a refused TCP connect
+    to its raylet's port); Ray's own verdict comes after its health checks miss (seconds more).
+    A node Ray still counts alive whose raylet is silent (not refused) is left to Ray.
+    """
+    gone = set()
+    known = {n["NodeManagerAddress"]: n for n in ray.nodes()}
+    for address in addresses:
+        node = known.get(address)
+        if node is None or not node["Alive"]:
+            gone.add(address)
+            continue
+        try:
+            with socket.create_connection((address, int(node["NodeManagerPort"])), timeout=1.0):
+                pass
+        except ConnectionRefusedError:
+            gone.add(address)
+        except OSError:
+            pass
+    return gone
+
+
+def wait_until_marked_dead(addresses: set[str], timeout_s: float) -> set[str]:
+    """Waits until Ray itself counts these nodes dead (so new placements avoid them); returns those it does."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = set(alive_nodes())
+        if not addresses & alive or time.monotonic() >= deadline:
+            return addresses - alive
+        time.sleep(0.2)
+
+
+def _shortfall(request: Request) -> str | None:
+    """What the cluster lacks for ``request`` now (a message), or None when its totals hold it."""
+    total = ray.cluster_resources()
+    for resource in ("GPU", "CPU"):
+        have = total.get(resource, 0.0)
+        if request.total(resource) > have:
+            return f"{_asked(request, resource)}, the Ray cluster has {have:g}"
+    return None
+
+
+def wait_for_resources(request: Request, wait_s: float) -> bool:
+    """Waits up to ``wait_s`` for the cluster's totals to hold ``request``; True when they do.
+
+    An autoscaling cluster is told what is missing (``ray.autoscaler.sdk.request_resources``,
+    the bundles of the job), so it starts nodes instead of waiting for a pending placement.
+    """
+    if _shortfall(request) is None:
+        return True
+    if wait_s <= 0:
+        return False
+    from ray.autoscaler.sdk import request_resources
+
+    bundles = [{"CPU": cpus, **({"GPU": gpus} if gpus else {})} for cpus, gpus in request.per_rank()]
+    phase(f"waiting up to {wait_s:g} s (cluster.wait_for_resources_s) for the cluster to grow: {_shortfall(request)}")
+    deadline = time.monotonic() + wait_s
+    try:
+        request_resources(bundles=bundles)
+        while time.monotonic() < deadline:
+            if _shortfall(request) is None:
+                return True
+            time.sleep(0.5)
+        return _shortfall(request) is None
+    finally:
+        request_resources(bundles=[])  # the job's placement group now speaks for itself
+
+
+def check_resources(request: Request, wait_s: float = 0.0) -> None:
     """Refuses a job the cluster cannot place, saying what was asked and what exists.
 
-    A job of one role is refused by its actor count (``parallel.num_actors``); a job of
-    several roles (disaggregated) by the per-actor setting of the role that asks for the
-    most, naming every count and size setting the user can trade.
+    ``wait_s`` (``cluster.wait_for_resources_s``, an existing cluster only): first wait that long
+    for the cluster to grow. A job of one role is refused by its actor count
+    (``parallel.num_actors``); a job of several roles (disaggregated) by the per-actor setting of
+    the role that asks for the most, naming every count and size setting the user can trade.
     """
+    if wait_for_resources(request, wait_s):
+        return
     total = ray.cluster_resources()
+    waited = (f" (after waiting {wait_s:g} s, cluster.wait_for_resources_s)" if wait_s > 0 else
+              "" if _address == "" else "; an autoscaling cluster: set cluster.wait_for_resources_s to wait for it")
     for resource in ("GPU", "CPU"):
         have = total.get(resource, 0.0)
         if request.total(resource) <= have:
@@ -148,7 +229,7 @@ def check_resources(request: Request) -> None:
         sizes = list(dict.fromkeys(role.reserves(resource)[1] for role in request.roles))
         largest = max(request.roles, key=lambda role: role.actors * role.reserves(resource)[0])
         each, setting = largest.reserves(resource)
-        asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}"
+        asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}{waited}"
         if resource == "GPU":
             raise ConfigError(setting, each, f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
         if len(request.roles) == 1:

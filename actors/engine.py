@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from actors.cluster import Request, check_resources, connect, disconnect
+from actors.cluster import EMBEDDED, Request, check_resources, connect, disconnect
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
@@ -18,6 +18,7 @@ from moe_trainer.engine import (
     model_parameter_counts,
     save_engine_checkpoint,
 )
+from moe_trainer.parallel.placement import describe, layout_rows
 from moe_trainer.parallel.resources import role_resources
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import add_expert_role, aggregate_chunk
@@ -60,13 +61,15 @@ class RayEngine:
         self.cfg = cfg
         self.cluster = connect(cfg.cluster)
         try:
-            if actors is None:
-                check_resources(request_for(cfg))
+            if actors is None:  # the embedded Ray never grows: never waited for
+                check_resources(request_for(cfg), 0.0 if self.cluster == EMBEDDED else cfg.cluster.wait_for_resources_s)
             self.tokenizer = build_tokenizer(cfg.data.tokenizer)  # the resolved file the actors load too
             t0 = time.perf_counter()
             phase(_starting(cfg, reused=actors is not None))
             self.group = ActorGroup(cfg, request_for(cfg), actors=actors)
             phase(f"{len(self.group.actors)} actors joined their process group ({time.perf_counter() - t0:.1f} s)")
+            for line in describe(layout_rows(self.group.infos)):
+                phase(f"layout: {line}")
         except BaseException:
             disconnect()
             raise
@@ -89,6 +92,11 @@ class RayEngine:
 
     def evaluate(self) -> float:
         return self.group.call("evaluate")[0]
+
+    def request_stop(self) -> None:
+        """Preemption: every rank is told (in its control thread); they agree on the step to stop after."""
+        for actor in self.group.actors:
+            actor.request_stop.remote()
 
     def nonfinite_state(self) -> list[str]:
         return [f"rank {rank}: {name}" for rank, names in enumerate(self.group.call("nonfinite_state"))
@@ -127,6 +135,7 @@ class RayEngine:
             "params_per_actor": [i["params_local"] for i in infos],
             "expert_params_per_actor": [i["expert_params_local"] for i in infos],
             "expert_range_per_actor": [i["expert_range"] for i in infos],
+            "layout": layout_rows(infos),
             **model_parameter_counts(self.cfg, self.tokenizer.vocab_size),
         }
 

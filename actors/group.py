@@ -15,14 +15,16 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import Request
+from actors.cluster import Request, dead_nodes
 from actors.worker import TrainWorker
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import EngineLost
+from moe_trainer.parallel.placement import rank_bundles
 
 # After one rank's call fails, how long to watch the others for a dead actor before reporting
 # the failure itself (their collectives fail within seconds when a peer is gone).
 FAILURE_GRACE_S = 10.0
+POLL_S = 0.5  # how often a wait for the ranks returns to Python (signal handlers run only then)
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -32,6 +34,14 @@ def _bundle(cpus: float, gpus: float) -> dict[str, float]:
 
 class ActorLost(EngineLost):
     """An actor of the group died; the group must be rebuilt."""
+
+
+class NodeLost(ActorLost):
+    """A node running some of the ranks is gone (its processes killed, the machine lost)."""
+
+    def __init__(self, message: str, nodes: set[str], ranks: list[int]) -> None:
+        super().__init__(message)
+        self.nodes, self.ranks = nodes, ranks
 
 
 class ActorStartupError(RuntimeError):
@@ -52,6 +62,7 @@ class ActorGroup:
         self.cfg = cfg
         timeout = cfg.parallel.timeout_s
         self.pg: Any = None
+        self.closed = False
         self.reused = actors is not None
         if actors is not None:
             if len(actors) != request.actors:
@@ -94,11 +105,13 @@ class ActorGroup:
             raise ActorStartupError(
                 f"could not place {asked} within {timeout:.0f} s; "
                 f"cluster has {ray.available_resources()} available") from err
+        # which bundle each rank runs in: expert-parallel groups inside a node when one holds them
+        bundles = rank_bundles(cfg, _bundle_nodes(self.pg))
         return [
             actor_cls.options(
                 num_cpus=cpus,
                 num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=bundles[i]),
             ).remote(cfg, i)
             for i, (cpus, gpus) in enumerate(request.per_rank())
         ]
@@ -106,33 +119,60 @@ class ActorGroup:
     def call(self, method: str, *args: Any) -> list[Any]:
         """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks).
 
-        A dead actor raises :class:`ActorLost` as soon as Ray reports it. A failed call (a
-        collective that timed out, a rank that could not join) is re-raised after the other
-        ranks finish or ``FAILURE_GRACE_S`` passes, unless one of them turns out dead.
+        A dead actor raises :class:`ActorLost` as soon as Ray reports it, and so does a failed
+        call whose rank's node turns out gone (:func:`actors.cluster.dead_nodes`: a killed
+        machine's raylet refuses connections within a second, before Ray's health checks
+        mark it dead). Any other failed call (a collective that timed out, a rank that could not
+        join) is re-raised after the other ranks finish or ``FAILURE_GRACE_S`` passes, unless one
+        of them turns out dead. The wait wakes every ``POLL_S`` so the driver's signal handlers
+        (preemption) run while a chunk is in flight.
         """
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         pending, failure, deadline = list(refs), None, None
         while pending:
-            wait_s = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait_s = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
             done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
-            if not done:  # the others are still blocked (in a collective with the failed rank)
-                break
+            if not done:
+                if deadline is not None:
+                    self._raise_if_nodes_lost(method)
+                    if time.monotonic() >= deadline:  # the others are still blocked (in a collective with it)
+                        break
+                continue
             try:
                 ray.get(done[0])
             except ray.exceptions.RayActorError as err:
                 rank = refs.index(done[0])
-                pid = self.infos[rank]["pid"] if self.infos else "?"
-                raise ActorLost(f"actor rank {rank} (pid {pid}) died during {method}: "
+                self._raise_if_nodes_lost(method)
+                raise ActorLost(f"actor rank {rank} ({self._where(rank)}) died during {method}: "
                                 f"{str(err).splitlines()[0]}") from err
             except ray.exceptions.RayTaskError as err:
                 if failure is None:
                     failure, deadline = err, time.monotonic() + FAILURE_GRACE_S
+                    self._raise_if_nodes_lost(method)
         if failure is not None:
+            self._raise_if_nodes_lost(method)
             raise failure.as_instanceof_cause()
         return ray.get(refs)
 
+    def _where(self, rank: int) -> str:
+        info = self.infos[rank] if self.infos else {}
+        return f"pid {info.get('pid', '?')} on {info.get('node', '?')}"
+
+    def _raise_if_nodes_lost(self, method: str) -> None:
+        """Raises :class:`NodeLost` when a node running some of the ranks is gone."""
+        if not self.infos:
+            return
+        gone = dead_nodes({info["node"] for info in self.infos})
+        if gone:
+            ranks = [info["rank"] for info in self.infos if info["node"] in gone]
+            raise NodeLost(f"node {', '.join(sorted(gone))} was lost during {method} (ranks "
+                           f"{', '.join(map(str, ranks))})", gone, ranks)
+
     def shutdown(self) -> None:
-        """Stops the actors; reused ones leave the process group and stay (killed if they cannot)."""
+        """Stops the actors; reused ones leave the process group and stay (killed if they cannot). Once."""
+        if self.closed:
+            return
+        self.closed = True
         if self.reused:
             try:
                 ray.get([actor.leave.remote() for actor in self.actors], timeout=FAILURE_GRACE_S)
@@ -143,7 +183,18 @@ class ActorGroup:
 
     def _kill(self) -> None:
         """Ends every actor of the group (and frees its placement group, if it made one)."""
+        self.closed = True
+        if not ray.is_initialized():  # the connection is gone, and the actors with it (never reconnect to kill)
+            return
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         if self.pg is not None:
             remove_placement_group(self.pg)
+            self.pg = None
+
+
+def _bundle_nodes(pg: Any) -> list[str]:
+    """The node address each bundle of a ready placement group was placed on."""
+    addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    placed = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    return [addresses.get(placed[b], "?") for b in sorted(placed)]

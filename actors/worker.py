@@ -12,6 +12,7 @@ import math
 import os
 import random
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,11 @@ from moe_trainer.parallel.resources import rank_resources, rank_role, torch_thre
 from moe_trainer.train.nan_guard import SkipPolicy, nonfinite_tensors, run_steps
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"control": 1})
 class TrainWorker:
+    """Training calls run one at a time (the default group); ``request_stop`` runs in a thread of its own
+    (the ``control`` group), so it reaches a rank in the middle of a chunk."""
+
     def __init__(self, cfg: Config, rank: int) -> None:
         # a process setting, applied once: glibc's thresholds cannot be taken back, so reuse checks it
         self.retains_freed_memory = cfg.train.retain_freed_memory
@@ -40,6 +44,13 @@ class TrainWorker:
         self.setup: Any = None
         self.pending_save: Callable[[], None] | None = None  # waits for this rank's background checkpoint writes
         self.skips = SkipPolicy.from_config(cfg.train)
+        self.stop_requested = threading.Event()
+        self.stop: Callable[[], bool] | None = None  # the ranks' agreement on stopping (set by join)
+
+    @ray.method(concurrency_group="control")
+    def request_stop(self) -> None:
+        """Preemption: the chunk in flight ends after the step every rank is at when one of them sees this."""
+        self.stop_requested.set()
 
     def reuse(self, cfg: Config, rank: int) -> None:
         """Leaves the old process group and takes another job's config and rank (see ``ActorGroup``'s ``actors``).
@@ -100,12 +111,14 @@ class TrainWorker:
         raise RuntimeError(f"no free rendezvous port on {host} in 20000-32767")
 
     def join(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        from moe_trainer.parallel.comm import agreed_flag
         from moe_trainer.parallel.setup import build_rank, local_parameter_counts
 
         # here, not at construction: a pool of actors may be started with a placeholder config whose
         # world does not hold their rank (tests/actors/equivalence.py); a joining rank's is real
         torch.set_num_threads(torch_threads(rank_resources(self.cfg, self.rank)[0]))
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
+        self.stop = agreed_flag(self.stop_requested.is_set, self.setup.control_group)
         if self.setup.role != "experts":  # the trainer's timeline names this rank by its place in the whole job
             self.setup.runner.ctx.global_rank, self.setup.runner.ctx.role = self.rank, self.setup.role
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
@@ -115,8 +128,8 @@ class TrainWorker:
     def train(self, num_steps: int) -> list[dict[str, Any]]:
         runner = self.setup.runner
         if self.setup.role == "experts":
-            return run_steps(runner.train_step, num_steps, self.skips)
-        return run_steps(lambda: runner.train_step().record, num_steps, self.skips)
+            return run_steps(runner.train_step, num_steps, self.skips, self.stop)
+        return run_steps(lambda: runner.train_step().record, num_steps, self.skips, self.stop)
 
     def evaluate(self) -> float | None:
         if self.setup.role == "experts":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,13 @@ from moe_trainer.config.errors import CollectiveError, ConfigError
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.data.shards import refuse_corrupted_cache
-from moe_trainer.driver import TrainingDiverged, run_training
+from moe_trainer.driver import TrainingDiverged
 from moe_trainer.engine import Engine, EngineLost, LocalEngine
 from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
 from moe_trainer.outputs import RunOutputs, wandb_run_id
-from moe_trainer.train.checkpoint import list_checkpoints
+from moe_trainer.preemption import EXIT_CODE as PREEMPTED_EXIT
+from moe_trainer.preemption import Preempted, Preemption
+from moe_trainer.restarts import train_with_restarts
 from moe_trainer.train.resume import NothingToDo, ResumePoint, plan_resume
 from moe_trainer.train.run_tokenizer import install_tokenizer, resolve_tokenizer
 
@@ -104,9 +105,11 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     refuse_corrupted_cache(cfg.data, tokenizer)  # the shards every actor will map (verified once per process)
     installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
     cfg = installed.cfg
+    preemption = Preemption(cfg.fault_tolerance.preempt_timeout_s).install()  # SIGTERM from here on: stop cleanly
     try:
         engine = make_engine(cfg)
     except BaseException:
+        preemption.uninstall()
         installed.discard()  # a start refused here leaves the run directory as it was
         raise
     try:
@@ -122,7 +125,7 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
             if resume is not None:
                 print(resume.line(), flush=True)
                 outputs.log(resume.event())
-            summary, engine = _train_with_restarts(cfg, engine, outputs, resume)
+            summary, engine = train_with_restarts(cfg, engine, outputs, make_engine, resume, preemption)
             if resume is not None:
                 summary.update(resumed_from=str(resume.checkpoint), resumed_from_step=resume.step)
             outputs.summary(summary)
@@ -131,40 +134,9 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
         if outputs.wandb.sync_command:
             summary["wandb_sync"] = outputs.wandb.sync_command
     finally:
+        preemption.uninstall()
         engine.close(keep_cluster=keep_cluster)
     return summary
-
-
-def _train_with_restarts(cfg: Config, engine: Engine, outputs: RunOutputs,
-                         resume: ResumePoint | None = None) -> tuple[dict[str, Any], Engine]:
-    """Trains; when a process is lost, rebuilds the engine from the last checkpoint (``fault_tolerance``).
-
-    The last checkpoint is this run's newest, else the one the run resumed from.
-    """
-    restarts = 0
-    while True:
-        outputs.write_processes(engine.info())
-        try:
-            summary = run_training(cfg, engine, outputs)
-            summary["restarts"] = restarts
-            return summary, engine
-        except EngineLost as err:
-            if restarts >= cfg.fault_tolerance.max_restarts:
-                raise
-            restarts += 1
-            t0 = time.perf_counter()
-            failed_at = engine.step
-            engine.close(keep_cluster=True)
-            engine = make_engine(cfg)
-            latest = list_checkpoints(outputs.run_dir / "checkpoints") or ([resume.checkpoint] if resume else [])
-            if latest:
-                engine.load(latest[-1])
-            event = {"step": engine.step, "restart": restarts, "reason": str(err), "failed_at_step": failed_at,
-                     "resumed_from": str(latest[-1]) if latest else None,
-                     "restart_time_s": time.perf_counter() - t0}
-            outputs.log(event)
-            print(f"moe-train: restart {restarts}/{cfg.fault_tolerance.max_restarts} after step {failed_at}: "
-                  f"{err}; resumed at step {engine.step}", file=sys.stderr, flush=True)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
@@ -187,6 +159,10 @@ def _main(dcfg: DictConfig) -> float | None:
     except (EngineLost, CollectiveError) as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(4)
+    except Preempted as err:
+        print(f"moe-train: {err}. Continue with the same command and train.resume=auto hydra.run.dir={run_dir}",
+              file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
     resumed = f" (resumed from step {summary['resumed_from_step']})" if "resumed_from_step" in summary else ""
     print(
         f"done: {summary['steps']} steps{resumed}, val_loss {summary.get('initial_val_loss', float('nan')):.4f} -> "

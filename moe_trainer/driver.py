@@ -17,9 +17,10 @@ from moe_trainer import STARTED_AT
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
 from moe_trainer.outputs import RunOutputs
+from moe_trainer.preemption import Preempted, Preemption
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import TIMELINE_KEY
-from moe_trainer.train.checkpoint import list_checkpoints, prune_checkpoints
+from moe_trainer.train.checkpoint import checkpoint_dir, list_checkpoints, prune_checkpoints
 from moe_trainer.train.nan_guard import SkipPolicy
 
 
@@ -76,12 +77,31 @@ def _finish_background_save(engine: Engine, ckpt_root: Path, keep_last: int) -> 
         prune_checkpoints(ckpt_root, keep_last)
 
 
-def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, Any]:
+def _preempt(engine: Engine, ckpt_root: Path, keep_last: int, outputs: RunOutputs,
+             preemption: Preemption) -> Preempted:
+    """SIGTERM came: a checkpoint of the step every rank stopped after (unless one is already saved), then out."""
+    t0 = time.perf_counter()
+    _finish_background_save(engine, ckpt_root, keep_last)
+    path = checkpoint_dir(ckpt_root, engine.step)
+    if path not in list_checkpoints(ckpt_root):  # the step may just have been saved (a checkpoint boundary)
+        _save(engine, ckpt_root, keep_last, background=False)
+    save_time = time.perf_counter() - t0
+    outputs.log({"step": engine.step, "preempted": "SIGTERM", "preempt_save_time_s": save_time,
+                 "preempt_exit_s": preemption.elapsed_s()})
+    return Preempted(engine.step, str(path), save_time, preemption.elapsed_s())
+
+
+def run_training(cfg: Config, engine: Engine, outputs: RunOutputs,
+                 preemption: Preemption | None = None) -> dict[str, Any]:
     """Trains to ``train.max_steps`` from wherever ``engine`` stands; returns the run summary.
 
     ``initial_val_loss`` is this start's first evaluation, made where the engine stands: step 0,
     or the step a resume continues from, so the closing line compares two real evaluations.
+    ``preemption``: after its SIGTERM the engine stops after its current step, a checkpoint is
+    saved there and :class:`Preempted` is raised.
     """
+    preemption = preemption or Preemption(cfg.fault_tolerance.preempt_timeout_s)
+    preemption.listen(engine.request_stop)
     t = cfg.train
     ckpt_root = outputs.run_dir / "checkpoints"
     summary: dict[str, Any] = {"start_step": engine.step, **engine.info()}
@@ -96,6 +116,8 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
     last: dict[str, Any] = {}
     try:
         while engine.step < t.max_steps:
+            if preemption.requested.is_set():
+                raise _preempt(engine, ckpt_root, t.keep_last, outputs, preemption)
             stop = min(_next_boundary(engine.step, every, t.max_steps)
                        for every in (t.log_every, t.eval_every, t.checkpoint_every))
             if "time_to_first_step_s" not in summary:  # the first step alone, so its line comes when it ends
@@ -115,7 +137,11 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs) -> dict[str, 
                 # the engine's own policy (which may have counted skips before this call) is authoritative:
                 # a chunk that ended early ended at a step that stops training
                 cut_short = i == len(records) - 1 and len(records) < asked
-                ends = policy.must_stop(record) or cut_short
+                skipped_too_often = policy.must_stop(record)
+                if cut_short and not skipped_too_often and preemption.requested.is_set():
+                    outputs.log(record)  # the ranks agreed to stop after this step: its record is the last
+                    raise _preempt(engine, ckpt_root, t.keep_last, outputs, preemption)
+                ends = skipped_too_often or cut_short
                 if ends or record["step"] % t.log_every == 0 or record["step"] == t.max_steps:
                     outputs.log(record)
                 if ends:  # the engine ended the chunk right after this step, on every rank

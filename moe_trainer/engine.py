@@ -7,6 +7,7 @@ remote engine (Ray actors) stays off the per-step path.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -50,6 +51,9 @@ class Engine(Protocol):
         """
 
     def evaluate(self) -> float: ...
+
+    def request_stop(self) -> None:
+        """Asks the chunk in flight to end after its current step (preemption); callable from any thread."""
 
     def nonfinite_state(self) -> list[str]:
         """Names (with the rank) of parameters or optimizer state holding NaN/inf on any process."""
@@ -172,6 +176,7 @@ class LocalEngine:
         self.trainer = Trainer(cfg, model, data, SingleContext(device))
         self.skips = SkipPolicy.from_config(cfg.train)
         self.background: BackgroundSave | None = None
+        self.stop_requested = threading.Event()
 
     @property
     def step(self) -> int:
@@ -179,7 +184,11 @@ class LocalEngine:
 
     def train(self, num_steps: int) -> list[dict[str, Any]]:
         # one rank: aggregation only adds the mean/_max/_per_rank keys every strategy logs
-        return aggregate_chunk([run_steps(lambda: self.trainer.train_step().record, num_steps, self.skips)])
+        return aggregate_chunk([run_steps(lambda: self.trainer.train_step().record, num_steps, self.skips,
+                                          self.stop_requested.is_set)])
+
+    def request_stop(self) -> None:
+        self.stop_requested.set()
 
     def evaluate(self) -> float:
         return self.trainer.evaluate()

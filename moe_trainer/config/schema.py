@@ -97,6 +97,9 @@ class ParallelConfig:
 class ClusterConfig:
     address: str | None = None  # null = RAY_ADDRESS or a fresh embedded local Ray on 127.0.0.1
     connect_timeout_s: float = 30.0  # give up connecting to a cluster after this long
+    # an existing cluster too small for the job (an autoscaling one, or one that lost a node): wait this long for
+    # it to grow before refusing; 0 = refuse at once. The embedded Ray never grows: it is never waited for
+    wait_for_resources_s: float = 0.0
 
 
 def cache_root() -> str:
@@ -158,6 +161,11 @@ class TrainConfig:
 @dataclass
 class FaultToleranceConfig:
     max_restarts: int = 2  # Ray strategies: rebuild the actor group after a lost actor, this many times
+    # after a lost node: continue from the last checkpoint on what the cluster still holds, resharded to the largest
+    # valid layout that fits (fewer actors); false = the same layout or stop (checkpoint intact, how to resume said)
+    elastic: bool = False
+    # SIGTERM (or moe-submit stop): a checkpoint at the next step boundary, then exit 143; forced exit after this long
+    preempt_timeout_s: float = 120.0
 
 
 @dataclass

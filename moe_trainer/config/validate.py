@@ -394,6 +394,7 @@ def validate_train(cfg: Config) -> None:
     _one_of("train.device", t.device, DEVICES)
     _positive("train.grad_accum_steps", t.grad_accum_steps)
     _positive("fault_tolerance.max_restarts", cfg.fault_tolerance.max_restarts, allow_zero=True)
+    _positive("fault_tolerance.preempt_timeout_s", cfg.fault_tolerance.preempt_timeout_s)
 
 
 def validate_batch_split(cfg: Config) -> None:
@@ -435,6 +436,7 @@ def validate_logger(cfg: Config) -> None:
                           "must be >= 0: 0 records no step timelines, N records step 2 and every N-th step; "
                           "use logger.timeline_every=0 to turn them off")
     _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
+    _positive("cluster.wait_for_resources_s", cfg.cluster.wait_for_resources_s, allow_zero=True)
 
 
 def validate_memory(cfg: Config) -> None:

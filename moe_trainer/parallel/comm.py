@@ -114,6 +114,23 @@ def new_group(ranks: list[int], timeout_s: float, backend: str | None = None) ->
     return torch.distributed.new_group(ranks, timeout=timedelta(seconds=timeout_s), backend=backend)
 
 
+def agreed_flag(local: Callable[[], bool], group: Any) -> Callable[[], bool]:
+    """A check every rank of ``group`` calls at the same point; true on all of them when ``local`` is true on any.
+
+    For a stop that must happen after the same step everywhere (a preemption reaches the ranks
+    at different times). ``group`` is a gloo group, so the flag is a CPU int: no device sync.
+    """
+    flag = torch.zeros(1, dtype=torch.int32)
+
+    def check() -> bool:
+        flag.fill_(int(local()))
+        guarded("all_reduce of the stop flag (preemption)",
+                lambda: torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=group))
+        return bool(flag[0])
+
+    return check
+
+
 def start_counts_exchange(counts_E: Tensor, group: Any, label: str = "") -> Callable[[], Tensor]:
     """Starts exchanging per-expert counts; the returned function waits and gives ``[P, E_local]``.
 

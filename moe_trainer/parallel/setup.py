@@ -49,6 +49,7 @@ class RankSetup:
     # None: optimizer entries follow save_dense / save_experts
     optim_owner: Callable[[str], bool] | None = None
     checkpoint_group: Any = None  # every rank, gloo: checkpoint saves (set by build_rank)
+    control_group: Any = None  # every rank, gloo: the per-step stop agreement of a preemption (set by build_rank)
 
 
 def _device(cfg: Config, rank: int) -> tuple[str, torch.device]:
@@ -111,11 +112,13 @@ def build_rank(cfg: Config, rank: int, master_addr: str, master_port: int) -> Ra
     # its own group, first on every rank: a background save coordinates in a thread of its own while training's
     # collectives run, and DCP's asynchronous save needs a CPU backend whatever the world's is
     checkpoint_group = new_group(list(range(world_size(cfg))), timeout, backend="gloo")
+    # and one for the stop flag every rank checks after every step, which must not queue behind a save
+    control_group = new_group(list(range(world_size(cfg))), timeout, backend="gloo")
     if cfg.parallel.strategy == "disaggregated":
         setup = _build_disaggregated(cfg, rank, backend, device)
     else:
         setup = _build_parallel(cfg, rank, backend, device)
-    return replace(setup, checkpoint_group=checkpoint_group)
+    return replace(setup, checkpoint_group=checkpoint_group, control_group=control_group)
 
 
 def _build_parallel(cfg: Config, rank: int, backend: str, device: torch.device) -> RankSetup:

@@ -42,17 +42,22 @@ class SkipPolicy:
         return self.on_nan == "stop" or self.consecutive >= self.max_skipped
 
 
-def run_steps(train_step: Callable[[], dict[str, Any]], num_steps: int, policy: SkipPolicy) -> list[dict[str, Any]]:
-    """Runs up to ``num_steps`` steps; ends right after the step ``policy`` stops at.
+def run_steps(train_step: Callable[[], dict[str, Any]], num_steps: int, policy: SkipPolicy,
+              stop: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
+    """Runs up to ``num_steps`` steps; ends right after the step ``policy`` stops at, or after
+    a step at whose end ``stop()`` says so (a preemption, see :mod:`moe_trainer.preemption`).
 
     Every engine's chunk loop (the local engine, each Ray rank, each expert actor) is this
     function, so all ranks leave the chunk after the same step and no collective is left
-    waiting for a rank that stopped.
+    waiting for a rank that stopped: on several ranks ``stop`` is a collective agreement
+    (:func:`moe_trainer.parallel.comm.agreed_flag`) that every rank calls after every step.
     """
     records: list[dict[str, Any]] = []
     for _ in range(num_steps):
         records.append(train_step())
         if policy.must_stop(records[-1]):
+            break
+        if stop is not None and stop():
             break
     return records
 

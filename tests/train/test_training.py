@@ -7,11 +7,12 @@ from typing import Any
 
 import pytest
 
-from moe_trainer.cli import _train_with_restarts
+from moe_trainer.cli import make_engine
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.engine import EngineLost, LocalEngine
 from moe_trainer.logging import read_offline_run
 from moe_trainer.outputs import RunOutputs
+from moe_trainer.restarts import train_with_restarts
 from moe_trainer.train.resume import plan_resume
 from tests.conftest import compose_dict
 from tests.helpers import read_records, train_run
@@ -73,7 +74,7 @@ def test_restart_reports_the_first_attempts_initial_val_loss(tmp_path: Path) -> 
     dcfg = compose_dict(["experiment=debug", "fault_tolerance.max_restarts=1"])
     cfg = to_dataclass(dcfg)
     outputs = RunOutputs(tmp_path, {}, cfg.logger, "single")
-    summary, engine = _train_with_restarts(cfg, LosesItsProcessAtStep4(cfg), outputs)  # rebuilt: a LocalEngine
+    summary, engine = train_with_restarts(cfg, LosesItsProcessAtStep4(cfg), outputs, make_engine)  # rebuilt: local
     outputs.close()
     records = read_records(tmp_path)
     assert summary["restarts"] == 1 and summary["start_step"] == 3 and engine.step == 6
@@ -90,7 +91,7 @@ def test_a_restart_before_a_resumed_runs_first_checkpoint_goes_back_to_the_resum
     engine = LosesItsProcessAtStep4(cfg)
     engine.load(resume.checkpoint)
     outputs = RunOutputs(tmp_path / "b", {}, cfg.logger, "single")
-    summary, engine = _train_with_restarts(cfg, engine, outputs, resume)  # no checkpoint in b before step 6
+    summary, engine = train_with_restarts(cfg, engine, outputs, make_engine, resume)  # no checkpoint in b before step 6
     outputs.close()
     (restart,) = [r for r in read_records(tmp_path / "b") if "restart" in r]
     assert restart["resumed_from"] == str(resume.checkpoint) and restart["step"] == 3
