@@ -85,6 +85,35 @@ def build(working_dir: Path, *, pip: list[str], env_vars: dict[str, str], extra_
     return runtime_env
 
 
+# Ray Jobs' stop (``moe-submit stop``) sends the driver SIGTERM, then SIGKILL after this many seconds (Ray's
+# default: 3), read by the job's supervisor from the job's runtime_env
+STOP_WAIT_VAR = "RAY_JOB_STOP_WAIT_TIME_S"
+STOP_MARGIN_S = 30  # after moe-train's own bound: W&B's close and the process exit
+
+
+def preempt_timeout_s(overrides: list[str]) -> float:
+    """``fault_tolerance.preempt_timeout_s`` as the job will see it: the override's value, else the default."""
+    from moe_trainer.config.schema import FaultToleranceConfig
+
+    value: float = FaultToleranceConfig.preempt_timeout_s
+    for override in overrides:
+        key, _, text = override.lstrip("+").partition("=")
+        if key == "fault_tolerance.preempt_timeout_s":
+            try:
+                value = float(text)
+            except ValueError:
+                pass  # moe-train refuses it with the setting's name
+    return value
+
+
+def with_stop_grace(runtime_env: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Lets a stopped job save its checkpoint: Ray waits ``preempt_timeout_s`` + a margin before SIGKILL
+    (unless the user set ``RAY_JOB_STOP_WAIT_TIME_S`` in the job's env_vars)."""
+    env_vars = runtime_env.setdefault("env_vars", {})
+    env_vars.setdefault(STOP_WAIT_VAR, str(int(preempt_timeout_s(overrides)) + STOP_MARGIN_S))
+    return runtime_env
+
+
 def describe(runtime_env: dict[str, Any]) -> str:
     """A one-line summary for the console that never prints env var values (they may be secrets)."""
     parts = [f"working_dir={runtime_env.get('working_dir')}"]

@@ -15,6 +15,7 @@ actors on the cluster. Exit status: 0 when the job SUCCEEDED; 1 when it FAILED o
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import shlex
 import sys
 import time
@@ -29,9 +30,6 @@ from launch import runtime_env as renv
 
 COMMANDS = ("status", "stop", "logs")
 PROBE_TIMEOUT_S = 10.0
-_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
-
-
 def _err(message: str) -> None:
     print(f"moe-submit: {message}", file=sys.stderr, flush=True)
 
@@ -93,7 +91,12 @@ def _command_parser(command: str) -> argparse.ArgumentParser:
 
 
 def _is_local(url: str) -> bool:
-    return (urlparse(url).hostname or "") in _LOCAL_HOSTS
+    """A loopback address (any of 127.0.0.0/8, ::1) or ``localhost``."""
+    host = urlparse(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def entrypoint(overrides: list[str], program: str = "moe-train") -> str:
@@ -128,7 +131,7 @@ def _runtime_env(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_submit(args: argparse.Namespace) -> int:
     address = addr.resolve(args.address)
-    runtime_env = _runtime_env(args)  # local mistakes first, before any network
+    runtime_env = renv.with_stop_grace(_runtime_env(args), args.overrides)  # local mistakes first, before any network
     command = entrypoint(args.overrides, program_for(args.bin_dir, address))
     client = jobs.connect(address, args.timeout)
     _err(f"submitting to {address.url}: {command}")

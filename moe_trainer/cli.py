@@ -105,13 +105,14 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     refuse_corrupted_cache(cfg.data, tokenizer)  # the shards every actor will map (verified once per process)
     installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
     cfg = installed.cfg
-    preemption = Preemption(cfg.fault_tolerance.preempt_timeout_s).install()  # SIGTERM from here on: stop cleanly
     try:
         engine = make_engine(cfg)
     except BaseException:
-        preemption.uninstall()
         installed.discard()  # a start refused here leaves the run directory as it was
         raise
+    # SIGTERM from here on stops at a step boundary with a checkpoint; taken after the engine started, since
+    # ray.init installs its own SIGTERM handler in the driver (which aborts the process)
+    preemption = Preemption(cfg.fault_tolerance.preempt_timeout_s).install()
     try:
         if resume is not None:
             try:

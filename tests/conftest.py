@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from omegaconf import DictConfig
 from actors import keep_embedded_ray_on_loopback
 from moe_trainer.cli import CONF_DIR
 from moe_trainer.config.schema import Config, register_configs, to_dataclass
+from tests.ray_nodes import RayNode, alive_nodes, clean_env, remove, restart, start_head, start_worker
 
 register_configs()
 # data.token_cache (and the BPEs stored in it) under a directory of this session, not the user's
@@ -65,6 +68,39 @@ def one_rank_gloo() -> Iterator[Any]:
 
     with one_rank_group("gloo") as world:
         yield world
+
+
+@dataclass
+class TwoNodeCluster:
+    """A real Ray cluster of two nodes on loopback (``tests/ray_nodes.py``): what a user's cluster is."""
+
+    head: RayNode  # 127.0.0.3: GCS, Ray Jobs server, 2 CPUs
+    worker: RayNode  # 127.0.0.2: 2 CPUs
+
+    def driver_env(self, **extra: str) -> dict[str, str]:
+        """A ``moe-train`` process's environment to join this cluster (``cluster.address=`` the head's GCS)."""
+        return clean_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.head.token, WANDB_MODE="offline", **extra)
+
+    def ensure_worker(self) -> None:
+        """The second node alive again (a test before may have killed it)."""
+        if self.worker.ip not in alive_nodes(self.head):
+            restart(self.worker, self.head)
+
+
+@pytest.fixture(scope="session")
+def two_nodes() -> Iterator[TwoNodeCluster]:
+    """Started once per session by the first test that asks (``moe-submit``'s, the multi-node ones)."""
+    head = start_head("127.0.0.3", cpus=2, token=secrets.token_hex(32))
+    try:
+        worker = start_worker("127.0.0.2", cpus=2, head=head)
+    except BaseException:
+        remove(head)
+        raise
+    try:
+        yield TwoNodeCluster(head, worker)
+    finally:
+        remove(worker)
+        remove(head)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -136,19 +137,35 @@ def runner_step(worker: Any) -> int:
     return worker.setup.runner.step
 
 
-def test_every_rank_stops_at_the_skipped_step_that_ends_training(ray_cluster: object,
-                                                                  make_config: Any) -> None:
+def clear_stop(worker: Any) -> None:
+    """Runs inside each actor: forgets a preemption request, so the same actors go on to the next check."""
+    worker.stop_requested.clear()
+
+
+def test_every_rank_stops_at_the_step_a_preemption_or_a_skip_ends(ray_cluster: object, make_config: Any) -> None:
     # coordinators (TrainWorker) and expert actors (ExpertServer) must leave the chunk together
     cfg = make_config("parallel=disaggregated", "train.on_nan=skip", "train.max_skipped_steps=3",
                       "parallel.timeout_s=60")
     engine = RayEngine(cfg)
     try:
         assert not engine.train(1)[0]["step_skipped"]
+        # a preemption in the middle of a long chunk: each rank hears it at its own moment, all stop together
+        chunk: list[dict[str, Any]] = []
+        running = threading.Thread(target=lambda: chunk.extend(engine.train(100_000)))
+        running.start()
+        time.sleep(1.0)
+        engine.request_stop()
+        running.join(timeout=60)
+        assert not running.is_alive() and 1 <= len(chunk) < 100_000
+        base = 1 + len(chunk)
+        assert engine.step == base and engine.group.call("__ray_call__", runner_step) == [base] * 3
+        engine.group.call("__ray_call__", clear_stop)
+
         engine.group.call("__ray_call__", poison_coordinator)
         assert [r["step_skipped"] for r in engine.train(2)] == [True, True]
         records = engine.train(5)  # the 3rd skip in a row, counted across chunks, ends this chunk
-        assert [(r["step"], r["step_skipped"]) for r in records] == [(4, True)]
-        assert engine.group.call("__ray_call__", runner_step) == [4, 4, 4]
+        assert [(r["step"], r["step_skipped"]) for r in records] == [(base + 3, True)]
+        assert engine.group.call("__ray_call__", runner_step) == [base + 3] * 3
         assert engine.nonfinite_state() == ["rank 0: model/lm_head.weight"]
     finally:
         engine.close(keep_cluster=True)

@@ -1,9 +1,10 @@
-"""``moe-submit`` against a real Ray head started as its own process, as a user would start one.
+"""``moe-submit`` against a real Ray cluster started as its own processes, as a user would start one.
 
-The head runs on 127.0.0.1 with token authentication and its own token (``RAY_AUTH_TOKEN``
-in the head's environment, the way KubeRay and cluster configs pass it), so the tests
-never depend on or touch ``~/.ray/auth_token``: ``moe-submit`` runs with ``HOME`` pointing
-at a directory holding that token in ``.ray/auth_token``, the default place Ray reads.
+The session's two-node cluster (``two_nodes``: a head on 127.0.0.3 and a node on 127.0.0.2)
+runs with token authentication and its own token (``RAY_AUTH_TOKEN`` in the nodes'
+environment, the way KubeRay and cluster configs pass it), so the tests never depend on or
+touch ``~/.ray/auth_token``: ``moe-submit`` runs with ``HOME`` pointing at a directory
+holding that token in ``.ray/auth_token``, the default place Ray reads.
 The jobs run on this machine, so an absolute ``hydra.run.dir`` lets the tests read the
 run's files.
 """
@@ -13,20 +14,15 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 
@@ -35,11 +31,12 @@ from launch import auth
 from launch import runtime_env as renv
 from launch.jobs import failure_report, outcome
 from launch.submit import entrypoint, main, program_for
-from tests.helpers import read_records
+from tests.conftest import TwoNodeCluster
+from tests.helpers import read_records, train_run
+from tests.ray_nodes import RayNode, free_ports
 
 BIN = Path(sys.executable).parent
 MOE_SUBMIT = str(BIN / "moe-submit")
-HEAD_START_TIMEOUT_S = 120.0
 
 
 # ---------------------------------------------------------------- fast unit tests (no Ray)
@@ -107,6 +104,11 @@ def test_runtime_env_defaults_and_passthrough() -> None:
     assert env["py_executable"] == "/opt/venv/bin/python"
     assert "INFO" not in renv.describe(env)  # values (maybe secrets) are never printed
     assert renv.parse_env(["X=1", "K"], {"K": "secret"}) == {"X": "1", "K": "secret"}
+    # a stopped job gets its preemption bound (and a margin) before Ray's SIGKILL; a value the user set is kept
+    stop_wait = renv.STOP_WAIT_VAR
+    assert renv.with_stop_grace({}, ["fault_tolerance.preempt_timeout_s=60"])["env_vars"][stop_wait] == "90"
+    assert renv.with_stop_grace({}, [])["env_vars"][stop_wait] == "150"
+    assert renv.with_stop_grace({"env_vars": {stop_wait: "7"}}, [])["env_vars"][stop_wait] == "7"
     with pytest.raises(renv.RuntimeEnvError, match="not set"):
         renv.parse_env(["MISSING_VAR"], {})
     with pytest.raises(renv.RuntimeEnvError, match="not the moe-trainer project"):
@@ -132,7 +134,7 @@ def test_outcome_maps_job_status_to_exit_code_and_explains_failures() -> None:
 
 
 def test_unreachable_address_fails_fast_with_the_address(capsys: pytest.CaptureFixture[str]) -> None:
-    port = _free_ports(1)[0]  # nothing listens there
+    port = free_ports(1)[0]  # nothing listens there
     start = time.monotonic()
     assert main(["--address", f"127.0.0.1:{port}", "experiment=debug"]) == 2
     assert time.monotonic() - start < 30
@@ -154,105 +156,17 @@ def test_silent_address_fails_within_30_s(capsys: pytest.CaptureFixture[str]) ->
     assert f"http://127.0.0.1:{port}" in err and "within" in err
 
 
-# ---------------------------------------------------------------- a real Ray head
+# ---------------------------------------------------------------- a real Ray cluster
 
 
-@dataclass(frozen=True)
-class Head:
-    url: str
-    gcs: str
-    token: str
-    home: Path  # holds .ray/auth_token for moe-submit
+@pytest.fixture
+def head(two_nodes: TwoNodeCluster) -> RayNode:
+    """The head of the session's two-node cluster (127.0.0.3; ``tests/ray_nodes.py``), as a user starts one."""
+    two_nodes.ensure_worker()
+    return two_nodes.head
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _wait_for_job_server(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + HEAD_START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/authentication_mode", timeout=2) as response:
-                if json.loads(response.read()).get("authentication_mode") == "token":
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"job server at {url} silent for {HEAD_START_TIMEOUT_S:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _alive_in_group(pgid: int) -> list[int]:
-    """Live members of a process group; zombies (reaped later by init) do not count."""
-    alive = []
-    for p in psutil.process_iter(["pid", "status"]):
-        try:
-            if os.getpgid(p.info["pid"]) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
-                alive.append(p.info["pid"])
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return alive
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the head's process group (ours alone: it was started in a new session), then SIGKILL."""
-    for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            proc.poll()  # reap the leader
-            if not _alive_in_group(proc.pid):
-                return
-            time.sleep(0.2)
-
-
-@pytest.fixture(scope="module")
-def head() -> Iterator[Head]:
-    """``ray start --head --block`` in its own session on 127.0.0.1, every port chosen free (others run Ray too)."""
-    temp = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's unix sockets live under it
-    gcs, dashboard, agent, client, metrics = _free_ports(5)
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
-    env.update({
-        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-        # `ray start` replaces --node-ip-address=127.0.0.1 by the machine's routable IP unless this is 0
-        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "WANDB_MODE": "offline",
-    })
-    log = temp / "head.log"
-    command = [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-               f"--dashboard-agent-listen-port={agent}", f"--ray-client-server-port={client}",
-               f"--metrics-export-port={metrics}", "--num-cpus=4", f"--temp-dir={temp}", "--disable-usage-stats",
-               "--block"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=temp,
-                                start_new_session=True)
-    home = temp / "home"
-    (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text(token)
-    try:
-        url = f"http://127.0.0.1:{dashboard}"
-        _wait_for_job_server(url, proc, log)
-        yield Head(url=url, gcs=f"127.0.0.1:{gcs}", token=token, home=home)
-    finally:
-        _stop_group(proc)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _client_env(head: Head, **extra: str) -> dict[str, str]:
+def _client_env(head: RayNode, **extra: str) -> dict[str, str]:
     """A user's shell: no Ray settings at all, the token only in ~/.ray/auth_token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
     env["HOME"] = str(head.home)
@@ -260,7 +174,7 @@ def _client_env(head: Head, **extra: str) -> dict[str, str]:
     return env
 
 
-def _moe_submit(head: Head, *args: str, timeout: float = 540, **env: str) -> subprocess.CompletedProcess[str]:
+def _moe_submit(head: RayNode, *args: str, timeout: float = 540, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MOE_SUBMIT, *args], capture_output=True, text=True, timeout=timeout,
                           env=_client_env(head, **env))
 
@@ -278,7 +192,7 @@ def _first_step_time(metrics: Path, stop: threading.Event, found: list[float]) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_expert_parallel_job_runs_on_the_cluster_with_overrides(head: Head, tmp_path: Path) -> None:
+def test_expert_parallel_job_runs_on_the_cluster_with_overrides(head: RayNode, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first_step: list[float] = []
     stop = threading.Event()
@@ -320,7 +234,7 @@ def test_expert_parallel_job_runs_on_the_cluster_with_overrides(head: Head, tmp_
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_failing_job_exits_non_zero_with_its_error(head: Head, tmp_path: Path) -> None:
+def test_failing_job_exits_non_zero_with_its_error(head: RayNode, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = _moe_submit(head, "--address", head.url, "experiment=debug", "moe.top_k=99",
                          f"hydra.run.dir={run_dir}")
@@ -332,7 +246,7 @@ def test_failing_job_exits_non_zero_with_its_error(head: Head, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_token_problems_are_explained(head: Head, tmp_path: Path) -> None:
+def test_token_problems_are_explained(head: RayNode, tmp_path: Path) -> None:
     empty_home = tmp_path / "home"
     empty_home.mkdir()
     result = _moe_submit(head, "--address", head.url, "experiment=debug", HOME=str(empty_home), timeout=60)
@@ -347,13 +261,13 @@ def test_token_problems_are_explained(head: Head, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-def test_gcs_address_is_recognised_as_the_wrong_port(head: Head) -> None:
+def test_gcs_address_is_recognised_as_the_wrong_port(head: RayNode) -> None:
     result = _moe_submit(head, "--address", head.gcs, "experiment=debug", timeout=40)
     assert result.returncode == 2
     assert head.gcs in result.stderr and "8265" in result.stderr
 
 
-def _status(head: Head, job_id: str, missing_ok: bool = False) -> str:
+def _status(head: RayNode, job_id: str, missing_ok: bool = False) -> str:
     result = _moe_submit(head, "status", job_id, "--address", head.url, timeout=60)
     if missing_ok and result.returncode == 2 and "no job" in result.stderr:
         return ""
@@ -361,7 +275,7 @@ def _status(head: Head, job_id: str, missing_ok: bool = False) -> str:
     return result.stdout
 
 
-def _wait_status(head: Head, job_id: str, wanted: str, timeout_s: float = 240) -> str:
+def _wait_status(head: RayNode, job_id: str, wanted: str, timeout_s: float = 240) -> str:
     """Polls ``moe-submit status``; the job may not exist yet when its submitter is still starting."""
     deadline = time.monotonic() + timeout_s
     out = ""
@@ -373,9 +287,19 @@ def _wait_status(head: Head, job_id: str, wanted: str, timeout_s: float = 240) -
     raise AssertionError(f"{job_id} never reached {wanted}: {out}")
 
 
+PREEMPTED_RUN = ["experiment=debug", "parallel=expert_parallel", "parallel.num_actors=2", "parallel.cpus_per_actor=0.5",
+                 "train.max_steps=200", "train.log_every=1", "train.eval_every=200", "train.checkpoint_every=0",
+                 "fault_tolerance.preempt_timeout_s=60"]
+
+
+def _training(metrics: Path) -> bool:
+    return metrics.exists() and '"loss"' in metrics.read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_no_wait_status_and_stop(head: Head, tmp_path: Path) -> None:
+def test_no_wait_status_and_a_stopped_job_saves_and_its_resubmission_continues(
+        head: RayNode, ray_cluster: object, tmp_path: Path) -> None:
     # --no-wait: the id alone on stdout, exit 0 at once; the job then finishes by itself
     result = _moe_submit(head, "--no-wait", "--address", head.url, "experiment=debug", "train.max_steps=2",
                          f"hydra.run.dir={tmp_path / 'short'}", timeout=120)
@@ -384,14 +308,16 @@ def test_no_wait_status_and_stop(head: Head, tmp_path: Path) -> None:
     assert short_id.startswith("raysubmit_")
     assert "SUCCEEDED" in _wait_status(head, short_id, "SUCCEEDED")
 
-    # a followed job stopped from elsewhere: stop reports STOPPED, the follower exits 1
-    job_id = f"moe-test-{secrets.token_hex(4)}"
+    # a followed job stopped from elsewhere while it trains (a preemption): SIGTERM to its driver, which saves
+    # a checkpoint at the next step boundary before Ray's SIGKILL; stop reports STOPPED, the follower exits 1
+    run_dir, job_id = tmp_path / "run", f"moe-test-{secrets.token_hex(4)}"
     follower = subprocess.Popen(
-        [MOE_SUBMIT, "--address", head.url, "--job-id", job_id, "experiment=debug", "train.max_steps=1000000",
-         f"hydra.run.dir={tmp_path / 'long'}"],
+        [MOE_SUBMIT, "--address", head.url, "--job-id", job_id, *PREEMPTED_RUN, f"hydra.run.dir={run_dir}"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_client_env(head))
     try:
-        _wait_status(head, job_id, "RUNNING")
+        deadline = time.monotonic() + 240
+        while not _training(run_dir / "metrics.jsonl") and time.monotonic() < deadline:
+            time.sleep(0.05)
         stopped = _moe_submit(head, "stop", job_id, "--address", head.url, timeout=120)
         assert stopped.returncode == 0, stopped.stderr
         assert f"{job_id}: STOPPED" in stopped.stdout
@@ -403,5 +329,26 @@ def test_no_wait_status_and_stop(head: Head, tmp_path: Path) -> None:
     assert out.splitlines()[0] == job_id
     assert f"job {job_id} STOPPED" in err
     assert "STOPPED" in _status(head, job_id)
+    records = read_records(run_dir)
+    (event,) = [r for r in records if "preempted" in r]
+    last_step = max(r["step"] for r in records if "loss" in r)
+    assert event["step"] == last_step < 200  # every step the run finished is in the checkpoint: none lost
+    assert f"preempted (SIGTERM) at step {last_step}: checkpoint" in out
+    assert event["preempt_exit_s"] < 60
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == [f"step_{last_step:08d}"]  # complete, and nothing half-written beside it
+    print(f"\npreempted at step {last_step}: checkpoint saved in {event['preempt_save_time_s']:.2f} s, "
+          f"{event['preempt_exit_s']:.2f} s after SIGTERM")
+
+    # the resubmission of the same run directory continues the loss curve an uninterrupted run draws
+    again = _moe_submit(head, "--address", head.url, *PREEMPTED_RUN, "train.resume=auto", f"hydra.run.dir={run_dir}")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == last_step and summary["steps"] == 200
+    resumed = {r["step"]: r["loss"] for r in read_records(run_dir) if "loss" in r and r["step"] > last_step}
+    assert sorted(resumed) == list(range(last_step + 1, 201))
+    uninterrupted = train_run(tmp_path / "ref", *PREEMPTED_RUN[1:], "logger.mode=disabled").losses
+    assert resumed == {step: uninterrupted[step] for step in resumed}
+
     unknown = _moe_submit(head, "status", "raysubmit_doesnotexist", "--address", head.url, timeout=60)
     assert unknown.returncode == 2 and "no job raysubmit_doesnotexist" in unknown.stderr
