@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +24,22 @@ def moe_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([MOE_TRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
 
 
+def moe_trains_at_once(*commands: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
+    """Independent ``moe-train`` commands, each its own process, run side by side: each is mostly one
+    interpreter importing (one core), so two take about the time of one on the CI's 2 cores."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda args: moe_train(*args, cwd=cwd), commands))
+
+
 # What the console shows during a Ray run (phases, final lines, nothing else; issue 15) is tested on the
 # strategy comparison's sweep in tests/test_compare.py: one moe-train of Ray strategies there, not two.
 
 
 def test_help_and_cfg_job_show_the_public_settings(tmp_path: Path) -> None:
-    proc = moe_train("--cfg", "job", "moe.num_experts=16", "parallel.num_actors=3", cwd=tmp_path)
+    proc, helped = moe_trains_at_once(("--cfg", "job", "moe.num_experts=16", "parallel.num_actors=3"), ("--help",),
+                                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "num_experts: 16" in proc.stdout and "num_actors: 3" in proc.stdout
-    helped = moe_train("--help", cwd=tmp_path)
     assert helped.returncode == 0 and "parallel: data_parallel, disaggregated, expert_parallel, single" in helped.stdout
 
 
@@ -176,12 +184,14 @@ def test_a_glob_and_a_directory_in_data_paths_train(tmp_path: Path) -> None:
     corpus.mkdir()
     for i in range(4):
         (corpus / f"part{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * 40)
-    for i, entry in enumerate((corpus / "*.txt", corpus)):
-        run_dir = tmp_path / f"run{i}"
-        proc = moe_train("experiment=debug", "train.max_steps=2", f"data.paths=[{entry}]",
-                         f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    entries = (corpus / "*.txt", corpus)
+    # two runs, side by side; both tokenise the same files, which the token cache's per-key lock serialises
+    procs = moe_trains_at_once(*[("experiment=debug", "train.max_steps=2", f"data.paths=[{entry}]",
+                                  f"hydra.run.dir={tmp_path / f'run{i}'}") for i, entry in enumerate(entries)],
+                               cwd=tmp_path)
+    for i, proc in enumerate(procs):
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.strip().splitlines()[-1] == str(run_dir)
+        assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / f"run{i}")
 
 
 def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:
