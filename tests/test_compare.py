@@ -2,13 +2,16 @@
 
 No ``cluster.address``: the sweep starts the embedded local Ray the README's first command uses
 (token auth on, every process on loopback) and its three jobs share it, so this is also each Ray
-strategy out of the box.
+strategy out of the box. Its console, both streams merged in the order they were written, is also
+the test of what a Ray run shows (issue 15): each phase line, then the final lines, and nothing
+else (one ``moe-train`` of a Ray strategy, embedded Ray and actor start-ups paid once, not twice).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,24 +24,51 @@ from tests.helpers import read_records
 BIN = Path(sys.executable).parent
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64", "moe.num_experts=4",
         "moe.expert_hidden=32", "data.seq_len=32", "data.embedded_max_bytes=300000", "train.batch_size=4",
-        "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2", "logger.progress=false"]
+        "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2", "logger.progress=false",
+        "train.checkpoint_every=4"]  # a checkpoint in each run dir, as a run of the debug experiment writes
+ACTORS = {"data_parallel": "2 actors (data_parallel, 0.5 CPU each)",
+          "expert_parallel": "2 actors (expert_parallel, 0.5 CPU each)",
+          "disaggregated": "3 actors (disaggregated: 1 coordinator with 0.5 CPU, 2 expert actors with 0.5 CPU each)"}
+
+
+def console_lines(runs: list[Path]) -> list[str]:
+    """How each line of the sweep's console starts, in order (the step lines aside; a run dir is a whole line):
+    Hydra's launch lines, Ray's start-up once, each job's actors, then its final lines."""
+    want = ["[HYDRA] Launching 3 jobs locally"]
+    for i, (run, (strategy, actors)) in enumerate(zip(runs, ACTORS.items(), strict=True)):
+        want.append(f"[HYDRA] \t#{i} : parallel={strategy} experiment=compare_strategies ")
+        if i == 0:
+            want += ["moe-train: connecting to Ray (embedded, 127.0.0.1)", "moe-train: connected to Ray ("]
+        want += [f"moe-train: starting {actors}: ", f"moe-train: {actors.split(' (')[0]} joined their process group (",
+                 "moe-train: first step done, ", "done: 4 steps, val_loss ", "W&B offline run; upload it with: ",
+                 str(run)]
+    return want
 
 
 @pytest.mark.slow
 def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    # out of the box: no W&B key (W&B offline), Ray's own auth and colour settings left to moe-train
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "RAY_AUTH_MODE", "RAY_COLOR_PREFIX")}
     proc = subprocess.run([str(BIN / "moe-train"), "-m", "experiment=compare_strategies", *TINY,
-                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           f"hydra.sweep.dir={sweep}"], cwd=tmp_path, env={**env, "PYTHONUNBUFFERED": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    console = proc.stdout  # both streams, in the order they were written
+    assert proc.returncode == 0, console[-3000:]
     runs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert [p.name for p in runs] == ["0-data_parallel", "1-expert_parallel", "2-disaggregated"]
-    # a quiet console in a sweep too: the last job's run dir is the last line, no per-process warnings
-    assert proc.stdout.strip().splitlines()[-1] == str(runs[-1])
-    for noise in ("Setting accelerator to CPU", "Token authentication", "\x1b["):
-        assert noise not in proc.stdout + proc.stderr, noise
-    assert proc.stderr.count("moe-train: connecting to Ray") == 1 and proc.stderr.count("actors joined") == 3
+    for noise in ("Setting accelerator to CPU", "Token authentication", "\x1b["):  # \x1b[: colour codes in a file
+        assert noise not in console, noise
+    assert console.count("moe-train: connecting to Ray") == 1 and console.count("actors joined") == 3
+
+    # what a Ray run shows (issue 15): each start-up phase, then the final lines, and nothing else: no
+    # DeepSpeed, Ray or datasets noise, no actor line forwarded late, no shutdown notice after the last line
+    lines = [re.sub(r"^\[[-0-9 :,]+\](?=\[HYDRA\] )", "", line) for line in console.splitlines()]  # Hydra's time
+    shown = [line for line in lines if not re.fullmatch(r"step \d+: val_loss \S+", line)]
+    want = console_lines(runs)
+    assert len(shown) == len(want) and all(line.startswith(w) for line, w in zip(shown, want, strict=True)), shown
+    assert [line for line in shown if line.startswith(str(sweep))] == [str(run) for run in runs]
+    assert lines[-1] == str(runs[-1])
 
     # the sweep's jobs share one embedded Ray (started by the first, stopped at exit)
     assert len({json.loads((run / "processes.json").read_text())["ray_gcs_address"] for run in runs}) == 1
@@ -46,6 +76,9 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     for run, processes in zip(runs, (2, 2, 3), strict=True):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["processes"] == processes and summary["backend"] == "gloo", run.name
+        assert {"config.yaml", "metrics.jsonl", "checkpoints", "wandb"} <= {p.name for p in run.iterdir()}, run.name
+        assert not (run / "cli.log").exists(), "Hydra's job log would stay empty: it is not written"
+        assert "moe:" in (run / "config.yaml").read_text()
         # security default of the embedded Ray: every process on loopback
         assert set(json.loads((run / "processes.json").read_text())["nodes"]) == {"127.0.0.1"}, run.name
         (offline,) = sorted((run / "wandb").glob("offline-run-*"))

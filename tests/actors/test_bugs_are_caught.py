@@ -64,9 +64,10 @@ MUTATIONS = {
         "moe_trainer/parallel/protocol.py",
         "one_peer = recv_counts_PL.shape[0] == 1",
         "one_peer = True",
-        # the expert actor runs some of coordinator 1's rows through the wrong experts: a few rows in a
-        # layer, so the first gradient it shows in moves by 3e-3 (300x the tolerance), not by 100 %
-        "disaggregated_2c_2mb", "dropless", "relative difference", least=1e-3),
+        # one expert actor serving both coordinators (all experts, every row regrouped): it runs rows of both
+        # through the wrong experts, so the first gradient it shows in moves by 1.1e-2 (1000x the tolerance;
+        # 2.9e-3 with two expert actors, disaggregated_2c_2mb, which also starts one process more)
+        "disaggregated_2c_1e_2mb", "dropless", "relative difference", least=3e-3),
     "bias_update_from_local_counts": Mutation(
         "moe_trainer/train/trainer.py",
         "zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True)",
