@@ -143,8 +143,12 @@ def start_head(ip: str, cpus: int, token: str, single: bool = False) -> RayNode:
     (node.home / ".ray" / "auth_token").write_text(token)
     gcs, dashboard, client = free_ports(3, ip)
     node.gcs, node.url = f"{ip}:{gcs}", f"http://{ip}:{dashboard}"
+    env = _node_env(node, single)
+    # Ray's health checks of the nodes, tightened from 3 s x 5 misses so a lost node is marked dead in ~3 s
+    # (docs/running-at-scale.md, "A lost node"): a restart waits for that verdict before placing new actors
+    env.update(RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     _launch(node, ["--head", f"--port={gcs}", f"--dashboard-host={ip}", f"--dashboard-port={dashboard}",
-                   f"--ray-client-server-port={client}", *_common_args(node)], _node_env(node, single))
+                   f"--ray-client-server-port={client}", *_common_args(node)], env)
     _wait_for_job_server(node)
     return node
 

@@ -105,8 +105,8 @@ def test_a_job_waits_for_a_node_then_runs_disaggregated_across_both(two_nodes: T
     wait_for_nodes(two_nodes.head, {two_nodes.head.ip})
     run_dir, steps = tmp_path / "run", 6
     job = ["parallel=disaggregated", "parallel.num_coordinators=2", "parallel.num_expert_actors=2",
-           "parallel.cpus_per_actor=1", "parallel.placement=spread", f"train.max_steps={steps}", "train.checkpoint_every=0",
-           f"train.eval_every={steps}", *COMMON]
+           "parallel.cpus_per_actor=1", "parallel.placement=spread", f"train.max_steps={steps}",
+           "train.checkpoint_every=0", f"train.eval_every={steps}", *COMMON]
     proc = _start(two_nodes, run_dir, *job, "cluster.wait_for_resources_s=180")
     log = tmp_path / "run.log"
     deadline = time.monotonic() + 120
