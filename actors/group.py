@@ -18,7 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.cluster import Request, dead_nodes
 from actors.worker import TrainWorker
 from moe_trainer.config.schema import Config
-from moe_trainer.engine import EngineLost
+from moe_trainer.engine import EngineLost, EngineStartError
 from moe_trainer.parallel.placement import rank_bundles
 
 # After one rank's call fails, how long to watch the others for a dead actor before reporting
@@ -44,7 +44,7 @@ class NodeLost(ActorLost):
         self.nodes, self.ranks = nodes, ranks
 
 
-class ActorStartupError(RuntimeError):
+class ActorStartupError(EngineStartError):
     """The actors could not be placed or could not form their process group in time."""
 
 

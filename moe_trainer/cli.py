@@ -27,7 +27,7 @@ from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from moe_trainer.config.validate import validate
 from moe_trainer.data.shards import refuse_corrupted_cache
 from moe_trainer.driver import TrainingDiverged
-from moe_trainer.engine import Engine, EngineLost, LocalEngine
+from moe_trainer.engine import Engine, EngineLost, EngineStartError, LocalEngine
 from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
 from moe_trainer.outputs import RunOutputs, wandb_run_id
 from moe_trainer.preemption import EXIT_CODE as PREEMPTED_EXIT
@@ -157,7 +157,7 @@ def _main(dcfg: DictConfig) -> float | None:
     except TrainingDiverged as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(3)
-    except (EngineLost, CollectiveError) as err:
+    except (EngineLost, EngineStartError, CollectiveError) as err:
         print(f"moe-train: {err}", file=sys.stderr)
         sys.exit(4)
     except Preempted as err:

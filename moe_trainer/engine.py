@@ -39,6 +39,10 @@ class EngineLost(RuntimeError):
     """A process of the engine died (actor killed, node lost): the driver may rebuild and resume."""
 
 
+class EngineStartError(RuntimeError):
+    """The engine's processes could not be placed or could not form their process group in time."""
+
+
 class Engine(Protocol):
     @property
     def step(self) -> int: ...

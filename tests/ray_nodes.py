@@ -1,11 +1,12 @@
 """Real Ray nodes for tests, started as a user starts them: ``ray start`` in its own session.
 
 Each node is one ``ray start --block`` process started with ``start_new_session``, so the
-node's processes (raylet, GCS on the head, dashboard, agents, workers) share its process
-group: stopping the group stops the node and nothing else, and ``SIGKILL`` to the group is
-the loss of a machine. Every address is on loopback (127.0.0.0/8) and every port is chosen
-free, since other Ray clusters run on this machine; token authentication stays on, with the
-token passed in the node's environment (``RAY_AUTH_TOKEN``, as KubeRay does).
+node's processes (raylet, GCS on the head, dashboard, agents, and the workers, which the
+raylet puts in process groups of their own) share its session: ``SIGKILL`` to every process
+of the session is the loss of a machine, and stopping the node touches nothing else. Every
+address is on loopback (127.0.0.0/8) and every port is chosen free, since other Ray clusters
+run on this machine; token authentication stays on, with the token passed in the node's
+environment (``RAY_AUTH_TOKEN``, as KubeRay does).
 
 Ray rewrites 127.0.0.1 (and only it) to the machine's routable address unless
 ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which in turn refuses a second node; a cluster of
@@ -70,36 +71,42 @@ class RayNode:
         return self.temp / "node.log"
 
     def alive(self) -> list[int]:
-        """Live processes of the node's group (zombies, reaped later by init, do not count)."""
+        """Live processes of the node's session (zombies, reaped later by init, do not count)."""
         if self.proc is None:
             return []
-        pgid, pids = self.proc.pid, []
+        sid, pids = self.proc.pid, []
         for p in psutil.process_iter(["pid", "status"]):
             try:
-                if os.getpgid(p.info["pid"]) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                if os.getsid(p.info["pid"]) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
                     pids.append(p.info["pid"])
-            except (ProcessLookupError, psutil.Error):
+            except (ProcessLookupError, PermissionError, psutil.Error):
                 continue
         return pids
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """SIGTERM to the node's process group, SIGKILL to what is left after ``grace_s``."""
-        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
-            self._signal_group(sig)
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and self.alive():
-                time.sleep(0.1)
-            if not self.alive():
-                break
+        """SIGTERM to ``ray start`` (which stops what it started), SIGKILL to what is left after ``grace_s``."""
+        self._signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and self.alive():
+            time.sleep(0.1)
+        if self.alive():
+            self.kill()
         self.proc = None
 
     def kill(self) -> float:
-        """The loss of the machine: SIGKILL to every process of the node at once; returns when (monotonic)."""
-        at = time.monotonic()
-        self._signal_group(signal.SIGKILL)
+        """The loss of the machine: SIGKILL to every process of the node at once; returns when (``time.time()``)."""
+        at = time.time()
+        for _ in range(3):  # a process started while the first pass ran is caught by the next
+            for pid in self.alive():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         deadline = time.monotonic() + 10.0
         while time.monotonic() < deadline and self.alive():
             time.sleep(0.05)
+        if self.proc is not None:
+            self.proc.poll()  # reap the leader
         self.proc = None
         return at
 

@@ -33,15 +33,16 @@ ACTORS = {"data_parallel": "2 actors (data_parallel, 0.5 CPU each)",
 
 def console_lines(runs: list[Path]) -> list[str]:
     """How each line of the sweep's console starts, in order (the step lines aside; a run dir is a whole line):
-    Hydra's launch lines, Ray's start-up once, each job's actors, then its final lines."""
+    Hydra's launch lines, Ray's start-up once, each job's actors and their layout (one node), then its final
+    lines."""
     want = ["[HYDRA] Launching 3 jobs locally"]
     for i, (run, (strategy, actors)) in enumerate(zip(runs, ACTORS.items(), strict=True)):
         want.append(f"[HYDRA] \t#{i} : parallel={strategy} experiment=compare_strategies ")
         if i == 0:
             want += ["moe-train: connecting to Ray (embedded, 127.0.0.1)", "moe-train: connected to Ray ("]
         want += [f"moe-train: starting {actors}: ", f"moe-train: {actors.split(' (')[0]} joined their process group (",
-                 "moe-train: first step done, ", "done: 4 steps, val_loss ", "W&B offline run; upload it with: ",
-                 str(run)]
+                 "moe-train: layout: 127.0.0.1: rank 0 ", "moe-train: first step done, ", "done: 4 steps, val_loss ",
+                 "W&B offline run; upload it with: ", str(run)]
     return want
 
 
