@@ -137,9 +137,7 @@ CLI_STEPS = 10
 CLI_LAYOUTS = {  # the layouts a new user tries first, through the whole `moe-train` path (clipping on)
     "expert_parallel_2mb": ["parallel=expert_parallel", "parallel.micro_batches=2"],
     "disaggregated_2mb": ["parallel=disaggregated", "parallel.micro_batches=2"],
-    "expert_parallel_4_ep2": ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2",
-                              "parallel.cpus_per_actor=0.5"],
-}
+}  # 4 actors with ep_size=2 through `moe-train`, on two nodes: tests/actors/test_multi_node.py
 
 
 def cli_records(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:

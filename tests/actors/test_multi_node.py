@@ -107,9 +107,12 @@ def test_a_killed_actor_then_a_lost_node_are_survived_the_second_on_the_head_alo
 
     # until the first loss: the 4 actors on 2 nodes compute what single computes
     single_run = train_run(tmp_path / "single", *[o for o in EP4 if not o.startswith("parallel")])
+    single = {r["step"]: r for r in single_run.train_records}
+    assert any(r["grad_norm"] > 1.0 for r in single.values())  # the clip acts: the norm itself must match
     for step in range(1, actor["failed_at_step"] + 1):
-        before = [r["loss"] for r in records if r.get("step") == step and "loss" in r][0]
-        assert before == pytest.approx(single_run.losses[step], rel=1e-5), step
+        before = [r for r in records if r.get("step") == step and "loss" in r][0]
+        for key in ("loss", "grad_norm"):
+            assert before[key] == pytest.approx(single[step][key], rel=1e-5), (key, step)
     # after the node loss: exactly the steps of a run started from that checkpoint with the smaller layout
     smaller = [o for o in EP4 if not o.startswith(("parallel.num_actors", "parallel.placement"))]
     resumed = train_run(tmp_path / "ref", *smaller, "parallel.num_actors=2", f"train.resume={node['resumed_from']}")
