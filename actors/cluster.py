@@ -133,43 +133,52 @@ def _asked(request: Request, resource: str) -> str:
     return " + ".join(map(share, request.roles)) + f" = {request.total(resource):g} {resource}s requested"
 
 
+def is_embedded() -> bool:
+    """Whether this process's connection is the embedded local Ray it started (which never grows)."""
+    return _connected_here and _address == ""
+
+
 def alive_nodes() -> dict[str, dict[str, float]]:
-    """The cluster's alive nodes by address, each with its total CPUs and GPUs (``{"CPU": 2.0, "GPU": 0.0}``)."""
-    return {n["NodeManagerAddress"]: {"CPU": n["Resources"].get("CPU", 0.0), "GPU": n["Resources"].get("GPU", 0.0)}
+    """The cluster's alive nodes by node id, each with its total CPUs and GPUs (``{"CPU": 2.0, "GPU": 0.0}``)."""
+    return {n["NodeID"]: {"CPU": n["Resources"].get("CPU", 0.0), "GPU": n["Resources"].get("GPU", 0.0)}
             for n in ray.nodes() if n["Alive"]}
 
 
-def dead_nodes(addresses: set[str]) -> set[str]:
-    """Which of these node addresses are gone: marked dead by Ray, or whose raylet refuses connections.
+def node_addresses() -> dict[str, str]:
+    """Every node id Ray knows (alive or dead) and its address, for messages."""
+    return {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
 
-    The second answers within a second of a machine's processes dying (a refused TCP connect
-    to its raylet's port); Ray's own verdict comes after its health checks miss (seconds more).
-    A node Ray still counts alive whose raylet is silent (not refused) is left to Ray.
+
+def suspect_nodes(node_ids: set[str]) -> tuple[set[str], set[str]]:
+    """``(dead, refusing)``: nodes Ray counts dead, and nodes Ray still counts alive whose raylet refuses
+    connections, which is what a machine whose processes died looks like in the first seconds, before
+    Ray's health checks decide (a raylet that is silent, not refusing, is left to Ray). Keyed by node id:
+    a node restarted on the same address is a new node, and the old one stays listed as dead.
     """
-    gone = set()
-    known = {n["NodeManagerAddress"]: n for n in ray.nodes()}
-    for address in addresses:
-        node = known.get(address)
+    known = {n["NodeID"]: n for n in ray.nodes()}
+    dead, refusing = set(), set()
+    for node_id in node_ids:
+        node = known.get(node_id)
         if node is None or not node["Alive"]:
-            gone.add(address)
+            dead.add(node_id)
             continue
         try:
-            with socket.create_connection((address, int(node["NodeManagerPort"])), timeout=1.0):
+            with socket.create_connection((node["NodeManagerAddress"], int(node["NodeManagerPort"])), timeout=1.0):
                 pass
         except ConnectionRefusedError:
-            gone.add(address)
+            refusing.add(node_id)
         except OSError:
             pass
-    return gone
+    return dead, refusing
 
 
-def wait_until_marked_dead(addresses: set[str], timeout_s: float) -> set[str]:
+def wait_until_marked_dead(node_ids: set[str], timeout_s: float) -> set[str]:
     """Waits until Ray itself counts these nodes dead (so new placements avoid them); returns those it does."""
     deadline = time.monotonic() + timeout_s
     while True:
         alive = set(alive_nodes())
-        if not addresses & alive or time.monotonic() >= deadline:
-            return addresses - alive
+        if not node_ids & alive or time.monotonic() >= deadline:
+            return node_ids - alive
         time.sleep(0.2)
 
 
@@ -187,7 +196,8 @@ def wait_for_resources(request: Request, wait_s: float) -> bool:
     """Waits up to ``wait_s`` for the cluster's totals to hold ``request``; True when they do.
 
     An autoscaling cluster is told what is missing (``ray.autoscaler.sdk.request_resources``,
-    the bundles of the job), so it starts nodes instead of waiting for a pending placement.
+    the bundles of the job), so it starts nodes instead of waiting for a pending placement. The request
+    is cleared afterwards (``request_resources`` holds one request per cluster, not per job).
     """
     if _shortfall(request) is None:
         return True
@@ -221,7 +231,7 @@ def check_resources(request: Request, wait_s: float = 0.0) -> None:
         return
     total = ray.cluster_resources()
     waited = (f" (after waiting {wait_s:g} s, cluster.wait_for_resources_s)" if wait_s > 0 else
-              "" if _address == "" else "; an autoscaling cluster: set cluster.wait_for_resources_s to wait for it")
+              "" if is_embedded() else "; an autoscaling cluster: set cluster.wait_for_resources_s to wait for it")
     for resource in ("GPU", "CPU"):
         have = total.get(resource, 0.0)
         if request.total(resource) <= have:

@@ -8,7 +8,7 @@ from typing import Any
 
 import ray
 
-from actors.cluster import EMBEDDED, Request, check_resources, connect, disconnect
+from actors.cluster import Request, check_resources, connect, disconnect, is_embedded
 from actors.group import ActorGroup
 from moe_trainer.config.schema import Config
 from moe_trainer.data import build_tokenizer
@@ -62,7 +62,7 @@ class RayEngine:
         self.cluster = connect(cfg.cluster)
         try:
             if actors is None:  # the embedded Ray never grows: never waited for
-                check_resources(request_for(cfg), 0.0 if self.cluster == EMBEDDED else cfg.cluster.wait_for_resources_s)
+                check_resources(request_for(cfg), 0.0 if is_embedded() else cfg.cluster.wait_for_resources_s)
             self.tokenizer = build_tokenizer(cfg.data.tokenizer)  # the resolved file the actors load too
             t0 = time.perf_counter()
             phase(_starting(cfg, reused=actors is not None))

@@ -15,7 +15,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.cluster import Request, dead_nodes
+from actors.cluster import Request, node_addresses, suspect_nodes
 from actors.worker import TrainWorker
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import EngineLost, EngineStartError
@@ -25,6 +25,8 @@ from moe_trainer.parallel.placement import rank_bundles
 # the failure itself (their collectives fail within seconds when a peer is gone).
 FAILURE_GRACE_S = 10.0
 POLL_S = 0.5  # how often a wait for the ranks returns to Python (signal handlers run only then)
+PROBE_S = 2.0  # how often the nodes of running ranks are checked (one ray.nodes() call)
+PING_S = 2.0  # how long the ranks of a node whose raylet refuses connections have to answer a ping
 
 
 def _bundle(cpus: float, gpus: float) -> dict[str, float]:
@@ -37,11 +39,14 @@ class ActorLost(EngineLost):
 
 
 class NodeLost(ActorLost):
-    """A node running some of the ranks is gone (its processes killed, the machine lost)."""
+    """A node running some of the ranks is gone (its processes killed, the machine lost).
 
-    def __init__(self, message: str, nodes: set[str], ranks: list[int]) -> None:
+    ``node_ids``: Ray's ids of the lost nodes; ``nodes``: their addresses, for messages and records.
+    """
+
+    def __init__(self, message: str, node_ids: set[str], nodes: set[str], ranks: list[int]) -> None:
         super().__init__(message)
-        self.nodes, self.ranks = nodes, ranks
+        self.node_ids, self.nodes, self.ranks = node_ids, nodes, ranks
 
 
 class ActorStartupError(EngineStartError):
@@ -119,24 +124,26 @@ class ActorGroup:
     def call(self, method: str, *args: Any) -> list[Any]:
         """Calls ``method`` on every actor at once and waits for all results (collectives need all ranks).
 
-        A dead actor raises :class:`ActorLost` as soon as Ray reports it, and so does a failed
-        call whose rank's node turns out gone (:func:`actors.cluster.dead_nodes`: a killed
-        machine's raylet refuses connections within a second, before Ray's health checks
-        mark it dead). Any other failed call (a collective that timed out, a rank that could not
-        join) is re-raised after the other ranks finish or ``FAILURE_GRACE_S`` passes, unless one
-        of them turns out dead. The wait wakes every ``POLL_S`` so the driver's signal handlers
-        (preemption) run while a chunk is in flight.
+        A dead actor raises :class:`ActorLost` as soon as Ray reports it, and a lost node
+        :class:`NodeLost` as soon as it is seen (:meth:`_raise_if_nodes_lost`: checked when a rank
+        fails, and every ``PROBE_S`` while the ranks run, since with NCCL the survivors of a lost
+        peer may block instead of failing). Any other failed call (a collective that timed out, a
+        rank that could not join) is re-raised after the other ranks finish or
+        ``FAILURE_GRACE_S`` passes, unless one of them turns out dead. The wait wakes every
+        ``POLL_S`` so the driver's signal handlers (preemption) run while a chunk is in flight.
         """
         refs = [getattr(actor, method).remote(*args) for actor in self.actors]
         pending, failure, deadline = list(refs), None, None
+        next_probe = time.monotonic() + PROBE_S
         while pending:
             wait_s = POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))
             done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
             if not done:
-                if deadline is not None:
+                if deadline is not None or time.monotonic() >= next_probe:
                     self._raise_if_nodes_lost(method)
-                    if time.monotonic() >= deadline:  # the others are still blocked (in a collective with it)
-                        break
+                    next_probe = time.monotonic() + PROBE_S
+                if deadline is not None and time.monotonic() >= deadline:  # the others are still blocked
+                    break
                 continue
             try:
                 ray.get(done[0])
@@ -159,14 +166,30 @@ class ActorGroup:
         return f"pid {info.get('pid', '?')} on {info.get('node', '?')}"
 
     def _raise_if_nodes_lost(self, method: str) -> None:
-        """Raises :class:`NodeLost` when a node running some of the ranks is gone."""
+        """Raises :class:`NodeLost` when a node running some of the ranks is gone.
+
+        Gone: Ray counts it dead, or its raylet refuses connections and none of its ranks answers a
+        ping within ``PING_S`` (the ping runs in the actors' control thread, so a live rank answers
+        even in the middle of a chunk; a firewall that rejects the probe does not make a node lost).
+        """
         if not self.infos:
             return
-        gone = dead_nodes({info["node"] for info in self.infos})
-        if gone:
-            ranks = [info["rank"] for info in self.infos if info["node"] in gone]
-            raise NodeLost(f"node {', '.join(sorted(gone))} was lost during {method} (ranks "
-                           f"{', '.join(map(str, ranks))})", gone, ranks)
+        dead, refusing = suspect_nodes({info["node_id"] for info in self.infos})
+        for node_id in refusing:
+            on_node = [self.actors[i] for i, info in enumerate(self.infos) if info["node_id"] == node_id]
+            answered, _ = ray.wait([actor.ping.remote() for actor in on_node], num_returns=1, timeout=PING_S)
+            try:
+                if answered and ray.get(answered[0]):
+                    continue
+            except ray.exceptions.RayError:
+                pass
+            dead.add(node_id)
+        if dead:
+            addresses = node_addresses()
+            ranks = [info["rank"] for info in self.infos if info["node_id"] in dead]
+            names = sorted(addresses.get(node_id, node_id) for node_id in dead)
+            raise NodeLost(f"node {', '.join(names)} was lost during {method} (ranks {', '.join(map(str, ranks))})",
+                           dead, set(names), ranks)
 
     def shutdown(self) -> None:
         """Stops the actors; reused ones leave the process group and stay (killed if they cannot). Once."""
@@ -194,7 +217,6 @@ class ActorGroup:
 
 
 def _bundle_nodes(pg: Any) -> list[str]:
-    """The node address each bundle of a ready placement group was placed on."""
-    addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    """The node (Ray's node id) each bundle of a ready placement group was placed on."""
     placed = ray.util.placement_group_table(pg)["bundles_to_node_id"]
-    return [addresses.get(placed[b], "?") for b in sorted(placed)]
+    return [placed[b] for b in sorted(placed)]

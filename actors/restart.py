@@ -5,9 +5,11 @@ See :mod:`moe_trainer.restarts` for the policy; this module asks the cluster wha
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 
-from actors.cluster import alive_nodes, wait_for_resources, wait_until_marked_dead
+from actors.cluster import alive_nodes, wait_until_marked_dead
 from actors.engine import request_for
 from actors.group import NodeLost
 from moe_trainer.config.schema import Config
@@ -32,6 +34,20 @@ def _needs(cfg: Config) -> str:
     return text + (f", {request.total('GPU'):g} GPUs" if request.total("GPU") else "")
 
 
+def _wait_until_it_fits(cfg: Config, wait_s: float) -> bool:
+    """Up to ``wait_s`` for the alive nodes to hold ``cfg``'s ranks, node by node (an autoscaler's replacement)."""
+    if wait_s <= 0:
+        return False
+    print(f"moe-train: waiting up to {wait_s:g} s (cluster.wait_for_resources_s) for the cluster to hold "
+          f"{describe_layout(cfg)} again", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if fits(cfg, list(alive_nodes().values())):
+            return True
+        time.sleep(1.0)
+    return False
+
+
 def restart_layout(cfg: Config, err: EngineLost, run_dir: Path, checkpoint: Path | None) -> Config:
     """``cfg`` (the configured layout) when the cluster holds it, else the largest valid smaller one
     with ``fault_tolerance.elastic``; raises :class:`CannotContinue` otherwise.
@@ -40,15 +56,16 @@ def restart_layout(cfg: Config, err: EngineLost, run_dir: Path, checkpoint: Path
     placement group is not given the dead node's resources.
     """
     if isinstance(err, NodeLost):
-        wait_until_marked_dead(err.nodes, cfg.parallel.timeout_s)
+        wait_until_marked_dead(err.node_ids, cfg.parallel.timeout_s)
     nodes = alive_nodes()
     if fits(cfg, list(nodes.values())):
         return cfg
     smaller = largest_fitting(cfg, list(nodes.values()))
     if cfg.fault_tolerance.elastic and smaller is not None:
         return smaller
-    if not cfg.fault_tolerance.elastic and wait_for_resources(request_for(cfg), cfg.cluster.wait_for_resources_s):
+    if not cfg.fault_tolerance.elastic and _wait_until_it_fits(cfg, cfg.cluster.wait_for_resources_s):
         return cfg
+    nodes = alive_nodes()
     saved = (f"the last checkpoint, {checkpoint}, is intact" if checkpoint is not None
              else "no checkpoint was saved yet")
     resume = (f"Resume when the cluster holds the job again: the same command with train.resume=auto "

@@ -48,6 +48,11 @@ class TrainWorker:
         self.stop: Callable[[], bool] | None = None  # the ranks' agreement on stopping (set by join)
 
     @ray.method(concurrency_group="control")
+    def ping(self) -> bool:
+        """Answers at once, even in the middle of a chunk: the process is alive (see ``ActorGroup``)."""
+        return True
+
+    @ray.method(concurrency_group="control")
     def request_stop(self) -> None:
         """Preemption: the chunk in flight ends after the step every rank is at when one of them sees this."""
         self.stop_requested.set()
@@ -118,10 +123,12 @@ class TrainWorker:
         # world does not hold their rank (tests/actors/equivalence.py); a joining rank's is real
         torch.set_num_threads(torch_threads(rank_resources(self.cfg, self.rank)[0]))
         self.setup = build_rank(self.cfg, self.rank, master_addr, master_port)
+        self.stop_requested.clear()  # a request to an earlier job of a reused actor is not this job's
         self.stop = agreed_flag(self.stop_requested.is_set, self.setup.control_group)
         if self.setup.role != "experts":  # the trainer's timeline names this rank by its place in the whole job
             self.setup.runner.ctx.global_rank, self.setup.runner.ctx.role = self.rank, self.setup.role
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "role": self.setup.role, "backend": self.setup.backend, "expert_range": list(self.setup.expert_range),
                 **local_parameter_counts(self.setup.runner.model)}
 

@@ -135,8 +135,10 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
         if outputs.wandb.sync_command:
             summary["wandb_sync"] = outputs.wandb.sync_command
     finally:
-        preemption.uninstall()
-        engine.close(keep_cluster=keep_cluster)
+        try:
+            engine.close(keep_cluster=keep_cluster)
+        finally:
+            preemption.uninstall()  # after the close, so a preempted run's exit stays within its bound
     return summary
 
 

@@ -52,10 +52,11 @@ class Preemption:
         return self
 
     def uninstall(self) -> None:
-        """Gives SIGTERM back to its previous handler; the watchdog, if running, stands down."""
+        """Gives SIGTERM back to its previous handler (the default one if it was set outside Python); the
+        watchdog, if running, stands down. Call it last: the watchdog's bound covers what comes before."""
         self._done.set()
         if self._installed:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
             self._installed = False
 
     def listen(self, stop: Callable[[], None]) -> None:
@@ -65,6 +66,7 @@ class Preemption:
             stop()
 
     def elapsed_s(self) -> float:
+        """Seconds since SIGTERM came (0 when it did not)."""
         return time.monotonic() - self.requested_at if self.requested.is_set() else 0.0
 
     def _on_signal(self, signum: int, frame: Any) -> None:

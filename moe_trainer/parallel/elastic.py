@@ -4,7 +4,9 @@ No Ray here: the actor group asks the cluster for its nodes' resources and passe
 Every layout of a strategy trains the same objective from the same checkpoint (the global
 batch, its order and the loss do not depend on the layout, and checkpoints reshard), so a run
 that continues on fewer actors continues the same run; the layouts are tried largest first,
-and each must pass the same validation as a layout the user typed.
+and each must pass the same validation as a layout the user typed and keep the run's
+objective (``moe.group_sequences=null`` with capacity or expert choice ties the routing
+groups to the layout: such a run has no smaller layout).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def layout(cfg: Config) -> dict[str, int]:
 
 
 def describe_layout(cfg: Config) -> str:
+    """``parallel.num_actors=4 parallel.ep_size=2``: the layout as the overrides that ask for it."""
     return " ".join(f"parallel.{key}={value}" for key, value in layout(cfg).items())
 
 
@@ -51,16 +54,25 @@ def _candidates(cfg: Config) -> Iterator[Config]:
                 yield replace(cfg, parallel=replace(p, num_actors=n, ep_size=None if ep == n else ep))
 
 
+def _valid(candidate: Config, objective: dict[str, object]) -> bool:
+    """Validation accepts it, and it optimises what the run optimised: with ``moe.group_sequences=null`` and
+    capacity, expert choice or the group loss, the routing groups follow the layout, and a checkpoint of
+    another objective is refused on load (so such a run has no smaller layout to continue with)."""
+    from moe_trainer.engine import objective_signature
+
+    try:
+        validate(candidate)
+    except ConfigError:
+        return False
+    return objective_signature(candidate) == objective
+
+
 def valid_layouts(cfg: Config) -> list[Config]:
-    """Every layout no larger than ``cfg``'s that validation accepts, largest first (``cfg``'s own first)."""
-    found = []
-    for candidate in _candidates(cfg):
-        try:
-            validate(candidate)
-        except ConfigError:
-            continue
-        found.append(candidate)
-    return found
+    """Every layout no larger than ``cfg``'s that may continue its run, largest first (``cfg``'s own first)."""
+    from moe_trainer.engine import objective_signature
+
+    objective = objective_signature(cfg)
+    return [candidate for candidate in _candidates(cfg) if _valid(candidate, objective)]
 
 
 def fits(cfg: Config, nodes: list[dict[str, float]]) -> bool:
@@ -81,5 +93,9 @@ def fits(cfg: Config, nodes: list[dict[str, float]]) -> bool:
 
 
 def largest_fitting(cfg: Config, nodes: list[dict[str, float]]) -> Config | None:
-    """The largest valid layout of ``cfg``'s strategy, no larger than ``cfg``, that fits ``nodes``."""
-    return next((c for c in valid_layouts(cfg) if fits(c, nodes)), None)
+    """The largest valid layout of ``cfg``'s strategy, no larger than ``cfg``, that fits ``nodes`` (validated
+    only once it fits: validation builds a memory plan)."""
+    from moe_trainer.engine import objective_signature
+
+    objective = objective_signature(cfg)
+    return next((c for c in _candidates(cfg) if fits(c, nodes) and _valid(c, objective)), None)

@@ -13,7 +13,7 @@ layer; their ranks keep Ray's bundle order.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moe_trainer.parallel.topology import Topology, ep_size, world_size
 
@@ -24,9 +24,10 @@ if TYPE_CHECKING:
 def rank_bundles(cfg: Config, bundle_nodes: list[str]) -> list[int]:
     """``bundle_nodes[b]``: the node bundle ``b`` was placed on; returns the bundle of each rank.
 
-    Equal bundles only (data/expert parallel: every rank reserves the same): expert-parallel
-    groups are dealt whole to the node with the most free bundles that holds all of the group,
-    else split over the nodes with the most free bundles.
+    Equal bundles only (data/expert parallel: every rank reserves the same): each expert-parallel
+    group goes whole to the node with the fewest free bundles that still holds all of it (keeping
+    room on the others for the next groups); a group no node holds fills the node with the most
+    free bundles, then the next.
     """
     if cfg.parallel.strategy not in ("data_parallel", "expert_parallel"):
         return list(range(len(bundle_nodes)))
@@ -42,23 +43,25 @@ def rank_bundles(cfg: Config, bundle_nodes: list[str]) -> list[int]:
             for rank in group:
                 order[rank] = free[node].pop(0)
             continue
-        for rank in group:
-            node = max(free, key=lambda n: (len(free[n]), -bundle_nodes.index(n)))
+        node = None
+        for rank in group:  # split: over as few nodes as the free bundles allow, the emptiest first
+            if node is None or not free[node]:
+                node = max(free, key=lambda n: (len(free[n]), -bundle_nodes.index(n)))
             order[rank] = free[node].pop(0)
     return order
 
 
-def describe(rows: list[dict[str, object]]) -> list[str]:
+def describe(rows: list[dict[str, Any]]) -> list[str]:
     """One line per node: its ranks with their role and experts (``rows`` as :func:`layout_rows` makes)."""
     by_node: dict[str, list[str]] = defaultdict(list)
     for row in rows:
-        first, count = row["experts"]  # type: ignore[misc]
+        first, count = row["experts"]
         experts = f"experts {first}-{first + count - 1}" if count else "no experts"
         by_node[str(row["node"])].append(f"rank {row['rank']} {row['role']} ({experts})")
     return [f"{node}: {', '.join(ranks)}" for node, ranks in by_node.items()]
 
 
-def layout_rows(infos: list[dict[str, object]]) -> list[dict[str, object]]:
+def layout_rows(infos: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """What each rank got, from the ranks' own join replies: node, rank, role, experts, pid."""
-    return [{"rank": i["rank"], "node": i["node"], "role": i["role"], "experts": list(i["expert_range"]),  # type: ignore[call-overload]
+    return [{"rank": i["rank"], "node": i["node"], "role": i["role"], "experts": list(i["expert_range"]),
              "pid": i["pid"]} for i in infos]

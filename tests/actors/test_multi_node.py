@@ -56,10 +56,11 @@ def _wait_for(run_dir: Path, proc: subprocess.Popen[str], restarts: int, steps: 
     while proc.poll() is None and time.monotonic() < deadline:
         records = _complete_records(run_dir)
         starts = [i for i, r in enumerate(records) if "restart" in r]
-        since = records[starts[restarts - 1] + 1:] if restarts else records
-        if len(starts) >= restarts and sum("loss" in r for r in since) >= steps:
-            return
-        time.sleep(0.02)
+        if len(starts) >= restarts:
+            since = records[starts[restarts - 1] + 1:] if restarts else records
+            if sum("loss" in r for r in since) >= steps:
+                return
+        time.sleep(0.1)
     raise AssertionError(f"the run never trained {steps} steps after {restarts} restarts (exit {proc.poll()})")
 
 

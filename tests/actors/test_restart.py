@@ -17,7 +17,7 @@ from actors.restart import CannotContinue, restart_layout
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.parallel.elastic import fits, layout, valid_layouts
 
-LOST = NodeLost("node 10.255.0.9 was lost during train (ranks 4, 5, 6, 7)", {"10.255.0.9"}, [4, 5, 6, 7])
+LOST = NodeLost("node 10.255.0.9 was lost during train (ranks 4, 5, 6, 7)", {"f" * 56}, {"10.255.0.9"}, [4, 5, 6, 7])
 
 
 def test_largest_valid_layouts_come_first(make_config: Any) -> None:
