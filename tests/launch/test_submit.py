@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,6 +253,10 @@ def test_a_stopped_job_saves_and_its_no_wait_resubmission_continues_with_its_ove
     # a followed expert_parallel job stopped while it trains (a preemption): SIGTERM to its driver, which saves a
     # checkpoint at the next step boundary before Ray's SIGKILL; stop reports STOPPED, the follower exits 1
     run_dir, job_id = tmp_path / "run", f"moe-test-{secrets.token_hex(4)}"
+    # the uninterrupted reference (compared at the end) trains in this process meanwhile, on the session's Ray,
+    # while the jobs mostly wait on Ray Jobs and their start-up
+    pool = ThreadPoolExecutor(max_workers=1)
+    reference = pool.submit(train_run, tmp_path / "ref", *PREEMPTED_RUN[1:], "logger.mode=disabled")
     start = time.monotonic()
     follower = subprocess.Popen(
         [MOE_SUBMIT, "--address", head.url, "--job-id", job_id, "--", *PREEMPTED_RUN, f"hydra.run.dir={run_dir}"],
@@ -306,7 +311,8 @@ def test_a_stopped_job_saves_and_its_no_wait_resubmission_continues_with_its_ove
     # and draws the loss curve an uninterrupted run draws
     resumed = {r["step"]: r["loss"] for r in records if "loss" in r and r["step"] > last_step}
     assert sorted(resumed) == list(range(last_step + 1, STEPS + 1))
-    uninterrupted = train_run(tmp_path / "ref", *PREEMPTED_RUN[1:], "logger.mode=disabled").losses
+    uninterrupted = reference.result().losses
+    pool.shutdown()
     assert resumed == {step: uninterrupted[step] for step in resumed}
 
     unknown = _moe_submit(head, "status", "raysubmit_doesnotexist", "--address", head.url, timeout=60)
