@@ -88,6 +88,8 @@ LAYOUTS = {  # name: (overrides, processes)
     "expert_parallel_chunks": (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.a2a_chunks=2"], 2),
     "expert_parallel_2mb": (["parallel=expert_parallel", "parallel.num_actors=2", "parallel.micro_batches=2"], 2),
     "expert_parallel_4_ep2": (["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2"], 4),
+    # one expert per rank (4 experts): a rank's whole expert side is one expert, often idle with top-1
+    "expert_parallel_4": (["parallel=expert_parallel", "parallel.num_actors=4"], 4),
     # ZeRO-1 (parallel.shard_optimizer): dense and expert state over 2 ranks; dense over 4, experts over 2
     "data_parallel_zero": (["parallel=data_parallel", "parallel.num_actors=2", "parallel.shard_optimizer=true"], 2),
     "expert_parallel_4_ep2_zero": (["parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2",

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,9 @@ def test_a_killed_actor_then_a_lost_node_are_survived_the_second_on_the_head_alo
     two_nodes.ensure_worker()
     run_dir = tmp_path / "run"
     proc = _start(two_nodes, run_dir, *EP4, "fault_tolerance.elastic=true")
+    # the uninterrupted single reference trains here meanwhile, while the run starts its actors
+    pool = ThreadPoolExecutor(max_workers=1)
+    reference = pool.submit(train_run, tmp_path / "single", *[o for o in EP4 if not o.startswith("parallel")])
     _wait_for(run_dir, proc, restarts=0, steps=6)
     # placed by node: each expert-parallel group (ranks 0-1, 2-3: the all-to-alls) inside one node
     processes = json.loads((run_dir / "processes.json").read_text())
@@ -107,7 +111,8 @@ def test_a_killed_actor_then_a_lost_node_are_survived_the_second_on_the_head_alo
           f"{node['steps_lost']} (failed at {node['failed_at_step']}, resumed at {node['step']})")
 
     # until the first loss: the 4 actors on 2 nodes compute what single computes
-    single_run = train_run(tmp_path / "single", *[o for o in EP4 if not o.startswith("parallel")])
+    single_run = reference.result()
+    pool.shutdown()
     single = {r["step"]: r for r in single_run.train_records}
     assert any(r["grad_norm"] > 1.0 for r in single.values())  # the clip acts: the norm itself must match
     for step in range(1, actor["failed_at_step"] + 1):
@@ -140,6 +145,7 @@ def test_a_job_waits_for_a_node_then_runs_disaggregated_across_both(two_nodes: T
            "parallel.cpus_per_actor=1", "parallel.placement=spread", f"train.max_steps={steps}",
            "train.checkpoint_every=0", f"train.eval_every={steps}", *COMMON]
     proc = _start(two_nodes, run_dir, *job, "cluster.wait_for_resources_s=180")
+    single = train_run(tmp_path / "single", *[o for o in job if not o.startswith("parallel")]).losses
     log = tmp_path / "run.log"
     deadline = time.monotonic() + 120
     while "waiting up to 180 s" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
@@ -151,7 +157,6 @@ def test_a_job_waits_for_a_node_then_runs_disaggregated_across_both(two_nodes: T
     assert len(waited) == 1 and waited[0].endswith("= 4 CPUs requested, the Ray cluster has 2"), waited
     processes = json.loads((run_dir / "processes.json").read_text())
     assert set(processes["nodes"]) == {"127.0.0.3", "127.0.0.2"}
-    single = train_run(tmp_path / "single", *[o for o in job if not o.startswith("parallel")]).losses
     got = _losses(read_records(run_dir))
     assert sorted(got) == list(range(1, steps + 1))
     for step, loss in got.items():

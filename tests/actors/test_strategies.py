@@ -49,19 +49,6 @@ def test_data_parallel_holds_all_experts_and_moves_no_tokens(ray_cluster: object
     assert all(r["grad_sync_time_s_max"] > 0 for r in records)
 
 
-@pytest.mark.slow
-def test_one_expert_per_rank_with_switch_routing(ray_cluster: object, tmp_path: Path) -> None:
-    """4 ranks owning one expert each; skewed and empty-rank routing is tested exactly in tests/parallel."""
-    switch = ["moe.num_experts=4", "moe.top_k=1", "moe.router=switch"]
-    summary, records = run(tmp_path / "ep4", "parallel=expert_parallel", "parallel.num_actors=4", *switch)
-    _, reference = run(tmp_path / "single", *switch)
-    assert summary["expert_range_per_actor"] == [[0, 1], [1, 1], [2, 1], [3, 1]]
-    assert [r["step"] for r in records] == [1, 2, 3]
-    for got, want in zip(records, reference, strict=True):  # the same function as one process, not just finite
-        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
-        assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-5)
-
-
 @pytest.mark.parametrize(
     "overrides,setting",
     [
