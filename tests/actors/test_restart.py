@@ -52,6 +52,10 @@ def test_after_a_lost_node_the_job_continues_smaller_only_when_elastic(ray_clust
     assert layout(smaller) == {"num_actors": 4, "ep_size": 2}
     fitting = make_config("parallel=expert_parallel", "parallel.num_actors=2")
     assert restart_layout(fitting, LOST, tmp_path, None) is fitting  # a lost actor, room left: the same layout
+    # a run that shrank is restarted from its configured layout, which it gets back once the nodes hold it
+    configured = make_config("parallel=expert_parallel", "parallel.num_actors=4", "parallel.ep_size=2",
+                             "fault_tolerance.elastic=true")
+    assert restart_layout(configured, LOST, tmp_path, checkpoint) is configured
 
 
 def test_a_cluster_too_small_is_waited_for_then_refused_naming_both(ray_cluster: object, make_config: Any) -> None:
