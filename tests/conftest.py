@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import secrets
 import shutil
@@ -28,6 +29,43 @@ _CACHE = tempfile.mkdtemp(prefix="moe-trainer-cache-")
 os.environ["MOE_TRAINER_CACHE"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, True)
 keep_embedded_ray_on_loopback(None)  # before any test module imports Ray: the test cluster stays on 127.0.0.1
+
+
+BUGS_MODULE = Path(__file__).parent / "actors" / "test_bugs_are_caught.py"
+_in_background = False  # the bug drivers were started beside other tests, not by the first bug test
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The bug-injection tests run last: their drivers run in the background meanwhile (``bug_drivers``)."""
+    items.sort(key=lambda item: item.path == BUGS_MODULE)  # stable: every other test keeps its place
+
+
+@pytest.fixture(scope="session")
+def bug_drivers(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory,
+                request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The bug-injection cases' driver processes (``tests/actors/test_bugs_are_caught.py``), one at a time
+    in the background from the first test after the Ray strategy tests (or the first bug test)."""
+    from tests.actors.test_bugs_are_caught import selected, start_drivers
+
+    # alone (only these tests selected, nothing to overlap with): two at a time keep both cores busy
+    traces, pool = start_drivers(tmp_path_factory, selected(request.session), at_once=1 if _in_background else 2)
+    yield traces
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(autouse=True)
+def _bug_drivers_start_after_the_ray_strategy_tests(request: pytest.FixtureRequest) -> None:
+    """Once the tests that start many actors are done (``tests/actors`` runs first), the bug drivers start
+    and share the machine with the single-process tests that follow instead of running alone at the end."""
+    global _in_background
+    if Path(request.node.path).parent.name != "actors" and _runs_bug_tests(request.session):
+        _in_background = True
+        request.getfixturevalue("bug_drivers")
+
+
+@functools.cache
+def _runs_bug_tests(session: pytest.Session) -> bool:
+    return any(item.path == BUGS_MODULE for item in session.items)
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,7 +86,6 @@ MUTATIONS = {
 
 CONTROL = "unmutated"  # the control case's key among the drivers' results
 CONTROL_CASE = ("data_parallel", "dropless")
-DRIVERS_AT_ONCE = 2  # each driver is mostly start-up (imports, actor creation); two overlap on 2 cores
 
 
 def copy_tree(root: Path) -> Path:
@@ -106,54 +104,54 @@ def mutated_copy(root: Path, mutation: Mutation) -> Path:
     return copy
 
 
-def trace_in(copy: Path, layout: str, mix: str) -> Any:
+def trace_in(copy: Path, layout: str, mix: str, gcs_address: str) -> Any:
     """One equivalence case run by a driver started in ``copy``, whose actors import ``copy``."""
     out = copy.parent / "trace.pt"
-    env = {**os.environ, "PYTHONPATH": str(copy), "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = {**os.environ, "PYTHONPATH": str(copy), "RAY_ADDRESS": gcs_address}
     proc = subprocess.run([sys.executable, "-m", "tests.actors.equivalence", layout, mix, str(out)],
                           cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"the run in {copy} failed:\n{(proc.stdout + proc.stderr)[-3000:]}"
     return load_trace(out)
 
 
-def _selected(request: pytest.FixtureRequest) -> set[str]:
+def selected(session: pytest.Session) -> set[str]:
     """The cases whose tests this session runs (``-k`` may select a few): the control and mutation names."""
-    here = [item for item in request.session.items if item.path == Path(__file__)]
+    here = [item for item in session.items if item.path == Path(__file__)]
     names = {item.callspec.params["name"] for item in here if hasattr(item, "callspec")}
     return names | ({CONTROL} if any(item.name == "test_an_unmutated_copy_passes" for item in here) else set())
 
 
-@pytest.fixture(scope="module")
-def driver_traces(ray_cluster: Any, tmp_path_factory: pytest.TempPathFactory,
-                  request: pytest.FixtureRequest) -> Iterator[dict[str, Future[Any]]]:
-    """Every case's driver (the control and each mutation), started two at a time in the background.
+def start_drivers(tmp_path_factory: pytest.TempPathFactory, cases: set[str],
+                  at_once: int) -> tuple[dict[str, Future[Any]], ThreadPoolExecutor]:
+    """Every selected case's driver (the control and each mutation), ``at_once`` at a time in the background.
 
-    The session cluster has room for two drivers' actors (0.5 CPU each), so while one driver
-    imports torch or waits for its actors the other computes; each test waits only for its own.
+    Started by ``tests/conftest.py``'s ``bug_drivers`` once the other Ray strategy tests are done, so
+    they run beside the single-process tests that follow (on the core those leave idle), and this
+    module, which the session runs last, mostly collects results. The session cluster has room for a
+    driver's actors (0.5 CPU each) beside the other tests'.
     """
-    selected = _selected(request)
-    cases = {CONTROL: (copy_tree(tmp_path_factory.mktemp(CONTROL)), *CONTROL_CASE)} if CONTROL in selected else {}
+    gcs = ray.get_runtime_context().gcs_address
+    todo = {CONTROL: (copy_tree(tmp_path_factory.mktemp(CONTROL)), *CONTROL_CASE)} if CONTROL in cases else {}
     for name, mutation in MUTATIONS.items():
-        if name in selected:
-            cases[name] = (mutated_copy(tmp_path_factory.mktemp(name), mutation), mutation.layout, mutation.mix)
-    pool = ThreadPoolExecutor(max_workers=DRIVERS_AT_ONCE)
-    yield {name: pool.submit(trace_in, *case) for name, case in cases.items()}
-    pool.shutdown(wait=True, cancel_futures=True)
+        if name in cases:
+            todo[name] = (mutated_copy(tmp_path_factory.mktemp(name), mutation), mutation.layout, mutation.mix)
+    pool = ThreadPoolExecutor(max_workers=at_once)
+    return {name: pool.submit(trace_in, *case, gcs) for name, case in todo.items()}, pool
 
 
 @pytest.mark.slow
-def test_an_unmutated_copy_passes(driver_traces: dict[str, Future[Any]], reference: Any) -> None:
+def test_an_unmutated_copy_passes(bug_drivers: dict[str, Future[Any]], reference: Any) -> None:
     """The control: the copy-and-driver path itself computes what single computes, so a failure
     below is the injected bug's, not the path's (data_parallel with the bias, a mutated case)."""
-    assert_same_run(driver_traces[CONTROL].result(), reference(CONTROL_CASE[1]), FP32)
+    assert_same_run(bug_drivers[CONTROL].result(), reference(CONTROL_CASE[1]), FP32)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MUTATIONS))
-def test_equivalence_fails_when_a_gradient_bug_is_injected(driver_traces: dict[str, Future[Any]], reference: Any,
+def test_equivalence_fails_when_a_gradient_bug_is_injected(bug_drivers: dict[str, Future[Any]], reference: Any,
                                                            name: str) -> None:
     mutation = MUTATIONS[name]
-    got = driver_traces[name].result()
+    got = bug_drivers[name].result()
     with pytest.raises(AssertionError, match=mutation.caught_by) as caught:
         assert_same_run(got, reference(mutation.mix), FP32)
     size = re.search(r"relative difference ([0-9.e+-]+)", str(caught.value))
