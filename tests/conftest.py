@@ -33,6 +33,9 @@ keep_embedded_ray_on_loopback(None)  # before any test module imports Ray: the t
 
 BUGS_MODULE = Path(__file__).parent / "actors" / "test_bugs_are_caught.py"
 _in_background = False  # the bug drivers were started beside other tests, not by the first bug test
+# test directories that run before the bug drivers start: those that start Ray actors or clusters of their own
+# (actors, launch) and the ones between them in the session's order
+BEFORE_BUG_DRIVERS = {"actors", "benchmarks", "config", "data", "launch"}
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,10 +58,11 @@ def bug_drivers(ray_cluster: object, tmp_path_factory: pytest.TempPathFactory,
 
 @pytest.fixture(autouse=True)
 def _bug_drivers_start_after_the_ray_strategy_tests(request: pytest.FixtureRequest) -> None:
-    """Once the tests that start many actors are done (``tests/actors`` runs first), the bug drivers start
-    and share the machine with the single-process tests that follow instead of running alone at the end."""
+    """Once the tests that start many actors are done (``tests/actors`` and ``tests/launch``), the bug
+    drivers start and share the machine with the mostly single-process tests that follow, instead of
+    running alone at the end."""
     global _in_background
-    if Path(request.node.path).parent.name != "actors" and _runs_bug_tests(request.session):
+    if Path(request.node.path).parent.name not in BEFORE_BUG_DRIVERS and _runs_bug_tests(request.session):
         _in_background = True
         request.getfixturevalue("bug_drivers")
 
