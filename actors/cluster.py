@@ -182,14 +182,20 @@ def wait_until_marked_dead(node_ids: set[str], timeout_s: float) -> set[str]:
         time.sleep(0.2)
 
 
-def _shortfall(request: Request) -> str | None:
-    """What the cluster lacks for ``request`` now (a message), or None when its totals hold it."""
+def _lacking(request: Request) -> tuple[str, float] | None:
+    """The first resource (GPU, then CPU) the cluster's totals fall short of for ``request``, and how much of
+    it the cluster has; None when its totals hold the request."""
     total = ray.cluster_resources()
     for resource in ("GPU", "CPU"):
-        have = total.get(resource, 0.0)
-        if request.total(resource) > have:
-            return f"{_asked(request, resource)}, the Ray cluster has {have:g}"
+        if request.total(resource) > total.get(resource, 0.0):
+            return resource, total.get(resource, 0.0)
     return None
+
+
+def _shortfall(request: Request) -> str | None:
+    """What the cluster lacks for ``request`` now (a message), or None when its totals hold it."""
+    lacking = _lacking(request)
+    return None if lacking is None else f"{_asked(request, lacking[0])}, the Ray cluster has {lacking[1]:g}"
 
 
 def wait_for_resources(request: Request, wait_s: float) -> bool:
@@ -227,22 +233,19 @@ def check_resources(request: Request, wait_s: float = 0.0) -> None:
     (``parallel.num_actors``); a job of several roles (disaggregated) by the per-actor setting of
     the role that asks for the most, naming every count and size setting the user can trade.
     """
-    if wait_for_resources(request, wait_s):
+    lacking = None if wait_for_resources(request, wait_s) else _lacking(request)
+    if lacking is None:
         return
-    total = ray.cluster_resources()
+    resource, have = lacking
     waited = (f" (after waiting {wait_s:g} s, cluster.wait_for_resources_s)" if wait_s > 0 else
               "" if is_embedded() else "; an autoscaling cluster: set cluster.wait_for_resources_s to wait for it")
-    for resource in ("GPU", "CPU"):
-        have = total.get(resource, 0.0)
-        if request.total(resource) <= have:
-            continue
-        sizes = list(dict.fromkeys(role.reserves(resource)[1] for role in request.roles))
-        largest = max(request.roles, key=lambda role: role.actors * role.reserves(resource)[0])
-        each, setting = largest.reserves(resource)
-        asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}{waited}"
-        if resource == "GPU":
-            raise ConfigError(setting, each, f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
-        if len(request.roles) == 1:
-            raise ConfigError(largest.count_setting, largest.actors, f"{asked}; use fewer actors or lower {setting}")
-        counts = ", ".join(role.count_setting for role in request.roles)
-        raise ConfigError(setting, each, f"{asked}; use fewer actors ({counts}) or lower {' / '.join(sizes)}")
+    sizes = list(dict.fromkeys(role.reserves(resource)[1] for role in request.roles))
+    largest = max(request.roles, key=lambda role: role.actors * role.reserves(resource)[0])
+    each, setting = largest.reserves(resource)
+    asked = f"{_asked(request, resource)}, the Ray cluster has {have:g}{waited}"
+    if resource == "GPU":
+        raise ConfigError(setting, each, f"{asked}; use {' and '.join(f'{s}=0' for s in sizes)} for CPU (gloo)")
+    if len(request.roles) == 1:
+        raise ConfigError(largest.count_setting, largest.actors, f"{asked}; use fewer actors or lower {setting}")
+    counts = ", ".join(role.count_setting for role in request.roles)
+    raise ConfigError(setting, each, f"{asked}; use fewer actors ({counts}) or lower {' / '.join(sizes)}")

@@ -30,6 +30,8 @@ from launch import runtime_env as renv
 
 COMMANDS = ("status", "stop", "logs")
 PROBE_TIMEOUT_S = 10.0
+
+
 def _err(message: str) -> None:
     print(f"moe-submit: {message}", file=sys.stderr, flush=True)
 

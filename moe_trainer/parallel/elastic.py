@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.validate import validate
-from moe_trainer.parallel.resources import role_resources
-from moe_trainer.parallel.topology import ep_size
+from moe_trainer.parallel.resources import rank_resources
+from moe_trainer.parallel.topology import ep_size, world_size
 
 if TYPE_CHECKING:
     from moe_trainer.config.schema import Config
@@ -78,8 +78,7 @@ def valid_layouts(cfg: Config) -> list[Config]:
 def fits(cfg: Config, nodes: list[dict[str, float]]) -> bool:
     """Whether every rank's bundle fits the nodes' free resources (``[{"CPU": 2.0, "GPU": 0.0}, ...]``),
     first fit, largest bundles first (bundles of a job are few and of one or two sizes)."""
-    bundles = sorted(((role.cpus, role.gpus) for role in role_resources(cfg) for _ in range(role.actors)),
-                     reverse=True)
+    bundles = sorted((rank_resources(cfg, rank) for rank in range(world_size(cfg))), reverse=True)
     free = [[node.get("CPU", 0.0), node.get("GPU", 0.0)] for node in nodes]
     for cpus, gpus in bundles:
         for room in free:

@@ -12,7 +12,6 @@ run's files.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import socket
 import subprocess
@@ -33,7 +32,7 @@ from launch.jobs import failure_report, outcome
 from launch.submit import _submit_parser, entrypoint, main, program_for
 from tests.conftest import TwoNodeCluster
 from tests.helpers import read_records, train_run
-from tests.ray_nodes import RayNode, free_ports
+from tests.ray_nodes import RayNode, clean_env, free_ports
 
 BIN = Path(sys.executable).parent
 MOE_SUBMIT = str(BIN / "moe-submit")
@@ -169,10 +168,7 @@ def head(two_nodes: TwoNodeCluster) -> RayNode:
 
 def _client_env(head: RayNode, **extra: str) -> dict[str, str]:
     """A user's shell: no Ray settings at all, the token only in ~/.ray/auth_token."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "WANDB_"))}
-    env["HOME"] = str(head.home)
-    env.update(extra)
-    return env
+    return clean_env(**{"HOME": str(head.home), **extra})  # a test may give another HOME
 
 
 def _moe_submit(head: RayNode, *args: str, timeout: float = 540, **env: str) -> subprocess.CompletedProcess[str]:
