@@ -105,6 +105,10 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     refuse_corrupted_cache(cfg.data, tokenizer)  # the shards every actor will map (verified once per process)
     installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
     cfg = installed.cfg
+    if cfg.train.init_from and resume is None:
+        from moe_trainer.hub.init_from import describe
+
+        print(f"moe-train: {describe(cfg.train.init_from, cfg)}", flush=True)
     try:
         engine = make_engine(cfg)
     except BaseException:

@@ -20,6 +20,7 @@ from moe_trainer.config.validate import sequences_per_group
 from moe_trainer.data import Tokenizer, build_batch_source
 from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
+from moe_trainer.hub.init_from import apply_init_from
 from moe_trainer.model.transformer import Transformer, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import (
@@ -128,7 +129,9 @@ def checkpoint_signature(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
 
 
 def _checkpoint_meta(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
-    return {**checkpoint_signature(cfg, tokenizer), "tokenizer": tokenizer_record(tokenizer)}
+    """The signature, the tokenizer, and every routing setting (not checked at load: a resume may change
+    e.g. ``moe.aux_loss_coef``), so that the checkpoint alone says how its model computes (``moe-export``)."""
+    return {**checkpoint_signature(cfg, tokenizer), "tokenizer": tokenizer_record(tokenizer), "moe": asdict(cfg.moe)}
 
 
 def save_engine_checkpoint(root: Path, step: int, write_shards: Callable[[Path], object], cfg: Config,
@@ -145,7 +148,10 @@ def begin_engine_checkpoint(root: Path, step: int, cfg: Config, tokenizer: Token
 
 
 def build_model(cfg: Config, vocab_size: int, **kwargs: Any) -> Transformer:
-    return Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, recompute=cfg.train.recompute, **kwargs)
+    """The model (or a rank's shard of it), initialised from ``train.seed`` or from ``train.init_from``."""
+    model = Transformer(cfg.model, cfg.moe, vocab_size, cfg.train.seed, recompute=cfg.train.recompute, **kwargs)
+    apply_init_from(model, cfg)
+    return model
 
 
 def model_parameter_counts(cfg: Config, vocab_size: int) -> dict[str, int]:

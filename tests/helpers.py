@@ -72,3 +72,20 @@ def assert_rel_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
     diff = torch.linalg.vector_norm((got.double() - want.double()).flatten()).item()
     scale = torch.linalg.vector_norm(want.double().flatten()).item()
     assert diff <= rel * scale + atol, f"{what}: relative difference {diff / max(scale, 1e-300):.3e} > {rel:g}"
+
+
+def train_checkpoint(root: Path, *overrides: str, steps: int = 2) -> Path:
+    """Trains ``experiment=debug`` plus ``overrides`` for ``steps`` steps in this process (``single``) and saves
+    a checkpoint under ``root``; returns it. No run directory, no console: the cheapest real checkpoint."""
+    from moe_trainer.cli import make_engine
+    from moe_trainer.config.validate import validate
+
+    cfg = to_dataclass(compose_dict(["experiment=debug", *overrides]))
+    validate(cfg)
+    engine = make_engine(cfg)
+    try:
+        if steps:
+            engine.train(steps)
+        return engine.save(root)
+    finally:
+        engine.close()

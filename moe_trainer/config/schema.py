@@ -147,6 +147,7 @@ class TrainConfig:
     log_every: int = 10  # metrics record every N steps
     checkpoint_every: int = 100  # save every N steps (and at the end); 0 = only at the end
     resume: str | None = None  # null | auto (latest in this run dir) | path to a checkpoint or run dir
+    init_from: str | None = None  # a local transformers model directory to start from (docs/user-guide.md)
     keep_last: int = 3  # checkpoints kept on disk (older ones deleted after a successful save); 0 = all
     async_checkpoint: bool = False  # write checkpoint files in the background while training goes on
     on_nan: str = "stop"  # stop | skip: what a non-finite loss or gradient does (the step is never applied)

@@ -446,10 +446,18 @@ def validate_memory(cfg: Config) -> None:
     check_fits(cfg)
 
 
+def validate_init_from(cfg: Config) -> None:
+    """``train.init_from``: the checkpoint's architecture, the settings its shapes fix, its tokenizer, its tensors."""
+    if cfg.train.init_from:
+        from moe_trainer.hub.init_from import check_init_from  # reads config.json and safetensors headers
+
+        check_init_from(cfg)
+
+
 def validate_settings(cfg: Config) -> None:
     """Every check but the memory plan's (``moe-train --plan`` prints the plan of a config that passes these)."""
     for check in (validate_model, validate_moe, validate_parallel, validate_data, validate_train, validate_batch_split,
-                  validate_device, validate_logger):
+                  validate_device, validate_logger, validate_init_from):
         check(cfg)
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import Config
 from moe_trainer.config.validate import micro_batches
+from moe_trainer.hub.init_from import apply_init_from
 from moe_trainer.model.transformer import init_weights, is_moe_block
 from moe_trainer.moe.dispatcher import Dispatched, DispatchPlan, permute
 from moe_trainer.moe.experts import SwiGLUExperts
@@ -96,6 +97,7 @@ class ExpertShardModel(nn.Module):
             for i in range(cfg.model.n_layers) if is_moe_block(i, cfg.moe)
         })
         init_weights(self, cfg.train.seed, cfg.model)
+        apply_init_from(self, cfg)
         for _, experts in self.named_layers():  # recompute=block reaches the experts wherever they live
             experts.recompute = cfg.train.recompute == "block"
 

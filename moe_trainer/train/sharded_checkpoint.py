@@ -30,13 +30,17 @@ from moe_trainer.train.trainer import Trainer
 # ``Trainer`` here means anything with ``model``, ``optimizer``, ``step``, ``tokens_seen`` and
 # ``ctx.device``: the expert actors' ExpertServer is saved and loaded through the same functions.
 
-__all__ = ["canonical_grads", "canonical_state", "load_into", "read_entries", "save_shard"]
+__all__ = ["canonical_grads", "canonical_state", "load_into", "model_entries", "read_entries", "save_shard"]
 
 
 def _expert_params(trainer: Trainer) -> dict[str, int]:
+    return expert_shards(trainer.model)
+
+
+def expert_shards(model: torch.nn.Module) -> dict[str, int]:
     """Name of each stacked expert parameter -> its shard's first global expert."""
     out = {}
-    for mod_name, module in trainer.model.named_modules():
+    for mod_name, module in model.named_modules():
         if isinstance(module, SwiGLUExperts):
             for pname, _ in module.named_parameters():
                 out[f"{mod_name}.{pname}"] = module.first_expert
@@ -64,11 +68,19 @@ def _put(out: dict[str, Tensor], prefix: str, name: str, tensor: Tensor, expert_
 # (parallel.setup.RankSetup); one function per part, so a change of who owns which part
 # (optimizer state sharded over data-parallel ranks) touches one of them.
 
-def _model_entries(trainer: Trainer, expert_first: dict[str, int], dense: bool, experts: bool) -> dict[str, Tensor]:
+def _model_entries(model: torch.nn.Module, expert_first: dict[str, int], dense: bool,
+                   experts: bool) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
-    for name, tensor in trainer.model.state_dict().items():
+    for name, tensor in model.state_dict().items():
         _put(out, "model", name, tensor, expert_first, dense, experts)
     return out
+
+
+def model_entries(model: torch.nn.Module) -> dict[str, Tensor]:
+    """Every tensor of ``model``'s state under its checkpoint key without the ``model/`` prefix
+    (``blocks.0.ffn.experts.w_down_EFD/expert5``): views, one global expert at a time."""
+    entries = _model_entries(model, expert_shards(model), True, True)
+    return {key.removeprefix("model/"): tensor for key, tensor in entries.items()}
 
 
 def _optimizer_entries(trainer: Trainer, expert_first: dict[str, int], dense: bool, experts: bool,
@@ -102,7 +114,7 @@ def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True,
     them) before training changes them, so saving costs no second copy of the state.
     """
     expert_first = _expert_params(trainer)
-    return {**_model_entries(trainer, expert_first, dense, experts),
+    return {**_model_entries(trainer.model, expert_first, dense, experts),
             **_optimizer_entries(trainer, expert_first, dense, experts, optim_owner),
             **_trainer_entries(trainer, dense)}
 
@@ -151,7 +163,7 @@ class _Destinations:
 
 def _model_targets(trainer: Trainer, expert_first: dict[str, int]) -> dict[str, Tensor]:
     """This process's model entries: dense ones and its own experts' (a coordinator's empty shard: none)."""
-    return _model_entries(trainer, expert_first, dense=True, experts=True)
+    return _model_entries(trainer.model, expert_first, dense=True, experts=True)
 
 
 def _optimizer_targets(trainer: Trainer, expert_first: dict[str, int],
