@@ -68,6 +68,8 @@ BAD_INPUTS = [
      "try parallel.num_actors=2, or parallel.num_actors=4, or moe.num_experts=9 with train.batch_size=15"),
     ("train.resume=auto", "train.resume"),  # in the default timestamped run dir: see DEFAULT_RUN_DIR
     ("parallel.memory_per_actor_gb=0", "parallel.memory_per_actor_gb=0.0: must be > 0"),
+    ("train.init_from=/nonexistent/model", "train.init_from='/nonexistent/model': is not a transformers model "
+     "directory"),
 ]
 # run in Hydra's default run dir (outputs/<date>/<time>-<strategy>), not in the case's own
 DEFAULT_RUN_DIR = {"train.resume=auto"}

@@ -26,12 +26,14 @@ from moe_trainer.cli import CONF_DIR
 from moe_trainer.config.command_line import check_command_line
 from moe_trainer.config.schema import to_dataclass
 from moe_trainer.config.validate import validate
+from moe_trainer.hub import export, generate, import_cli
 from moe_trainer.report.cli import _parser as report_parser
 from tests.conftest import compose_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/user-guide.md")
-PROGRAMS = ("moe-train", "moe-report", "moe-submit", "moe-plan")
+PROGRAMS = ("moe-train", "moe-report", "moe-submit", "moe-plan", "moe-export", "moe-import", "moe-generate")
+HUB_PARSERS = {"moe-export": export.parser, "moe-import": import_cli.parser, "moe-generate": generate.parser}
 VENV_BIN = ".venv/bin/"
 _CONTROL = {"&&", "||", ";", "|", "&"}
 _REDIRECTS = {">", ">>", "<", "2>", "&>"}
@@ -158,6 +160,9 @@ def check_moe_train(args: tuple[str, ...] | list[str]) -> None:
                 cfg.data.paths = stand_ins(list(cfg.data.paths), Path(root))
             if cfg.data.tokenizer not in ("byte", "bpe"):
                 cfg.data.tokenizer = stand_in_tokenizer(Path(root))
+            # train.init_from names a directory an earlier command of the doc exports (which tests/hub
+            # checks at small scale); the rest of the command must stand on its own
+            cfg.train.init_from = None
             validate(cfg)
 
 
@@ -167,6 +172,8 @@ def check(cmd: DocCommand) -> None:
         check_moe_train(cmd.args)
     elif cmd.name == "moe-report":
         report_parser().parse_args(list(cmd.args))
+    elif cmd.name in HUB_PARSERS:
+        HUB_PARSERS[cmd.name]().parse_args(list(cmd.args))
     elif cmd.args and cmd.args[0] in COMMANDS:  # moe-submit status|stop|logs JOB_ID
         _command_parser(cmd.args[0]).parse_args(list(cmd.args[1:]))
     else:

@@ -76,9 +76,20 @@ def refuse_occupied(out_dir: Path) -> None:
 
 def export(source: str, out_dir: Path, dtype: str = "float32", dropless: bool = False,
            max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> tuple[str, TrainedModel, list[str]]:
-    """Exports; returns ``(architecture, the model read, files written)``. Raises ConfigError or Unsupported."""
+    """Exports a run's or checkpoint's model; returns ``(architecture, the model read, files written)``.
+
+    Raises ConfigError (a bad argument, a damaged checkpoint) or Unsupported, before writing anything.
+    """
     refuse_occupied(out_dir)
     trained = load_trained(source, SOURCE)
+    arch, files = write_export(trained, out_dir, dtype, dropless, max_shard_bytes)
+    return arch, trained, files
+
+
+def write_export(trained: TrainedModel, out_dir: Path, dtype: str = "float32", dropless: bool = False,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> tuple[str, list[str]]:
+    """Writes ``trained`` as a transformers model directory; returns ``(architecture, files written)``."""
+    refuse_occupied(out_dir)
     arch = target_architecture(trained.model_cfg, trained.moe_cfg, dropless=dropless)
     tensors = hub_tensors(trained, arch, DTYPES[dtype])
     tok = trained.tokenizer
@@ -99,22 +110,26 @@ def export(source: str, out_dir: Path, dtype: str = "float32", dropless: bool = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return arch, trained, files
+    return arch, files
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-export", description="Export a trained model as a Hugging Face "
+                                "transformers model directory (Mixtral, Qwen2-MoE or Llama).")
+    p.add_argument("source", metavar=SOURCE, help="a run directory (its newest intact checkpoint) or a "
+                   "checkpoints/step_* directory")
+    p.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a new (or empty) directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="dtype of the saved weights (bfloat16 rounds the fp32 masters; default float32)")
+    p.add_argument("--dropless", action="store_true", help="export a model trained with moe.capacity_factor as "
+                   "the dropless model transformers runs")
+    p.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES, metavar="BYTES",
+                   help="largest safetensors file (default 5 GiB)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moe-export", description="Export a trained model as a Hugging Face "
-                                     "transformers model directory (Mixtral, Qwen2-MoE or Llama).")
-    parser.add_argument("source", metavar=SOURCE, help="a run directory (its newest intact checkpoint) or a "
-                        "checkpoints/step_* directory")
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="a new (or empty) directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
-                        help="dtype of the saved weights (bfloat16 rounds the fp32 masters; default float32)")
-    parser.add_argument("--dropless", action="store_true", help="export a model trained with moe.capacity_factor "
-                        "as the dropless model transformers runs")
-    parser.add_argument("--max-shard-size", type=int, default=DEFAULT_SHARD_BYTES, metavar="BYTES",
-                        help="largest safetensors file (default 5 GiB)")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         arch, trained, files = export(args.source, args.out_dir, args.dtype, args.dropless, args.max_shard_size)
     except ConfigError as err:

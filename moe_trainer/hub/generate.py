@@ -81,18 +81,22 @@ def stream_text(ids: Iterator[int], tokenizer: Tokenizer) -> Iterator[str]:
         yield text[len(printed):]
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-generate", description="Sample text from a trained model.")
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest intact checkpoint) "
+                   "or a checkpoints/step_* directory")
+    p.add_argument("--prompt", default="", help="text to continue (default: a document start)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 = no limit")
+    p.add_argument("--top-p", type=float, default=0.95, help="1 = no limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moe-generate", description="Sample text from a trained model.")
-    parser.add_argument("source", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest intact "
-                        "checkpoint) or a checkpoints/step_* directory")
-    parser.add_argument("--prompt", default="", help="text to continue (default: a document start)")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0 = no limit")
-    parser.add_argument("--top-p", type=float, default=0.95, help="1 = no limit")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         for name, value, ok, allowed in (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens > 0, "> 0"),
                                          ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),

@@ -38,13 +38,17 @@ def import_command(path: str, upcycle: bool) -> tuple[str, list[str]]:
     return arch, overrides
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moe-import", description="Print the moe-train command that starts from a "
+                                "local transformers checkpoint (train.init_from).")
+    p.add_argument("path", metavar=SETTING, help="a transformers model directory (config.json, *.safetensors)")
+    p.add_argument("--upcycle", action="store_true", help="a dense checkpoint into model=moe: every expert a copy "
+                   "of its block's FFN")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="moe-import", description="Print the moe-train command that starts "
-                                     "from a local transformers checkpoint (train.init_from).")
-    parser.add_argument("path", metavar=SETTING, help="a transformers model directory (config.json, *.safetensors)")
-    parser.add_argument("--upcycle", action="store_true", help="a dense checkpoint into model=moe: every expert a "
-                        "copy of its block's FFN")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         arch, overrides = import_command(args.path, args.upcycle)
     except ConfigError as err:

@@ -156,7 +156,10 @@ def check_init_from(cfg: Config) -> None:
     if not path:
         return
     hf = read_hub_config(path)
-    upcycle = is_upcycling(hf, cfg) if "architectures" in hf else False
+    try:
+        upcycle = is_upcycling(hf, cfg)
+    except Unsupported as err:
+        raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {err}") from err
     for req in hub_requirements(path, hf, upcycle):
         if not req.met_by(cfg):
             section, key = req.setting.split(".")

@@ -120,6 +120,39 @@ def test_sharded_checkpoints_load_into_any_layout(warm_actors: WarmActors, tmp_p
         assert got[0][key] == pytest.approx(ref[0][key], rel=REL), key
 
 
+@pytest.mark.slow
+def test_init_from_starts_every_layout_from_the_same_weights(warm_actors: WarmActors, tmp_path: Path) -> None:
+    """``train.init_from`` under sharded experts (4 expert-parallel ranks, disaggregated expert actors): each
+    process reads its own experts, and the step-0 checkpoint and the first step are single's."""
+    from moe_trainer.hub.export import export
+    from tests.helpers import train_checkpoint
+
+    hub = tmp_path / "hf"
+    export(str(train_checkpoint(tmp_path / "trained", steps=2)), hub)
+    init = [f"train.init_from={hub}", "train.seed=5"]  # another seed: the weights must come from the checkpoint
+    mix = "capacity"
+    ref_path, _ = _checkpoint_then_step(start(mix, *init), tmp_path / "single")
+    ref_state = {k: v for k, v in read_entries(ref_path).items() if k.startswith("model/")}
+    fresh, _ = _checkpoint_then_step(start(mix, "train.seed=5"), tmp_path / "fresh")
+    assert not torch.equal(read_entries(fresh)["model/embed.weight"], ref_state["model/embed.weight"])
+    single = start(mix, *init)
+    try:
+        ref_step = single.train(1)[0]
+    finally:
+        single.close()
+    for layout in ("expert_parallel_4_ep2", "disaggregated_2c_1e_2mb"):
+        engine = start(mix, *LAYOUTS[layout][0], *init, actors=warm_actors)
+        try:
+            state = read_entries(engine.save(tmp_path / layout))
+            step = engine.train(1)[0]
+        finally:
+            engine.close()
+        for key, tensor in ref_state.items():
+            assert torch.equal(state[key], tensor), f"{layout}: {key}"
+        for key in ("loss", "grad_norm"):
+            assert step[key] == pytest.approx(ref_step[key], rel=REL), f"{layout}: {key}"
+
+
 def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:
     """The reference runs really drop tokens, move the bias and route to every expert's owner."""
     capacity, dropless = reference("capacity"), reference("dropless")

@@ -1,0 +1,157 @@
+"""Bad input to moe-export, train.init_from and moe-generate: one clear message each, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.schema import to_dataclass
+from moe_trainer.config.validate import validate
+from moe_trainer.hub.architectures import Unsupported
+from moe_trainer.hub.export import export
+from tests.conftest import compose_dict
+from tests.helpers import train_checkpoint, tree_state
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``checkpoints(*overrides)``: an untrained (step 0) checkpoint of the debug model with ``overrides``, cached."""
+    root = tmp_path_factory.mktemp("refusals")
+    made: dict[tuple[str, ...], Path] = {}
+
+    def get(*overrides: str) -> Path:
+        if overrides not in made:
+            made[overrides] = train_checkpoint(root / str(len(made)), *overrides, steps=0)
+        return made[overrides]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def qwen_export(checkpoints: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("qwen") / "hf"
+    export(str(checkpoints("moe.num_shared_experts=1", "moe.shared_expert_hidden=16")), out)
+    return out
+
+
+@pytest.mark.parametrize("overrides,reason", [
+    (["moe.router=expert_choice"], "moe.router=expert_choice"),
+    (["moe.bias_balancing=true"], "moe.bias_balancing=true"),
+    (["moe.capacity_factor=1.25"], "--dropless"),
+    (["moe.router=switch"], "moe.router=switch"),
+    (["moe.every=2"], "moe.every=2 without shared experts"),
+], ids=["expert_choice", "bias_balancing", "capacity", "switch", "every2"])
+def test_a_model_without_a_faithful_counterpart_is_refused_with_the_reason(
+        checkpoints: Callable[..., Path], tmp_path: Path, overrides: list[str], reason: str) -> None:
+    with pytest.raises(Unsupported) as err:
+        export(str(checkpoints(*overrides)), tmp_path / "out")
+    assert reason in str(err.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []  # no temporary directory left either
+
+
+def test_dropless_exports_a_capacity_model_when_asked(checkpoints: Callable[..., Path], tmp_path: Path) -> None:
+    arch, _, _ = export(str(checkpoints("moe.capacity_factor=1.25")), tmp_path / "out", dropless=True)
+    assert arch == "MixtralForCausalLM"
+
+
+def test_an_output_directory_with_files_is_refused_and_left_as_it_was(checkpoints: Callable[..., Path],
+                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    before = tree_state(tmp_path)
+    with pytest.raises(ConfigError, match="exists and is not empty"):
+        export(str(checkpoints()), out)
+    assert tree_state(tmp_path) == before
+    out.joinpath("notes.txt").unlink()  # an empty directory is fine
+    export(str(checkpoints()), out)
+    assert (out / "config.json").is_file()
+
+
+def test_a_damaged_checkpoint_is_refused_by_the_command_in_one_line(checkpoints: Callable[..., Path],
+                                                                     tmp_path: Path) -> None:
+    damaged = tmp_path / "step_00000000"
+    shutil.copytree(checkpoints(), damaged)
+    shard = next(damaged.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "moe_trainer.hub.export", str(damaged), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("moe-export: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "does not match its checksum" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _config(*overrides: str):  # noqa: ANN202
+    return to_dataclass(compose_dict(["experiment=debug", *overrides]))
+
+
+def _refused(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate(_config(*overrides))
+    assert err.value.setting == "train.init_from", str(err.value)
+    return str(err.value)
+
+
+def _copy_with_config(src: Path, dst: Path, **changes: object) -> Path:
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps({**config, **changes}))
+    return dst
+
+
+def test_init_from_refuses_what_it_cannot_read_naming_the_setting(qwen_export: Path, tmp_path: Path) -> None:
+    shared = ("moe.num_shared_experts=1", "moe.shared_expert_hidden=16")
+    validate(_config(*shared, f"train.init_from={qwen_export}"))  # the export itself starts
+    assert "no config.json there" in _refused(f"train.init_from={tmp_path}")
+    gpt2 = _copy_with_config(qwen_export, tmp_path / "gpt2", architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    assert "GPT2LMHeadModel" in _refused(*shared, f"train.init_from={gpt2}")
+    gqa = _copy_with_config(qwen_export, tmp_path / "gqa", num_key_value_heads=1)
+    assert "grouped-query attention" in _refused(*shared, f"train.init_from={gqa}")
+    # a width that does not match: the setting to change and the value the checkpoint needs
+    message = _refused(*shared, "model.d_model=64", f"train.init_from={qwen_export}")
+    assert "hidden_size=32 needs model.d_model=32; this run has model.d_model=64" in message
+    message = _refused(f"train.init_from={qwen_export}")
+    assert "needs moe.num_shared_experts=1 moe.shared_expert_hidden=16" in message
+    assert "data.tokenizer=bpe" in _refused(*shared, "data.tokenizer=bpe", f"train.init_from={qwen_export}")
+
+
+def test_init_from_refuses_a_partial_checkpoint_and_a_gate_it_cannot_express(qwen_export: Path,
+                                                                             tmp_path: Path) -> None:
+    shared = ("moe.num_shared_experts=1", "moe.shared_expert_hidden=16")
+    tensors = load_file(str(qwen_export / "model.safetensors"))
+    for name, change in (("partial", "drop"), ("gated", "gate")):
+        directory = tmp_path / name
+        shutil.copytree(qwen_export, directory)
+        edited = dict(tensors)
+        if change == "drop":
+            del edited["model.layers.1.mlp.experts.3.down_proj.weight"]
+        else:
+            edited["model.layers.0.mlp.shared_expert_gate.weight"] = torch.full((1, 32), 0.1)
+        save_file(edited, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        message = _refused(*shared, f"train.init_from={directory}")
+        expected = "experts.3.down_proj.weight is missing" if change == "drop" else "shared-expert gate must be 0"
+        assert expected in message, message
+
+
+def test_moe_generate_prints_a_continuation_and_refuses_bad_flags(checkpoints: Callable[..., Path]) -> None:
+    run = [sys.executable, "-m", "moe_trainer.hub.generate", str(checkpoints()), "--prompt", "def ",
+           "--max-new-tokens", "24", "--seed", "3"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("def ") and len(proc.stdout) > len("def \n"), proc.stdout
+    again = subprocess.run(run, capture_output=True, text=True, timeout=120)
+    assert again.stdout == proc.stdout  # the same seed, the same text
+    bad = subprocess.run([*run, "--top-p", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr == "moe-generate: --top-p=0.0: must be in (0, 1]\n", bad.stderr
