@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,9 @@ def train(cfg: Config, resolved: dict[str, Any], run_dir: Path, keep_cluster: bo
     refuse_corrupted_cache(cfg.data, tokenizer)  # the shards every actor will map (verified once per process)
     installed = install_tokenizer(cfg, tokenizer, run_dir)  # RUN_DIR/tokenizer.json: what every process loads
     cfg = installed.cfg
-    if cfg.train.init_from and resume is None:
+    if cfg.train.init_from and resume is not None:  # the checkpoint wins: no process reads the start point
+        cfg = replace(cfg, train=replace(cfg.train, init_from=None))
+    elif cfg.train.init_from:
         from moe_trainer.hub.init_from import describe
 
         print(f"moe-train: {describe(cfg.train.init_from, cfg)}", flush=True)

@@ -66,6 +66,11 @@ class MoEConfig:
     group_sequences: int | None = 1  # sequences per routing group (capacity, expert choice); null = one per rank
 
 
+def experts_per_token(moe: MoEConfig) -> int:
+    """k: the experts each token goes to (Switch routing is top-1 whatever ``moe.top_k`` says)."""
+    return 1 if moe.router == "switch" else moe.top_k
+
+
 @dataclass
 class ParallelConfig:
     strategy: str = "single"  # single | data_parallel | expert_parallel | disaggregated

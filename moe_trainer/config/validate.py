@@ -447,8 +447,11 @@ def validate_memory(cfg: Config) -> None:
 
 
 def validate_init_from(cfg: Config) -> None:
-    """``train.init_from``: the checkpoint's architecture, the settings its shapes fix, its tokenizer, its tensors."""
-    if cfg.train.init_from:
+    """``train.init_from``: the checkpoint's architecture, the settings its shapes fix, its tokenizer, its tensors.
+
+    Not with ``train.resume=PATH``, which wins over it (``auto`` may find nothing and start from it).
+    """
+    if cfg.train.init_from and cfg.train.resume in (None, "auto"):
         from moe_trainer.hub.init_from import check_init_from  # reads config.json and safetensors headers
 
         check_init_from(cfg)

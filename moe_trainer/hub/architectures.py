@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from moe_trainer.config.schema import Config, ModelConfig, MoEConfig
+from moe_trainer.config.schema import Config, ModelConfig, MoEConfig, experts_per_token
 from moe_trainer.model.transformer import active_ffn_hidden, is_moe_block
 
 MIXTRAL, QWEN2_MOE = "MixtralForCausalLM", "Qwen2MoeForCausalLM"
@@ -96,7 +96,7 @@ def hf_config(arch: str, model: ModelConfig, moe: MoEConfig, vocab_size: int, eo
         "initializer_range": model.init_std, "tie_word_embeddings": False, "attention_dropout": 0.0,
         "use_cache": True, "bos_token_id": None, "eos_token_id": eos_id, "pad_token_id": None, "dtype": dtype,
     }
-    top_k = 1 if moe.router == "switch" else moe.top_k
+    top_k = experts_per_token(moe)
     if arch == LLAMA:
         return {**common, "intermediate_size": ffn_widths(model, moe)[0], "attention_bias": False, "mlp_bias": False,
                 "pretraining_tp": 1}
@@ -107,7 +107,7 @@ def hf_config(arch: str, model: ModelConfig, moe: MoEConfig, vocab_size: int, eo
     return {**common, "intermediate_size": model.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
             "shared_expert_intermediate_size": moe.num_shared_experts * moe.shared_expert_hidden,
             "num_experts": moe.num_experts, "num_experts_per_tok": top_k, "norm_topk_prob": normalized_topk(moe),
-            "decoder_sparse_step": moe.every, "mlp_only_layers": [], "qkv_bias": False,
+            "decoder_sparse_step": moe.every, "mlp_only_layers": [], "qkv_bias": True,
             "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False, "use_sliding_window": False,
             "sliding_window": None, "max_window_layers": model.n_layers}
 
@@ -115,12 +115,40 @@ def hf_config(arch: str, model: ModelConfig, moe: MoEConfig, vocab_size: int, eo
 # ---- the other way: what a transformers config asks of our settings ----
 
 
+# What transformers 5 assumes for a key a config.json leaves out (the config classes' defaults): an
+# import reads the checkpoint as transformers would, never with our own defaults
+_COMMON_DEFAULTS: dict[str, Any] = {"hidden_act": "silu", "head_dim": None, "tie_word_embeddings": False,
+                                    "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+                                    "sliding_window": None, "use_sliding_window": True}
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    MIXTRAL: {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_key_value_heads": 8},
+    QWEN2_MOE: {"rms_norm_eps": 1e-6, "num_key_value_heads": 16, "use_sliding_window": False, "sliding_window": 4096,
+                "decoder_sparse_step": 1, "norm_topk_prob": False, "qkv_bias": True, "mlp_only_layers": []},
+    LLAMA: {"rms_norm_eps": 1e-6, "num_key_value_heads": None},
+    MISTRAL: {"rms_norm_eps": 1e-6, "num_key_value_heads": 8, "sliding_window": 4096},
+}
+
+
+def with_defaults(hf: dict[str, Any]) -> dict[str, Any]:
+    """``hf`` completed with transformers' defaults for its architecture (``rope_theta`` read from
+    ``rope_parameters`` where that holds it; ``num_key_value_heads`` null meaning one per head)."""
+    arch = architecture_of(hf)
+    out = {**_COMMON_DEFAULTS, **_DEFAULTS[arch], **hf}  # an explicit null stays null, as in transformers
+    rope = hf.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        out["rope_theta"] = rope["rope_theta"]
+    if out.get("num_key_value_heads") is None:
+        out["num_key_value_heads"] = out["num_attention_heads"]
+    return out
+
+
 @dataclass(frozen=True)
 class Requirement:
     """One setting a checkpoint needs: ``setting=value`` (the override to write), because of ``source``.
 
     ``accepts`` decides whether a config already satisfies it (default: the setting equals ``value``);
-    some needs have several spellings (renormalised top-k weights: two score orders).
+    some needs have several spellings (renormalised top-k weights: two score orders), and some take
+    several settings together (``also``).
     """
 
     setting: str
@@ -132,13 +160,25 @@ class Requirement:
     def met_by(self, cfg: Config) -> bool:
         if self.accepts is not None:
             return self.accepts(cfg)
-        section, key = self.setting.split(".")
-        return getattr(getattr(cfg, section), key) == self.value
+        return _get(cfg, self.setting) == self.value
 
     def overrides(self) -> list[str]:
         """The command-line overrides that meet this requirement."""
-        value = "true" if self.value is True else "false" if self.value is False else self.value
-        return [f"{self.setting}={value}", *self.also]
+        return [f"{self.setting}={_show(self.value)}", *self.also]
+
+    def current(self, cfg: Config) -> str:
+        """What ``cfg`` has for every setting this requirement names, as overrides."""
+        names = [self.setting, *(o.split("=", 1)[0] for o in self.also)]
+        return " ".join(f"{name}={_show(_get(cfg, name))}" for name in names)
+
+
+def _get(cfg: Config, setting: str) -> Any:
+    section, key = setting.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _show(value: Any) -> str:
+    return "true" if value is True else "false" if value is False else "null" if value is None else str(value)
 
 
 def architecture_of(hf: dict[str, Any]) -> str:
@@ -152,38 +192,36 @@ def architecture_of(hf: dict[str, Any]) -> str:
 
 
 def _refuse_unsupported_features(arch: str, hf: dict[str, Any]) -> None:
-    """What of a transformers checkpoint our decoder cannot compute at all, whatever the settings."""
+    """What of a transformers checkpoint our decoder cannot compute at all, whatever the settings
+    (``hf`` completed by :func:`with_defaults`). Qwen2-MoE's q/k/v biases are checked by value later:
+    zero ones (what moe-export writes) are ours exactly."""
     heads, width = hf["num_attention_heads"], hf["hidden_size"]
-    if hf.get("num_key_value_heads", heads) not in (None, heads):
+    if hf.get("quantization_config"):
+        raise Unsupported("it is quantized (quantization_config); give the unquantized weights")
+    if hf["num_key_value_heads"] != heads:
         raise Unsupported(f"num_key_value_heads={hf['num_key_value_heads']} with num_attention_heads={heads} is "
                           "grouped-query attention; our attention has as many key/value heads as query heads")
-    if hf.get("head_dim") not in (None, width // heads):
+    if hf["head_dim"] not in (None, width // heads):
         raise Unsupported(f"head_dim={hf['head_dim']} is not hidden_size / num_attention_heads = {width // heads}")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf["hidden_act"] != "silu":
         raise Unsupported(f"hidden_act={hf['hidden_act']!r}; our FFNs are SwiGLU (silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise Unsupported(f"rope type {rope.get('rope_type', rope.get('type'))!r}; our rotary embedding is the "
                           "default (unscaled) one")
-    for flag in ("attention_bias", "mlp_bias", "qkv_bias"):
-        if hf.get(flag):
+    for flag in ("attention_bias", "mlp_bias"):
+        if hf[flag]:
             raise Unsupported(f"{flag}=true; our attention and FFN projections have no biases")
-    if arch == QWEN2_MOE and hf.get("mlp_only_layers"):
+    if arch == QWEN2_MOE and hf["mlp_only_layers"]:
         raise Unsupported(f"mlp_only_layers={hf['mlp_only_layers']}; our dense blocks are every block but each "
                           "moe.every-th (decoder_sparse_step), with no exceptions")
     if arch == QWEN2_MOE and not hf.get("shared_expert_intermediate_size"):
         raise Unsupported("shared_expert_intermediate_size=0")
 
 
-def rope_theta(hf: dict[str, Any]) -> float:
-    rope = hf.get("rope_parameters") or {}
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
 def _window(hf: dict[str, Any]) -> int | None:
-    if hf.get("use_sliding_window") is False:
-        return None
-    return hf.get("sliding_window")
+    """The sliding attention window transformers applies, if any (Qwen2-MoE only with use_sliding_window)."""
+    return hf["sliding_window"] if hf["use_sliding_window"] else None
 
 
 def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]:
@@ -191,20 +229,21 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
 
     ``upcycle``: a dense checkpoint (Llama, Mistral) becomes ``model=moe``: every expert a copy
     of the block's FFN (Komatsuzaki et al., https://arxiv.org/abs/2212.05055); the number of
-    experts and k stay the run's own choice, but the gate weights must sum to 1 so that the
-    upcycled block computes exactly the dense FFN at the start.
+    experts and k stay the run's own choice, but the gate weights must sum to 1 and no assignment
+    may be dropped, so that the upcycled block computes exactly the dense FFN at the start.
     """
     arch = architecture_of(hf)
+    hf = with_defaults(hf)
     _refuse_unsupported_features(arch, hf)
-    width = hf["hidden_size"]
+    width, theta, eps = hf["hidden_size"], float(hf["rope_theta"]), hf["rms_norm_eps"]
     src = f"{arch} with"
     reqs = [
         Requirement("model.d_model", width, f"{src} hidden_size={width}"),
         Requirement("model.n_layers", hf["num_hidden_layers"], f"{src} num_hidden_layers={hf['num_hidden_layers']}"),
         Requirement("model.n_heads", hf["num_attention_heads"], f"{src} num_attention_heads="
                     f"{hf['num_attention_heads']}"),
-        Requirement("model.norm_eps", hf.get("rms_norm_eps", 1e-6), f"{src} rms_norm_eps={hf.get('rms_norm_eps')}"),
-        Requirement("model.rope_theta", rope_theta(hf), f"{src} rope_theta={rope_theta(hf)}"),
+        Requirement("model.norm_eps", eps, f"{src} rms_norm_eps={eps}"),
+        Requirement("model.rope_theta", theta, f"{src} rope_theta={theta}"),
     ]
     window = _window(hf)
     if window is not None:
@@ -219,6 +258,7 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                                 also=(f"moe.expert_hidden={inter}", "moe.top_k=1", "moe.num_shared_experts=0")))
         return reqs
     reqs.append(Requirement("model.arch", "moe", f"{arch}" + (" upcycled into experts" if upcycle else "")))
+    renormalised = ("moe.router=topk", "moe.score_order=softmax_topk")
     if upcycle:
         reqs += [
             Requirement("moe.expert_hidden", inter, f"{src} intermediate_size={inter} (each expert a copy of the FFN)"),
@@ -226,44 +266,42 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                         accepts=lambda cfg: cfg.moe.every == 1 or cfg.model.ffn_hidden == inter),
             Requirement("moe.num_shared_experts", 0, "upcycling (the FFN becomes the routed experts)"),
             Requirement("moe.normalize_topk", True, "upcycling (k copies of one FFN sum to it only when the gate "
-                        "weights sum to 1: moe.router=topk, normalize_topk=true or score_order=topk_softmax)",
-                        accepts=lambda cfg: normalized_topk(cfg.moe)),
+                        "weights sum to 1)", accepts=lambda cfg: normalized_topk(cfg.moe), also=renormalised),
+            Requirement("moe.capacity_factor", None, "upcycling (a dropped assignment would not compute the FFN)"),
         ]
         return reqs
     if arch == MIXTRAL:
         experts, top_k = hf["num_local_experts"], hf["num_experts_per_tok"]
-        reqs += [
-            Requirement("moe.num_experts", experts, f"{src} num_local_experts={experts}"),
-            Requirement("moe.top_k", top_k, f"{src} num_experts_per_tok={top_k}"),
-            Requirement("moe.expert_hidden", inter, f"{src} intermediate_size={inter}"),
-            Requirement("moe.every", 1, f"{arch} (an MoE FFN in every block)"),
-            Requirement("moe.num_shared_experts", 0, f"{arch} (no shared experts)"),
-            Requirement("moe.router", "topk", f"{arch} (top-k routing)"),
-            Requirement("moe.normalize_topk", True, f"{arch} (top-k weights renormalised)",
-                        accepts=lambda cfg: normalized_topk(cfg.moe)),
-        ]
-        return reqs
-    experts, top_k, norm = hf["num_experts"], hf["num_experts_per_tok"], bool(hf.get("norm_topk_prob", False))
-    shared, step = hf["shared_expert_intermediate_size"], hf.get("decoder_sparse_step", 1)
+        return [*reqs,
+                Requirement("moe.num_experts", experts, f"{src} num_local_experts={experts}"),
+                Requirement("moe.top_k", top_k, f"{src} num_experts_per_tok={top_k}"),
+                Requirement("moe.expert_hidden", inter, f"{src} intermediate_size={inter}"),
+                Requirement("moe.every", 1, f"{arch} (an MoE FFN in every block)"),
+                Requirement("moe.num_shared_experts", 0, f"{arch} (no shared experts)"),
+                Requirement("moe.normalize_topk", True, f"{arch} (top-k routing, weights renormalised)",
+                            accepts=lambda cfg: normalized_topk(cfg.moe), also=renormalised)]
+    experts, top_k, norm = hf["num_experts"], hf["num_experts_per_tok"], bool(hf["norm_topk_prob"])
+    shared, step = hf["shared_expert_intermediate_size"], hf["decoder_sparse_step"]
     reqs += [
         Requirement("moe.num_experts", experts, f"{src} num_experts={experts}"),
         Requirement("moe.top_k", top_k, f"{src} num_experts_per_tok={top_k}",
-                    accepts=lambda cfg: (1 if cfg.moe.router == "switch" else cfg.moe.top_k) == top_k),
+                    accepts=lambda cfg: experts_per_token(cfg.moe) == top_k,
+                    also=("moe.router=topk",) if top_k > 1 else ()),  # Switch is top-1 whatever moe.top_k says
         Requirement("moe.expert_hidden", hf["moe_intermediate_size"], f"{src} moe_intermediate_size="
                     f"{hf['moe_intermediate_size']}"),
         Requirement("moe.every", step, f"{src} decoder_sparse_step={step}"),
         Requirement("moe.num_shared_experts", 1, f"{src} shared_expert_intermediate_size={shared}",
                     accepts=lambda cfg: cfg.moe.num_shared_experts * cfg.moe.shared_expert_hidden == shared,
                     also=(f"moe.shared_expert_hidden={shared}",)),
-        Requirement("moe.router", "topk", f"{arch} (token-choice routing)",
-                    accepts=lambda cfg: cfg.moe.router in ("topk", "switch")),
-        Requirement("moe.normalize_topk", norm, f"{src} norm_topk_prob={str(norm).lower()}",
-                    accepts=lambda cfg: normalized_topk(cfg.moe) == norm),
     ]
-    if not norm:
-        reqs.append(Requirement("moe.score_order", "softmax_topk", f"{src} norm_topk_prob=false (softmax over "
-                                "every expert, then top-k)", accepts=lambda cfg: cfg.moe.router == "switch"
-                                or cfg.moe.score_order == "softmax_topk"))
+    if norm:
+        reqs.append(Requirement("moe.normalize_topk", True, f"{src} norm_topk_prob=true (top-k routing, weights "
+                                "renormalised)", accepts=lambda cfg: normalized_topk(cfg.moe), also=renormalised))
+    else:  # softmax over every expert, top-k of it as it is: Switch (top-1) or top-k without renormalising
+        reqs.append(Requirement("moe.normalize_topk", False, f"{src} norm_topk_prob=false (softmax over every "
+                                "expert, top-k weights as they are)", accepts=lambda cfg: cfg.moe.router == "switch"
+                                or (cfg.moe.router == "topk" and cfg.moe.score_order == "softmax_topk"
+                                    and not cfg.moe.normalize_topk), also=renormalised))
     if step != 1:
         reqs.append(Requirement("model.ffn_hidden", inter, f"{src} intermediate_size={inter} (its dense blocks)"))
     return reqs

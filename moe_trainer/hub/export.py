@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.errors import ConfigError, first_line
 from moe_trainer.hub.architectures import Unsupported, hf_config, target_architecture
 from moe_trainer.hub.safetensors_io import DEFAULT_SHARD_BYTES, write_weights
 from moe_trainer.hub.tokenizer_files import write_tokenizer
@@ -80,6 +80,7 @@ def export(source: str, out_dir: Path, dtype: str = "float32", dropless: bool = 
 
     Raises ConfigError (a bad argument, a damaged checkpoint) or Unsupported, before writing anything.
     """
+    out_dir = out_dir.resolve()  # "." and friends: the rename needs a real name
     refuse_occupied(out_dir)
     trained = load_trained(source, SOURCE)
     arch, files = write_export(trained, out_dir, dtype, dropless, max_shard_bytes)
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     except Unsupported as err:
         print(f"moe-export: cannot export {args.source} faithfully: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # a full disk, no permission: nothing was left behind
+        print(f"moe-export: cannot write {args.out_dir}: {first_line(err)}", file=sys.stderr)
+        sys.exit(1)
     size = sum((args.out_dir / f).stat().st_size for f in files)
     print(f"moe-export: wrote {args.out_dir} ({arch}, {len(files)} files, {size / 1e6:.1f} MB) from "
           f"{trained.checkpoint} (step {trained.step})")

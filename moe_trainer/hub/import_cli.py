@@ -14,8 +14,8 @@ import shlex
 import sys
 
 from moe_trainer.config.errors import ConfigError
-from moe_trainer.hub.architectures import DENSE_ARCHITECTURES, Unsupported, architecture_of
-from moe_trainer.hub.init_from import hub_requirements, read_hub_config, tokenizer_override
+from moe_trainer.hub.architectures import DENSE_ARCHITECTURES, architecture_of
+from moe_trainer.hub.init_from import hub_requirements, read_hub_config, refused_as_setting, tokenizer_override
 
 SETTING = "PATH"
 
@@ -23,10 +23,8 @@ SETTING = "PATH"
 def import_command(path: str, upcycle: bool) -> tuple[str, list[str]]:
     """``(architecture, the moe-train overrides)`` for starting from ``path``."""
     hf = read_hub_config(path, SETTING)
-    try:
+    with refused_as_setting(path, SETTING):
         arch = architecture_of(hf)
-    except Unsupported as err:
-        raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {err}") from err
     if upcycle and arch not in DENSE_ARCHITECTURES:
         raise ConfigError("--upcycle", path, f"upcycles a dense checkpoint (Llama, Mistral); this one is {arch}")
     overrides = [f"train.init_from={path}"]

@@ -20,24 +20,35 @@ checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from moe_trainer.config.errors import ConfigError
+from moe_trainer.config.errors import ConfigError, first_line
 from moe_trainer.config.schema import Config
-from moe_trainer.hub.architectures import DENSE_ARCHITECTURES, Requirement, Unsupported, architecture_of, requirements
-from moe_trainer.hub.safetensors_io import HubWeights
+from moe_trainer.hub.architectures import (
+    DENSE_ARCHITECTURES,
+    Requirement,
+    Unsupported,
+    architecture_of,
+    requirements,
+    with_defaults,
+)
+from moe_trainer.hub.safetensors_io import FLOAT_DTYPES, HubWeights, read_errors
 from moe_trainer.hub.tokenizer_files import is_byte_tokenizer
-from moe_trainer.hub.weights import Fixed, Link, links_for, upcycled_links
+from moe_trainer.hub.weights import Fixed, Link, fill_model, links_for, upcycled_links
 
 SETTING = "train.init_from"
 TOKENIZER_FILE = "tokenizer.json"
 
 
 def read_hub_config(path: str, setting: str = SETTING) -> dict[str, Any]:
+    """``PATH/config.json`` as written (transformers' defaults are added where it is read:
+    :func:`~moe_trainer.hub.architectures.with_defaults`); a ConfigError naming ``setting`` if absent."""
     directory = Path(path).expanduser()
     file = directory / "config.json"
     if not file.is_file():
@@ -49,25 +60,34 @@ def read_hub_config(path: str, setting: str = SETTING) -> dict[str, Any]:
         raise ConfigError(setting, path, f"config.json is unreadable ({err})") from err
 
 
-def is_upcycling(hf: dict[str, Any], cfg: Config) -> bool:
-    """A dense checkpoint into ``model=moe``."""
-    return architecture_of(hf) in DENSE_ARCHITECTURES and cfg.model.arch == "moe"
-
-
-def hub_requirements(path: str, hf: dict[str, Any], upcycle: bool, setting: str = SETTING) -> list[Requirement]:
+@contextmanager
+def refused_as_setting(path: str, setting: str = SETTING) -> Iterator[None]:
+    """A checkpoint we cannot read (:class:`Unsupported`, a config without a key it needs) as one ConfigError."""
     try:
-        return requirements(hf, upcycle)
+        yield
     except Unsupported as err:
         raise ConfigError(setting, path, f"cannot start from this checkpoint: {err}") from err
     except KeyError as err:
         raise ConfigError(setting, path, f"config.json lacks {err} (a damaged or foreign config?)") from err
 
 
+def is_upcycling(hf: dict[str, Any], cfg: Config) -> bool:
+    """A dense checkpoint into ``model=moe``."""
+    return architecture_of(hf) in DENSE_ARCHITECTURES and cfg.model.arch == "moe"
+
+
+def hub_requirements(path: str, hf: dict[str, Any], upcycle: bool, setting: str = SETTING) -> list[Requirement]:
+    """The settings the checkpoint at ``path`` needs, or a ConfigError naming ``setting`` when it cannot be read."""
+    with refused_as_setting(path, setting):
+        return requirements(hf, upcycle)
+
+
 def _links(hf: dict[str, Any], cfg: Config, upcycle: bool) -> tuple[list[Link], list[Fixed]]:
+    """The links of this run's model to the checkpoint ``hf`` (its config as written)."""
     arch = architecture_of(hf)
     if upcycle:
         return upcycled_links(arch, cfg.model, cfg.moe), []
-    return links_for(arch, cfg.model, cfg.moe)
+    return links_for(arch, cfg.model, cfg.moe, qkv_bias=bool(with_defaults(hf).get("qkv_bias")))
 
 
 def tokenizer_override(path: str) -> str | None:
@@ -117,37 +137,58 @@ def _expected_entries(cfg: Config, vocab_size: int) -> dict[str, torch.Size]:
     return {key: t.shape for key, t in model_entries(model).items()}
 
 
+def _has_no_counterpart(key: str, upcycle: bool) -> bool:
+    """State of ours no checkpoint initialises: the selection bias (zeros) and an upcycled router (the run's own)."""
+    return key.endswith("router.expert_bias") or (upcycle and key.endswith("router.weight"))
+
+
 def _check_tensors(cfg: Config, path: str, hf: dict[str, Any], upcycle: bool) -> None:
-    try:
-        weights = HubWeights(Path(path).expanduser())
-    except (OSError, ValueError) as err:
-        raise ConfigError(SETTING, path, f"its weights cannot be read ({err})") from err
+    """Every tensor our model needs is there, of a float dtype and the right shape; every tensor there is used;
+    the Hub-only tensors hold the values that make the model ours."""
+    weights = HubWeights(Path(path).expanduser())
     links, fixed = _links(hf, cfg, upcycle)
     by_ours = {link.ours: link for link in links}
+    used = {f.hf for f in fixed}
     for key, shape in _expected_entries(cfg, hf["vocab_size"]).items():
         link = by_ours.get(key)
         if link is None:
-            if key.endswith("router.expert_bias") or (upcycle and key.endswith("router.weight")):
-                continue  # state with no counterpart: the run's own (zeros; a fresh router)
+            if _has_no_counterpart(key, upcycle):
+                continue
             raise ConfigError(SETTING, path, f"nothing in it initialises {key}")
-        for name in link.hf:
-            if _resolved(name, weights, hf) not in weights:
+        names = tuple(_resolved(n, hf) for n in link.hf)
+        used.update(names)
+        for name in names:
+            if name not in weights:
                 raise ConfigError(SETTING, path, f"{name} is missing from its safetensors (a partial checkpoint?)")
-        parts = tuple(torch.empty(weights.shape(_resolved(n, weights, hf)), device="meta") for n in link.hf)
-        got = link.from_hf(parts).shape
+            if weights.dtype(name) not in FLOAT_DTYPES:
+                raise ConfigError(SETTING, path, f"{name} is stored as {weights.dtype(name)}; give weights in "
+                                  f"one of {', '.join(FLOAT_DTYPES)} (not quantized)")
+        try:
+            got = link.from_hf(tuple(torch.empty(weights.shape(n), device="meta") for n in names)).shape
+        except RuntimeError:  # parts that do not even fit together
+            got = torch.Size([-1])
         if got != shape:
-            raise ConfigError(SETTING, path, f"{', '.join(link.hf)} give {key} the shape {list(got)}, this run's "
-                              f"model has {list(shape)}")
+            shapes = ", ".join(f"{n} {weights.shape(n)}" for n in names)
+            raise ConfigError(SETTING, path, f"{shapes} cannot give {key} the shape {list(shape)} this run's model "
+                              "has")
     for f in fixed:
         if f.hf not in weights or not torch.equal(weights.get(f.hf).float(), f.value()):
             raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {f.why} ({f.hf} is not)")
+    tied_head = {"lm_head.weight"} if _tied(hf) else set()
+    unused = sorted(set(weights.files) - used - tied_head)
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {', '.join(unused[:3])}{more} have no "
+                          "counterpart in our model (dropping them would change what it computes)")
 
 
-def _resolved(name: str, weights: HubWeights, hf: dict[str, Any]) -> str:
-    """Tied embeddings: a checkpoint without ``lm_head.weight`` uses the input embedding."""
-    if name == "lm_head.weight" and name not in weights and hf.get("tie_word_embeddings"):
-        return "model.embed_tokens.weight"
-    return name
+def _tied(hf: dict[str, Any]) -> bool:
+    return bool(with_defaults(hf)["tie_word_embeddings"])
+
+
+def _resolved(name: str, hf: dict[str, Any]) -> str:
+    """Tied embeddings: the output projection is the input embedding (transformers ignores a saved lm_head)."""
+    return "model.embed_tokens.weight" if name == "lm_head.weight" and _tied(hf) else name
 
 
 def check_init_from(cfg: Config) -> None:
@@ -156,18 +197,20 @@ def check_init_from(cfg: Config) -> None:
     if not path:
         return
     hf = read_hub_config(path)
-    try:
+    with refused_as_setting(path):
         upcycle = is_upcycling(hf, cfg)
-    except Unsupported as err:
-        raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {err}") from err
     for req in hub_requirements(path, hf, upcycle):
         if not req.met_by(cfg):
-            section, key = req.setting.split(".")
-            have = getattr(getattr(cfg, section), key)
             raise ConfigError(SETTING, path, f"{req.source} needs {' '.join(req.overrides())}; this run has "
-                              f"{req.setting}={have} (moe-import {path} prints every setting it needs)")
+                              f"{req.current(cfg)} (moe-import {path} prints every setting it needs)")
     _check_tokenizer(cfg, path, hf)
-    _check_tensors(cfg, path, hf, upcycle)
+    try:
+        _check_tensors(cfg, path, hf, upcycle)
+    except ConfigError:
+        raise
+    except read_errors() as err:
+        raise ConfigError(SETTING, path, f"its weights cannot be read ({first_line(err, with_type=True)}); a "
+                          "damaged or partial checkpoint?") from err
 
 
 def apply_init_from(model: nn.Module, cfg: Config) -> None:
@@ -179,17 +222,16 @@ def apply_init_from(model: nn.Module, cfg: Config) -> None:
     path = cfg.train.init_from
     if not path or any(p.is_meta for p in model.parameters()):
         return
-    from moe_trainer.train.sharded_checkpoint import model_entries
-
     hf = read_hub_config(path)
     weights = HubWeights(Path(path).expanduser())
     links, _ = _links(hf, cfg, is_upcycling(hf, cfg))
     by_ours = {link.ours: link for link in links}
-    with torch.no_grad():
-        for key, target in model_entries(model).items():
-            link = by_ours.get(key)
-            if link is not None:
-                target.copy_(link.from_hf(tuple(weights.get(_resolved(n, weights, hf)) for n in link.hf)))
+
+    def value(key: str) -> torch.Tensor | None:
+        link = by_ours.get(key)
+        return None if link is None else link.from_hf(tuple(weights.get(_resolved(n, hf)) for n in link.hf))
+
+    fill_model(model, value)
 
 
 def describe(path: str, cfg: Config) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -51,7 +52,7 @@ class HubWeights:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         if (directory / INDEX_FILE).is_file():
-            self.files: dict[str, str] = json.loads((directory / INDEX_FILE).read_text())["weight_map"]
+            self.files: dict[str, str] = dict(json.loads((directory / INDEX_FILE).read_text())["weight_map"])
         elif (directory / SINGLE_FILE).is_file():
             from safetensors import safe_open
 
@@ -64,7 +65,7 @@ class HubWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.files
 
-    def _file(self, name: str):  # noqa: ANN202 (safetensors' handle has no public type)
+    def _file(self, name: str) -> Any:  # safetensors' file handle has no public type
         from safetensors import safe_open
 
         file = self.files[name]
@@ -75,5 +76,19 @@ class HubWeights:
     def shape(self, name: str) -> list[int]:
         return list(self._file(name).get_slice(name).get_shape())
 
+    def dtype(self, name: str) -> str:
+        """safetensors' name of the stored dtype: ``F32``, ``BF16``, ``F16``, ``F8_E4M3``, ``I8``, ..."""
+        return str(self._file(name).get_slice(name).get_dtype())
+
     def get(self, name: str) -> Tensor:
         return self._file(name).get_tensor(name)
+
+
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # stored weights read as they are (8-bit floats need their scales)
+
+
+def read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or foreign set of safetensors files raises."""
+    from safetensors import SafetensorError
+
+    return (OSError, ValueError, KeyError, SafetensorError)

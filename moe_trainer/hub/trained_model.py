@@ -21,10 +21,10 @@ from moe_trainer.config.errors import ConfigError
 from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.data.tokenizer import ByteTokenizer, Tokenizer
 from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
+from moe_trainer.hub.weights import fill_model
 from moe_trainer.model.transformer import Transformer
 from moe_trainer.train.checkpoint import META_FILE, checkpoint_problems, list_checkpoints
 from moe_trainer.train.checkpoint_io import CheckpointReader
-from moe_trainer.train.sharded_checkpoint import model_entries
 
 MODEL_PREFIX = "model/"
 
@@ -41,10 +41,7 @@ class TrainedModel:
     def build(self, device: str | torch.device = "cpu") -> Transformer:
         """The whole model (every expert) in one process, holding the checkpoint's weights, in eval mode."""
         model = Transformer(self.model_cfg, self.moe_cfg, self.tokenizer.vocab_size, seed=0)
-        targets = model_entries(model)
-        with torch.no_grad():
-            for key, target in targets.items():
-                target.copy_(self.entries[key])
+        fill_model(model, self.entries.__getitem__)  # every entry: a key the checkpoint lacks is a KeyError
         return model.to(device).eval()
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from moe_trainer.config.schema import ModelConfig, MoEConfig
-from moe_trainer.hub.architectures import LLAMA, MISTRAL, MIXTRAL
+from moe_trainer.hub.architectures import LLAMA, MISTRAL, MIXTRAL, QWEN2_MOE
 from moe_trainer.model.transformer import is_moe_block
 
 Split = Callable[[Tensor], tuple[Tensor, ...]]
@@ -79,6 +79,12 @@ def _link(ours: str, hf: tuple[str, ...], how: tuple[Split, Join]) -> Link:
     return Link(ours, hf, *how)
 
 
+def _zero_biases(i: int, width: int) -> list[Fixed]:
+    """Qwen2-MoE's q/k/v biases (transformers 4 and vLLM always build them): zero, since ours have none."""
+    return [Fixed(f"model.layers.{i}.self_attn.{p}_proj.bias", lambda: torch.zeros(width),
+                  "its q/k/v biases must be 0: our attention has none") for p in "qkv"]
+
+
 def _attention_links(i: int) -> list[Link]:
     hf, ours = f"model.layers.{i}", f"blocks.{i}"
     return [
@@ -121,12 +127,17 @@ def _moe_links(arch: str, i: int, moe: MoEConfig, width: int) -> tuple[list[Link
     return links, [gate]
 
 
-def links_for(arch: str, model: ModelConfig, moe: MoEConfig) -> tuple[list[Link], list[Fixed]]:
-    """Every tensor of our model ``(model, moe)`` paired with ``arch``'s, in model order."""
+def links_for(arch: str, model: ModelConfig, moe: MoEConfig, qkv_bias: bool = True) -> tuple[list[Link], list[Fixed]]:
+    """Every tensor of our model ``(model, moe)`` paired with ``arch``'s, in model order.
+
+    ``qkv_bias`` (Qwen2-MoE only): the checkpoint has q/k/v biases, which must be zero (export writes them).
+    """
     links = [_link("embed.weight", ("model.embed_tokens.weight",), _same())]
     fixed: list[Fixed] = []
     for i in range(model.n_layers):
         links += _attention_links(i)
+        if arch == QWEN2_MOE and qkv_bias:
+            fixed += _zero_biases(i, model.d_model)
         if arch in (LLAMA, MISTRAL) or not is_moe_block(i, moe):
             links += _dense_ffn_links(f"blocks.{i}.ffn", f"model.layers.{i}.mlp")
         else:
@@ -160,3 +171,15 @@ def upcycled_links(arch: str, model: ModelConfig, moe: MoEConfig) -> list[Link]:
 def _block_of(name: str) -> int | None:
     parts = name.split(".")
     return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def fill_model(model: torch.nn.Module, value: Callable[[str], Tensor | None]) -> None:
+    """Copies ``value(key)`` into each of ``model``'s checkpoint entries (:func:`model_entries` keys); a
+    None leaves the entry as it is. The one loop that puts weights from outside into a model."""
+    from moe_trainer.train.sharded_checkpoint import model_entries
+
+    with torch.no_grad():
+        for key, target in model_entries(model).items():
+            new = value(key)
+            if new is not None:
+                target.copy_(new)

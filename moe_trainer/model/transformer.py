@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.config.schema import ModelConfig, MoEConfig
+from moe_trainer.config.schema import ModelConfig, MoEConfig, experts_per_token
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
 from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.dispatcher import Dispatcher
@@ -32,7 +32,7 @@ def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
 
 def active_ffn_hidden(moe_cfg: MoEConfig) -> int:
     """Hidden width of a dense FFN with the same per-token FLOPs as the MoE FFN it replaces."""
-    top_k = 1 if moe_cfg.router == "switch" else moe_cfg.top_k
+    top_k = experts_per_token(moe_cfg)
     return top_k * moe_cfg.expert_hidden + moe_cfg.num_shared_experts * moe_cfg.shared_expert_hidden
 
 
@@ -199,7 +199,7 @@ class ParamCounts:
 def count_parameters(model: Transformer) -> ParamCounts:
     """Counts for the *full* model, even when this instance holds only a shard of experts."""
     moe = model.moe_cfg
-    top_k = 1 if moe.router == "switch" else moe.top_k
+    top_k = experts_per_token(moe)
     total = active = experts = 0
     for module_name, param in model.named_parameters():
         if ".experts." in module_name:

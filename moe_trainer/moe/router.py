@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moe_trainer.config.schema import MoEConfig
+from moe_trainer.config.schema import MoEConfig, experts_per_token
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
-        self.top_k = 1 if cfg.router == "switch" else cfg.top_k
+        self.top_k = experts_per_token(cfg)
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model))
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))

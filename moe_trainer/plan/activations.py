@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_trainer.config.schema import Config
+from moe_trainer.config.schema import Config, experts_per_token
 from moe_trainer.model.transformer import active_ffn_hidden, is_moe_block
 
 FP32 = 4
@@ -44,7 +44,7 @@ class Widths:
     def of(cls, cfg: Config, vocab: int, on_gpu: bool) -> Widths:
         bf16 = cfg.train.precision == "bf16"
         moe = cfg.moe
-        k = 1 if moe.router == "switch" else moe.top_k
+        k = experts_per_token(moe)
         b = 2 if bf16 else FP32
         return cls(cfg.model.d_model, cfg.model.n_heads, vocab, k, moe.num_experts, moe.expert_hidden,
                    moe.num_shared_experts * moe.shared_expert_hidden, b, b if on_gpu else FP32,

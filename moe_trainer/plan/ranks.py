@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moe_trainer.config.schema import Config
+from moe_trainer.config.schema import Config, experts_per_token
 from moe_trainer.config.validate import data_parallel_ranks, micro_batches, sequences_per_forward
 from moe_trainer.model.transformer import Transformer
 from moe_trainer.moe.experts import is_expert_param
@@ -111,7 +111,7 @@ def rank_shapes(cfg: Config) -> list[RankShape]:
         per_actor = cfg.moe.num_experts // p.num_expert_actors
         actors = tuple(range(p.num_coordinators, world_size(cfg)))
         expert_params, expert_buffers = expert_actor_params(cfg, (0, per_actor))
-        k = 1 if cfg.moe.router == "switch" else cfg.moe.top_k
+        k = experts_per_token(cfg.moe)
         rows = tokens * k * p.num_coordinators // p.num_expert_actors  # every coordinator's rows, balanced
         return [
             RankShape("coordinator", coordinators, tuple((0, 0) for _ in coordinators), params, buffers, tokens, mb,

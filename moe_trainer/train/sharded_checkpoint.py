@@ -33,10 +33,6 @@ from moe_trainer.train.trainer import Trainer
 __all__ = ["canonical_grads", "canonical_state", "load_into", "model_entries", "read_entries", "save_shard"]
 
 
-def _expert_params(trainer: Trainer) -> dict[str, int]:
-    return expert_shards(trainer.model)
-
-
 def expert_shards(model: torch.nn.Module) -> dict[str, int]:
     """Name of each stacked expert parameter -> its shard's first global expert."""
     out = {}
@@ -113,7 +109,7 @@ def canonical_state(trainer: Trainer, dense: bool = True, experts: bool = True,
     Views of the live tensors, not copies: a save writes them (or, in the background, copies
     them) before training changes them, so saving costs no second copy of the state.
     """
-    expert_first = _expert_params(trainer)
+    expert_first = expert_shards(trainer.model)
     return {**_model_entries(trainer.model, expert_first, dense, experts),
             **_optimizer_entries(trainer, expert_first, dense, experts, optim_owner),
             **_trainer_entries(trainer, dense)}
@@ -125,7 +121,7 @@ def canonical_grads(trainer: Trainer, dense: bool = True, experts: bool = True) 
     Keyed by global expert index like the checkpoint, so gradients of any two layouts can be
     compared entry by entry (what the equivalence tests do).
     """
-    expert_first = _expert_params(trainer)
+    expert_first = expert_shards(trainer.model)
     out: dict[str, Tensor] = {}
     for name, param in trainer.model.named_parameters():
         if param.grad is not None:
@@ -191,7 +187,7 @@ def _optimizer_targets(trainer: Trainer, expert_first: dict[str, int],
 
 
 def _destinations(trainer: Trainer, saved: dict[str, torch.Size]) -> _Destinations:
-    expert_first = _expert_params(trainer)
+    expert_first = expert_shards(trainer.model)
     optim, state = _optimizer_targets(trainer, expert_first, saved)
     counters = {"trainer/step": torch.zeros((), dtype=torch.int64),
                 "trainer/tokens_seen": torch.zeros((), dtype=torch.int64)}

@@ -125,32 +125,39 @@ def test_init_from_starts_every_layout_from_the_same_weights(warm_actors: WarmAc
     """``train.init_from`` under sharded experts (4 expert-parallel ranks, disaggregated expert actors): each
     process reads its own experts, and the step-0 checkpoint and the first step are single's."""
     from moe_trainer.hub.export import export
+    from moe_trainer.model.transformer import Transformer
+    from moe_trainer.train.sharded_checkpoint import model_entries
     from tests.helpers import train_checkpoint
 
     hub = tmp_path / "hf"
     export(str(train_checkpoint(tmp_path / "trained", steps=2)), hub)
     init = [f"train.init_from={hub}", "train.seed=5"]  # another seed: the weights must come from the checkpoint
-    mix = "capacity"
-    ref_path, _ = _checkpoint_then_step(start(mix, *init), tmp_path / "single")
-    ref_state = {k: v for k, v in read_entries(ref_path).items() if k.startswith("model/")}
-    fresh, _ = _checkpoint_then_step(start(mix, "train.seed=5"), tmp_path / "fresh")
-    assert not torch.equal(read_entries(fresh)["model/embed.weight"], ref_state["model/embed.weight"])
-    single = start(mix, *init)
-    try:
-        ref_step = single.train(1)[0]
-    finally:
-        single.close()
-    for layout in ("expert_parallel_4_ep2", "disaggregated_2c_1e_2mb"):
-        engine = start(mix, *LAYOUTS[layout][0], *init, actors=warm_actors)
+
+    def step_zero_then_one_step(engine: Any, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         try:
-            state = read_entries(engine.save(tmp_path / layout))
-            step = engine.train(1)[0]
+            state = read_entries(engine.save(tmp_path / name))
+            return {k: v for k, v in state.items() if k.startswith("model/")}, engine.train(1)[0]
         finally:
             engine.close()
+
+    ref_state, ref_step = step_zero_then_one_step(start("capacity", *init), "single")
+    seeded = Transformer(*_model_settings(), 257, seed=5)
+    assert not torch.equal(model_entries(seeded)["embed.weight"], ref_state["model/embed.weight"])
+    for layout in ("expert_parallel_4_ep2", "disaggregated_2c_1e_2mb"):
+        state, step = step_zero_then_one_step(start("capacity", *LAYOUTS[layout][0], *init, actors=warm_actors),
+                                              layout)
         for key, tensor in ref_state.items():
             assert torch.equal(state[key], tensor), f"{layout}: {key}"
         for key in ("loss", "grad_norm"):
             assert step[key] == pytest.approx(ref_step[key], rel=REL), f"{layout}: {key}"
+
+
+def _model_settings() -> tuple[Any, Any]:
+    from moe_trainer.config.schema import to_dataclass
+    from tests.conftest import compose_dict
+
+    cfg = to_dataclass(compose_dict(["experiment=debug"]))
+    return cfg.model, cfg.moe
 
 
 def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:

@@ -28,10 +28,16 @@ VARIANTS = {
     "shared": (["moe.num_shared_experts=1", "moe.shared_expert_hidden=24", "moe.every=2", "moe.normalize_topk=false",
                 "model.ffn_hidden=48"], "Qwen2MoeForCausalLM"),
     "dense": (["model=dense"], "LlamaForCausalLM"),
+    # softmax over the k chosen logits: the renormalised weights Mixtral computes
+    "topk_softmax": (["moe.score_order=topk_softmax"], "MixtralForCausalLM"),
+    # Switch (top-1, weight = probability) with two shared experts: Qwen2-MoE top-1 without renormalising
+    "switch_shared": (["moe.router=switch", "moe.num_shared_experts=2", "moe.shared_expert_hidden=8"],
+                      "Qwen2MoeForCausalLM"),
 }
 # fp32 on both sides, the same operations in another order (expert sums, the rotary tables built in float64 here
-# and float32 there): measured differences 1.2e-7 to 4e-7 on logits of magnitude ~1-3. A wrong mapping (gate and
-# up swapped, a shared expert not doubled, a transposed expert) moves logits by 1e-2 or more.
+# and float32 there): measured differences 9e-8 to 1.2e-7 on logits up to ~0.6 after 2 steps (up to 4e-7 on
+# larger ones). A wrong mapping moves logits by 3e-3 (gate and up swapped) to 1.3e-2 (a shared expert not
+# doubled), checked by injecting those bugs.
 LOGITS_ATOL = 1e-5
 
 
@@ -122,3 +128,17 @@ def test_a_sharded_export_loads_in_transformers_and_back(exported: dict[str, tup
     ours = load_trained(str(checkpoint)).build()
     with torch.no_grad():
         assert (model(_batch(SAMPLE)).logits - ours(_batch(SAMPLE)).logits_BSV).abs().max() <= LOGITS_ATOL
+
+
+def test_a_bf16_export_loads_and_computes_our_logits_to_bf16_rounding(exported: dict[str, tuple[Path, Path]],
+                                                                      tmp_path: Path) -> None:
+    checkpoint, _ = exported["moe"]
+    export(str(checkpoint), tmp_path / "bf16", dtype="bfloat16")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert HubWeights(tmp_path / "bf16").dtype("model.embed_tokens.weight") == "BF16"
+    ours = load_trained(str(checkpoint)).build()
+    with torch.no_grad():
+        want = ours(_batch(SAMPLE)).logits_BSV
+        got = model(_batch(SAMPLE)).logits
+    # weights rounded to 8 mantissa bits (2^-9 relative), computed in fp32: logits off by ~1e-3 of their scale
+    assert 0 < (got - want).abs().max() <= 1e-2 * want.abs().max()

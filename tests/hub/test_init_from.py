@@ -17,11 +17,17 @@ from tests.helpers import train_checkpoint
 
 
 @pytest.fixture(scope="module")
-def dense_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``model=dense`` (FFN width 64 in every block) trained 3 steps and exported as Llama."""
+def dense_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``model=dense`` (FFN width 64 in every block) trained 3 steps: ``(its checkpoint, its export as Llama)``."""
     root = tmp_path_factory.mktemp("dense")
-    export(str(train_checkpoint(root / "checkpoints", "model=dense", steps=3)), root / "hf")
-    return root / "hf"
+    checkpoint = train_checkpoint(root / "checkpoints", "model=dense", steps=3)
+    export(str(checkpoint), root / "hf")
+    return checkpoint, root / "hf"
+
+
+@pytest.fixture(scope="module")
+def dense_export(dense_trained: tuple[Path, Path]) -> Path:
+    return dense_trained[1]
 
 
 def _run(*overrides: str, steps: int) -> tuple[float, list[float]]:
@@ -55,8 +61,17 @@ def test_the_command_moe_import_prints_is_a_valid_run(dense_export: Path, tmp_pa
         validate(to_dataclass(compose_dict(["experiment=debug", *overrides])))  # init_from checks included
 
 
-def test_init_from_starts_where_the_export_left_off(dense_export: Path) -> None:
-    """The first val_loss of a run from the export is the exported model's (its checkpoint's)."""
-    before, _ = _run("model=dense", f"train.init_from={dense_export}", steps=0)
+def test_init_from_starts_where_the_export_left_off(dense_trained: tuple[Path, Path]) -> None:
+    """The first val_loss of a run from the export is the exported checkpoint's, loaded as our own checkpoint."""
+    checkpoint, hub = dense_trained
+    from_hub, _ = _run("model=dense", f"train.init_from={hub}", steps=0)
+    cfg = to_dataclass(compose_dict(["experiment=debug", "model=dense"]))
+    engine = make_engine(cfg)
+    try:
+        engine.load(checkpoint)
+        from_checkpoint = engine.evaluate()
+    finally:
+        engine.close()
     fresh, _ = _run("model=dense", steps=0)
-    assert before < fresh - 0.01, (before, fresh)  # 3 trained steps, not the random init
+    assert from_hub == pytest.approx(from_checkpoint, abs=1e-6) and abs(from_hub - fresh) > 0.01, \
+        (from_hub, from_checkpoint, fresh)
