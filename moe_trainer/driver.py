@@ -8,6 +8,7 @@ non-finite step that ends training: see :mod:`moe_trainer.train.nan_guard`).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,13 @@ from tqdm import tqdm
 from moe_trainer import STARTED_AT
 from moe_trainer.config.schema import Config
 from moe_trainer.engine import Engine
+from moe_trainer.model.transformer import is_moe_block
 from moe_trainer.outputs import RunOutputs
 from moe_trainer.preemption import Preempted, Preemption
 from moe_trainer.startup import phase
 from moe_trainer.train.aggregate import TIMELINE_KEY
 from moe_trainer.train.checkpoint import checkpoint_dir, list_checkpoints, prune_checkpoints
+from moe_trainer.train.collapse import CollapseWatch, ExpertReport
 from moe_trainer.train.nan_guard import SkipPolicy
 
 
@@ -91,6 +94,20 @@ def _preempt(engine: Engine, ckpt_root: Path, keep_last: int, outputs: RunOutput
     return Preempted(engine.step, str(path), save_time, preemption.elapsed_s())
 
 
+def collapse_watch(cfg: Config) -> CollapseWatch:
+    """The collapse report of ``logger.collapse_share``/``collapse_steps`` over this model's MoE layers."""
+    blocks = [] if cfg.model.arch == "dense" else [i for i in range(cfg.model.n_layers) if is_moe_block(i, cfg.moe)]
+    return CollapseWatch(cfg.logger.collapse_share, cfg.logger.collapse_steps, blocks)
+
+
+def _report_collapse(report: ExpertReport, cfg: Config, outputs: RunOutputs, write: Callable[[str], None]) -> None:
+    line = report.line(cfg.logger.collapse_share, cfg.logger.collapse_steps)
+    write(f"warning: {line}" if not report.recovered else line)
+    outputs.log(report.record())
+    if not report.recovered:
+        outputs.wandb.alert(f"expert {report.expert} of MoE layer {report.layer} collapsing", line)
+
+
 def run_training(cfg: Config, engine: Engine, outputs: RunOutputs,
                  preemption: Preemption | None = None) -> dict[str, Any]:
     """Trains to ``train.max_steps`` from wherever ``engine`` stands; returns the run summary.
@@ -114,6 +131,7 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs,
                dynamic_ncols=True)
     tokens_per_s: list[float] = []
     last: dict[str, Any] = {}
+    collapse = collapse_watch(cfg)
     try:
         while engine.step < t.max_steps:
             if preemption.requested.is_set():
@@ -147,6 +165,8 @@ def run_training(cfg: Config, engine: Engine, outputs: RunOutputs,
                 if ends:  # the engine ended the chunk right after this step, on every rank
                     _finish_background_save(engine, ckpt_root, t.keep_last)  # a finite state: the last good one
                     raise _diverged(record, policy, ckpt_root)
+                for report in collapse.observe(record):
+                    _report_collapse(report, cfg, outputs, bar.write)
                 if record.get("step_skipped"):
                     bar.write(f"warning: {_non_finite(record)}; update skipped (train.on_nan=skip, "
                               f"{policy.consecutive} in a row, at most train.max_skipped_steps={policy.max_skipped})")

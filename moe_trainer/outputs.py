@@ -22,7 +22,7 @@ from moe_trainer.timeline import chrome_trace
 from moe_trainer.train.aggregate import TIMELINE_KEY
 
 _TRAIN = ("loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens")
-_BALANCE = ("load_imbalance", "load_cv", "dropped_frac", "router_entropy")
+_BALANCE = ("load_imbalance", "load_cv", "load_min_share", "dropped_frac", "router_entropy")
 WANDB_ID_FILE = "wandb/run_id"  # in the run dir: the W&B run a resume from this run continues
 TIMELINES_DIR = "timelines"  # in the run dir: one Chrome trace per sampled step
 
@@ -44,7 +44,8 @@ def panel(key: str) -> str | None:
     """The W&B panel (key prefix) of a record key; None for keys W&B does not get as scalars."""
     if key.endswith(("_per_rank", "_per_actor")) or key in ("step", "layers", "expert_bias"):
         return None
-    if key in ("restart", "failed_at_step", "restart_time_s", "resumed_from_step"):
+    if key in ("restart", "failed_at_step", "restart_time_s", "resumed_from_step", "moe_layer", "block", "expert",
+               "expert_share", "below_since_step"):
         return "events"
     if key in _TRAIN:
         return "train"
@@ -71,7 +72,7 @@ def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
         if group is not None and isinstance(value, int | float):
             flat[f"{group}/{key}"] = value
     for i, layer in enumerate(record.get("layers", [])):
-        for name in ("max_mean", "cv", "dropped_frac", "router_entropy"):
+        for name in ("max_mean", "cv", "min_share", "dropped_frac", "router_entropy"):
             flat[f"balance/layer{i}/{name}"] = layer[name]
         flat[f"balance/layer{i}/tokens_per_expert"] = expert_histogram(layer["tokens_per_expert"])
     for i, bias in enumerate(record.get("expert_bias", [])):

@@ -186,6 +186,10 @@ class LoggerConfig:
     # region at the step's end (CPU), so one step in 50 is lost in the noise of throughput and disk, while a
     # long run still gets a trace every 50 steps to compare as training settles (step 2: short runs get one).
     timeline_every: int = 50
+    # An expert under collapse_share of its fair share of tokens for collapse_steps steps in a row is reported as
+    # collapsing (console line, metrics.jsonl event, W&B alert), naming its layer; 0 steps = off
+    collapse_share: float = 0.1
+    collapse_steps: int = 50
 
 
 @dataclass

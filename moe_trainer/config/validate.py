@@ -437,6 +437,12 @@ def validate_logger(cfg: Config) -> None:
                           "use logger.timeline_every=0 to turn them off")
     _positive("cluster.connect_timeout_s", cfg.cluster.connect_timeout_s)
     _positive("cluster.wait_for_resources_s", cfg.cluster.wait_for_resources_s, allow_zero=True)
+    if not 0 < cfg.logger.collapse_share < 1:
+        raise ConfigError("logger.collapse_share", cfg.logger.collapse_share, "must be between 0 and 1 (exclusive): "
+                          "the fraction of its fair share of tokens under which an expert counts as collapsing")
+    if cfg.logger.collapse_steps < 0:
+        raise ConfigError("logger.collapse_steps", cfg.logger.collapse_steps, "must be >= 0: steps in a row under "
+                          "logger.collapse_share before an expert is reported; 0 turns the report off")
 
 
 def validate_memory(cfg: Config) -> None:

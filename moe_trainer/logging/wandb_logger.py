@@ -258,6 +258,17 @@ class RunLogger:
         except Exception as exc:
             self._warn("log", f"W&B log failed ({_one_line(exc)}); further W&B errors are ignored")
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (Slack or email once the run is online; offline runs record it for ``wandb sync``)."""
+        if not self.active:
+            return
+        try:
+            import wandb
+
+            self._run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+        except Exception as exc:
+            self._warn("alert", f"W&B alert failed ({_one_line(exc)}); the warning stays in metrics.jsonl")
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """Logs a ``wandb.Table`` (e.g. per-expert loads over time, for a heatmap panel)."""
         if not self.active:

@@ -82,6 +82,7 @@ class OfflineRun:
     summary: dict[str, Any] = field(default_factory=dict)
     system: list[dict[str, Any]] = field(default_factory=list)  # system-metric samples (GPU, CPU)
     metric_step: dict[str, str] = field(default_factory=dict)  # metric name or glob -> its x-axis
+    alerts: list[dict[str, str]] = field(default_factory=list)  # ``run.alert`` calls: title, text, level
     exit_code: int | None = None  # None: the run never finished (crash, kill, still running)
     stats: ScanStats = field(default_factory=ScanStats)
     source: str = "transaction_log"  # or "files" when only files/*.json|yaml could be read
@@ -404,6 +405,8 @@ def read_offline_run(path: Path) -> OfflineRun:
             metric = record.metric
             if metric.step_metric:
                 run.metric_step[metric.name or metric.glob_name] = metric.step_metric
+        elif kind == "alert":
+            run.alerts.append({"title": record.alert.title, "text": record.alert.text, "level": record.alert.level})
         elif kind == "exit":
             run.exit_code = record.exit.exit_code
     run.config.pop("_wandb", None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from moe_trainer.report.gantt import SCALES, write_gantts
 from moe_trainer.report.load import MAX_DEPTH, METRICS_FILE, Run, load_runs
 from moe_trainer.report.plots import write_plots
+from moe_trainer.report.quality import quality_markdown, quality_rows, write_quality_plots
 from moe_trainer.report.summary import run_stats, write_html, write_markdown
 
 
@@ -31,9 +32,10 @@ def build_report(paths: Sequence[Path], out: Path, timeline_step: int | None = N
         raise NoRunsError(f"no run directory (a folder with {METRICS_FILE}, searched {MAX_DEPTH} levels deep) "
                           f"in: {where}")
     out.mkdir(parents=True, exist_ok=True)
-    figures = write_plots(runs, out) + write_gantts(runs, out, timeline_step, timeline_scale)
+    figures = write_plots(runs, out) + write_quality_plots(runs, out) + write_gantts(runs, out, timeline_step,
+                                                                                      timeline_scale)
     stats = [run_stats(run) for run in runs]
-    write_markdown(stats, figures, out / "summary.md")
+    write_markdown(stats, figures, out / "summary.md", [quality_markdown(quality_rows(runs))])
     write_html(stats, figures, out / "summary.html")
     return runs, [name for name, _ in figures] + ["summary.md", "summary.html"]
 

@@ -173,6 +173,10 @@ def write_plots(runs: Sequence[Run], out: Path) -> list[tuple[str, str]]:
          "all-to-all + grad sync (% of step time)", True, False),
         ("load_imbalance.png", "Expert load imbalance", "load_imbalance", None,
          "max/mean tokens per expert (1 = balanced)", False, True),
+        ("load_cv.png", "Expert load coefficient of variation", "load_cv", None,
+         "std/mean tokens per expert, mean over layers (0 = balanced)", False, True),
+        ("load_min_share.png", "Least-used expert", "load_min_share", None,
+         "its tokens / the fair share, lowest layer (1 = balanced, 0 = dead)", False, True),
     ]
     for name, title, key, default, ylabel, percent, stacked in line_plots:
         save_figure(line_figure(runs, key, default, title, ylabel, percent, stacked), out / name)

@@ -125,11 +125,13 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def write_markdown(stats: Sequence[RunStats], figures: Sequence[tuple[str, str]], path: Path) -> None:
-    """``summary.md``: the table, what the columns mean, the run dirs, then each figure inline."""
+def write_markdown(stats: Sequence[RunStats], figures: Sequence[tuple[str, str]], path: Path,
+                   sections: Sequence[str] = ()) -> None:
+    """``summary.md``: the table, what the columns mean, further ``sections`` (Markdown), the run dirs, then
+    each figure inline."""
     lines = ["# MoE run comparison", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(_md_cell(c) for c in format_row(s)) + " |" for s in stats]
-    lines += ["", *(f"- {note}" for note in notes(stats)), "", "## Runs", ""]
+    lines += ["", *(f"- {note}" for note in notes(stats)), "", *sections, "## Runs", ""]
     lines += [f"- **{_md_cell(s.label)}**: `{s.path}`" for s in stats]
     lines += ["", "## Figures", ""]
     for file_name, title in figures:

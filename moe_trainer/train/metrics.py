@@ -65,7 +65,8 @@ class LoadCounts:
 
 
 def balance_metrics(counts: LoadCounts) -> dict[str, object]:
-    """Per-layer and mean load imbalance (max/mean), coefficient of variation, drops, entropy.
+    """Per-layer and mean load imbalance (max/mean), coefficient of variation, drops, entropy, and the
+    least-used expert's share of its fair share (``min_share``: 1 balanced, 0 an expert that gets nothing).
 
     max/mean is 1 for perfect balance and E when every token goes to one expert.
     """
@@ -79,11 +80,13 @@ def balance_metrics(counts: LoadCounts) -> dict[str, object]:
             "tokens_per_expert": [int(v) for v in load.tolist()],
             "max_mean": float(load.max() / mean),
             "cv": float(load.std(unbiased=False) / mean),
+            "min_share": float(load.min() / mean),  # the least-used expert's tokens over its fair share
             "dropped_frac": float(counts.dropped_L[i] / counts.assignments_L[i].clamp_min(1)),
             "router_entropy": float(counts.entropy_sum_L[i] / counts.batches),
         })
     if not layers:
-        return {"layers": [], "load_imbalance": 1.0, "load_cv": 0.0, "dropped_frac": 0.0, "router_entropy": 0.0}
+        return {"layers": [], "load_imbalance": 1.0, "load_cv": 0.0, "load_min_share": 1.0, "dropped_frac": 0.0,
+                "router_entropy": 0.0}
 
     def mean_of(key: str) -> float:
         return sum(layer[key] for layer in layers) / len(layers)  # type: ignore[misc]
@@ -92,6 +95,7 @@ def balance_metrics(counts: LoadCounts) -> dict[str, object]:
         "layers": layers,
         "load_imbalance": mean_of("max_mean"),
         "load_cv": mean_of("cv"),
+        "load_min_share": min(float(layer["min_share"]) for layer in layers),  # the least-used expert of any layer
         "dropped_frac": mean_of("dropped_frac"),
         "router_entropy": mean_of("router_entropy"),
     }

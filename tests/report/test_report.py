@@ -23,7 +23,8 @@ from tests.conftest import compose_dict
 from tests.helpers import read_records
 
 MOE_REPORT = str(Path(sys.executable).parent / "moe-report")
-LINE_PLOTS = ("tokens_per_s.png", "comm_share.png", "load_imbalance.png", "loss_vs_step.png", "loss_vs_tokens.png")
+LINE_PLOTS = ("tokens_per_s.png", "comm_share.png", "load_imbalance.png", "load_cv.png", "load_min_share.png",
+              "loss_vs_step.png", "loss_vs_tokens.png")
 STEPS = 10
 VARIANTS = {"base": [], "capacity": ["moe.capacity_factor=1.0"], "experts8": ["moe.num_experts=8"]}
 
