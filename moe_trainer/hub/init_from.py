@@ -30,6 +30,7 @@ from torch import nn
 
 from moe_trainer.config.errors import ConfigError, first_line
 from moe_trainer.config.schema import Config
+from moe_trainer.data.tokenizer_file import TOKENIZER_FILE
 from moe_trainer.hub.architectures import (
     DENSE_ARCHITECTURES,
     Requirement,
@@ -39,11 +40,10 @@ from moe_trainer.hub.architectures import (
     with_defaults,
 )
 from moe_trainer.hub.safetensors_io import FLOAT_DTYPES, HubWeights, read_errors
-from moe_trainer.hub.tokenizer_files import is_byte_tokenizer
+from moe_trainer.hub.tokenizer_files import is_byte_tokenizer, tokenizer_content
 from moe_trainer.hub.weights import Fixed, Link, fill_model, links_for, upcycled_links
 
 SETTING = "train.init_from"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def read_hub_config(path: str, setting: str = SETTING) -> dict[str, Any]:
@@ -107,7 +107,11 @@ def _check_tokenizer(cfg: Config, path: str, hf: dict[str, Any]) -> None:
                           "tokens its own way, and the checkpoint's embedding rows mean its tokenizer's ids; give "
                           f"data.tokenizer={wanted or 'PATH/tokenizer.json'}")
     if wanted is not None:
-        same = have == "byte" if wanted == "byte" else have != "byte" and _same_json(Path(have), Path(wanted))
+        if wanted == "byte":
+            same = have == "byte"
+        else:
+            theirs = tokenizer_content(Path(wanted))
+            same = have != "byte" and theirs is not None and tokenizer_content(Path(have)) == theirs
         if not same:
             raise ConfigError(SETTING, path, f"its tokens are those of {wanted}, this run has data.tokenizer={have}; "
                               f"give data.tokenizer={wanted}")
@@ -117,14 +121,6 @@ def _check_tokenizer(cfg: Config, path: str, hf: dict[str, Any]) -> None:
     if hf.get("vocab_size") != vocab:
         raise ConfigError(SETTING, path, f"its vocab_size is {hf.get('vocab_size')}, this run's tokenizer "
                           f"(data.tokenizer={have}) has {vocab} ids; give the tokenizer it was trained with")
-
-
-def _same_json(a: Path, b: Path) -> bool:
-    a = a / TOKENIZER_FILE if a.is_dir() else a
-    try:
-        return json.loads(a.read_text(encoding="utf-8")) == json.loads(b.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
 
 
 def _expected_entries(cfg: Config, vocab_size: int) -> dict[str, torch.Size]:
@@ -147,6 +143,7 @@ def _check_tensors(cfg: Config, path: str, hf: dict[str, Any], upcycle: bool) ->
     the Hub-only tensors hold the values that make the model ours."""
     weights = HubWeights(Path(path).expanduser())
     links, fixed = _links(hf, cfg, upcycle)
+    tied = _tied(hf)
     by_ours = {link.ours: link for link in links}
     used = {f.hf for f in fixed}
     for key, shape in _expected_entries(cfg, hf["vocab_size"]).items():
@@ -155,7 +152,7 @@ def _check_tensors(cfg: Config, path: str, hf: dict[str, Any], upcycle: bool) ->
             if _has_no_counterpart(key, upcycle):
                 continue
             raise ConfigError(SETTING, path, f"nothing in it initialises {key}")
-        names = tuple(_resolved(n, hf) for n in link.hf)
+        names = tuple(_resolved(n, tied) for n in link.hf)
         used.update(names)
         for name in names:
             if name not in weights:
@@ -174,7 +171,7 @@ def _check_tensors(cfg: Config, path: str, hf: dict[str, Any], upcycle: bool) ->
     for f in fixed:
         if f.hf not in weights or not torch.equal(weights.get(f.hf).float(), f.value()):
             raise ConfigError(SETTING, path, f"cannot start from this checkpoint: {f.why} ({f.hf} is not)")
-    tied_head = {"lm_head.weight"} if _tied(hf) else set()
+    tied_head = {"lm_head.weight"} if tied else set()
     unused = sorted(set(weights.files) - used - tied_head)
     if unused:
         more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
@@ -186,9 +183,9 @@ def _tied(hf: dict[str, Any]) -> bool:
     return bool(with_defaults(hf)["tie_word_embeddings"])
 
 
-def _resolved(name: str, hf: dict[str, Any]) -> str:
+def _resolved(name: str, tied: bool) -> str:
     """Tied embeddings: the output projection is the input embedding (transformers ignores a saved lm_head)."""
-    return "model.embed_tokens.weight" if name == "lm_head.weight" and _tied(hf) else name
+    return "model.embed_tokens.weight" if name == "lm_head.weight" and tied else name
 
 
 def check_init_from(cfg: Config) -> None:
@@ -225,11 +222,12 @@ def apply_init_from(model: nn.Module, cfg: Config) -> None:
     hf = read_hub_config(path)
     weights = HubWeights(Path(path).expanduser())
     links, _ = _links(hf, cfg, is_upcycling(hf, cfg))
+    tied = _tied(hf)
     by_ours = {link.ours: link for link in links}
 
     def value(key: str) -> torch.Tensor | None:
         link = by_ours.get(key)
-        return None if link is None else link.from_hf(tuple(weights.get(_resolved(n, hf)) for n in link.hf))
+        return None if link is None else link.from_hf(tuple(weights.get(_resolved(n, tied)) for n in link.hf))
 
     fill_model(model, value)
 

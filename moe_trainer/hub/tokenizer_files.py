@@ -46,12 +46,21 @@ def byte_tokenizer_json() -> str:
     return tok.to_str()
 
 
+def tokenizer_content(path: Path) -> Any:
+    """The parsed JSON of a tokenizer.json (or of the one in directory ``path``); None if unreadable.
+
+    Tokenizers are compared by content, not bytes: the same tokenizer saved twice may differ in layout.
+    """
+    file = path / TOKENIZER_FILE if path.is_dir() else path
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def is_byte_tokenizer(path: Path) -> bool:
     """Whether ``path`` (a tokenizer.json) is the byte tokenizer as :func:`byte_tokenizer_json` writes it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) == json.loads(byte_tokenizer_json())
-    except (OSError, ValueError):
-        return False
+    return tokenizer_content(path) == json.loads(byte_tokenizer_json())
 
 
 def _eod_token(tokenizer: Tokenizer) -> str:
