@@ -18,11 +18,10 @@ import yaml
 
 from moe_trainer.config.schema import LoggerConfig
 from moe_trainer.logging import RunLogger
+from moe_trainer.logging.metric_keys import EXPERT_LOAD_TABLE, LAYER_HISTOGRAM, LAYER_STATS, layer_key, panel, wandb_key
 from moe_trainer.timeline import chrome_trace
 from moe_trainer.train.aggregate import TIMELINE_KEY
 
-_TRAIN = ("loss", "aux_loss", "z_loss", "total_loss", "lr", "grad_norm", "tokens")
-_BALANCE = ("load_imbalance", "load_cv", "load_min_share", "dropped_frac", "router_entropy")
 WANDB_ID_FILE = "wandb/run_id"  # in the run dir: the W&B run a resume from this run continues
 TIMELINES_DIR = "timelines"  # in the run dir: one Chrome trace per sampled step
 
@@ -40,26 +39,6 @@ def wandb_run_id(run_dir: Path) -> str | None:
         return None
 
 
-def panel(key: str) -> str | None:
-    """The W&B panel (key prefix) of a record key; None for keys W&B does not get as scalars."""
-    if key.endswith(("_per_rank", "_per_actor")) or key in ("step", "layers", "expert_bias"):
-        return None
-    if key in ("restart", "failed_at_step", "restart_time_s", "resumed_from_step", "moe_layer", "block", "expert",
-               "expert_share", "below_since_step"):
-        return "events"
-    if key in _TRAIN:
-        return "train"
-    if key == "val_loss":
-        return "eval"
-    if key in _BALANCE or key.startswith("load_imbalance_local"):  # per rank: mean, _max, _argmax
-        return "balance"
-    if key.startswith(("a2a_", "grad_sync_", "param_sync_", "comm_")):
-        return "comm"
-    if key.startswith(("coord_", "expert_")):
-        return "roles"  # disaggregated only: busy/wait per role
-    return "perf"  # tokens_per_s, step_time_s*, mem_rss_mb*, mem_optim_*, coordinator/expert busy and idle times
-
-
 def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """Flattens a metrics record into W&B keys: ``panel/name``, per MoE layer ``balance/layerN/...``.
 
@@ -68,15 +47,14 @@ def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """
     flat: dict[str, Any] = {}
     for key, value in record.items():
-        group = panel(key)
-        if group is not None and isinstance(value, int | float):
-            flat[f"{group}/{key}"] = value
+        if panel(key) is not None and isinstance(value, int | float):
+            flat[wandb_key(key)] = value
     for i, layer in enumerate(record.get("layers", [])):
-        for name in ("max_mean", "cv", "min_share", "dropped_frac", "router_entropy"):
-            flat[f"balance/layer{i}/{name}"] = layer[name]
-        flat[f"balance/layer{i}/tokens_per_expert"] = expert_histogram(layer["tokens_per_expert"])
+        for name in LAYER_STATS:
+            flat[layer_key(i, name)] = layer[name]
+        flat[layer_key(i, LAYER_HISTOGRAM)] = expert_histogram(layer[LAYER_HISTOGRAM])
     for i, bias in enumerate(record.get("expert_bias", [])):
-        flat[f"balance/layer{i}/bias_max_abs"] = max(abs(b) for b in bias)
+        flat[layer_key(i, "bias_max_abs")] = max(abs(b) for b in bias)
     return flat
 
 
@@ -146,7 +124,7 @@ class RunOutputs:
         (self.run_dir / "summary.json").write_text(json.dumps(values, indent=1))
         self.wandb.log_summary(values)
         if self._load_rows:
-            self.wandb.log_table("balance/expert_load", ["step", "layer", "expert", "tokens"], self._load_rows,
+            self.wandb.log_table(EXPERT_LOAD_TABLE, ["step", "layer", "expert", "tokens"], self._load_rows,
                                  step=values.get("steps", 0))
 
     def close(self) -> None:

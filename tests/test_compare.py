@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_trainer.logging import read_offline_run
+from moe_trainer.logging import STEP_METRIC, read_offline_run
+from moe_trainer.report.dashboard import WORKSPACE_FILE
 from tests.helpers import read_records
 
 BIN = Path(sys.executable).parent
@@ -44,6 +45,27 @@ def console_lines(runs: list[Path]) -> list[str]:
                  "moe-train: layout: 127.0.0.1: rank 0 ", "moe-train: first step done, ", "done: 4 steps, val_loss ",
                  "W&B offline run; upload it with: ", str(run)]
     return want
+
+
+def assert_view_reads_what_was_logged(path: Path, history: dict[str, set[str]],
+                                      summaries: dict[str, set[str]]) -> None:
+    """Every key a panel of the saved view reads was logged by every run (the disaggregated roles' keys by its
+    run); the view shows the sweep's group, one line per strategy."""
+    view = json.loads(path.read_text())
+    (runset,) = view["spec"]["section"]["runSets"]
+    assert runset["grouping"] == [{"section": "run", "name": "jobType"}]
+    assert [(f["key"]["name"], f["op"], f["value"]) for f in runset["filters"]["filters"]] == [
+        ("group", "=", "compare_strategies")]
+    panels = [p for s in view["spec"]["section"]["panelBankConfig"]["sections"] for p in s["panels"]]
+    read = {k for p in panels for k in [*p["config"]["metrics"], p["config"].get("xAxis", STEP_METRIC)]}
+    assert len(panels) >= 30 and "balance/layer1/tokens_per_expert" in read
+    for key in read:
+        if key.startswith("summary_metrics."):
+            assert all(key.removeprefix("summary_metrics.") in logged for logged in summaries.values()), key
+        elif key.startswith("roles/"):
+            assert key in history["2-disaggregated"], key
+        else:
+            assert all(key in logged for logged in history.values()), key
 
 
 @pytest.mark.slow
@@ -73,7 +95,7 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
 
     # the sweep's jobs share one embedded Ray (started by the first, stopped at exit)
     assert len({json.loads((run / "processes.json").read_text())["ray_gcs_address"] for run in runs}) == 1
-    keys, metric_keys = {}, {}
+    keys, metric_keys, history, summaries = {}, {}, {}, {}
     for run, processes in zip(runs, (2, 2, 3), strict=True):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["processes"] == processes and summary["backend"] == "gloo", run.name
@@ -85,6 +107,7 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
         (offline,) = sorted((run / "wandb").glob("offline-run-*"))
         logged = read_offline_run(offline)
         assert logged.group == "compare_strategies" and logged.job_type == run.name.split("-", 1)[1]
+        history[run.name], summaries[run.name] = set(logged.metric_keys()), set(logged.summary)
         keys[run.name] = {k for k in logged.metric_keys() if not k.startswith("roles/")}
         records = read_records(run)
         metric_keys[run.name] = {k for r in records if "loss" in r for k in r if not k.startswith(("coord_",
@@ -104,9 +127,12 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
     assert {"comm/a2a_bytes_sent", "comm/comm_share", "balance/load_imbalance", "perf/tokens_per_s",
             "balance/layer0/tokens_per_expert"} <= keys["0-data_parallel"]
 
-    report = subprocess.run([str(BIN / "moe-report"), str(sweep), "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=300)
+    # the local report, and the W&B workspace view of the group (issue 21), written offline
+    report = subprocess.run([str(BIN / "moe-report"), str(sweep), "--out", str(tmp_path / "report"), "--wandb",
+                             "test-team/moe-trainer"], capture_output=True, text=True, timeout=300,
+                            env={**env, "NETRC": str(tmp_path / "no-netrc")})
     assert report.returncode == 0, report.stderr
+    assert_view_reads_what_was_logged(tmp_path / "report" / WORKSPACE_FILE, history, summaries)
     written = {p.name for p in (tmp_path / "report").iterdir()}
     assert {"tokens_per_s.png", "comm_share.png", "load_imbalance.png", "loss_vs_step.png", "loss_vs_tokens.png",
             "summary.md", "summary.html"} <= written

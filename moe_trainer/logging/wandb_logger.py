@@ -74,10 +74,11 @@ def resolve_mode(mode: str) -> str:
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if env_mode in _ENV_MODES:
         return _ENV_MODES[env_mode]
-    return "online" if _api_key_available() else "offline"
+    return "online" if api_key_available() else "offline"
 
 
-def _api_key_available() -> bool:
+def api_key_available() -> bool:
+    """A W&B API key is set: ``WANDB_API_KEY``, or a ``wandb login`` entry in ``~/.netrc`` for the API host."""
     if os.environ.get("WANDB_API_KEY", "").strip():
         return True
     try:

@@ -1,17 +1,35 @@
-"""``moe-report RUN_DIR... [--out DIR] [--timeline-step N] [--timeline-scale shared|own]``: load -> plots -> summary."""
+"""``moe-report RUN_DIR... [--out DIR] [--timeline-step N] [--timeline-scale shared|own] [--wandb ENTITY/PROJECT]``.
+
+Load -> plots -> summary, all local; with ``--wandb``, also the W&B workspace view of the runs'
+group (``dashboard.py``): written to a file first, then saved when a W&B key is available.
+Every argument is checked before anything is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
+from moe_trainer.logging.wandb_logger import MODES, api_key_available, resolve_mode
+from moe_trainer.report.dashboard import (
+    WORKSPACE_FILE,
+    build_workspace,
+    load_workspace,
+    run_groups,
+    save_workspace,
+    write_workspace,
+)
 from moe_trainer.report.gantt import SCALES, write_gantts
 from moe_trainer.report.load import MAX_DEPTH, METRICS_FILE, Run, load_runs
 from moe_trainer.report.plots import write_plots
 from moe_trainer.report.quality import quality_markdown, quality_rows, write_quality_plots
 from moe_trainer.report.summary import run_stats, write_html, write_markdown
+
+T = TypeVar("T")
 
 
 class NoRunsError(ValueError):
@@ -26,18 +44,83 @@ def build_report(paths: Sequence[Path], out: Path, timeline_step: int | None = N
     sampled step), on one x axis for all runs unless ``timeline_scale="own"``.
     Returns the runs (labelled) and the files written, figures first.
     """
+    runs = _load(paths)
+    return runs, write_report(runs, out, timeline_step, timeline_scale)
+
+
+def _load(paths: Sequence[Path]) -> list[Run]:
     runs, empty = load_runs(paths)
     if empty:
         where = ", ".join(str(p) for p in empty)
         raise NoRunsError(f"no run directory (a folder with {METRICS_FILE}, searched {MAX_DEPTH} levels deep) "
                           f"in: {where}")
+    return runs
+
+
+def write_report(runs: list[Run], out: Path, timeline_step: int | None = None,
+                 timeline_scale: str = "shared") -> list[str]:
+    """Writes the figures, ``summary.md`` and ``summary.html`` of loaded runs; returns the files' names."""
     out.mkdir(parents=True, exist_ok=True)
     figures = write_plots(runs, out) + write_quality_plots(runs, out) + write_gantts(runs, out, timeline_step,
                                                                                       timeline_scale)
     stats = [run_stats(run) for run in runs]
     write_markdown(stats, figures, out / "summary.md", [quality_markdown(quality_rows(runs))])
     write_html(stats, figures, out / "summary.html")
-    return runs, [name for name, _ in figures] + ["summary.md", "summary.html"]
+    return [name for name, _ in figures] + ["summary.md", "summary.html"]
+
+
+class UsageError(ValueError):
+    """An argument that cannot work, named with its value and what is allowed; raised before anything is written."""
+
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a W&B entity or project name
+
+
+def wandb_target(text: str) -> tuple[str, str]:
+    """``ENTITY/PROJECT`` -> ``(entity, project)``."""
+    match = re.fullmatch(rf"({_NAME})/({_NAME})", text)
+    if match is None:
+        raise UsageError(f"--wandb {text!r} is not ENTITY/PROJECT: a W&B entity (user or team) and a project, "
+                         "each of letters, digits, '-', '_' or '.', joined by one '/' (e.g. my-team/moe-trainer)")
+    return match[1], match[2]
+
+
+def wandb_group(runs: Sequence[Run], group: str | None) -> str:
+    """The W&B group the view shows: ``--group``, or the one group the runs share."""
+    groups = run_groups([run.config for run in runs])
+    n = f"{len(runs)} run{'' if len(runs) == 1 else 's'}"
+    if group is not None:
+        if group not in groups:
+            raise UsageError(f"--group {group!r}: none of the {n} given logged to that W&B group (their "
+                             f"logger.group: {', '.join(groups) or 'none'})")
+        return group
+    if len(groups) != 1:
+        raise UsageError(f"the {n} given logged to {len(groups)} W&B groups ({', '.join(groups) or 'none'}): "
+                         "choose the view's group with --group")
+    return groups[0]
+
+
+def _online(mode: str, flag: str) -> bool:
+    """Whether to save in W&B now: ``resolve_mode``'s answer, as for training runs (auto: when a key is set)."""
+    resolved = resolve_mode(mode)
+    if resolved == "online" and not api_key_available():
+        hint = "" if flag == "--save-wandb" else " (or --wandb-mode offline to only write the view's file)"
+        raise UsageError(f"{flag} saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
+                         f"`wandb login`{hint}")
+    return resolved == "online"
+
+
+def _save(path: Path) -> int:
+    """Saves a written view in W&B; a failure keeps the file and says how to retry. Returns the exit code."""
+    try:
+        url = save_workspace(load_workspace(path))
+    except Exception as exc:  # network, server or permission: the local files stay as they are
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"moe-report: saving the W&B view failed ({type(exc).__name__}: {reason}); it is kept in {path}; "
+              f"save it later with: moe-report --save-wandb {path}", file=sys.stderr)
+        return 1
+    print(f"W&B view saved: {url}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Compare finished moe-train runs side by side (offline): PNG figures plus a summary table "
                     "in summary.md and summary.html.",
     )
-    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+    parser.add_argument("runs", nargs="*", type=Path, metavar="RUN_DIR",
                         help=f"a run dir (holds {METRICS_FILE}), or a folder of run dirs such as a Hydra "
                              f"multirun dir (searched {MAX_DEPTH} levels deep)")
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -57,19 +140,47 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline-scale", choices=SCALES, default="shared",
                         help="shared: every timeline chart on the x axis of the longest step, so runs compare "
                              "by eye (default); own: each fitted to its step")
+    wandb = parser.add_argument_group("W&B workspace view (docs/user-guide.md, \"The W&B view\")")
+    wandb.add_argument("--wandb", metavar="ENTITY/PROJECT",
+                       help=f"also build the W&B workspace view of the runs' group (grouped by strategy, "
+                            f"sections for throughput, communication, balance, memory, losses, roles): written to "
+                            f"OUT/{WORKSPACE_FILE}, then saved in that W&B project when online")
+    wandb.add_argument("--group", default=None, help="the W&B group (logger.group) the view shows "
+                                                     "(default: the one group of the runs given)")
+    wandb.add_argument("--wandb-mode", choices=[m for m in MODES if m != "disabled"], default="auto",
+                       help="auto: save when a W&B API key is set (as training runs log), else only write the file; "
+                            "online: save, or fail before writing anything without a key; offline: the file only")
+    wandb.add_argument("--save-wandb", type=Path, metavar="FILE",
+                       help=f"save a view written earlier (OUT/{WORKSPACE_FILE}) in W&B; takes no RUN_DIR")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point; exits 2 with a one-line message when a path holds no run."""
-    args = _parser().parse_args(argv)
+    """Console-script entry point; exits 2 with a one-line message on bad input, before writing anything."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.save_wandb is not None:
+        if args.runs or args.wandb:
+            parser.error("--save-wandb FILE saves a view written earlier: give no RUN_DIR and no --wandb")
+        _exit_on_usage_error(lambda: _online("online", "--save-wandb"))
+        if not args.save_wandb.is_file():
+            _fail(f"--save-wandb {args.save_wandb}: no such file (moe-report --wandb writes OUT/{WORKSPACE_FILE})")
+        sys.exit(_save(args.save_wandb))
+    if not args.runs:
+        parser.error("give at least one RUN_DIR")
+    if args.group is not None and args.wandb is None:
+        parser.error("--group chooses the W&B view's group: give --wandb ENTITY/PROJECT with it")
     first: Path = args.runs[0]
     out: Path = args.out or (first / "report" if first.is_dir() else Path("report"))
+    target = _exit_on_usage_error(lambda: wandb_target(args.wandb)) if args.wandb else None
+    mode_flag = f"--wandb-mode {args.wandb_mode}"
+    online = _exit_on_usage_error(lambda: _online(args.wandb_mode, mode_flag)) if target else False
     try:
-        runs, files = build_report(args.runs, out, args.timeline_step, args.timeline_scale)
+        runs = _load(args.runs)
     except NoRunsError as err:
-        print(f"moe-report: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(err))
+    group = _exit_on_usage_error(lambda: wandb_group(runs, args.group)) if target else None
+    files = write_report(runs, out, args.timeline_step, args.timeline_scale)
     for run in runs:
         note = f" ({run.skipped_lines} unreadable lines skipped)" if run.skipped_lines else ""
         if args.timeline_step is not None and run.timelines and args.timeline_step not in run.timelines:
@@ -77,3 +188,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{run.label}: {run.path}{note}")
     print(f"wrote {len(files) - 2} figures, summary.md and summary.html for {len(runs)} runs")
     print(out, flush=True)
+    if target is None or group is None:
+        return
+    layers = max((run.num_layers for run in runs), default=0)
+    path = write_workspace(build_workspace(*target, group, layers), out / WORKSPACE_FILE)
+    print(f"W&B view of group {group!r} in {target[0]}/{target[1]} written to {path}", flush=True)
+    if not online:
+        print(f"not saved in W&B (offline: no W&B API key, or --wandb-mode offline); save it with: "
+              f"moe-report --save-wandb {path}")
+        return
+    sys.exit(_save(path))
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"moe-report: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _exit_on_usage_error(check: Callable[[], T]) -> T:
+    try:
+        return check()
+    except UsageError as err:
+        _fail(str(err))
