@@ -45,6 +45,12 @@ def flops_per_token(run: Run) -> float:
     return 6.0 * float(active) + float(attention)
 
 
+def baseline(runs: Sequence[Run]) -> Run:
+    """The dense run the others are measured against: the one with the most steps (the first of those)."""
+    dense = [r for r in runs if is_dense(r) and r.evals]
+    return max(dense, key=lambda r: int(r.evals[-1]["step"]))
+
+
 def reach_step(evals: Sequence[dict[str, Any]], target: float) -> float | None:
     """The first step at which ``val_loss`` reaches ``target``, interpolated between evaluations; None if never."""
     previous: dict[str, Any] | None = None
@@ -76,7 +82,7 @@ def second_half_balance(run: Run) -> list[float]:
 @dataclass(frozen=True)
 class QualityRow:
     label: str
-    dense: bool
+    dense: bool  # the baseline run (the longest dense run)
     params_active: int | None
     params_total: int | None
     steps: int
@@ -87,15 +93,20 @@ class QualityRow:
 
 
 def quality_rows(runs: Sequence[Run]) -> list[QualityRow]:
-    """One row per run against the first dense run; empty when there is no dense run or no MoE run."""
+    """One row per run against the baseline (the longest dense run); empty without a dense and an MoE run.
+
+    Shorter runs, dense or MoE, are rows too: a run of fewer steps has a learning rate schedule
+    of its own that ends at its last step, so its final loss is that of a model trained for
+    that budget, which a longer run's loss at the same step (its learning rate still high) is not.
+    """
     dense = [r for r in runs if is_dense(r) and r.evals]
     moe = [r for r in runs if not is_dense(r) and r.evals]
     if not dense or not moe:
         return []
-    base = dense[0]
+    base = baseline(runs)
     target, base_steps = float(base.evals[-1]["val_loss"]), int(base.evals[-1]["step"])
     rows = []
-    for run in [base, *moe]:
+    for run in [base, *(r for r in dense if r is not base), *moe]:
         reach = None if run is base else reach_step(run.evals, target)
         rows.append(QualityRow(run.label, run is base, run.summary.get("params_active"),
                                run.summary.get("params_total"), int(run.evals[-1]["step"]),
@@ -126,7 +137,7 @@ def write_quality_plots(runs: Sequence[Run], out: Path) -> list[tuple[str, str]]
             steps = [int(e["step"]) for e in run.evals]
             ax.plot([x_of(run, s) for s in steps], [float(e["val_loss"]) for e in run.evals], label=legend(run),
                     **_style(i))
-        dense = next(r for r in runs if is_dense(r) and r.evals)
+        dense = baseline(runs)
         ax.axhline(float(dense.evals[-1]["val_loss"]), color="black", linewidth=0.8, linestyle=":",
                    label="dense final val_loss")
         late = [float(e["val_loss"]) for e in dense.evals if int(e["step"]) >= 0.1 * int(dense.evals[-1]["step"])]

@@ -44,3 +44,14 @@ def test_rows_compare_every_moe_run_with_the_dense_one_and_the_figures_are_drawn
     assert files == ["val_loss_vs_steps.png", "val_loss_vs_tokens.png", "val_loss_vs_flops.png"]
     assert all((tmp_path / f).stat().st_size > 10_000 for f in files)
     assert quality_rows([moe, slow]) == [] and write_quality_plots([moe], tmp_path) == []  # no dense run: no view
+
+
+def test_the_longest_dense_run_is_the_baseline_and_shorter_runs_are_rows() -> None:
+    """A 600-step run has its own schedule: it is measured against the 1000-step dense run's final loss."""
+    short_dense = _run("dense600", "dense", [(0, 5.0), (300, 2.0), (600, 1.6)], 1000, 1000)
+    dense = _run("dense", "dense", [(0, 5.0), (500, 2.0), (1000, 1.5)], 1000, 1000)
+    short_moe = _run("moe600", "moe", [(0, 5.0), (300, 1.9), (600, 1.4)], 1000, 3000)
+    rows = quality_rows([short_dense, short_moe, dense])
+    assert [(r.label, r.dense) for r in rows] == [("dense", True), ("dense600", False), ("moe600", False)]
+    assert rows[1].reach_step is None  # 1.6 never reaches 1.5
+    assert rows[2].reach_step == pytest.approx(540.0) and rows[2].reach_fraction == pytest.approx(0.54)
