@@ -142,6 +142,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30  # linear warmup steps
+    expert_lr_scale: float = 1.0  # routed experts' learning rate = lr x this (each expert sees k/E of the tokens)
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay

@@ -374,6 +374,7 @@ def validate_train(cfg: Config) -> None:
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be between 0 and 1")
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
+    _positive("train.expert_lr_scale", t.expert_lr_scale)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     for name in ("beta1", "beta2"):
         value = getattr(t, name)

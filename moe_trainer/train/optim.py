@@ -23,10 +23,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, owns: Callable[[str], bo
     ``owns``: the parameters (by name) whose state this rank keeps under ``parallel.shard_optimizer``
     (:mod:`moe_trainer.parallel.zero`); the others get no state and no update here. A group may be empty.
     """
-    params = [p for name, p in model.named_parameters() if p.requires_grad and (owns is None or owns(name))]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and (owns is None or owns(name))]
+    # ``train.expert_lr_scale``: the routed experts' own groups, whose learning rate set_lr scales
+    parts = ((1.0, named),) if cfg.expert_lr_scale == 1.0 else (
+        (1.0, [(n, p) for n, p in named if not is_expert_param(n)]),
+        (cfg.expert_lr_scale, [(n, p) for n, p in named if is_expert_param(n)]))
+    groups = []
+    for scale, part in parts:
+        groups += [{"params": [p for _, p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for _, p in part if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
@@ -96,8 +102,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
-    """Sets the learning rate for ``step`` from the step alone, so resuming needs no scheduler state."""
+    """Sets the learning rate for ``step`` from the step alone, so resuming needs no scheduler state.
+
+    Returns the base rate (``train.lr``'s); the experts' groups get it times their ``lr_scale``.
+    """
     lr = cfg.lr * lr_factor(step, cfg)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     return lr

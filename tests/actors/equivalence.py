@@ -60,12 +60,13 @@ BASE = ["experiment=debug", f"train.max_steps={STEPS}", "train.grad_clip=0", "tr
 # Dropless also recomputes activations (block: every region up to an all-to-all, shared experts,
 # the dense block) and accumulates gradients over two passes (the global aux loss per pass, bias
 # loads summed over them); the single reference does the same. Every layout runs it, and at least
-# one mix without either.
+# one mix without either. Capacity (and clipped, built on it) also gives the routed experts a
+# learning rate of their own (train.expert_lr_scale), which every process that updates experts applies.
 MIXES = {
     "dropless": ["moe.score_order=topk_softmax", "moe.num_shared_experts=1", "moe.shared_expert_hidden=16",
                  "moe.bias_balancing=true", "moe.bias_update_rate=0.05", "moe.every=2", "train.recompute=block",
                  "train.grad_accum_steps=2"],
-    "capacity": ["moe.capacity_factor=1.0", "moe.aux_loss_scope=group"],
+    "capacity": ["moe.capacity_factor=1.0", "moe.aux_loss_scope=group", "train.expert_lr_scale=3"],
     "switch": ["moe.router=switch", "moe.capacity_factor=1.25"],
     "expert_choice": ["moe.router=expert_choice"],
 }
