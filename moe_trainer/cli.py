@@ -30,7 +30,8 @@ from moe_trainer.data.shards import refuse_corrupted_cache
 from moe_trainer.driver import TrainingDiverged
 from moe_trainer.engine import Engine, EngineLost, EngineStartError, LocalEngine
 from moe_trainer.launch_gate import exit_invalid, report_nothing_to_do
-from moe_trainer.outputs import RunOutputs, wandb_run_id
+from moe_trainer.logging.wandb_logger import wandb_run_id
+from moe_trainer.outputs import RunOutputs
 from moe_trainer.preemption import EXIT_CODE as PREEMPTED_EXIT
 from moe_trainer.preemption import Preempted, Preemption
 from moe_trainer.restarts import train_with_restarts

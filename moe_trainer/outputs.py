@@ -19,24 +19,16 @@ import yaml
 from moe_trainer.config.schema import LoggerConfig
 from moe_trainer.logging import RunLogger
 from moe_trainer.logging.metric_keys import EXPERT_LOAD_TABLE, LAYER_HISTOGRAM, LAYER_STATS, layer_key, panel, wandb_key
+from moe_trainer.logging.wandb_logger import WANDB_ID_FILE
 from moe_trainer.timeline import chrome_trace
 from moe_trainer.train.aggregate import TIMELINE_KEY
 
-WANDB_ID_FILE = "wandb/run_id"  # in the run dir: the W&B run a resume from this run continues
 TIMELINES_DIR = "timelines"  # in the run dir: one Chrome trace per sampled step
 
 
 def timeline_path(run_dir: Path, step: int) -> Path:
     """Where step ``step``'s trace goes: ``RUN_DIR/timelines/step_000002.json`` (sorts by step)."""
     return run_dir / TIMELINES_DIR / f"step_{step:06d}.json"
-
-
-def wandb_run_id(run_dir: Path) -> str | None:
-    """The id of the W&B run that ``run_dir``'s training logged to (None: W&B was off, or an older run)."""
-    try:
-        return (run_dir / WANDB_ID_FILE).read_text().strip() or None
-    except OSError:
-        return None
 
 
 def wandb_metrics(record: dict[str, Any]) -> dict[str, Any]:

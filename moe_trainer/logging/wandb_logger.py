@@ -56,6 +56,7 @@ _ENV_MODES = {
     "dryrun": "offline",
     "disabled": "disabled",
 }
+WANDB_ID_FILE = "wandb/run_id"  # in a run dir: the W&B run its training logged to (a resume continues it)
 # W&B API hosts whose ~/.netrc entry (written by `wandb login`) counts as "a key is available".
 _DEFAULT_HOSTS = ("api.wandb.ai", "api.forge.coreweave.com")
 
@@ -88,6 +89,14 @@ def api_key_available() -> bool:
     base_url = os.environ.get("WANDB_BASE_URL", "")
     hosts = {urlsplit(base_url).hostname} if base_url else set(_DEFAULT_HOSTS)
     return any(entries.get(host) and entries[host][2] for host in hosts if host)
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the W&B run that ``run_dir``'s training logged to (None: W&B was off, or an older run)."""
+    try:
+        return (run_dir / WANDB_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _plain_config(config: Any) -> dict[str, Any]:

@@ -16,6 +16,11 @@ from moe_trainer.timing import Elapsed, Span
 PHASES = ("dispatch", "combine", "dispatch_bwd", "combine_bwd")
 
 
+def phase_key(phase: str, what: str) -> str:
+    """The record key of one all-to-all phase's ``rows_sent``, ``rows_recv`` or ``time_s``."""
+    return f"a2a_{phase}_{what}"
+
+
 def _zeros() -> dict[str, float]:
     return dict.fromkeys(PHASES, 0.0)
 
@@ -57,9 +62,9 @@ class CommCounters:
         out: dict[str, float] = {}
         seconds = {phase: clock.take() for phase, clock in self.seconds.items()}
         for phase in PHASES:
-            out[f"a2a_{phase}_rows_sent"] = self.rows_sent[phase]
-            out[f"a2a_{phase}_rows_recv"] = self.rows_recv[phase]
-            out[f"a2a_{phase}_time_s"] = seconds[phase]
+            out[phase_key(phase, "rows_sent")] = self.rows_sent[phase]
+            out[phase_key(phase, "rows_recv")] = self.rows_recv[phase]
+            out[phase_key(phase, "time_s")] = seconds[phase]
         out["a2a_rows_sent"] = sum(self.rows_sent.values())
         out["a2a_rows_recv"] = sum(self.rows_recv.values())
         out["a2a_bytes_sent"] = sum(self.bytes_sent.values())

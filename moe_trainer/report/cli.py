@@ -8,26 +8,19 @@ Every argument is checked before anything is written.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
-from moe_trainer.logging.wandb_logger import MODES, api_key_available, resolve_mode
-from moe_trainer.report.dashboard import (
-    WORKSPACE_FILE,
-    build_workspace,
-    load_workspace,
-    run_groups,
-    save_workspace,
-    write_workspace,
-)
+from moe_trainer.logging.wandb_logger import MODES
+from moe_trainer.report.dashboard import WORKSPACE_FILE
 from moe_trainer.report.gantt import SCALES, write_gantts
 from moe_trainer.report.load import MAX_DEPTH, METRICS_FILE, Run, load_runs
 from moe_trainer.report.plots import write_plots
 from moe_trainer.report.quality import quality_markdown, quality_rows, write_quality_plots
 from moe_trainer.report.summary import run_stats, write_html, write_markdown
+from moe_trainer.report.wandb_view import UsageError, can_save, load_saved, plan_view, save, write_and_save
 
 T = TypeVar("T")
 
@@ -69,60 +62,6 @@ def write_report(runs: list[Run], out: Path, timeline_step: int | None = None,
     return [name for name, _ in figures] + ["summary.md", "summary.html"]
 
 
-class UsageError(ValueError):
-    """An argument that cannot work, named with its value and what is allowed; raised before anything is written."""
-
-
-_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a W&B entity or project name
-
-
-def wandb_target(text: str) -> tuple[str, str]:
-    """``ENTITY/PROJECT`` -> ``(entity, project)``."""
-    match = re.fullmatch(rf"({_NAME})/({_NAME})", text)
-    if match is None:
-        raise UsageError(f"--wandb {text!r} is not ENTITY/PROJECT: a W&B entity (user or team) and a project, "
-                         "each of letters, digits, '-', '_' or '.', joined by one '/' (e.g. my-team/moe-trainer)")
-    return match[1], match[2]
-
-
-def wandb_group(runs: Sequence[Run], group: str | None) -> str:
-    """The W&B group the view shows: ``--group``, or the one group the runs share."""
-    groups = run_groups([run.config for run in runs])
-    n = f"{len(runs)} run{'' if len(runs) == 1 else 's'}"
-    if group is not None:
-        if group not in groups:
-            raise UsageError(f"--group {group!r}: none of the {n} given logged to that W&B group (their "
-                             f"logger.group: {', '.join(groups) or 'none'})")
-        return group
-    if len(groups) != 1:
-        raise UsageError(f"the {n} given logged to {len(groups)} W&B groups ({', '.join(groups) or 'none'}): "
-                         "choose the view's group with --group")
-    return groups[0]
-
-
-def _online(mode: str, flag: str) -> bool:
-    """Whether to save in W&B now: ``resolve_mode``'s answer, as for training runs (auto: when a key is set)."""
-    resolved = resolve_mode(mode)
-    if resolved == "online" and not api_key_available():
-        hint = "" if flag == "--save-wandb" else " (or --wandb-mode offline to only write the view's file)"
-        raise UsageError(f"{flag} saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
-                         f"`wandb login`{hint}")
-    return resolved == "online"
-
-
-def _save(path: Path) -> int:
-    """Saves a written view in W&B; a failure keeps the file and says how to retry. Returns the exit code."""
-    try:
-        url = save_workspace(load_workspace(path))
-    except Exception as exc:  # network, server or permission: the local files stay as they are
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        print(f"moe-report: saving the W&B view failed ({type(exc).__name__}: {reason}); it is kept in {path}; "
-              f"save it later with: moe-report --save-wandb {path}", file=sys.stderr)
-        return 1
-    print(f"W&B view saved: {url}")
-    return 0
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moe-report",
@@ -147,9 +86,10 @@ def _parser() -> argparse.ArgumentParser:
                             f"OUT/{WORKSPACE_FILE}, then saved in that W&B project when online")
     wandb.add_argument("--group", default=None, help="the W&B group (logger.group) the view shows "
                                                      "(default: the one group of the runs given)")
-    wandb.add_argument("--wandb-mode", choices=[m for m in MODES if m != "disabled"], default="auto",
-                       help="auto: save when a W&B API key is set (as training runs log), else only write the file; "
-                            "online: save, or fail before writing anything without a key; offline: the file only")
+    wandb.add_argument("--wandb-mode", choices=[m for m in MODES if m != "disabled"], default=None,
+                       help="auto (default): save when a W&B API key is set and WANDB_MODE allows it, as training runs "
+                            "log, else only write the file; online: save, or refuse before writing anything without "
+                            "a key; offline: the file only")
     wandb.add_argument("--save-wandb", type=Path, metavar="FILE",
                        help=f"save a view written earlier (OUT/{WORKSPACE_FILE}) in W&B; takes no RUN_DIR")
     return parser
@@ -160,26 +100,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.save_wandb is not None:
-        if args.runs or args.wandb:
-            parser.error("--save-wandb FILE saves a view written earlier: give no RUN_DIR and no --wandb")
-        _exit_on_usage_error(lambda: _online("online", "--save-wandb"))
-        if not args.save_wandb.is_file():
-            _fail(f"--save-wandb {args.save_wandb}: no such file (moe-report --wandb writes OUT/{WORKSPACE_FILE})")
-        sys.exit(_save(args.save_wandb))
+        others = [flag for flag, value in (("RUN_DIR", args.runs), ("--wandb", args.wandb), ("--group", args.group),
+                                           ("--wandb-mode", args.wandb_mode), ("--out", args.out),
+                                           ("--timeline-step", args.timeline_step)) if value]
+        if others:
+            parser.error(f"--save-wandb FILE saves a view written earlier, as it is: drop {', '.join(others)}")
+        workspace = _exit_on_usage_error(lambda: load_saved(args.save_wandb))
+        _exit_on_usage_error(can_save)
+        sys.exit(save(workspace, args.save_wandb))
     if not args.runs:
         parser.error("give at least one RUN_DIR")
-    if args.group is not None and args.wandb is None:
-        parser.error("--group chooses the W&B view's group: give --wandb ENTITY/PROJECT with it")
+    for flag, value in (("--group", args.group), ("--wandb-mode", args.wandb_mode)):
+        if value is not None and args.wandb is None:
+            parser.error(f"{flag} is about the W&B view: give --wandb ENTITY/PROJECT with it")
     first: Path = args.runs[0]
     out: Path = args.out or (first / "report" if first.is_dir() else Path("report"))
-    target = _exit_on_usage_error(lambda: wandb_target(args.wandb)) if args.wandb else None
-    mode_flag = f"--wandb-mode {args.wandb_mode}"
-    online = _exit_on_usage_error(lambda: _online(args.wandb_mode, mode_flag)) if target else False
     try:
         runs = _load(args.runs)
     except NoRunsError as err:
         _fail(str(err))
-    group = _exit_on_usage_error(lambda: wandb_group(runs, args.group)) if target else None
+    plan = _exit_on_usage_error(lambda: plan_view(runs, args.wandb, args.group, args.wandb_mode)) if args.wandb \
+        else None
     files = write_report(runs, out, args.timeline_step, args.timeline_scale)
     for run in runs:
         note = f" ({run.skipped_lines} unreadable lines skipped)" if run.skipped_lines else ""
@@ -188,16 +129,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{run.label}: {run.path}{note}")
     print(f"wrote {len(files) - 2} figures, summary.md and summary.html for {len(runs)} runs")
     print(out, flush=True)
-    if target is None or group is None:
-        return
-    layers = max((run.num_layers for run in runs), default=0)
-    path = write_workspace(build_workspace(*target, group, layers), out / WORKSPACE_FILE)
-    print(f"W&B view of group {group!r} in {target[0]}/{target[1]} written to {path}", flush=True)
-    if not online:
-        print(f"not saved in W&B (offline: no W&B API key, or --wandb-mode offline); save it with: "
-              f"moe-report --save-wandb {path}")
-        return
-    sys.exit(_save(path))
+    if plan is not None and (code := write_and_save(plan, out)):
+        sys.exit(code)
 
 
 def _fail(message: str) -> NoReturn:

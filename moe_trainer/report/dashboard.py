@@ -6,10 +6,12 @@ Why a saved view: W&B's automatic workspace draws one panel per logged key, hund
 be built by hand. This module builds it: the runs of one experiment group, grouped by
 ``job_type`` (the strategy), in sections of the panels below.
 
-The panels name *record keys* (what ``metrics.jsonl`` holds) and turn them into W&B keys with
-``moe_trainer.logging.metric_keys``, the functions the logger itself uses, so a panel's key is
-the key logged. ``tests/test_compare.py`` builds this view for a real multirun of the three Ray
-strategies and checks every panel key against what those runs logged.
+The panels name *record keys* (what ``metrics.jsonl`` holds; the per-phase and per-rank ones
+from the same names the trainer builds them from) and turn them into W&B keys with
+``moe_trainer.logging.metric_keys``, the functions the logger itself uses: prefixes, per-layer
+names and the per-rank suffix are written once. A record key renamed in the trainer and not
+here would leave a panel without data: ``tests/test_compare.py`` builds this view for a real
+multirun of the three Ray strategies and checks every panel key against what those runs logged.
 
 The view is first written to a file (``wandb_workspace.json``: the view as the W&B API takes
 it), then saved when a W&B key is available; without one, or when saving fails, the file stays
@@ -18,6 +20,7 @@ and ``moe-report --save-wandb FILE`` saves it later.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from typing import Any
 
 from moe_trainer.logging.metric_keys import LAYER_HISTOGRAM, layer_key, rank_max_key, wandb_key
 from moe_trainer.logging.wandb_reader import STEP_METRIC
+from moe_trainer.parallel.telemetry import PHASES, phase_key
 
 WORKSPACE_FILE = "wandb_workspace.json"
 
@@ -66,8 +70,8 @@ SECTIONS: tuple[tuple[str, tuple[Chart, ...]], ...] = (
         Chart("mean tokens/s over the run", summary="tokens_per_s_mean"),
     )),
     ("Communication", (
-        Chart("exposed all-to-all time per phase (s, mean over ranks)",
-              ("a2a_dispatch_time_s", "a2a_combine_time_s", "a2a_dispatch_bwd_time_s", "a2a_combine_bwd_time_s")),
+        Chart("exposed all-to-all time per phase (s): mean over ranks and slowest rank",
+              tuple(phase_key(phase, "time_s") for phase in PHASES), rank_max=True),
         Chart("all-to-all time (s): mean and slowest rank", ("a2a_time_s",), rank_max=True),
         Chart("all-to-all bytes sent per rank: mean and most", ("a2a_bytes_sent",), rank_max=True),
         Chart("communication share of the step", ("comm_share",)),
@@ -89,7 +93,10 @@ SECTIONS: tuple[tuple[str, tuple[Chart, ...]], ...] = (
         Chart("RSS per process (MB): mean and largest", ("mem_rss_mb",), rank_max=True),
         Chart("peak RSS per process (MB): mean and largest", ("mem_peak_rss_mb",), rank_max=True),
         Chart("optimizer state per process (MB): mean and largest", ("mem_optim_state_mb",), rank_max=True),
-        Chart("expert actors' RSS (MB, disaggregated): mean and largest", ("expert_mem_rss_mb",), rank_max=True),
+        Chart("expert actors' RSS and peak RSS (MB, disaggregated): mean and largest",
+              ("expert_mem_rss_mb", "expert_mem_peak_rss_mb"), rank_max=True),
+        Chart("expert actors' optimizer state (MB, disaggregated): mean and largest", ("expert_mem_optim_state_mb",),
+              rank_max=True),
     )),
     ("Losses", (
         Chart("training loss vs steps", ("loss",)),
@@ -109,12 +116,17 @@ SECTIONS: tuple[tuple[str, tuple[Chart, ...]], ...] = (
 )
 
 
+def charts(layers: int) -> list[tuple[str, list[Chart]]]:
+    """The sections and their charts for runs of ``layers`` MoE layers (a dense run has no per-layer panels)."""
+    return [(name, [c for c in section if c.summary is not None or c.metrics(layers)]) for name, section in SECTIONS]
+
+
 def panel_keys(layers: int) -> tuple[set[str], set[str]]:
     """Every W&B key the view's panels read: (history keys, x axes included; summary keys)."""
     history: set[str] = set()
     summary: set[str] = set()
-    for _, charts in SECTIONS:
-        for chart in charts:
+    for _, section in charts(layers):
+        for chart in section:
             if chart.summary is not None:
                 summary.add(chart.summary)
             else:
@@ -132,26 +144,43 @@ def build_workspace(entity: str, project: str, group: str, layers: int) -> Any:
     import wandb_workspaces.workspaces as ws
 
     def panels(chart: Chart) -> list[Any]:
-        if chart.summary is not None:
-            return [wr.BarPlot(title=chart.title, metrics=[wr.SummaryMetric(chart.summary)])]
+        if chart.summary is not None:  # a bar chart reads each run's summary value of its plain key
+            return [wr.BarPlot(title=chart.title, metrics=[chart.summary])]
         if chart.layer_stat == LAYER_HISTOGRAM:  # a histogram over steps is drawn one run and one layer at a time
             return [wr.LinePlot(title=f"{chart.title}, MoE layer {i}", x=chart.x_key, y=[layer_key(i, LAYER_HISTOGRAM)])
                     for i in range(layers)]
         return [wr.LinePlot(title=chart.title, x=chart.x_key, y=chart.metrics(layers))]
 
-    sections = [ws.Section(name=name, panels=[p for chart in charts for p in panels(chart)], is_open=True)
-                for name, charts in SECTIONS]
+    sections = [ws.Section(name=name, panels=[p for chart in section for p in panels(chart)], is_open=True)
+                for name, section in charts(layers)]
     return ws.Workspace(
         entity=entity, project=project, name=view_name(group), sections=sections,
         settings=ws.WorkspaceSettings(x_axis=STEP_METRIC),
-        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group") == group], groupby=[ws.Metric("JobType")]),
+        runset_settings=ws.RunsetSettings(filters=ws.And(ws.Metric("Group") == group), groupby=[ws.Metric("JobType")]),
     )
 
 
-def write_workspace(workspace: Any, path: Path) -> Path:
-    """Writes the view as the W&B API takes it (``wandb_workspaces``' View model, JSON)."""
-    path.write_text(workspace._model.model_dump_json(by_alias=True, exclude_none=True, indent=1) + "\n")
-    return path
+def workspace_json(workspace: Any) -> str:
+    """The view as the W&B API takes it (``wandb_workspaces``' View model, JSON)."""
+    return workspace._model.model_dump_json(by_alias=True, exclude_none=True, indent=1) + "\n"
+
+
+def keep_identity(workspace: Any, path: Path) -> None:
+    """Gives ``workspace`` the W&B name and id of the view saved from ``path`` earlier, if it is the same view.
+
+    So running ``moe-report --wandb`` again updates the view it saved before instead of adding a
+    second one of the same title (W&B makes a new view for a Workspace without a name).
+    """
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(earlier, dict) or not earlier.get("name"):
+        return
+    if (earlier.get("entity"), earlier.get("project"), earlier.get("displayName")) == (
+            workspace.entity, workspace.project, workspace.name):
+        object.__setattr__(workspace, "_internal_name", earlier["name"])
+        object.__setattr__(workspace, "_internal_id", earlier.get("id", ""))
 
 
 def load_workspace(path: Path) -> Any:
@@ -166,18 +195,21 @@ def load_workspace(path: Path) -> Any:
     return ws.Workspace._from_model(internal.View.model_validate_json(path.read_text()))
 
 
-def save_workspace(workspace: Any) -> str:
-    """Saves the view in W&B (network, API key) and returns its URL."""
+def save_workspace(workspace: Any, path: Path) -> str:
+    """Saves the view in W&B (network, API key), writes its W&B name and id into ``path``, returns its URL.
+
+    With the name and id in the file, saving it again updates that view rather than adding one.
+    """
     workspace.save()
+    path.write_text(workspace_json(workspace))
     return str(workspace.url)
 
 
-def run_groups(configs: Sequence[dict[str, Any]]) -> list[str]:
-    """The W&B groups (``logger.group``) of runs, from their resolved configs, in first-seen order."""
-    groups: list[str] = []
-    for config in configs:
-        logger = config.get("logger")
-        group = str(logger.get("group", "")) if isinstance(logger, dict) else ""
-        if group and group not in groups:
-            groups.append(group)
-    return groups
+def logger_setting(config: dict[str, Any], key: str) -> str:
+    """A run's ``logger.<key>`` (project, group) from its resolved config; "" when absent."""
+    logger = config.get("logger")
+    return str(logger.get(key) or "") if isinstance(logger, dict) else ""
+
+
+def first_seen(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from moe_trainer.parallel.telemetry import PHASES
+from moe_trainer.logging.metric_keys import RANK_ARGMAX, RANK_MAX
+from moe_trainer.parallel.telemetry import PHASES, phase_key
 
 PER_RANK_KEYS = ("step_time_s", "mem_rss_mb", "mem_peak_rss_mb", "mem_optim_state_mb", "mem_optim_dense_state_mb",
                  "load_imbalance_local", "grad_sync_time_s", "param_sync_time_s", "a2a_time_s", "a2a_rows_sent",
                  "a2a_rows_recv", "a2a_bytes_sent",
-                 *(f"a2a_{phase}_{what}" for phase in PHASES for what in ("rows_sent", "rows_recv", "time_s")))
+                 *(phase_key(phase, what) for phase in PHASES for what in ("rows_sent", "rows_recv", "time_s")))
+# disaggregated: what each expert actor reports, logged as the mean over the actors and their maximum
+EXPERT_ROLE_KEYS = ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv", "expert_mem_rss_mb",
+                    "expert_mem_peak_rss_mb", "expert_mem_optim_state_mb")
 
 
 TIMELINE_KEY = "timeline"
@@ -40,11 +44,11 @@ def aggregate_step(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         values = [r[key] for r in per_rank]
         slowest = max(range(len(values)), key=values.__getitem__)
         record[key] = sum(values) / len(values)
-        record[f"{key}_max"] = values[slowest]
-        record[f"{key}_argmax"] = slowest
+        record[key + RANK_MAX] = values[slowest]
+        record[key + RANK_ARGMAX] = slowest
         record[f"{key}_per_rank"] = values
     # the step ends when the slowest rank ends
-    step_time = record.get("step_time_s_max", record["step_time_s"])
+    step_time = record.get("step_time_s" + RANK_MAX, record["step_time_s"])
     record["tokens_per_s"] = record["tokens_step"] / step_time
     if "a2a_time_s" in record:
         record["comm_share"] = (record["a2a_time_s"] + record.get("grad_sync_time_s", 0.0)
@@ -70,10 +74,9 @@ def add_expert_role(records: list[dict[str, Any]], expert_records_per_rank: list
         record["coord_wait_s"] = record["a2a_time_s"]
         record["coord_busy_s"] = record["step_time_s"] - record["a2a_time_s"]
         record["coord_idle_share"] = record["coord_wait_s"] / step_time
-        for key in ("expert_busy_s", "expert_wait_s", "expert_step_time_s", "expert_rows_recv", "expert_mem_rss_mb",
-                    "expert_mem_peak_rss_mb", "expert_mem_optim_state_mb"):
+        for key in EXPERT_ROLE_KEYS:
             values = [r[key] for r in expert_steps]
             record[key] = sum(values) / len(values)
-            record[f"{key}_max"] = max(values)
+            record[key + RANK_MAX] = max(values)
             record[f"{key}_per_actor"] = values
         record["expert_idle_share"] = record["expert_wait_s"] / max(record["expert_step_time_s"], 1e-12)

@@ -12,16 +12,35 @@ from typing import Any
 import numpy as np
 import pytest
 from matplotlib.image import imread
+from omegaconf import OmegaConf
 
+from moe_trainer.cli import train
+from moe_trainer.config.schema import to_dataclass
 from moe_trainer.report import build_report, main
 from moe_trainer.report.plots import heatmap_figure, line_figure, loss_figure
 from moe_trainer.report.summary import COLUMNS
+from tests.conftest import compose_dict
 from tests.helpers import read_records
-from tests.report.conftest import STEPS, train_run
 
 MOE_REPORT = str(Path(sys.executable).parent / "moe-report")
 LINE_PLOTS = ("tokens_per_s.png", "comm_share.png", "load_imbalance.png", "load_cv.png", "load_min_share.png",
               "loss_vs_step.png", "loss_vs_tokens.png")
+STEPS = 10
+VARIANTS = {"base": [], "capacity": ["moe.capacity_factor=1.0"], "experts8": ["moe.num_experts=8"]}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three real single-process runs that differ in one MoE setting each."""
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {}
+    for name, overrides in VARIANTS.items():
+        dcfg = compose_dict(["experiment=debug", f"train.max_steps={STEPS}", "train.eval_every=5", *overrides])
+        train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), root / name)  # type: ignore[arg-type]
+        dirs[name] = root / name
+    return dirs
+
+
 def records(run_dir: Path) -> list[dict[str, Any]]:
     return read_records(run_dir)
 
@@ -144,7 +163,8 @@ def test_short_run_is_drawn_as_points_with_a_note_and_axes_end_at_the_last_step(
                                                                                 tmp_path: Path) -> None:
     """A run with two logged steps (issue 15): no two-point "curve", no heatmap column past its end."""
     short_dir = tmp_path / "short"
-    train_run(["train.max_steps=4", "train.log_every=2", "train.eval_every=4"], short_dir)
+    dcfg = compose_dict(["experiment=debug", "train.max_steps=4", "train.log_every=2", "train.eval_every=4"])
+    train(to_dataclass(dcfg), OmegaConf.to_container(dcfg, resolve=True), short_dir)  # type: ignore[arg-type]
     loaded, _ = build_report([short_dir, runs["base"]], tmp_path / "report")
     short, full = loaded
     assert [r["step"] for r in short.train] == [2, 4]

@@ -13,7 +13,7 @@ import pytest
 
 from moe_trainer.config.errors import ConfigError
 from moe_trainer.logging import find_offline_runs, read_offline_run
-from moe_trainer.outputs import wandb_run_id
+from moe_trainer.logging.wandb_logger import wandb_run_id
 from moe_trainer.train.resume import NothingToDo, require_fixed_run_dir
 from tests.helpers import train_run, tree_state
 

@@ -1,0 +1,160 @@
+"""``moe-report --wandb``: the checks before anything is written, then write the view, then save it.
+
+Order matters: every refusal (a target that is not ``ENTITY/PROJECT``, runs that did not log to
+W&B or to that project, a group none of them logged to, saving without a key, a group W&B's
+filter cannot hold) comes before the local report is written, so a refused command leaves the
+output folder as it was. The view is written to its file before W&B is called, so a failed save
+loses nothing; the file is what ``--save-wandb`` saves later.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moe_trainer.logging.wandb_logger import api_key_available, resolve_mode, wandb_run_id
+from moe_trainer.report.dashboard import (
+    WORKSPACE_FILE,
+    build_workspace,
+    first_seen,
+    keep_identity,
+    load_workspace,
+    logger_setting,
+    save_workspace,
+    workspace_json,
+)
+from moe_trainer.report.load import Run
+
+_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]*"  # a W&B entity or project name
+
+
+class UsageError(ValueError):
+    """An argument that cannot work, named with its value and what is allowed; raised before anything is written."""
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    """What ``--wandb`` will write and whether it saves: everything checked, nothing written yet."""
+
+    workspace: Any
+    group: str
+    save: bool
+    not_saved_because: str  # why it will not be saved now ("" when it will)
+
+
+def wandb_target(text: str) -> tuple[str, str]:
+    """``ENTITY/PROJECT`` -> ``(entity, project)``."""
+    match = re.fullmatch(rf"({_NAME})/({_NAME})", text)
+    if match is None:
+        raise UsageError(f"--wandb {text!r} is not ENTITY/PROJECT: a W&B entity (user or team) and a project, "
+                         "each of letters, digits, '-', '_' or '.', joined by one '/' (e.g. my-team/moe-trainer)")
+    return match[1], match[2]
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def view_group(runs: Sequence[Run], project: str, group: str | None) -> str:
+    """The W&B group the view shows, among the runs that logged to W&B project ``project``."""
+    logged = [r for r in runs if wandb_run_id(r.path)]
+    given = _plural(len(runs), "run")
+    if not logged:
+        raise UsageError(f"none of the {given} given logged to W&B (logger.mode=disabled, or a run from before "
+                         "W&B ids were kept): a view of them would show nothing")
+    in_project = [r for r in logged if logger_setting(r.config, "project") == project]
+    if not in_project:
+        projects = ", ".join(first_seen([logger_setting(r.config, "project") for r in logged]))
+        raise UsageError(f"--wandb .../{project}: the runs given logged to W&B project {projects} "
+                         f"(logger.project), not {project!r}")
+    groups = first_seen([logger_setting(r.config, "group") for r in in_project])
+    if group is not None:
+        if group not in groups:
+            raise UsageError(f"--group {group!r}: none of the {_plural(len(in_project), 'run')} given that logged "
+                             f"to W&B project {project!r} is in that group (their logger.group: "
+                             f"{', '.join(groups) or 'none'})")
+        return group
+    if len(groups) != 1:
+        raise UsageError(f"the runs given logged to {len(groups)} W&B groups ({', '.join(groups) or 'none'}): "
+                         "choose the view's group with --group")
+    return groups[0]
+
+
+def save_now(mode: str | None) -> tuple[bool, str]:
+    """Whether to save in W&B now, and if not, why: as training runs decide (``WANDB_MODE``, then the key)."""
+    if mode == "offline":
+        return False, "--wandb-mode offline"
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    resolved = "online" if mode == "online" else resolve_mode("auto")
+    if resolved == "online" and not api_key_available():
+        flag = "--wandb-mode online" if mode == "online" else f"WANDB_MODE={env}"
+        raise UsageError(f"{flag} saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
+                         "`wandb login` (or --wandb-mode offline to only write the view's file)")
+    if resolved == "online":
+        return True, ""
+    return False, f"WANDB_MODE={env}" if env else "no W&B API key (WANDB_API_KEY or `wandb login`)"
+
+
+def can_save() -> None:
+    """``--save-wandb`` always saves: without a key, say so before calling W&B."""
+    if not api_key_available():
+        raise UsageError("--save-wandb saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
+                         "`wandb login`")
+
+
+def plan_view(runs: Sequence[Run], target: str, group: str | None, mode: str | None) -> ViewPlan:
+    """Every check of ``--wandb``, and the view built and serialised once (a group W&B cannot filter fails here)."""
+    entity, project = wandb_target(target)
+    save, why_not = save_now(mode)
+    chosen = view_group(runs, project, group)
+    layers = max((run.num_layers for run in runs), default=0)
+    try:
+        workspace = build_workspace(entity, project, chosen, layers)
+        workspace_json(workspace)
+    except Exception as exc:  # the filter is an expression: a quote in the group breaks it
+        raise UsageError(f"logger.group {chosen!r} cannot be written into a W&B view's filter "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    return ViewPlan(workspace, chosen, save, why_not)
+
+
+def write_and_save(plan: ViewPlan, out: Path) -> int:
+    """Writes the view into ``out`` (keeping the W&B identity of one saved from there before), saves it if online."""
+    path = out / WORKSPACE_FILE
+    keep_identity(plan.workspace, path)
+    path.write_text(workspace_json(plan.workspace))
+    ws = plan.workspace
+    print(f"W&B view of group {plan.group!r} in {ws.entity}/{ws.project} written to {path}", flush=True)
+    if not plan.save:
+        print(f"not saved in W&B ({plan.not_saved_because}); save it with: moe-report --save-wandb {path}")
+        return 0
+    return save(ws, path)
+
+
+def save(workspace: Any, path: Path) -> int:
+    """Saves a view in W&B; a failure keeps the file and says how to retry. Returns the exit code."""
+    try:
+        url = save_workspace(workspace, path)
+    except Exception as exc:  # network, server or permission: the local files stay as they are
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        print(f"moe-report: saving the W&B view failed ({type(exc).__name__}: {reason}); it is kept in {path}; "
+              f"save it later with: moe-report --save-wandb {path}", file=sys.stderr)
+        return 1
+    print(f"W&B view saved: {url}")
+    return 0
+
+
+def load_saved(path: Path) -> Any:
+    """A view file written by ``--wandb``, checked before saving (a file that is not one cannot be retried)."""
+    try:
+        return load_workspace(path)
+    except OSError as exc:
+        raise UsageError(f"--save-wandb {path}: cannot read it ({exc.strerror or exc}); moe-report --wandb writes "
+                         f"OUT/{WORKSPACE_FILE}") from exc
+    except Exception as exc:  # JSON or pydantic validation
+        raise UsageError(f"--save-wandb {path}: not a view written by moe-report --wandb ({type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:160]})") from exc
