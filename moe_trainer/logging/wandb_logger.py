@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 MODES = ("auto", "online", "offline", "disabled")
 DEFAULT_INIT_TIMEOUT = 30.0  # seconds; wandb's own default (90 s) is a long stall at startup
 # WANDB_MODE spellings wandb accepts, mapped onto ours ("dryrun"/"run" are legacy names).
-_ENV_MODES = {
+ENV_MODES = {
     "online": "online",
     "run": "online",
     "shared": "online",
@@ -73,8 +73,8 @@ def resolve_mode(mode: str) -> str:
     if mode != "auto":
         return mode
     env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
-    if env_mode in _ENV_MODES:
-        return _ENV_MODES[env_mode]
+    if env_mode in ENV_MODES:
+        return ENV_MODES[env_mode]
     return "online" if api_key_available() else "offline"
 
 

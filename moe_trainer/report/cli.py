@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline-step", type=int, default=None, metavar="N",
                         help="draw the step timeline (Gantt chart) of step N in each run that sampled it "
                              "(default: each run's newest sampled step; see logger.timeline_every)")
-    parser.add_argument("--timeline-scale", choices=SCALES, default="shared",
+    parser.add_argument("--timeline-scale", choices=SCALES, default=None,
                         help="shared: every timeline chart on the x axis of the longest step, so runs compare "
                              "by eye (default); own: each fitted to its step")
     wandb = parser.add_argument_group("W&B workspace view (docs/user-guide.md, \"The W&B view\")")
@@ -100,14 +100,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.save_wandb is not None:
-        others = [flag for flag, value in (("RUN_DIR", args.runs), ("--wandb", args.wandb), ("--group", args.group),
-                                           ("--wandb-mode", args.wandb_mode), ("--out", args.out),
-                                           ("--timeline-step", args.timeline_step)) if value]
+        others = [flag for flag, value in (("RUN_DIR", args.runs or None), ("--wandb", args.wandb),
+                                           ("--group", args.group), ("--wandb-mode", args.wandb_mode),
+                                           ("--out", args.out), ("--timeline-step", args.timeline_step),
+                                           ("--timeline-scale", args.timeline_scale)) if value is not None]
         if others:
             parser.error(f"--save-wandb FILE saves a view written earlier, as it is: drop {', '.join(others)}")
         workspace = _exit_on_usage_error(lambda: load_saved(args.save_wandb))
         _exit_on_usage_error(can_save)
-        sys.exit(save(workspace, args.save_wandb))
+        if code := save(workspace, args.save_wandb):
+            sys.exit(code)
+        return
     if not args.runs:
         parser.error("give at least one RUN_DIR")
     for flag, value in (("--group", args.group), ("--wandb-mode", args.wandb_mode)):
@@ -119,9 +122,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         runs = _load(args.runs)
     except NoRunsError as err:
         _fail(str(err))
-    plan = _exit_on_usage_error(lambda: plan_view(runs, args.wandb, args.group, args.wandb_mode)) if args.wandb \
-        else None
-    files = write_report(runs, out, args.timeline_step, args.timeline_scale)
+    plan = None if args.wandb is None else _exit_on_usage_error(
+        lambda: plan_view(runs, args.wandb, args.group, args.wandb_mode))
+    files = write_report(runs, out, args.timeline_step, args.timeline_scale or "shared")
     for run in runs:
         note = f" ({run.skipped_lines} unreadable lines skipped)" if run.skipped_lines else ""
         if args.timeline_step is not None and run.timelines and args.timeline_step not in run.timelines:

@@ -21,6 +21,7 @@ and ``moe-report --save-wandb FILE`` saves it later.
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,7 +136,10 @@ def panel_keys(layers: int) -> tuple[set[str], set[str]]:
 
 
 def view_name(group: str) -> str:
-    return f"moe-trainer strategies: {group}"
+    """The view's title. W&B refuses symbol characters (``=``, ``+``, ``|``, emoji) in titles, not in groups:
+    they become ``-`` here while the filter keeps the group as it is."""
+    title = "".join("-" if unicodedata.category(c).startswith(("S", "Cs")) else c for c in group)
+    return f"moe-trainer strategies: {title}"
 
 
 def build_workspace(entity: str, project: str, group: str, layers: int) -> Any:
@@ -158,6 +162,13 @@ def build_workspace(entity: str, project: str, group: str, layers: int) -> Any:
         settings=ws.WorkspaceSettings(x_axis=STEP_METRIC),
         runset_settings=ws.RunsetSettings(filters=ws.And(ws.Metric("Group") == group), groupby=[ws.Metric("JobType")]),
     )
+
+
+def filter_groups(workspace: Any) -> list[Any]:
+    """The group values the view's run filter holds, as W&B will read them (from the serialised view)."""
+    view = json.loads(workspace_json(workspace))
+    return [f.get("value") for run_set in view["spec"]["section"]["runSets"]
+            for f in run_set["filters"].get("filters", []) if f.get("key", {}).get("name") == "group"]
 
 
 def workspace_json(workspace: Any) -> str:
@@ -195,14 +206,9 @@ def load_workspace(path: Path) -> Any:
     return ws.Workspace._from_model(internal.View.model_validate_json(path.read_text()))
 
 
-def save_workspace(workspace: Any, path: Path) -> str:
-    """Saves the view in W&B (network, API key), writes its W&B name and id into ``path``, returns its URL.
-
-    With the name and id in the file, saving it again updates that view rather than adding one.
-    """
+def save_workspace(workspace: Any) -> None:
+    """Saves the view in W&B (network, API key); W&B gives a new view its name and id."""
     workspace.save()
-    path.write_text(workspace_json(workspace))
-    return str(workspace.url)
 
 
 def logger_setting(config: dict[str, Any], key: str) -> str:

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moe_trainer.logging.wandb_logger import api_key_available, resolve_mode, wandb_run_id
+from moe_trainer.logging.wandb_logger import ENV_MODES, api_key_available, resolve_mode, wandb_run_id
 from moe_trainer.report.dashboard import (
     WORKSPACE_FILE,
     build_workspace,
+    filter_groups,
     first_seen,
     keep_identity,
     load_workspace,
@@ -60,29 +61,35 @@ def _plural(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
 
-def view_group(runs: Sequence[Run], project: str, group: str | None) -> str:
-    """The W&B group the view shows, among the runs that logged to W&B project ``project``."""
-    logged = [r for r in runs if wandb_run_id(r.path)]
-    given = _plural(len(runs), "run")
-    if not logged:
-        raise UsageError(f"none of the {given} given logged to W&B (logger.mode=disabled, or a run from before "
-                         "W&B ids were kept): a view of them would show nothing")
-    in_project = [r for r in logged if logger_setting(r.config, "project") == project]
-    if not in_project:
-        projects = ", ".join(first_seen([logger_setting(r.config, "project") for r in logged]))
-        raise UsageError(f"--wandb .../{project}: the runs given logged to W&B project {projects} "
-                         f"(logger.project), not {project!r}")
-    groups = first_seen([logger_setting(r.config, "group") for r in in_project])
+def view_runs(runs: Sequence[Run], project: str, group: str | None) -> tuple[str, list[Run]]:
+    """The W&B group the view shows and the runs given that are in it; refuses runs the view could not show.
+
+    Every run given must have logged to W&B project ``project``: one that did not (W&B off, or
+    another ``logger.project``) would silently be missing from the view the user asked for. Runs of
+    other groups are left out only when ``--group`` chose one.
+    """
+    off = [r for r in runs if not wandb_run_id(r.path)]
+    if off:
+        names = ", ".join(str(r.path) for r in off[:3]) + (f" and {len(off) - 3} more" if len(off) > 3 else "")
+        raise UsageError(f"{_plural(len(off), 'run')} given did not log to W&B (W&B was off: logger.mode or "
+                         f"WANDB_MODE=disabled, or it failed to start), so a W&B view cannot show "
+                         f"{'it' if len(off) == 1 else 'them'}: {names}; leave {'it' if len(off) == 1 else 'them'} "
+                         "out")
+    elsewhere = [r for r in runs if logger_setting(r.config, "project") != project]
+    if elsewhere:
+        projects = ", ".join(first_seen([logger_setting(r.config, "project") for r in elsewhere]))
+        raise UsageError(f"--wandb .../{project}: {_plural(len(elsewhere), 'run')} given logged to W&B project "
+                         f"{projects} (logger.project), not {project!r}")
+    groups = first_seen([logger_setting(r.config, "group") for r in runs])
     if group is not None:
         if group not in groups:
-            raise UsageError(f"--group {group!r}: none of the {_plural(len(in_project), 'run')} given that logged "
-                             f"to W&B project {project!r} is in that group (their logger.group: "
-                             f"{', '.join(groups) or 'none'})")
-        return group
+            raise UsageError(f"--group {group!r}: none of the {_plural(len(runs), 'run')} given is in that W&B "
+                             f"group (their logger.group: {', '.join(groups) or 'none'})")
+        return group, [r for r in runs if logger_setting(r.config, "group") == group]
     if len(groups) != 1:
         raise UsageError(f"the runs given logged to {len(groups)} W&B groups ({', '.join(groups) or 'none'}): "
                          "choose the view's group with --group")
-    return groups[0]
+    return groups[0], list(runs)
 
 
 def save_now(mode: str | None) -> tuple[bool, str]:
@@ -90,6 +97,7 @@ def save_now(mode: str | None) -> tuple[bool, str]:
     if mode == "offline":
         return False, "--wandb-mode offline"
     env = os.environ.get("WANDB_MODE", "").strip().lower()
+    env = env if env in ENV_MODES else ""  # resolve_mode ignores other values, and so does the reason
     resolved = "online" if mode == "online" else resolve_mode("auto")
     if resolved == "online" and not api_key_available():
         flag = "--wandb-mode online" if mode == "online" else f"WANDB_MODE={env}"
@@ -111,14 +119,17 @@ def plan_view(runs: Sequence[Run], target: str, group: str | None, mode: str | N
     """Every check of ``--wandb``, and the view built and serialised once (a group W&B cannot filter fails here)."""
     entity, project = wandb_target(target)
     save, why_not = save_now(mode)
-    chosen = view_group(runs, project, group)
-    layers = max((run.num_layers for run in runs), default=0)
+    chosen, shown = view_runs(runs, project, group)
+    layers = max((run.num_layers for run in shown), default=0)
     try:
         workspace = build_workspace(entity, project, chosen, layers)
-        workspace_json(workspace)
-    except Exception as exc:  # the filter is an expression: a quote in the group breaks it
-        raise UsageError(f"logger.group {chosen!r} cannot be written into a W&B view's filter "
+        held = filter_groups(workspace)
+    except Exception as exc:  # wandb-workspaces parses the filter as an expression: a quote breaks it
+        raise UsageError(f"logger.group {chosen!r} cannot be written into a W&B view's run filter "
                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from exc
+    if held != [chosen]:  # a backslash is read as an escape there: the filter would select another group
+        raise UsageError(f"logger.group {chosen!r} cannot be written into a W&B view's run filter (it would "
+                         f"read {held[0] if len(held) == 1 else held!r})")
     return ViewPlan(workspace, chosen, save, why_not)
 
 
@@ -138,13 +149,18 @@ def write_and_save(plan: ViewPlan, out: Path) -> int:
 def save(workspace: Any, path: Path) -> int:
     """Saves a view in W&B; a failure keeps the file and says how to retry. Returns the exit code."""
     try:
-        url = save_workspace(workspace, path)
+        save_workspace(workspace)
     except Exception as exc:  # network, server or permission: the local files stay as they are
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         print(f"moe-report: saving the W&B view failed ({type(exc).__name__}: {reason}); it is kept in {path}; "
               f"save it later with: moe-report --save-wandb {path}", file=sys.stderr)
         return 1
-    print(f"W&B view saved: {url}")
+    # its W&B name and id into the file: saving it again updates this view instead of adding one
+    path.write_text(workspace_json(workspace))
+    try:
+        print(f"W&B view saved: {workspace.url}")
+    except Exception:  # the URL needs one more API call; the view is saved either way
+        print(f"W&B view saved in {workspace.entity}/{workspace.project}: {workspace.name!r}")
     return 0
 
 

@@ -111,18 +111,24 @@ BAD = {
     "not entity/project": (["--wandb", "moe-trainer"], "--wandb 'moe-trainer' is not ENTITY/PROJECT: "),
     "two slashes": (["--wandb", "a/b/c"], "--wandb 'a/b/c' is not ENTITY/PROJECT: "),
     "no such group": (["--wandb", "a/moe-trainer", "--group", "ablation"],
-                      "--group 'ablation': none of the 2 runs given that logged to W&B project 'moe-trainer' is in "
-                      "that group (their logger.group: default, other)"),
+                      "--group 'ablation': none of the 2 runs given is in that W&B group (their logger.group: "
+                      "default, other)"),
     "several groups": (["--wandb", "a/moe-trainer"],
                        "the runs given logged to 2 W&B groups (default, other): choose the view's group with --group"),
     "another project": (["--wandb", "a/moe-trainr", "--group", "default"],
-                        "--wandb .../moe-trainr: the runs given logged to W&B project moe-trainer (logger.project), "
+                        "--wandb .../moe-trainr: 2 runs given logged to W&B project moe-trainer (logger.project), "
                         "not 'moe-trainr'"),
     "online without a key": (["--wandb", "a/moe-trainer", "--group", "default", "--wandb-mode", "online"],
                              "--wandb-mode online saves the view in W&B and needs a W&B API key: set WANDB_API_KEY "
                              "or run `wandb login`"),
     "a quote in the group": (["--wandb", "a/moe-trainer", "--group", "bob's"],
-                             "logger.group \"bob's\" cannot be written into a W&B view's filter"),
+                             "logger.group \"bob's\" cannot be written into a W&B view's run filter (SyntaxError"),
+    "an equals sign in the group": (["--wandb", "a/moe-trainer", "--group", "lr=3e-4"],
+                                    "logger.group 'lr=3e-4' cannot be written into a W&B view's run filter (it would "
+                                    "read 'lr==3e-4')"),
+    "a backslash in the group": (["--wandb", "a/moe-trainer", "--group", "a\\b"],
+                                 "logger.group 'a\\\\b' cannot be written into a W&B view's run filter (it would "
+                                 "read 'a\\x08')"),
 }
 
 
@@ -131,7 +137,8 @@ def test_bad_input_is_one_message_and_leaves_the_report_untouched(
         logged: dict[str, Path], tmp_path: Path, no_wandb_key: None, capsys: pytest.CaptureFixture[str],
         case: str) -> None:
     args, message = BAD[case]
-    group = "bob's" if case == "a quote in the group" else "other"
+    group = {"a quote in the group": "bob's", "a backslash in the group": "a\\b",
+             "an equals sign in the group": "lr=3e-4"}.get(case, "other")
     other = with_logger(logged["b"], tmp_path / "runs" / "b", group=group)
     out = tmp_path / "report"
     out.mkdir()
@@ -145,12 +152,25 @@ def test_bad_input_is_one_message_and_leaves_the_report_untouched(
     assert tree_state(tmp_path) == before
 
 
-def test_runs_that_did_not_log_to_wandb_have_no_view(logged: dict[str, Path], tmp_path: Path, no_wandb_key: None,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_that_did_not_log_to_wandb_is_named_not_left_out(logged: dict[str, Path], tmp_path: Path,
+                                                                no_wandb_key: None,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        main([str(logged["off"]), "--out", str(tmp_path / "report"), "--wandb", "a/moe-trainer"])
+        main([str(logged["a"]), str(logged["off"]), "--out", str(tmp_path / "report"), "--wandb", "a/moe-trainer"])
     assert exit_info.value.code == 2 and not (tmp_path / "report").exists()
-    assert capsys.readouterr().err.startswith("moe-report: none of the 1 run given logged to W&B (logger.mode=disabled")
+    assert capsys.readouterr().err == (
+        "moe-report: 1 run given did not log to W&B (W&B was off: logger.mode or WANDB_MODE=disabled, or it failed "
+        f"to start), so a W&B view cannot show it: {logged['off']}; leave it out\n")
+
+
+def test_a_group_with_symbols_keeps_its_name_in_the_filter(logged: dict[str, Path], tmp_path: Path,
+                                                           no_wandb_key: None) -> None:
+    """W&B refuses symbols in a view's title, not in a group: the title gets '-', the filter the group itself."""
+    run = with_logger(logged["a"], tmp_path / "runs" / "lr", group="moe+bias|e16")
+    main([str(run), "--out", str(tmp_path / "report"), "--wandb", "a/moe-trainer"])
+    view = json.loads((tmp_path / "report" / WORKSPACE_FILE).read_text())
+    assert view["displayName"] == "moe-trainer strategies: moe-bias-e16"
+    assert [f["value"] for f in view["spec"]["section"]["runSets"][0]["filters"]["filters"]] == ["moe+bias|e16"]
 
 
 def test_wandb_mode_online_from_the_environment_without_a_key_is_named(
