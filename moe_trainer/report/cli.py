@@ -79,7 +79,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeline-scale", choices=SCALES, default=None,
                         help="shared: every timeline chart on the x axis of the longest step, so runs compare "
                              "by eye (default); own: each fitted to its step")
-    wandb = parser.add_argument_group("W&B workspace view (docs/user-guide.md, \"The W&B view\")")
+    wandb = parser.add_argument_group(
+        "W&B workspace view (docs/user-guide.md, \"The W&B view of a strategy comparison\")")
     wandb.add_argument("--wandb", metavar="ENTITY/PROJECT",
                        help=f"also build the W&B workspace view of the runs' group (grouped by strategy, "
                             f"sections for throughput, communication, balance, memory, losses, roles): written to "
