@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,7 +194,7 @@ def keep_identity(workspace: Any, path: Path) -> None:
 
 
 def load_workspace(path: Path) -> Any:
-    """Reads a view written by :func:`write_workspace` back into a Workspace that can be saved.
+    """Reads a view written with :func:`workspace_json` back into a Workspace that can be saved.
 
     ``Workspace._from_model`` is what the package's own ``Workspace.from_url`` uses to turn a
     stored view into a Workspace; there is no public reader of a view from a file.
@@ -204,18 +203,3 @@ def load_workspace(path: Path) -> Any:
     from wandb_workspaces.workspaces import internal
 
     return ws.Workspace._from_model(internal.View.model_validate_json(path.read_text()))
-
-
-def save_workspace(workspace: Any) -> None:
-    """Saves the view in W&B (network, API key); W&B gives a new view its name and id."""
-    workspace.save()
-
-
-def logger_setting(config: dict[str, Any], key: str) -> str:
-    """A run's ``logger.<key>`` (project, group) from its resolved config; "" when absent."""
-    logger = config.get("logger")
-    return str(logger.get(key) or "") if isinstance(logger, dict) else ""
-
-
-def first_seen(values: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(v for v in values if v))

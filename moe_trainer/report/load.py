@@ -38,12 +38,15 @@ class Run:
     skipped_lines: int = 0  # unparsable lines in metrics.jsonl (e.g. a truncated last line)
     timelines: dict[int, Path] = field(default_factory=dict)  # sampled step -> its Chrome trace file
 
+    def setting(self, section: str, key: str, default: Any = None) -> Any:
+        """``section.key`` of the run's resolved config; ``default`` when absent or null (older runs lack keys)."""
+        values = self.config.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
+        return default if value is None else value
+
     @property
     def strategy(self) -> str:
-        parallel = self.config.get("parallel")
-        if isinstance(parallel, dict) and parallel.get("strategy"):
-            return str(parallel["strategy"])
-        return "unknown"
+        return str(self.setting("parallel", "strategy") or "unknown")
 
     @property
     def num_layers(self) -> int:

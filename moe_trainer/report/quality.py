@@ -24,24 +24,19 @@ from moe_trainer.report.load import Run
 from moe_trainer.report.plots import _new_axes, _style, save_figure
 
 
-def _cfg(run: Run, section: str, key: str, default: Any = None) -> Any:
-    value = (run.config.get(section) or {}).get(key, default)
-    return default if value is None else value
-
-
 def is_dense(run: Run) -> bool:
-    return _cfg(run, "model", "arch") == "dense"
+    return run.setting("model", "arch") == "dense"
 
 
 def tokens_per_step(run: Run) -> int:
-    return int(_cfg(run, "train", "batch_size", 0)) * int(_cfg(run, "data", "seq_len", 0))
+    return int(run.setting("train", "batch_size", 0)) * int(run.setting("data", "seq_len", 0))
 
 
 def flops_per_token(run: Run) -> float:
     """Training FLOPs per token: 6 x active parameters + attention (see the module docstring)."""
     active = run.summary.get("params_active") or 0
-    attention = 12 * _cfg(run, "model", "n_layers", 0) * _cfg(run, "data", "seq_len", 0) * _cfg(run, "model",
-                                                                                                 "d_model", 0)
+    attention = (12 * run.setting("model", "n_layers", 0) * run.setting("data", "seq_len", 0)
+                 * run.setting("model", "d_model", 0))
     return 6.0 * float(active) + float(attention)
 
 

@@ -22,11 +22,8 @@ from moe_trainer.report.dashboard import (
     WORKSPACE_FILE,
     build_workspace,
     filter_groups,
-    first_seen,
     keep_identity,
     load_workspace,
-    logger_setting,
-    save_workspace,
     workspace_json,
 )
 from moe_trainer.report.load import Run
@@ -57,6 +54,15 @@ def wandb_target(text: str) -> tuple[str, str]:
     return match[1], match[2]
 
 
+def _first_seen(values: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(v for v in values if v))
+
+
+def _logger(run: Run, key: str) -> str:
+    """The run's ``logger.project`` or ``logger.group`` ("" when absent)."""
+    return str(run.setting("logger", key) or "")
+
+
 def _plural(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -75,17 +81,17 @@ def view_runs(runs: Sequence[Run], project: str, group: str | None) -> tuple[str
                          f"WANDB_MODE=disabled, or it failed to start), so a W&B view cannot show "
                          f"{'it' if len(off) == 1 else 'them'}: {names}; leave {'it' if len(off) == 1 else 'them'} "
                          "out")
-    elsewhere = [r for r in runs if logger_setting(r.config, "project") != project]
+    elsewhere = [r for r in runs if _logger(r, "project") != project]
     if elsewhere:
-        projects = ", ".join(first_seen([logger_setting(r.config, "project") for r in elsewhere]))
+        projects = ", ".join(_first_seen([_logger(r, "project") for r in elsewhere]))
         raise UsageError(f"--wandb .../{project}: {_plural(len(elsewhere), 'run')} given logged to W&B project "
                          f"{projects} (logger.project), not {project!r}")
-    groups = first_seen([logger_setting(r.config, "group") for r in runs])
+    groups = _first_seen([_logger(r, "group") for r in runs])
     if group is not None:
         if group not in groups:
             raise UsageError(f"--group {group!r}: none of the {_plural(len(runs), 'run')} given is in that W&B "
                              f"group (their logger.group: {', '.join(groups) or 'none'})")
-        return group, [r for r in runs if logger_setting(r.config, "group") == group]
+        return group, [r for r in runs if _logger(r, "group") == group]
     if len(groups) != 1:
         raise UsageError(f"the runs given logged to {len(groups)} W&B groups ({', '.join(groups) or 'none'}): "
                          "choose the view's group with --group")
@@ -99,20 +105,23 @@ def save_now(mode: str | None) -> tuple[bool, str]:
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     env = env if env in ENV_MODES else ""  # resolve_mode ignores other values, and so does the reason
     resolved = "online" if mode == "online" else resolve_mode("auto")
-    if resolved == "online" and not api_key_available():
-        flag = "--wandb-mode online" if mode == "online" else f"WANDB_MODE={env}"
-        raise UsageError(f"{flag} saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
-                         "`wandb login` (or --wandb-mode offline to only write the view's file)")
     if resolved == "online":
+        _require_key("--wandb-mode online" if mode == "online" else f"WANDB_MODE={env}",
+                     " (or --wandb-mode offline to only write the view's file)")
         return True, ""
     return False, f"WANDB_MODE={env}" if env else "no W&B API key (WANDB_API_KEY or `wandb login`)"
 
 
-def can_save() -> None:
-    """``--save-wandb`` always saves: without a key, say so before calling W&B."""
+def _require_key(flag: str, hint: str = "") -> None:
+    """Saving needs a W&B API key: without one, say so (naming what asked to save) before calling W&B."""
     if not api_key_available():
-        raise UsageError("--save-wandb saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
-                         "`wandb login`")
+        raise UsageError(f"{flag} saves the view in W&B and needs a W&B API key: set WANDB_API_KEY or run "
+                         f"`wandb login`{hint}")
+
+
+def can_save() -> None:
+    """``--save-wandb`` always saves."""
+    _require_key("--save-wandb")
 
 
 def plan_view(runs: Sequence[Run], target: str, group: str | None, mode: str | None) -> ViewPlan:
@@ -149,7 +158,7 @@ def write_and_save(plan: ViewPlan, out: Path) -> int:
 def save(workspace: Any, path: Path) -> int:
     """Saves a view in W&B; a failure keeps the file and says how to retry. Returns the exit code."""
     try:
-        save_workspace(workspace)
+        workspace.save()  # W&B gives a new view its name and id
     except Exception as exc:  # network, server or permission: the local files stay as they are
         reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         print(f"moe-report: saving the W&B view failed ({type(exc).__name__}: {reason}); it is kept in {path}; "
