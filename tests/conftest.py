@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -23,6 +24,11 @@ from moe_trainer.config.schema import Config, register_configs, to_dataclass
 from tests.ray_nodes import RayNode, alive_nodes, clean_env, remove, restart, start_head, start_worker
 
 register_configs()
+# One intra-op thread in this process: its tensors are tiny, and the two cores are shared with the Ray actors
+# and bug drivers that run beside it, so a second thread mostly spin-waits (tests/moe/test_layer.py's three
+# balancing tests: 29 s with two threads, 5.3 s with one, beside two training runs). Actors set their own
+# threads from their CPU reservation; subprocesses keep torch's default.
+torch.set_num_threads(1)
 # data.token_cache (and the BPEs stored in it) under a directory of this session, not the user's
 # ~/.cache: a test must see its own first start, never a cache an earlier session left
 _CACHE = tempfile.mkdtemp(prefix="moe-trainer-cache-")

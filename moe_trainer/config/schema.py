@@ -55,6 +55,7 @@ class MoEConfig:
     router: str = "topk"  # topk | switch | expert_choice
     score_order: str = "softmax_topk"  # softmax_topk (GShard/Switch) | topk_softmax (Mixtral)
     normalize_topk: bool = True  # softmax_topk only: renormalise the k weights to sum to 1
+    routed_scale: float = 1.0  # every gate weight times this (DeepSeek's routed_scaling_factor)
     capacity_factor: float | None = None  # null = dropless; else capacity = ceil(cf * tokens * k / E)
     aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss weight
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight

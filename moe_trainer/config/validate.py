@@ -118,6 +118,7 @@ def validate_moe(cfg: Config) -> None:
     _positive("moe.expert_hidden", moe.expert_hidden)
     if moe.capacity_factor is not None:
         _positive("moe.capacity_factor", moe.capacity_factor)
+    _positive("moe.routed_scale", moe.routed_scale)
     _positive("moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
     _positive("moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
     _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)

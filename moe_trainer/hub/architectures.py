@@ -66,6 +66,9 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
         raise Unsupported("moe.bias_balancing=true: the learnt selection bias (DeepSeek-V3's aux-loss-free "
                           f"balancing) has no place in {MIXTRAL} or {QWEN2_MOE}; without it tokens would go to "
                           "other experts")
+    if moe.routed_scale != 1:
+        raise Unsupported(f"moe.routed_scale={moe.routed_scale}: {MIXTRAL} and {QWEN2_MOE} weigh each expert's "
+                          "output by its gate weight alone")
     if moe.capacity_factor is not None and not dropless:
         raise Unsupported(f"moe.capacity_factor={moe.capacity_factor}: the model was trained dropping assignments "
                           "past each expert's capacity, and transformers models route every token (dropless); "
@@ -258,6 +261,7 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                                 also=(f"moe.expert_hidden={inter}", "moe.top_k=1", "moe.num_shared_experts=0")))
         return reqs
     reqs.append(Requirement("model.arch", "moe", f"{arch}" + (" upcycled into experts" if upcycle else "")))
+    reqs.append(Requirement("moe.routed_scale", 1.0, f"{arch} (each expert's output weighted by its gate alone)"))
     renormalised = ("moe.router=topk", "moe.score_order=softmax_topk")
     if upcycle:
         reqs += [

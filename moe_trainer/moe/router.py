@@ -151,6 +151,7 @@ class Router(nn.Module):
             weight_TK = probs_TE.gather(1, expert_idx_TK)
             if self.cfg.router == "topk" and self.cfg.normalize_topk:
                 weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        weight_TK = weight_TK * self.cfg.routed_scale
 
         if self.cfg.aux_loss_scope == "group":
             aux_loss = load_balancing_loss(
@@ -184,7 +185,7 @@ class Router(nn.Module):
         # a stable sort, not topk: tokens with equal scores (repeated tokens in equal contexts tie
         # exactly) go by position, so every layout picks the same ones (topk's tie order varies)
         local_idx_GEC = torch.sort(select_GET, dim=-1, descending=True, stable=True).indices[..., :cap]
-        weight_GEC = scores_GET.gather(2, local_idx_GEC)
+        weight_GEC = scores_GET.gather(2, local_idx_GEC) * self.cfg.routed_scale
         offsets_G = torch.arange(num_groups, device=probs_TE.device) * per_group
         token_idx_GEC = local_idx_GEC + offsets_G[:, None, None]
         expert_idx_GEC = torch.arange(self.num_experts, device=probs_TE.device)[None, :, None].expand_as(

@@ -67,7 +67,7 @@ MIXES = {
                  "moe.bias_balancing=true", "moe.bias_update_rate=0.05", "moe.every=2", "train.recompute=block",
                  "train.grad_accum_steps=2"],
     "capacity": ["moe.capacity_factor=1.0", "moe.aux_loss_scope=group", "train.expert_lr_scale=3"],
-    "switch": ["moe.router=switch", "moe.capacity_factor=1.25"],
+    "switch": ["moe.router=switch", "moe.capacity_factor=1.25", "moe.routed_scale=4"],
     "expert_choice": ["moe.router=expert_choice"],
 }
 # Expert choice cuts each expert's tokens at a score rank, and on this corpus tokens tie there

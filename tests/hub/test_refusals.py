@@ -53,7 +53,8 @@ def qwen_export(checkpoints: Callable[..., Path], tmp_path_factory: pytest.TempP
     (["moe.router=switch"], "moe.router=switch"),
     (["moe.every=2"], "moe.every=2 without shared experts"),
     (["moe.normalize_topk=false"], "moe.normalize_topk=false keeps the top-k probabilities"),
-], ids=["expert_choice", "bias_balancing", "capacity", "switch", "every2", "unnormalised"])
+    (["moe.routed_scale=2"], "moe.routed_scale=2.0: MixtralForCausalLM and Qwen2MoeForCausalLM weigh"),
+], ids=["expert_choice", "bias_balancing", "capacity", "switch", "every2", "unnormalised", "routed_scale"])
 def test_a_model_without_a_faithful_counterpart_is_refused_with_the_reason(
         checkpoints: Callable[..., Path], tmp_path: Path, overrides: list[str], reason: str) -> None:
     with pytest.raises(Unsupported) as err:

@@ -236,7 +236,7 @@ def _wait_status(head: RayNode, job_id: str, wanted: str, timeout_s: float = 240
     raise AssertionError(f"{job_id} never reached {wanted}: {out}")
 
 
-STEPS = 60  # the stop lands at step 14-21 on this 2-core machine
+STEPS = 48  # the stop lands at step 14-21 on this 2-core machine
 PREEMPTED_RUN = ["experiment=debug", "parallel=expert_parallel", "parallel.num_actors=2", "parallel.cpus_per_actor=0.5",
                  f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}",
                  "train.checkpoint_every=0", "moe.num_experts=8", "fault_tolerance.preempt_timeout_s=60"]
@@ -249,10 +249,12 @@ def test_a_stopped_job_saves_and_its_no_wait_resubmission_continues_with_its_ove
     # a followed expert_parallel job stopped while it trains (a preemption): SIGTERM to its driver, which saves a
     # checkpoint at the next step boundary before Ray's SIGKILL; stop reports STOPPED, the follower exits 1
     run_dir, job_id = tmp_path / "run", f"moe-test-{secrets.token_hex(4)}"
-    # the uninterrupted reference (compared at the end) trains in this process meanwhile, on the session's Ray,
-    # while the jobs mostly wait on Ray Jobs and their start-up
+    # the uninterrupted reference (compared at the end) trains in this process meanwhile, while the jobs mostly
+    # wait on Ray Jobs and their start-up: single, which computes what expert_parallel computes (to float
+    # rounding) without two more actors to start on this machine's two cores
     pool = ThreadPoolExecutor(max_workers=1)
-    reference = pool.submit(train_run, tmp_path / "ref", *PREEMPTED_RUN[1:], "logger.mode=disabled")
+    reference = pool.submit(train_run, tmp_path / "ref", *[o for o in PREEMPTED_RUN if not o.startswith("parallel")],
+                            "logger.mode=disabled")
     start = time.monotonic()
     follower = subprocess.Popen(
         [MOE_SUBMIT, "--address", head.url, "--job-id", job_id, "--", *PREEMPTED_RUN, f"hydra.run.dir={run_dir}"],
@@ -309,7 +311,7 @@ def test_a_stopped_job_saves_and_its_no_wait_resubmission_continues_with_its_ove
     assert sorted(resumed) == list(range(last_step + 1, STEPS + 1))
     uninterrupted = reference.result().losses
     pool.shutdown()
-    assert resumed == {step: uninterrupted[step] for step in resumed}
+    assert resumed == pytest.approx({step: uninterrupted[step] for step in resumed}, rel=1e-5)
 
     unknown = _moe_submit(head, "status", "raysubmit_doesnotexist", "--address", head.url, timeout=60)
     assert unknown.returncode == 2 and "no job raysubmit_doesnotexist" in unknown.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,6 +46,14 @@ def test_renormalised_and_mixtral_orders_agree_and_sum_to_one() -> None:
     assert torch.allclose(renorm.weight_A, mixtral.weight_A, atol=1e-6)
     per_token = torch.zeros(2).index_add(0, renorm.token_idx_A, renorm.weight_A)
     assert torch.allclose(per_token, torch.ones(2))
+
+
+@pytest.mark.parametrize("router", ["topk", "switch", "expert_choice"])
+def test_routed_scale_multiplies_every_gate_weight_and_changes_no_choice(router: str) -> None:
+    base = MoEConfig(num_experts=4, top_k=2, router=router)
+    plain, scaled = identity_router(base)(LOGITS), identity_router(replace(base, routed_scale=2.5))(LOGITS)
+    assert torch.equal(plain.expert_idx_A, scaled.expert_idx_A) and torch.equal(plain.token_idx_A, scaled.token_idx_A)
+    assert torch.allclose(scaled.weight_A, 2.5 * plain.weight_A)
 
 
 def test_switch_is_top1_with_probability_weight() -> None:
