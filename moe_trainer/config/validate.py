@@ -9,6 +9,7 @@ suggested value is offered only when the whole config validates with it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -81,8 +82,10 @@ def _one_of(setting: str, value: object, allowed: Iterable[object]) -> None:
 
 
 def _positive(setting: str, value: float, *, allow_zero: bool = False) -> None:
+    bound = ">= 0" if allow_zero else "> 0"
+    if not math.isfinite(value):
+        raise ConfigError(setting, value, f"must be a finite number {bound}")
     if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(setting, value, f"must be {bound}")
 
 

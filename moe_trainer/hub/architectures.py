@@ -14,7 +14,8 @@ router), so most models map one to one:
 What has no faithful counterpart is refused with the reason (:class:`Unsupported`), never
 exported approximately: expert-choice routing, the aux-loss-free selection bias, a capacity
 that drops tokens (unless the caller accepts a dropless model), Switch or unnormalised top-k
-weights without shared experts, dense blocks between MoE blocks without shared experts.
+weights without shared experts, dense blocks between MoE blocks without shared experts, and
+gate weights scaled by ``moe.routed_scale``.
 """
 
 from __future__ import annotations
@@ -261,7 +262,8 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                                 also=(f"moe.expert_hidden={inter}", "moe.top_k=1", "moe.num_shared_experts=0")))
         return reqs
     reqs.append(Requirement("model.arch", "moe", f"{arch}" + (" upcycled into experts" if upcycle else "")))
-    reqs.append(Requirement("moe.routed_scale", 1.0, f"{arch} (each expert's output weighted by its gate alone)"))
+    reqs.append(Requirement("moe.routed_scale", 1.0, "upcycling (k copies of one FFN sum to it only at scale 1)"
+                            if upcycle else f"{arch} (each expert's output weighted by its gate alone)"))
     renormalised = ("moe.router=topk", "moe.score_order=softmax_topk")
     if upcycle:
         reqs += [

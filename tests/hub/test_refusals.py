@@ -205,6 +205,18 @@ def test_what_a_config_leaves_out_is_read_as_transformers_reads_it() -> None:
     assert "model.layers.0.self_attn.q_proj.bias" in {f.hf for f in fixed}
 
 
+def test_a_start_from_transformers_weights_needs_unscaled_gate_weights() -> None:
+    """Mixtral, Qwen2-MoE and upcycling weigh each expert by its gate alone: ``moe.routed_scale`` must be 1."""
+    mixtral = {"architectures": ["MixtralForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 32, "num_local_experts": 4,
+               "num_experts_per_tok": 2, "vocab_size": 257}
+    llama = {**mixtral, "architectures": ["LlamaForCausalLM"]}
+    for hf, upcycle, source in ((mixtral, False, "MixtralForCausalLM"), (llama, True, "upcycling")):
+        (scale,) = [r for r in requirements(hf, upcycle=upcycle) if r.setting == "moe.routed_scale"]
+        assert scale.met_by(_config()) and not scale.met_by(_config("moe.routed_scale=2"))
+        assert scale.source.startswith(source) and scale.overrides() == ["moe.routed_scale=1.0"]
+
+
 def test_a_resume_wins_over_init_from() -> None:
     """With ``train.resume=PATH`` the start point is never read: a moved init_from directory does not stop it."""
     validate(_config("train.init_from=/moved/away", "train.resume=/some/run"))

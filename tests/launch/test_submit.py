@@ -253,8 +253,8 @@ def test_a_stopped_job_saves_and_its_no_wait_resubmission_continues_with_its_ove
     # wait on Ray Jobs and their start-up: single, which computes what expert_parallel computes (to float
     # rounding) without two more actors to start on this machine's two cores
     pool = ThreadPoolExecutor(max_workers=1)
-    reference = pool.submit(train_run, tmp_path / "ref", *[o for o in PREEMPTED_RUN if not o.startswith("parallel")],
-                            "logger.mode=disabled")
+    reference = pool.submit(train_run, tmp_path / "ref",
+                            *[o for o in PREEMPTED_RUN[1:] if not o.startswith("parallel")], "logger.mode=disabled")
     start = time.monotonic()
     follower = subprocess.Popen(
         [MOE_SUBMIT, "--address", head.url, "--job-id", job_id, "--", *PREEMPTED_RUN, f"hydra.run.dir={run_dir}"],
