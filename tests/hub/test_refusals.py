@@ -184,21 +184,24 @@ def test_init_from_refuses_damaged_weights_and_tensors_it_would_drop(qwen_export
     assert "quantized" in _refused(*shared, f"train.init_from={quantized}")
 
 
+# a small Mixtral config.json, as transformers writes it (what it leaves out read as transformers' defaults)
+MIXTRAL = {"architectures": ["MixtralForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "num_key_value_heads": 2, "intermediate_size": 32, "num_local_experts": 4, "num_experts_per_tok": 2,
+           "vocab_size": 257}
+
+
 def test_what_a_config_leaves_out_is_read_as_transformers_reads_it() -> None:
     """transformers' defaults, not ours: Mixtral's rope_theta is 1e6 and its eps 1e-5, Mistral attends within 4096
     positions, Qwen2-MoE has q/k/v biases, and a missing num_key_value_heads means grouped-query attention."""
-    mixtral = {"architectures": ["MixtralForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 32, "num_local_experts": 4,
-               "num_experts_per_tok": 2, "vocab_size": 257}
-    needs = {r.setting: r for r in requirements(mixtral)}
+    needs = {r.setting: r for r in requirements(MIXTRAL)}
     assert needs["model.rope_theta"].value == 1e6 and needs["model.norm_eps"].value == 1e-5
-    mistral = {**mixtral, "architectures": ["MistralForCausalLM"]}
+    mistral = {**MIXTRAL, "architectures": ["MistralForCausalLM"]}
     window = {r.setting: r for r in requirements(mistral)}["model.max_seq_len"]
     assert window.value == 4096 and window.met_by(_config()) and "sliding_window=4096" in window.source
     assert "max_seq_len" not in {r.setting for r in requirements({**mistral, "sliding_window": None})}
     with pytest.raises(Unsupported, match="grouped-query"):
-        requirements({k: v for k, v in mixtral.items() if k != "num_key_value_heads"})  # Mixtral's default: 8
-    qwen = {**mixtral, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 32,
+        requirements({k: v for k, v in MIXTRAL.items() if k != "num_key_value_heads"})  # Mixtral's default: 8
+    qwen = {**MIXTRAL, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 32,
             "shared_expert_intermediate_size": 16}
     cfg = _config("moe.num_shared_experts=1", "moe.shared_expert_hidden=16")
     _, fixed = links_for("Qwen2MoeForCausalLM", cfg.model, cfg.moe, with_defaults(qwen)["qkv_bias"])
@@ -207,11 +210,8 @@ def test_what_a_config_leaves_out_is_read_as_transformers_reads_it() -> None:
 
 def test_a_start_from_transformers_weights_needs_unscaled_gate_weights() -> None:
     """Mixtral, Qwen2-MoE and upcycling weigh each expert by its gate alone: ``moe.routed_scale`` must be 1."""
-    mixtral = {"architectures": ["MixtralForCausalLM"], "hidden_size": 32, "num_hidden_layers": 2,
-               "num_attention_heads": 2, "num_key_value_heads": 2, "intermediate_size": 32, "num_local_experts": 4,
-               "num_experts_per_tok": 2, "vocab_size": 257}
-    llama = {**mixtral, "architectures": ["LlamaForCausalLM"]}
-    for hf, upcycle, source in ((mixtral, False, "MixtralForCausalLM"), (llama, True, "upcycling")):
+    llama = {**MIXTRAL, "architectures": ["LlamaForCausalLM"]}
+    for hf, upcycle, source in ((MIXTRAL, False, "MixtralForCausalLM"), (llama, True, "upcycling")):
         (scale,) = [r for r in requirements(hf, upcycle=upcycle) if r.setting == "moe.routed_scale"]
         assert scale.met_by(_config()) and not scale.met_by(_config("moe.routed_scale=2"))
         assert scale.source.startswith(source) and scale.overrides() == ["moe.routed_scale=1.0"]
