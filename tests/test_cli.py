@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +34,55 @@ def moe_trains_at_once(*commands: tuple[str, ...], cwd: Path) -> list[subprocess
         return list(pool.map(lambda args: moe_train(*args, cwd=cwd), commands))
 
 
+@dataclass
+class Finished:
+    proc: subprocess.CompletedProcess[str]
+    seconds: float  # from its start to its exit
+    cwd: Path  # its own working directory (what a refused start must leave empty)
+
+
+def _run_timed(command: list[str], cwd: Path) -> Finished:
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    start = time.monotonic()
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return Finished(proc, time.monotonic() - start, cwd)
+
+
 # What the console shows during a Ray run (phases, final lines, nothing else; issue 15) is tested on the
 # strategy comparison's sweep in tests/test_compare.py: one moe-train of Ray strategies there, not two.
 
+BAD_INPUTS_RUN = "every bad input"  # the batch below, in one interpreter
+SHORT = {  # name: moe-train's arguments ({run_dir}: under the command's own working directory), in starting order
+    "unreachable cluster": ["experiment=debug", "parallel=expert_parallel", "cluster.address=127.0.0.1:9",
+                            "cluster.connect_timeout_s=5", "hydra.run.dir={run_dir}"],
+    "cfg job": ["--cfg", "job", "moe.num_experts=16", "parallel.num_actors=3"],
+    "console script refusal": ["experiment=debug", "hydra.run.dir={run_dir}", "moe.top_k=9"],
+}
 
-def test_help_and_cfg_job_show_the_public_settings(tmp_path: Path) -> None:
-    proc, helped = moe_trains_at_once(("--cfg", "job", "moe.num_experts=16", "parallel.num_actors=3"), ("--help",),
-                                      cwd=tmp_path)
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future[Finished]]]:
+    """This module's commands that end before training, started by the first test that reads one: the batch of
+    bad inputs (one interpreter, the longest) and, one after the other beside it, three ``moe-train`` starts, each
+    in its own working directory. Each is mostly one interpreter importing (one core): two at a time keep the CI's
+    2 cores busy, and no more, so the unreachable cluster's time bound still measures its own start."""
+    root = tmp_path_factory.mktemp("short")
+    commands = {BAD_INPUTS_RUN: ([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(bad_input_argv(root / "bad"))],
+                                 root / "bad")}
+    for name, args in SHORT.items():
+        cwd = root / name.replace(" ", "-")
+        commands[name] = [MOE_TRAIN, *(a.format(run_dir=cwd / "run") for a in args)], cwd
+    pool = ThreadPoolExecutor(max_workers=2)
+    yield {name: pool.submit(_run_timed, command, cwd) for name, (command, cwd) in commands.items()}
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def test_cfg_job_shows_the_public_settings(short_runs: dict[str, Future[Finished]]) -> None:
+    """``--help`` (its option lists: ``parallel: data_parallel, disaggregated, ...``): tests/test_help.py."""
+    proc = short_runs["cfg job"].result().proc
     assert proc.returncode == 0, proc.stderr
     assert "num_experts: 16" in proc.stdout and "num_actors: 3" in proc.stdout
-    assert helped.returncode == 0 and "parallel: data_parallel, disaggregated, expert_parallel, single" in helped.stdout
 
 
 BAD_INPUTS = [
@@ -94,9 +136,8 @@ print(json.dumps(results))
 """
 
 
-@pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, Any]]]:
-    cwd = tmp_path_factory.mktemp("bad-inputs")
+def bad_input_argv(cwd: Path) -> list[list[str]]:
+    """Each bad input's arguments, run dirs under ``cwd``; the last one's run dir exists (made here)."""
     argv = [["experiment=debug", "logger.mode=offline", *override.split()]
             + ([] if override in DEFAULT_RUN_DIR else [f"hydra.run.dir={cwd / 'out' / str(i)}"])
             for i, (override, _) in enumerate(BAD_INPUTS)]
@@ -106,9 +147,13 @@ def bad_input_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
     (existing / "summary.json").write_text("{}\n")
     argv.append(["experiment=debug", "logger.mode=offline", f"hydra.run.dir={existing}", "train.resume=auto",
                  "parallel=expert_parallel", "parallel.num_actors=3"])
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    proc = subprocess.run([sys.executable, "-c", ENTRY_POINT_RUNS, json.dumps(argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=240)
+    return argv
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(short_runs: dict[str, Future[Finished]]) -> tuple[Path, dict[str, dict[str, Any]]]:
+    finished = short_runs[BAD_INPUTS_RUN].result()
+    cwd, proc = finished.cwd, finished.proc
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     cases = [override for override, _ in BAD_INPUTS] + [EXISTING_RUN_DIR]
@@ -151,33 +196,36 @@ def test_resume_auto_without_a_fixed_run_dir_is_refused_in_one_line_with_the_fix
 
 @pytest.mark.slow
 def test_rerunning_a_finished_run_changes_nothing_and_a_resume_continues_its_wandb_run(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    args = ("experiment=debug", "logger.mode=offline", f"hydra.run.dir={run_dir}")
-    assert moe_train(*args, cwd=tmp_path).returncode == 0  # 6 steps
+    run_dir, copy = tmp_path / "run", tmp_path / "copy"
+    args = ("experiment=debug", "logger.mode=offline", "train.resume=auto")
+    proc = moe_train(*args[:2], f"hydra.run.dir={run_dir}", cwd=tmp_path)  # 6 steps
+    assert proc.returncode == 0, proc.stderr
     before = tree_state(run_dir)  # with Hydra's .hydra/*.yaml and its log
-    rerun = moe_train(*args, "train.resume=auto", cwd=tmp_path)
+    shutil.copytree(run_dir, copy, symlinks=True)
+    # the rerun, and the resume of a copy of the same finished run, side by side
+    rerun, resumed = moe_trains_at_once((*args, f"hydra.run.dir={run_dir}"),
+                                        (*args, f"hydra.run.dir={copy}", "train.max_steps=9"), cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert rerun.stdout.splitlines() == [f"moe-train: nothing to do: {run_dir} is at step 6, train.max_steps=6; "
                                          "nothing was changed (raise train.max_steps to train further)"]
     assert tree_state(run_dir) == before
 
-    resumed = moe_train(*args, "train.resume=auto", "train.max_steps=9", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     lines = resumed.stdout.splitlines()
-    assert lines[0] == f"resumed from step 6 of {run_dir} (step_00000006)"
+    assert lines[0] == f"resumed from step 6 of {copy} (step_00000006)"
     assert [line for line in lines if line.startswith("done: 9 steps (resumed from step 6), val_loss ")]
-    starts = [read_offline_run(r) for r in find_offline_runs(run_dir / "wandb")]
+    starts = [read_offline_run(r) for r in find_offline_runs(copy / "wandb")]
     assert len(starts) == 2 and starts[0].run_id == starts[1].run_id
     assert starts[1].series("events/resumed_from_step") == [(6, 6)]
 
 
-def test_the_console_script_exits_2_on_bad_input(tmp_path: Path) -> None:
+def test_the_console_script_exits_2_on_bad_input(short_runs: dict[str, Future[Finished]]) -> None:
     """The installed ``moe-train`` itself (what the batch above calls in-process)."""
-    run_dir = tmp_path / "run"
-    proc = moe_train("experiment=debug", f"hydra.run.dir={run_dir}", "moe.top_k=9", cwd=tmp_path)
+    finished = short_runs["console script refusal"].result()
+    proc = finished.proc
     assert proc.returncode == 2
     assert "moe.top_k" in proc.stderr and "Traceback" not in proc.stderr
-    assert not run_dir.exists()
+    assert not (finished.cwd / "run").exists()
 
 
 @pytest.mark.slow
@@ -196,12 +244,10 @@ def test_a_glob_and_a_directory_in_data_paths_train(tmp_path: Path) -> None:
         assert proc.stdout.strip().splitlines()[-1] == str(tmp_path / f"run{i}")
 
 
-def test_unreachable_cluster_address_fails_fast_with_the_address(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
-    start = time.monotonic()
-    proc = moe_train("experiment=debug", "parallel=expert_parallel", "cluster.address=127.0.0.1:9",
-                     "cluster.connect_timeout_s=5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert time.monotonic() - start < 30
+def test_unreachable_cluster_address_fails_fast_with_the_address(short_runs: dict[str, Future[Finished]]) -> None:
+    finished = short_runs["unreachable cluster"].result()
+    proc = finished.proc
+    assert finished.seconds < 30
     assert proc.returncode != 0
     assert "cluster.address" in proc.stderr and "127.0.0.1:9" in proc.stderr
-    assert not run_dir.exists()
+    assert not (finished.cwd / "run").exists()

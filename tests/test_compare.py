@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,6 +72,31 @@ def assert_view_reads_what_was_logged(path: Path, history: dict[str, set[str]],
         assert all(key in logged for logged in summaries.values()), key
 
 
+def assert_what_the_strategy_moves_and_holds(strategy: str, summary: dict[str, Any], records: list[dict[str, Any]],
+                                            trace: dict[str, Any]) -> None:
+    """data_parallel: every actor holds every expert, no token moves, gradients are synchronised.
+    expert_parallel: each of the 2 actors holds half the experts, tokens really cross ranks (each rank sends rows to
+    the other in dispatch and gets them back in combine), and step 2's timeline holds each rank's compute and
+    transfers. Every record is a training step's."""
+    if strategy == "data_parallel":
+        assert summary["expert_params_per_actor"] == [summary["params_experts"]] * 2
+        assert all(r["a2a_rows_sent"] == 0 for r in records)
+        assert all(r["grad_sync_time_s_max"] > 0 for r in records)
+    elif strategy == "expert_parallel":
+        assert summary["expert_range_per_actor"] == [[0, 2], [2, 2]]  # moe.num_experts=4
+        assert summary["expert_params_per_actor"] == [summary["params_experts"] // 2] * 2
+        for record in records:
+            assert all(n > 0 for n in record["a2a_dispatch_rows_sent_per_rank"])
+            assert sum(record["a2a_dispatch_rows_sent_per_rank"]) == sum(record["a2a_dispatch_rows_recv_per_rank"])
+            assert record["a2a_bytes_sent"] > 0
+        names = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"] if e["name"] == "process_name"}
+        assert names == {0: "rank 0 · trainer", 1: "rank 1 · trainer"}
+        for rank in (0, 1):
+            spans = {(e["name"], e["cat"]) for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == rank}
+            assert {("forward", "compute"), ("dispatch", "transfer"), ("combine_bwd", "transfer"),
+                    ("grad sync", "sync")} <= spans, rank
+
+
 @pytest.mark.slow
 def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: Path) -> None:
     sweep = tmp_path / "multirun"
@@ -125,6 +151,8 @@ def test_multirun_of_three_strategies_logs_the_same_keys_and_reports(tmp_path: P
             if role == "experts":
                 assert {"experts forward", "experts backward"} <= {e["name"] for e in regions if e["pid"] == rank}
         assert (offline / "files" / "timelines" / "step_000002.json").is_file(), run.name
+        assert_what_the_strategy_moves_and_holds(run.name.split("-", 1)[1], summary,
+                                                 [r for r in records if "loss" in r], trace)
     assert len({frozenset(v) for v in keys.values()}) == 1, keys  # one dashboard fits every strategy
     assert len({frozenset(v) for v in metric_keys.values()}) == 1
     assert {"comm/a2a_bytes_sent", "comm/comm_share", "balance/load_imbalance", "perf/tokens_per_s",

@@ -85,7 +85,9 @@ class Baseline:
 
 
 def _key() -> str:
-    versions = [sys.executable, sys.version, f"format={FORMAT}"]
+    # the environment and the interpreter it runs, not the name it was started by: `.venv/bin/python` (pytest, a
+    # user's `python -m`) and `.venv/bin/python3` (the console scripts' shebang) would otherwise measure twice
+    versions = [sys.prefix, os.path.realpath(sys.executable), sys.version, f"format={FORMAT}"]
     for dist in ("torch", "ray", "deepspeed", "datasets", "wandb", "hydra-core", "moe-trainer"):
         try:
             versions.append(f"{dist}={metadata.version(dist)}")

@@ -105,6 +105,16 @@ LAYOUTS = {  # name: (overrides, processes)
                                  "parallel.num_expert_actors=1", "parallel.micro_batches=2"], 3),
 }
 
+# Whole ``moe-train`` runs (``moe_trainer.cli.train``, fresh actors) that tests of several files read, each trained
+# once per session (``moe_train_run`` in tests/actors/conftest.py): 10 steps, clipping on, checkpoints at 5 and 10
+RUN_STEPS = 10
+RUN = [f"train.max_steps={RUN_STEPS}", "train.checkpoint_every=5", f"train.eval_every={RUN_STEPS}", "train.log_every=1",
+       "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4", "parallel.cpus_per_actor=0.5"]
+RUN_LAYOUTS = {  # the layouts a new user tries first (tests/actors/test_equivalence.py compares them with single)
+    "expert_parallel_2mb": ["parallel=expert_parallel", "parallel.micro_batches=2"],
+    "disaggregated_2mb": ["parallel=disaggregated", "parallel.micro_batches=2"],
+}
+
 
 @dataclass
 class Trace:

@@ -20,13 +20,14 @@ from tests.actors.equivalence import (
     FP32,
     LAYOUTS,
     REL,
+    RUN_LAYOUTS,
+    RUN_STEPS,
     TOLERANCE_OF,
     WarmActors,
     assert_same_run,
     start,
     trace,
 )
-from tests.helpers import train_run
 
 # Every layout with both dispatch modes (dropless with bias, shared experts, a dense block, recompute
 # and accumulation; capacity with drops, plain) but capacity on disaggregated_1c_4mb, whose plain
@@ -173,34 +174,18 @@ def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:
     assert all(r["grad_norm"] > CLIP for r in reference("clipped").records)  # the clip acts at every step
 
 
-CLI_STEPS = 10
-CLI_LAYOUTS = {  # the layouts a new user tries first, through the whole `moe-train` path (clipping on)
-    "expert_parallel_2mb": ["parallel=expert_parallel", "parallel.micro_batches=2"],
-    "disaggregated_2mb": ["parallel=disaggregated", "parallel.micro_batches=2"],
-}  # 4 actors with ep_size=2 through `moe-train`, on two nodes: tests/actors/test_multi_node.py
-
-
-def cli_records(run_dir: Path, *overrides: str) -> list[dict[str, Any]]:
-    return train_run(run_dir, f"train.max_steps={CLI_STEPS}", "train.log_every=1", "train.batch_size=8",
-                     *overrides).train_records
-
-
-@pytest.fixture(scope="module")
-def cli_reference(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return cli_records(tmp_path_factory.mktemp("cli-single"))
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("layout", list(CLI_LAYOUTS))
-def test_moe_train_matches_single_with_no_routing_override(ray_cluster: object, cli_reference: list[dict[str, Any]],
-                                                           tmp_path: Path, layout: str) -> None:
-    ref = cli_reference
-    got = cli_records(tmp_path / layout, *CLI_LAYOUTS[layout])
-    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, CLI_STEPS + 1))
+@pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
+def test_moe_train_matches_single_with_no_routing_override(moe_train_run: Any, layout: str) -> None:
+    """The layouts a new user tries first, through the whole ``moe-train`` path (clipping on). 4 actors with
+    ep_size=2 through ``moe-train``, on two nodes: tests/actors/test_multi_node.py."""
+    ref = moe_train_run()[1].train_records  # single
+    got = moe_train_run(*RUN_LAYOUTS[layout])[1].train_records
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, RUN_STEPS + 1))
     assert any(r["grad_norm"] > 1.0 for r in ref)  # the clip is active: the norm itself must match
     for rec, ref_rec in zip(got, ref, strict=True):
         for key in ("loss", "grad_norm"):
             assert rec[key] == pytest.approx(ref_rec[key], rel=REL), f"{key} at step {rec['step']}"
     worst = max(abs(rec[key] / ref_rec[key] - 1) for rec, ref_rec in zip(got, ref, strict=True)
                 for key in ("loss", "grad_norm"))
-    print(f"{layout}: largest relative loss/grad_norm difference over {CLI_STEPS} steps {worst:.2e}")
+    print(f"{layout}: largest relative loss/grad_norm difference over {RUN_STEPS} steps {worst:.2e}")

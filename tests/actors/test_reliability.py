@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +20,17 @@ import actors.group as group_module
 from actors.engine import RayEngine
 from moe_trainer.config.errors import CollectiveError
 from moe_trainer.config.schema import MoEConfig
+from moe_trainer.parallel.setup import world_size
 from moe_trainer.train.sharded_checkpoint import read_entries
+from tests.actors.equivalence import RUN, RUN_LAYOUTS, RUN_STEPS, WarmActors
 from tests.helpers import assert_rel_close, train_run
 
-STEPS = 10
 # routing groups are whole sequences, so every layout computes the same function (docs/architecture.md)
-BASE = [f"train.max_steps={STEPS}", "train.checkpoint_every=5", f"train.eval_every={STEPS}", "train.log_every=1",
-        "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4",
-        "parallel.cpus_per_actor=0.5"]
+STEPS = RUN_STEPS  # checkpoints at steps 5 and 10
 
 
 def run(run_dir: Path, *overrides: str) -> dict[int, float]:
-    return train_run(run_dir, *BASE, *overrides).losses
+    return train_run(run_dir, *RUN, *overrides).losses
 
 
 LAYOUTS = {  # 4 actors -> 2 (exactly the losses of a fresh 2-actor start): tests/actors/test_multi_node.py
@@ -63,20 +63,30 @@ def test_checkpoint_from_4_actors_resumes_under_other_layouts(ray_cluster: objec
 
 
 @pytest.mark.slow
-def test_background_checkpoints_of_actors_hold_what_blocking_ones_hold(ray_cluster: object, tmp_path: Path) -> None:
+def test_background_checkpoints_of_actors_hold_what_blocking_ones_hold(moe_train_run: Any, tmp_path: Path) -> None:
     """``train.async_checkpoint``: each rank copies its entries and writes them in a thread while the next
     steps train (checkpoint collectives on their own gloo group); the step-5 checkpoint must hold step 5."""
-    layout = ["parallel=disaggregated", "parallel.num_expert_actors=2"]  # coordinator and expert actors save
-    blocking = run(tmp_path / "blocking", *layout)
+    layout = RUN_LAYOUTS["disaggregated_2mb"]  # coordinator and 2 expert actors save
+    blocking_dir, blocking = moe_train_run(*layout)  # the blocking run the equivalence tests read too
     background = run(tmp_path / "background", *layout, "train.async_checkpoint=true")
-    assert background == blocking
+    assert background == blocking.losses
     for step in (5, STEPS):
-        want = read_entries(tmp_path / "blocking" / "checkpoints" / f"step_{step:08d}")
+        want = read_entries(blocking_dir / "checkpoints" / f"step_{step:08d}")
         got = read_entries(tmp_path / "background" / "checkpoints" / f"step_{step:08d}")
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert torch.equal(got[key], value), (step, key)
     assert not list((tmp_path / "background" / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.fixture(scope="module")
+def warm_actors(ray_cluster: object) -> Iterator[WarmActors]:
+    """Three TrainWorkers that the engine tests below take in turn (``WarmActors``, as the equivalence tests do):
+    a job that ends cleanly leaves its actors to the next test; one that fails leaves them dead or stuck, and the
+    next test takes new ones. Each test builds its own group (roles, process group, model) on them."""
+    actors = WarmActors(3)
+    yield actors
+    actors.close()
 
 
 def poison_coordinator(worker: Any) -> None:
@@ -95,11 +105,12 @@ def clear_stop(worker: Any) -> None:
     worker.stop_requested.clear()
 
 
-def test_every_rank_stops_at_the_step_a_preemption_or_a_skip_ends(ray_cluster: object, make_config: Any) -> None:
+def test_every_rank_stops_at_the_step_a_preemption_or_a_skip_ends(warm_actors: WarmActors, make_config: Any
+                                                                   ) -> None:
     # coordinators (TrainWorker) and expert actors (ExpertServer) must leave the chunk together
     cfg = make_config("parallel=disaggregated", "train.on_nan=skip", "train.max_skipped_steps=3",
                       "parallel.timeout_s=60")
-    engine = RayEngine(cfg)
+    engine = RayEngine(cfg, warm_actors.take(world_size(cfg)))
     try:
         assert not engine.train(1)[0]["step_skipped"]
         # a preemption in the middle of a long chunk: each rank hears it at its own moment, all stop together
@@ -135,7 +146,7 @@ def skip_one_dispatch_key(worker: Any) -> None:
         worker.setup.runner.model.moe_layers()[0].dispatcher.transport.dispatches += 1
 
 
-def test_coordinators_that_disagree_stop_the_job_within_seconds(ray_cluster: object, make_config: Any,
+def test_coordinators_that_disagree_stop_the_job_within_seconds(warm_actors: WarmActors, make_config: Any,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     timeout_s = 120  # a rank left waiting for a message would fail only after this
     # the group re-raises the expert actor's error once this grace for the other ranks' outcomes ends (10 s by
@@ -143,7 +154,7 @@ def test_coordinators_that_disagree_stop_the_job_within_seconds(ray_cluster: obj
     monkeypatch.setattr(group_module, "FAILURE_GRACE_S", 2.0)
     cfg = make_config("parallel=disaggregated", "parallel.num_coordinators=2", "parallel.num_expert_actors=1",
                       f"parallel.timeout_s={timeout_s}")
-    engine = RayEngine(cfg)
+    engine = RayEngine(cfg, warm_actors.take(world_size(cfg)))
     try:
         engine.group.call("__ray_call__", skip_one_dispatch_key)
         start = time.monotonic()
@@ -196,13 +207,13 @@ def test_stalled_all_to_all_times_out_naming_rank_collective_and_layer(ray_clust
     assert first["seconds"] < 3 * timeout_s
 
 
-def test_expert_actor_lost_mid_pipeline_fails_the_coordinators_within_seconds(ray_cluster: object,
+def test_expert_actor_lost_mid_pipeline_fails_the_coordinators_within_seconds(warm_actors: WarmActors,
                                                                               make_config: Any) -> None:
     """Coordinators with micro-batches in flight to an expert actor that dies fail at once, not at the timeout."""
     timeout_s = 120
     cfg = make_config("parallel=disaggregated", "parallel.num_expert_actors=1", "parallel.micro_batches=4",
                       f"parallel.timeout_s={timeout_s}")
-    engine = RayEngine(cfg)
+    engine = RayEngine(cfg, warm_actors.take(world_size(cfg)))
     try:
         engine.train(1)
         coordinator, expert_actor = engine.group.actors
