@@ -78,6 +78,7 @@ def assert_what_the_strategy_moves_and_holds(strategy: str, summary: dict[str, A
     expert_parallel: each of the 2 actors holds half the experts, tokens really cross ranks (each rank sends rows to
     the other in dispatch and gets them back in combine), and step 2's timeline holds each rank's compute and
     transfers. Every record is a training step's."""
+    assert records, strategy  # the checks over records below must not pass on none
     if strategy == "data_parallel":
         assert summary["expert_params_per_actor"] == [summary["params_experts"]] * 2
         assert all(r["a2a_rows_sent"] == 0 for r in records)
@@ -95,6 +96,8 @@ def assert_what_the_strategy_moves_and_holds(strategy: str, summary: dict[str, A
             spans = {(e["name"], e["cat"]) for e in trace["traceEvents"] if e["ph"] == "X" and e["pid"] == rank}
             assert {("forward", "compute"), ("dispatch", "transfer"), ("combine_bwd", "transfer"),
                     ("grad sync", "sync")} <= spans, rank
+    else:  # the third strategy of the sweep: its roles and expert regions are checked by the caller
+        assert strategy == "disaggregated", strategy
 
 
 @pytest.mark.slow

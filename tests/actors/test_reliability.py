@@ -83,7 +83,9 @@ def test_background_checkpoints_of_actors_hold_what_blocking_ones_hold(moe_train
 def warm_actors(ray_cluster: object) -> Iterator[WarmActors]:
     """Three TrainWorkers that the engine tests below take in turn (``WarmActors``, as the equivalence tests do):
     a job that ends cleanly leaves its actors to the next test; one that fails leaves them dead or stuck, and the
-    next test takes new ones. Each test builds its own group (roles, process group, model) on them."""
+    next test takes new ones. Each test builds its own group (roles, process group, model) on them. So the failures
+    below are met by groups on reused actors, without a placement group; a fresh group's start is tested in
+    test_roles.py, and its teardown after a lost actor through ``moe-train`` in test_multi_node.py."""
     actors = WarmActors(3)
     yield actors
     actors.close()
