@@ -22,9 +22,14 @@ from tests.helpers import tree_state
 MOE_TRAIN = str(Path(sys.executable).parent / "moe-train")
 
 
-def moe_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run_command(command: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """A process of this module's, without the developer's W&B key."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    return subprocess.run([MOE_TRAIN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def moe_train(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return run_command([MOE_TRAIN, *args], cwd)
 
 
 def moe_trains_at_once(*commands: tuple[str, ...], cwd: Path) -> list[subprocess.CompletedProcess[str]]:
@@ -43,9 +48,8 @@ class Finished:
 
 def _run_timed(command: list[str], cwd: Path) -> Finished:
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
     start = time.monotonic()
-    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    proc = run_command(command, cwd)
     return Finished(proc, time.monotonic() - start, cwd)
 
 
