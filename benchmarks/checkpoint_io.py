@@ -8,7 +8,9 @@ the dense part and its ``E / ranks`` experts (the model built with its ``expert_
 AdamW state made by one optimizer step on random gradients (a checkpoint sees only the
 tensors, not how they were trained). Ray, the data and the forward pass play no part in
 checkpoint I/O, so they are left out: that keeps the processes small enough to run a
-100M-parameter model on a shared 2-core box.
+100M-parameter model on a shared 2-core box. The sizes not set here (every block MoE, top-2,
+the aux loss alone) are those of ``benchmarks.common.OLD_DEFAULT``, what docs/benchmarks.md
+measured: today's default would make the first block dense.
 
 - **save**: every rank at once (DCP's save is a collective over a gloo group), timed
   between barriers; then the driver's part (``meta.json`` with every file's SHA-256, the
@@ -43,16 +45,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from benchmarks.procs import run_ranks, timed_after_barrier
 
 FORMATS = ("dcp", "torch_save")
 
 
 def _config(args: dict[str, int]) -> Any:
-    return config([f"model.d_model={args['d_model']}", f"model.n_layers={args['layers']}", "model.n_heads=8",
-                   f"moe.num_experts={args['experts']}", f"moe.expert_hidden={args['expert_hidden']}",
-                   "logger.mode=disabled", "logger.progress=false"])[0]
+    return config([*OLD_DEFAULT, f"model.d_model={args['d_model']}", f"model.n_layers={args['layers']}",
+                   "model.n_heads=8", f"moe.num_experts={args['experts']}",
+                   f"moe.expert_hidden={args['expert_hidden']}", "logger.mode=disabled", "logger.progress=false"])[0]
 
 
 def build_rank_state(args: dict[str, int], rank: int, ranks: int, with_state: bool) -> SimpleNamespace:
@@ -242,8 +244,8 @@ def ray_load(args: dict[str, int], ranks: int, root: Path) -> dict[str, Any]:
 
     from actors.engine import RayEngine
 
-    cfg = config([f"model.d_model={args['d_model']}", f"model.n_layers={args['layers']}", "model.n_heads=8",
-                  f"moe.num_experts={args['experts']}", f"moe.expert_hidden={args['expert_hidden']}",
+    cfg = config([*OLD_DEFAULT, f"model.d_model={args['d_model']}", f"model.n_layers={args['layers']}",
+                  "model.n_heads=8", f"moe.num_experts={args['experts']}", f"moe.expert_hidden={args['expert_hidden']}",
                   "parallel=expert_parallel", f"parallel.num_actors={ranks}", "parallel.cpus_per_actor=0.5",
                   "train.batch_size=4", "data.seq_len=64", "train.max_steps=2", "logger.mode=disabled",
                   "logger.progress=false"])[0]

@@ -17,7 +17,8 @@ inside the two collectives (the dispatcher's own counters; includes the count ex
 
 Part 2, exposed communication. Two processes build their ranks with
 ``moe_trainer.parallel.setup.build_rank`` for ``parallel=expert_parallel
-parallel.num_actors=2`` (default model unless ``--base`` overrides) and run
+parallel.num_actors=2`` (the pre-2026-12-04 default model, ``benchmarks.common.OLD_DEFAULT``,
+unless ``--base`` overrides) and run
 ``Trainer.train_step``; from the per-step records: ``a2a_time_s`` (time blocked in the
 forward and backward all-to-alls, waiting for the peer included) and
 ``grad_sync_time_s`` as shares of ``step_time_s`` (means over the steps after
@@ -42,10 +43,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from benchmarks.procs import run_ranks, timed_after_barrier
 
-STEP_OVERRIDES = ["parallel=expert_parallel", "parallel.num_actors=2", "logger.mode=disabled",
+STEP_OVERRIDES = [*OLD_DEFAULT, "parallel=expert_parallel", "parallel.num_actors=2", "logger.mode=disabled",
                   "logger.progress=false"]
 
 

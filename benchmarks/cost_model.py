@@ -6,7 +6,8 @@ a GPU cluster (moe_trainer/report/cost_model.py, moe_trainer/report/calibration.
         --check /tmp/cm/ep2 /tmp/cm/dis_mb1 /tmp/cm/dis_mb2 /tmp/cm/dis_mb4
 
 ``--make-runs DIR`` trains each layout of :data:`RUNS` for ``--steps`` steps with a timeline
-every 5 steps and every step logged, into ``DIR/<name>`` (sequentially: they share the CPUs).
+every 5 steps and every step logged, into ``DIR/<name>`` (sequentially: they share the CPUs), on
+the pre-2026-12-04 default model (``benchmarks.common.OLD_DEFAULT``, what docs/benchmarks.md measured).
 ``--calibrate`` fits the machine to the named runs' timelines; ``--check`` predicts each named
 run's mean step time (steps after the third) and compares. The projection uses the stated
 cluster and shapes below, whatever was calibrated: only the model's structure carries over.
@@ -21,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, RESULTS, loadavg, print_table, write_json
 from moe_trainer.report.calibration import Calibration, calibrate, measured_step_s, read_run_info
 from moe_trainer.report.cost_model import Link, Machine, Prediction, Shape, disaggregated, expert_parallel, gpu_machine
 
@@ -46,6 +47,8 @@ HBM = 3.35e12  # B/s: AdamW reads and writes ~32 bytes per parameter
 TOKENS_PER_GPU = 16384
 MIXTRAL = dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, seq_len=4096, vocab=32000, num_experts=8,
                top_k=2, expert_hidden=14336)
+# the pre-2026-12-04 default (benchmarks.common.OLD_DEFAULT: d_model 128, experts of 2 x d_model, top-2, every
+# block MoE) 8x wider, 4x deeper, with 64 experts: the shape docs/benchmarks.md projects
 DEFAULT_SCALED = dict(d_model=1024, n_layers=16, n_heads=16, seq_len=2048, vocab=32000, num_experts=64, top_k=2,
                       expert_hidden=2048)
 ASSUMPTIONS = [
@@ -66,7 +69,8 @@ ASSUMPTIONS = [
 def make_runs(out: Path, steps: int) -> None:
     moe_train = Path(sys.executable).parent / "moe-train"
     for name, overrides in RUNS.items():
-        cmd = [str(moe_train), *overrides, *COMMON, f"train.max_steps={steps}", f"hydra.run.dir={out / name}"]
+        cmd = [str(moe_train), *OLD_DEFAULT, *overrides, *COMMON, f"train.max_steps={steps}",
+               f"hydra.run.dir={out / name}"]
         print(" ".join(cmd), flush=True)
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
 
@@ -119,7 +123,7 @@ def _busy(p: Prediction) -> float:
 def projection() -> list[dict[str, Any]]:
     h100 = gpu_machine("H100", H100_PEAK_BF16, MFU, NVLINK, INFINIBAND, 8, HBM)
     rows = []
-    for label, dims in (("Mixtral-8x7B-like", MIXTRAL), ("default x8 wide, 64 experts", DEFAULT_SCALED)):
+    for label, dims in (("Mixtral-8x7B-like", MIXTRAL), ("old default x8 wide, 64 experts", DEFAULT_SCALED)):
         for gpus in (8, 32):
             shape = Shape(**dims, tokens_per_step=TOKENS_PER_GPU * gpus, payload_bytes=2)  # type: ignore[arg-type]
             preds = [expert_parallel(shape, h100, gpus)]

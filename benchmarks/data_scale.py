@@ -7,7 +7,8 @@ machine):
 1. ``moe-prepare-data`` into a fresh cache directory: wall time, MB of text per second, tokens,
    the preparing process's peak RSS;
 2. the same command again: it must find the cache (nothing tokenised);
-3. ``moe-train`` with ``expert_parallel`` (2 actors, default model) on a fresh cache twice: the
+3. ``moe-train`` with ``expert_parallel`` (2 actors, the pre-2026-12-04 default model:
+   ``benchmarks.common.OLD_DEFAULT``, before the extra overrides) on a fresh cache twice: the
    first start's actors build it (one tokenises, the other waits), the second must only map
    it: every actor's peak RSS (``mem_peak_rss_mb``, the process's ``VmHWM``);
 4. the same run with ``data.token_cache=null`` (tokenised into memory in every actor, the
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import print_table, write_json
+from benchmarks.common import OLD_DEFAULT, print_table, write_json
 
 BIN = Path(sys.executable).parent
 
@@ -70,10 +71,11 @@ def prepare(paths: str, cache: Path, work: Path, label: str) -> dict[str, Any]:
 def train(paths: str, cache: str, work: Path, label: str, steps: int, overrides: list[str]) -> dict[str, Any]:
     run_dir = work / label
     shutil.rmtree(run_dir, ignore_errors=True)
-    wall, _, text = _timed([str(BIN / "moe-train"), "parallel=expert_parallel", "data=files", f"data.paths=[{paths}]",
-                            f"data.token_cache={cache}", f"train.max_steps={steps}", f"train.log_every={steps}",
-                            f"train.eval_every={steps}", "train.checkpoint_every=0", "logger.mode=disabled",
-                            "logger.progress=false", f"hydra.run.dir={run_dir}", *overrides], work / f"{label}.log")
+    wall, _, text = _timed([str(BIN / "moe-train"), *OLD_DEFAULT, "parallel=expert_parallel", "data=files",
+                            f"data.paths=[{paths}]", f"data.token_cache={cache}", f"train.max_steps={steps}",
+                            f"train.log_every={steps}", f"train.eval_every={steps}", "train.checkpoint_every=0",
+                            "logger.mode=disabled", "logger.progress=false", f"hydra.run.dir={run_dir}", *overrides],
+                           work / f"{label}.log")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "mem_peak_rss_mb_per_rank" in r][-1]
     return {"run": label, "wall_s": wall, "actor_peak_rss_mb": last["mem_peak_rss_mb_per_rank"],

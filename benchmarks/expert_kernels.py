@@ -4,7 +4,8 @@
         [--rows 4096] [--iters 20] [--warmup 3] [--malloc retain|default] [--quick]
 
 One process, one thread. ``SwiGLUExperts`` with fp32 master weights on ``--rows`` rows
-(tokens x top-k; 4096 = the default model's 2048 tokens at top-2) spread over the experts
+(tokens x top-k; 4096 = the 2048 tokens of the pre-2026-12-04 default model,
+``benchmarks.common.OLD_DEFAULT``, at top-2) spread over the experts
 by a random balanced assignment, rows in fp32 or bf16. Variants, run interleaved (each
 iteration runs every variant once, so background load hits them alike):
 
@@ -19,7 +20,7 @@ Time: forward + backward of ``(y * g).sum()`` (input and weight gradients, after
 ``ratio_paired`` = median of the same-iteration ratio loop / variant (> 1: faster than the
 loop). ``floor_ms`` = the expert matmul FLOPs (forward 2 products, backward 4) at the
 2048x2048 matmul rate of that dtype measured in this process: no kernel can be faster.
-``--quick``: the default model's shape only, 10 iterations (about a minute).
+``--quick``: that model's expert shape only (d_model 128, hidden 256), 10 iterations (about a minute).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import loadavg, print_table, square_matmul_flops, write_json
+from benchmarks.common import loadavg, old_default, print_table, square_matmul_flops, write_json
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.moe.experts import SwiGLUExperts
 
 VARIANTS = [("loop", "loop", False), ("grouped", "auto", False), ("grouped, recompute", "auto", True)]
+OLD_DEFAULT_SHAPE = f"{old_default('model.d_model')}x{old_default('moe.expert_hidden')}"  # 128x256
 
 
 def balanced_counts(rows: int, experts: int, gen: torch.Generator) -> torch.Tensor:
@@ -78,7 +80,7 @@ def bench_shape(experts: int, d: int, hidden: int, dtype: torch.dtype, args: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
-    parser.add_argument("--shapes", nargs="+", default=["128x256", "256x512"], help="d_model x expert_hidden")
+    parser.add_argument("--shapes", nargs="+", default=[OLD_DEFAULT_SHAPE, "256x512"], help="d_model x expert_hidden")
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
@@ -86,7 +88,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     args = vars(parser.parse_args())
     if args["quick"]:
-        args.update(shapes=["128x256"], iters=10, warmup=2)
+        args.update(shapes=[OLD_DEFAULT_SHAPE], iters=10, warmup=2)
     torch.set_num_threads(1)
     if args["malloc"] == "retain":
         retain_freed_memory()

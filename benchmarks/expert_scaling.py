@@ -3,8 +3,9 @@
     .venv/bin/python -m benchmarks.expert_scaling [--experts 8 16 32 64 128] [--strategies single expert_parallel]
         [--kernels auto loop] [--steps 20] [--warmup 5] [--threads 1] [--overrides model.d_model=256 ...] [--quick]
 
-The default model (4 layers, d_model 128, ``moe.top_k=2``, ``moe.expert_hidden=256``,
-batch 16 x 128 tokens, dropless) with ``moe.num_experts`` varied; ``--overrides`` are
+The pre-2026-12-04 default model (``benchmarks.common.OLD_DEFAULT``: 4 layers, d_model 128,
+``moe.top_k=2``, ``moe.expert_hidden=256``, every block MoE, batch 16 x 128 tokens, dropless)
+with ``moe.num_experts`` varied; ``--overrides`` are
 Hydra overrides applied to every row (e.g. ``moe.capacity_factor=1.25``). Active FLOPs
 per token do not change with the expert count, only the number of (smaller) per-expert
 matmuls, the router's width and the expert parameters (and their AdamW state).
@@ -39,7 +40,7 @@ from unittest import mock
 
 import torch
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from benchmarks.procs import run_ranks
 from moe_trainer.engine import LocalEngine
 from moe_trainer.moe.experts import SwiGLUExperts
@@ -54,7 +55,7 @@ def set_kernel(model: torch.nn.Module, kernel: str) -> None:
 
 def overrides_for(experts: int, args: dict[str, Any], strategy: str) -> list[str]:
     parallel = ["parallel=expert_parallel", "parallel.num_actors=2"] if strategy == "expert_parallel" else []
-    return [*parallel, f"moe.num_experts={experts}", f"moe.top_k={args['top_k']}", "logger.mode=disabled",
+    return [*OLD_DEFAULT, *parallel, f"moe.num_experts={experts}", f"moe.top_k={args['top_k']}", "logger.mode=disabled",
             "logger.progress=false", *args["overrides"]]
 
 

@@ -3,7 +3,8 @@
     python -m benchmarks.memory [--steps 20] [--seq-len 1024] [--layouts single "expert_parallel x2"]
                                 [--allocator retained|unmapped] [--no-breakdown]
 
-Default model (d_model 128, 4 layers, 8 experts top-2, batch 16) at ``data.seq_len``
+The pre-2026-12-04 default model (``benchmarks.common.OLD_DEFAULT``: d_model 128, 4 layers,
+8 experts top-2, batch 16) at ``data.seq_len``
 (``model.max_seq_len`` raised to match). Two parts:
 
 1. what one forward keeps for backward, by part of the model, per mode
@@ -30,7 +31,7 @@ import ray
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from moe_trainer.config.validate import validate
 
 MODES = ("none", "attention", "block")
@@ -44,7 +45,7 @@ UNMAPPED_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def overrides(seq_len: int, mode: str, extra: list[str], allocator: str = "retained") -> list[str]:
     retain = ["train.retain_freed_memory=false"] if allocator == "unmapped" else []
-    return [f"data.seq_len={seq_len}", f"model.max_seq_len={seq_len}", f"train.recompute={mode}",
+    return [*OLD_DEFAULT, f"data.seq_len={seq_len}", f"model.max_seq_len={seq_len}", f"train.recompute={mode}",
             "logger.mode=disabled", "logger.progress=false", "train.checkpoint_every=0", *retain, *extra]
 
 

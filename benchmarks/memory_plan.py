@@ -7,10 +7,12 @@ For every model size and layout: the plan (:func:`moe_trainer.plan.build_plan`, 
 ``moe-train ... --plan`` prints) of every rank, and every process's peak RSS (``VmHWM``)
 after ``--steps`` training steps: ``single`` in a spawned process, the Ray layouts as actor
 groups on a local cluster (both through ``benchmarks.memory``). The target: the plan within
-15 % of every measured process. Each ``--extra`` is a set of overrides measured as further cases
-(``--extra "train.recompute=block" "train.precision=bf16"``). ``--replan JSON`` re-plans the cases
-of an earlier result against its measured peaks, without running them (the peaks do not depend
-on the plan).
+15 % of every measured process. Every case starts from the pre-2026-12-04 default model
+(``benchmarks.common.OLD_DEFAULT``, what docs/benchmarks.md measured): size ``default`` is that
+model as it is, the others change it as :data:`SIZES` says. Each ``--extra`` is a set of
+overrides measured as further cases (``--extra "train.recompute=block" "train.precision=bf16"``).
+``--replan JSON`` re-plans the cases of an earlier result against its measured peaks, without
+running them (the peaks do not depend on the plan).
 """
 
 from __future__ import annotations
@@ -23,13 +25,13 @@ from typing import Any
 
 import ray
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from benchmarks.memory import RayRun, SingleRun
 from moe_trainer.plan import build_plan
 from moe_trainer.plan.baseline import process_baseline
 from moe_trainer.plan.memory_plan import RAY_WORKER_BYTES
 
-SIZES = {
+SIZES = {  # on top of OLD_DEFAULT (the names predate 2026-12-04: "default" is the default of then)
     "default": [],
     "wide2x": ["model.d_model=256", "model.ffn_hidden=1024", "moe.expert_hidden=512"],
     "experts32": ["moe.num_experts=32"],
@@ -97,7 +99,7 @@ def row(size: str, layout: str, extra: list[str], steps: int, peaks: list[float]
 
 
 def overrides(size: str, layout: str, extra: list[str], steps: int) -> list[str]:
-    return [*COMMON, *LAYOUTS[layout], *SIZES[size], *extra, f"train.max_steps={steps}"]
+    return [*OLD_DEFAULT, *COMMON, *LAYOUTS[layout], *SIZES[size], *extra, f"train.max_steps={steps}"]
 
 
 def replan(path: str) -> list[dict[str, Any]]:

@@ -19,7 +19,8 @@ process, interleaved per iteration, median over ``--iters`` after 2 warmups:
   have the router's uneven lengths.
 
 FLOPs of a SwiGLU expert on n rows: forward ``2 n D 2F + 2 n F D``; backward 2x forward;
-``F = hidden_ratio * D`` (the default model: D 128, F 256). Elementwise work (SiLU,
+``F = hidden_ratio * D`` (the pre-2026-12-04 default model, ``benchmarks.common.OLD_DEFAULT``:
+D 128, F 256). Elementwise work (SiLU,
 gating product) is not counted. Reported: GFLOP/s of each and
 ``experts / square`` (the MFU stand-in; ``experts_over_peak`` uses the best square
 matmul of the whole run, steadier on a shared box) and ``experts / shapes`` (what the
@@ -118,7 +119,8 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, nargs="+", default=[128, 256, 512])
     parser.add_argument("--hidden-ratio", type=float, default=2.0, help="expert hidden F = ratio * d_model")
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens routed top-2 (default batch: 16 x 128)")
+    parser.add_argument("--tokens", type=int, default=2048,
+                        help="tokens routed top-2 (the pre-2026-12-04 default batch: 16 x 128)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--square", type=int, default=2048, help="side of the reference square matmul")

@@ -1,8 +1,9 @@
-"""``train.precision``: bf16 vs fp32 tokens/s and final val_loss of the default run, side by side.
+"""``train.precision``: bf16 vs fp32 tokens/s and final val_loss of the (pre-2026-12-04) default run, side by side.
 
     python benchmarks/precision.py [--steps 300] [--chunk 10] [--warmup 20] [--strategy expert_parallel]
 
-The default model and data (``moe-train`` defaults), ``--processes`` Ray actors with one
+The pre-2026-12-04 default model (``benchmarks.common.OLD_DEFAULT``, what docs/benchmarks.md
+measured) and the default data, ``--processes`` Ray actors with one
 thread each (``single``: one process with that many threads, no Ray). Both runs are built
 up front and train in alternating chunks of ``--chunk`` steps, so load from other processes
 on a shared machine hits both alike; the speed-up is the ratio of their median per-step
@@ -19,7 +20,7 @@ from typing import Any
 import ray
 import torch
 
-from benchmarks.common import config, loadavg, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, loadavg, print_table, write_json
 from moe_trainer.config.validate import validate
 from moe_trainer.engine import Engine, LocalEngine
 
@@ -27,7 +28,7 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def build(strategy: str, processes: int, precision: str, steps: int) -> Engine:
-    overrides = [f"parallel={strategy}", f"train.precision={precision}", f"train.max_steps={steps}",
+    overrides = [*OLD_DEFAULT, f"parallel={strategy}", f"train.precision={precision}", f"train.max_steps={steps}",
                  "logger.mode=disabled", "parallel.cpus_per_actor=1"]
     if strategy in ("data_parallel", "expert_parallel"):
         overrides.append(f"parallel.num_actors={processes}")

@@ -3,7 +3,8 @@
     python benchmarks/strategies.py [--steps 30] [--processes 2 4]
 
 Runs each configuration through the same driver ``moe-train`` uses (embedded local
-Ray, default model, W&B off) and reads the per-step records. Steady state: the first
+Ray, the pre-2026-12-04 default model ``benchmarks.common.OLD_DEFAULT``, W&B off) and reads the
+per-step records. Steady state: the first
 ``--warmup`` steps are left out of the means. Per process count N: ``single`` (one
 process with N torch threads, no Ray), ``data_parallel`` xN, ``expert_parallel`` xN
 (plain and with ``parallel.micro_batches=2``), ``disaggregated`` N/2 coordinators +
@@ -21,7 +22,7 @@ from typing import Any
 import ray
 import torch
 
-from benchmarks.common import config, print_table, write_json
+from benchmarks.common import OLD_DEFAULT, config, print_table, write_json
 from moe_trainer.config.validate import validate
 from moe_trainer.driver import run_training
 from moe_trainer.engine import Engine, LocalEngine
@@ -47,7 +48,7 @@ def measure(name: str, overrides: list[str], steps: int, warmup: int, cpus: floa
             processes: int) -> dict[str, Any]:
     from actors.engine import RayEngine
 
-    cfg, resolved = config([*overrides, f"train.max_steps={steps}", f"train.eval_every={steps}",
+    cfg, resolved = config([*OLD_DEFAULT, *overrides, f"train.max_steps={steps}", f"train.eval_every={steps}",
                             "train.eval_batches=1", "train.checkpoint_every=0", "train.log_every=1",
                             "logger.mode=disabled", "logger.progress=false", f"parallel.cpus_per_actor={cpus}"])
     validate(cfg)

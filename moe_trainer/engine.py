@@ -122,7 +122,9 @@ def checkpoint_signature(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
         "model": asdict(cfg.model),
         "experts": {"num_experts": moe.num_experts, "expert_hidden": moe.expert_hidden, "every": moe.every,
                     "num_shared_experts": moe.num_shared_experts,
-                    "shared_expert_hidden": moe.shared_expert_hidden},
+                    "shared_expert_hidden": moe.shared_expert_hidden,
+                    # only when set: checkpoints from before the setting hold no key and have no dense first blocks
+                    **({"first_dense": moe.first_dense} if moe.first_dense else {})},
         "vocab_size": tokenizer.vocab_size,
         "tokenizer_sha256": tokenizer.digest,
     }

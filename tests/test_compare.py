@@ -25,8 +25,9 @@ from tests.helpers import read_records
 
 BIN = Path(sys.executable).parent
 TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.ffn_hidden=64", "moe.num_experts=4",
-        "moe.expert_hidden=32", "data.seq_len=32", "data.embedded_max_bytes=300000", "train.batch_size=4",
-        "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2", "logger.progress=false",
+        "moe.top_k=2", "moe.expert_hidden=32", "data.seq_len=32", "data.embedded_max_bytes=300000",
+        "train.batch_size=4", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2",
+        "logger.progress=false",
         "train.checkpoint_every=4"]  # a checkpoint in each run dir, as a run of the debug experiment writes
 ACTORS = {"data_parallel": "2 actors (data_parallel, 0.5 CPU each)",
           "expert_parallel": "2 actors (expert_parallel, 0.5 CPU each)",

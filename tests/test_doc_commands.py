@@ -203,8 +203,8 @@ def test_both_docs_have_examples_of_every_strategy() -> None:
 
 def test_the_checker_refuses_what_moe_train_refuses() -> None:
     """The checks can fail: a wrong key, a bad value, a bad sweep value, a bare program name."""
-    bad = commands_in("```bash\nmoe-train moe.num_expert=4 # typo\n.venv/bin/moe-train moe.top_k=9\n"
-                      ".venv/bin/moe-train -m moe.top_k=1,9\n.venv/bin/moe-submit -- parallel=ring\n```", "x")
+    bad = commands_in("```bash\nmoe-train moe.num_expert=4 # typo\n.venv/bin/moe-train moe.top_k=65\n"
+                      ".venv/bin/moe-train -m moe.top_k=1,65\n.venv/bin/moe-submit -- parallel=ring\n```", "x")
     assert [c.source for c in bad] == ["x:2", "x:3", "x:4", "x:5"]
     for cmd in bad:
         with pytest.raises(Exception):  # noqa: B017 - Hydra's, OmegaConf's or our ConfigError

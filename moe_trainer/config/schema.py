@@ -51,6 +51,7 @@ class MoEConfig:
     num_experts: int = 8  # routed experts per MoE layer (Mixtral: 8)
     top_k: int = 2  # experts per token (Mixtral: 2); ignored by switch (1)
     every: int = 1  # the FFN of every `every`-th block is MoE (1 = all blocks)
+    first_dense: int = 0  # the first N blocks keep a dense FFN of model.ffn_hidden (DeepSeekMoE's first layer)
     expert_hidden: int = 256  # SwiGLU hidden width of one expert
     router: str = "topk"  # topk | switch | expert_choice
     score_order: str = "softmax_topk"  # softmax_topk (GShard/Switch) | topk_softmax (Mixtral)

@@ -77,8 +77,9 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
                           "trained model's wherever training dropped)")
     if moe.num_shared_experts > 0:
         return QWEN2_MOE
-    if moe.every != 1:
-        raise Unsupported(f"moe.every={moe.every} without shared experts: {MIXTRAL} has an MoE FFN in every block, "
+    if moe.every != 1 or moe.first_dense:
+        which = f"moe.every={moe.every}" if moe.every != 1 else f"moe.first_dense={moe.first_dense}"
+        raise Unsupported(f"{which} without shared experts: {MIXTRAL} has an MoE FFN in every block, "
                           f"and {QWEN2_MOE} (which has dense blocks) always adds a shared expert")
     if not normalized_topk(moe):
         how = "moe.router=switch weights by the probability" if moe.router == "switch" else \
@@ -111,7 +112,7 @@ def hf_config(arch: str, model: ModelConfig, moe: MoEConfig, vocab_size: int, eo
     return {**common, "intermediate_size": model.ffn_hidden, "moe_intermediate_size": moe.expert_hidden,
             "shared_expert_intermediate_size": moe.num_shared_experts * moe.shared_expert_hidden,
             "num_experts": moe.num_experts, "num_experts_per_tok": top_k, "norm_topk_prob": normalized_topk(moe),
-            "decoder_sparse_step": moe.every, "mlp_only_layers": [], "qkv_bias": True,
+            "decoder_sparse_step": moe.every, "mlp_only_layers": list(range(moe.first_dense)), "qkv_bias": True,
             "router_aux_loss_coef": moe.aux_loss_coef, "output_router_logits": False, "use_sliding_window": False,
             "sliding_window": None, "max_window_layers": model.n_layers}
 
@@ -216,9 +217,10 @@ def _refuse_unsupported_features(arch: str, hf: dict[str, Any]) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if hf[flag]:
             raise Unsupported(f"{flag}=true; our attention and FFN projections have no biases")
-    if arch == QWEN2_MOE and hf["mlp_only_layers"]:
-        raise Unsupported(f"mlp_only_layers={hf['mlp_only_layers']}; our dense blocks are every block but each "
-                          "moe.every-th (decoder_sparse_step), with no exceptions")
+    if arch == QWEN2_MOE and hf["mlp_only_layers"] != list(range(len(hf["mlp_only_layers"]))):
+        raise Unsupported(f"mlp_only_layers={hf['mlp_only_layers']}; our dense blocks are the first "
+                          "moe.first_dense blocks and every block but each moe.every-th (decoder_sparse_step), "
+                          "with no other exceptions")
     if arch == QWEN2_MOE and not hf.get("shared_expert_intermediate_size"):
         raise Unsupported("shared_expert_intermediate_size=0")
 
@@ -256,10 +258,11 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
     inter = hf["intermediate_size"]
     if arch in DENSE_ARCHITECTURES and not upcycle:
         reqs.append(Requirement("model.arch", "dense", f"{arch} (a dense model)"))
-        # a dense block's width at an MoE position is k * moe.expert_hidden + shared experts: one spelling of I
+        # a dense block's width at an MoE position is k * moe.expert_hidden + round(E / 3) + shared: one spelling of I
         reqs.append(Requirement("model.ffn_hidden", inter, f"{src} intermediate_size={inter} in every block",
                                 accepts=lambda cfg: set(ffn_widths(cfg.model, cfg.moe)) == {inter},
-                                also=(f"moe.expert_hidden={inter}", "moe.top_k=1", "moe.num_shared_experts=0")))
+                                also=(f"moe.expert_hidden={inter}", "moe.top_k=1", "moe.num_experts=1",
+                                      "moe.num_shared_experts=0")))
         return reqs
     reqs.append(Requirement("model.arch", "moe", f"{arch}" + (" upcycled into experts" if upcycle else "")))
     reqs.append(Requirement("moe.routed_scale", 1.0, "upcycling (k copies of one FFN sum to it only at scale 1)"
@@ -269,7 +272,8 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
         reqs += [
             Requirement("moe.expert_hidden", inter, f"{src} intermediate_size={inter} (each expert a copy of the FFN)"),
             Requirement("model.ffn_hidden", inter, f"{src} intermediate_size={inter} (the dense blocks)",
-                        accepts=lambda cfg: cfg.moe.every == 1 or cfg.model.ffn_hidden == inter),
+                        accepts=lambda cfg: (cfg.moe.every == 1 and not cfg.moe.first_dense)
+                        or cfg.model.ffn_hidden == inter),
             Requirement("moe.num_shared_experts", 0, "upcycling (the FFN becomes the routed experts)"),
             Requirement("moe.normalize_topk", True, "upcycling (k copies of one FFN sum to it only when the gate "
                         "weights sum to 1)", accepts=lambda cfg: normalized_topk(cfg.moe), also=renormalised),
@@ -283,6 +287,7 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                 Requirement("moe.top_k", top_k, f"{src} num_experts_per_tok={top_k}"),
                 Requirement("moe.expert_hidden", inter, f"{src} intermediate_size={inter}"),
                 Requirement("moe.every", 1, f"{arch} (an MoE FFN in every block)"),
+                Requirement("moe.first_dense", 0, f"{arch} (an MoE FFN in every block, the first too)"),
                 Requirement("moe.num_shared_experts", 0, f"{arch} (no shared experts)"),
                 Requirement("moe.normalize_topk", True, f"{arch} (top-k routing, weights renormalised)",
                             accepts=lambda cfg: normalized_topk(cfg.moe), also=renormalised)]
@@ -296,6 +301,7 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
         Requirement("moe.expert_hidden", hf["moe_intermediate_size"], f"{src} moe_intermediate_size="
                     f"{hf['moe_intermediate_size']}"),
         Requirement("moe.every", step, f"{src} decoder_sparse_step={step}"),
+        Requirement("moe.first_dense", len(hf["mlp_only_layers"]), f"{src} mlp_only_layers={hf['mlp_only_layers']}"),
         Requirement("moe.num_shared_experts", 1, f"{src} shared_expert_intermediate_size={shared}",
                     accepts=lambda cfg: cfg.moe.num_shared_experts * cfg.moe.shared_expert_hidden == shared,
                     also=(f"moe.shared_expert_hidden={shared}",)),
@@ -308,6 +314,6 @@ def requirements(hf: dict[str, Any], upcycle: bool = False) -> list[Requirement]
                                 "expert, top-k weights as they are)", accepts=lambda cfg: cfg.moe.router == "switch"
                                 or (cfg.moe.router == "topk" and cfg.moe.score_order == "softmax_topk"
                                     and not cfg.moe.normalize_topk), also=renormalised))
-    if step != 1:
+    if step != 1 or hf["mlp_only_layers"]:
         reqs.append(Requirement("model.ffn_hidden", inter, f"{src} intermediate_size={inter} (its dense blocks)"))
     return reqs

@@ -26,14 +26,27 @@ from moe_trainer.moe.router import Routing
 
 
 def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
-    """Block ``index`` (0-based) has an MoE FFN when ``(index + 1) % every == 0``."""
-    return (index + 1) % moe_cfg.every == 0
+    """Block ``index`` (0-based) has an MoE FFN when it is past ``moe.first_dense`` and ``(index + 1) % every == 0``.
+
+    ``moe.first_dense`` keeps the first blocks dense as DeepSeekMoE does, whose first layer's load
+    balance converged slowest: there a token is still little more than its own embedding, so a
+    frequent token takes the same experts wherever it stands. Here (docs/moe-study.md, fifth
+    session) the first MoE layer after a dense block balanced no better, so the default is 0.
+    """
+    return index >= moe_cfg.first_dense and (index + 1) % moe_cfg.every == 0
 
 
 def active_ffn_hidden(moe_cfg: MoEConfig) -> int:
-    """Hidden width of a dense FFN with the same per-token FLOPs as the MoE FFN it replaces."""
+    """Hidden width of a dense FFN with the active parameters (and per-token FLOPs) of the MoE FFN it replaces.
+
+    A token goes through its k routed experts, the shared experts and the router. The router's
+    ``num_experts x d_model`` weights count as ``round(num_experts / 3)`` hidden units (a SwiGLU unit
+    holds ``3 x d_model``): small beside wide experts, but a fifth of the FFN for 64 experts of 13 on
+    a ``d_model`` of 32, which ``model=dense`` would otherwise undercut by 11% of the whole model.
+    """
     top_k = experts_per_token(moe_cfg)
-    return top_k * moe_cfg.expert_hidden + moe_cfg.num_shared_experts * moe_cfg.shared_expert_hidden
+    routed = top_k * moe_cfg.expert_hidden + round(moe_cfg.num_experts / 3)
+    return routed + moe_cfg.num_shared_experts * moe_cfg.shared_expert_hidden
 
 
 class Block(nn.Module):

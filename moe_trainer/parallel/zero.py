@@ -16,7 +16,7 @@ Why whole parameters and not slices of one flat buffer: checkpoint entries stay 
 parameter (and per global expert, :mod:`moe_trainer.train.sharded_checkpoint`), so a rank
 writes and reads exactly the entries it owns and any layout, sharded or not, loads any
 other. The cost is balance: largest-first assignment of whole tensors leaves the largest
-rank 0.04 % above an even share of the dense state at 2 ranks on the default model, but a
+rank 0.04 % above an even share of the dense state at 2 ranks on the pre-2026-12-04 default model, but a
 model whose embedding dwarfs the rest cannot be cut finer than that embedding
 (docs/architecture.md, "Sharded optimizer state", measures both).
 """

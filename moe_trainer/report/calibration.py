@@ -105,7 +105,8 @@ def run_info(cfg: dict[str, Any], where: str = "config", vocab: int | None = Non
     shape = Shape(d_model=model["d_model"], n_layers=model["n_layers"], n_heads=model["n_heads"],
                   seq_len=data["seq_len"], vocab=vocab, num_experts=moe["num_experts"], top_k=moe["top_k"],
                   expert_hidden=moe["expert_hidden"], tokens_per_step=train["batch_size"] * data["seq_len"],
-                  moe_every=moe["every"], ffn_hidden=model["ffn_hidden"], payload_bytes=payload)
+                  moe_every=moe["every"],
+                  first_dense=moe.get("first_dense", 0), ffn_hidden=model["ffn_hidden"], payload_bytes=payload)
     strategy = par["strategy"]
     if strategy == "disaggregated":
         c, x = par["num_coordinators"], par["num_expert_actors"]

@@ -48,13 +48,15 @@ class Shape:
     tokens_per_step: int  # the global batch, in tokens
     n_kv_heads: int | None = None  # grouped-query attention (Mixtral: 8 of 32); None = n_heads
     moe_every: int = 1  # the FFN of every moe_every-th block is MoE, the rest dense
+    first_dense: int = 0  # ... past the first first_dense blocks, which are dense
     ffn_hidden: int = 0  # dense FFN width of the non-MoE blocks
     payload_bytes: int = 4  # bytes per element of rows on the wire: 4 fp32, 2 bf16
     grad_bytes: int = 4  # bytes per element of all-reduced gradients (fp32 master weights)
 
     @property
     def moe_layers(self) -> int:
-        return sum(1 for i in range(self.n_layers) if (i + 1) % self.moe_every == 0)  # as model.is_moe_block
+        return sum(1 for i in range(self.first_dense, self.n_layers)
+                   if (i + 1) % self.moe_every == 0)  # as model.is_moe_block
 
     @property
     def row_bytes(self) -> int:

@@ -105,11 +105,24 @@ LAYOUTS = {  # name: (overrides, processes)
                                  "parallel.num_expert_actors=1", "parallel.micro_batches=2"], 3),
 }
 
+
+
+def default_routing() -> list[str]:
+    """The ``moe.*`` overrides that give ``experiment=debug`` the default MoE (conf/moe/default.yaml) back.
+
+    debug pins Mixtral's routing (4 experts, top-2, aux loss alone) so its runs export; the default's
+    64 fine-grained experts with top-8 and the selection bias run on the same tiny model here.
+    """
+    default, debug = compose_dict([])["moe"], compose_dict(["experiment=debug"])["moe"]
+    return [f"moe.{key}={value}" for key, value in default.items() if debug[key] != value]
+
+
 # Whole ``moe-train`` runs (``moe_trainer.cli.train``, fresh actors) that tests of several files read, each trained
-# once per session (``moe_train_run`` in tests/actors/conftest.py): 10 steps, clipping on, checkpoints at 5 and 10
+# once per session (``moe_train_run`` in tests/actors/conftest.py): 10 steps, clipping on, checkpoints at 5 and 10,
+# the default MoE's routing and balancing
 RUN_STEPS = 10
 RUN = [f"train.max_steps={RUN_STEPS}", "train.checkpoint_every=5", f"train.eval_every={RUN_STEPS}", "train.log_every=1",
-       "train.keep_last=0", "train.batch_size=8", "moe.num_experts=4", "parallel.cpus_per_actor=0.5"]
+       "train.keep_last=0", "train.batch_size=8", *default_routing(), "parallel.cpus_per_actor=0.5"]
 RUN_LAYOUTS = {  # the layouts a new user tries first (tests/actors/test_equivalence.py compares them with single)
     "expert_parallel_2mb": ["parallel=expert_parallel", "parallel.micro_batches=2"],
     "disaggregated_2mb": ["parallel=disaggregated", "parallel.micro_batches=2"],

@@ -176,8 +176,9 @@ def test_the_mixes_exercise_what_they_claim(reference: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(RUN_LAYOUTS))
-def test_moe_train_matches_single_with_no_routing_override(moe_train_run: Any, layout: str) -> None:
-    """The layouts a new user tries first, through the whole ``moe-train`` path (clipping on). 4 actors with
+def test_moe_train_matches_single_with_the_default_moe(moe_train_run: Any, layout: str) -> None:
+    """The layouts a new user tries first, through the whole ``moe-train`` path, with the default MoE (64 experts,
+    top-8, the selection bias and the aux loss; clipping on). 4 actors with
     ep_size=2 through ``moe-train``, on two nodes: tests/actors/test_multi_node.py."""
     ref = moe_train_run()[1].train_records  # single
     got = moe_train_run(*RUN_LAYOUTS[layout])[1].train_records

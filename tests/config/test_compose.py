@@ -26,11 +26,11 @@ def test_every_option_composes(override: str) -> None:
     assert cfg.model.d_model > 0
 
 
-def test_defaults_are_valid_and_mixtral_shaped() -> None:
+def test_defaults_are_valid_and_fine_grained() -> None:
     cfg = to_dataclass(compose_dict([]))
     validate(cfg)
-    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.parallel.strategy) == (8, 2, "single")
-    assert cfg.moe.capacity_factor is None
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.parallel.strategy) == (64, 8, "single")
+    assert cfg.moe.capacity_factor is None and cfg.moe.bias_balancing
 
 
 def test_overrides_reach_the_typed_config() -> None:

@@ -1,12 +1,13 @@
-"""docs/config.md documents every setting of the schema and what each ``parallel=`` preset sets.
+"""docs/config.md documents every setting of the schema, its default and what each ``parallel=`` preset sets.
 
-The preset table is generated from the configs Hydra composes, so it cannot go stale:
-``python -m tests.config.test_docs`` prints it for pasting.
+Defaults and the preset table are checked against the configs Hydra composes, so they cannot go
+stale: ``python -m tests.config.test_docs`` prints the preset table for pasting.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -26,6 +27,26 @@ def test_every_schema_field_is_documented() -> None:
     for group, group_type in typing.get_type_hints(Config).items():
         for field in dataclasses.fields(group_type):
             assert f"`{group}.{field.name}`" in text, f"{group}.{field.name} missing from docs/config.md"
+
+
+def _documents(cell: str, value: object) -> bool:
+    """Whether a default cell of docs/config.md, as written on the command line, is ``value``."""
+    if not isinstance(value, int | float) or isinstance(value, bool):  # null, true, a string, a list
+        return cell == _as_typed(value).strip("'")
+    try:
+        return float(cell.replace("_", "")) == value
+    except ValueError:
+        return False
+
+
+def test_every_documented_default_is_what_moe_train_composes() -> None:
+    """The default column holds ``moe-train``'s defaults (conf/), which is what a run gets, not the schema's."""
+    composed = compose_dict([])
+    rows = re.findall(r"^\| `(\w+)\.(\w+)` \| `([^`]*)` \|", DOC.read_text(), re.M)
+    assert len(rows) >= sum(len(dataclasses.fields(t)) for t in typing.get_type_hints(Config).values())
+    wrong = [f"{group}.{key}: {cell} (composed: {_as_typed(composed[group][key])})" for group, key, cell in rows
+             if not _documents(cell, composed[group][key])]
+    assert not wrong, "docs/config.md's default column differs from conf/: " + "; ".join(wrong)
 
 
 def _as_typed(value: object) -> str:

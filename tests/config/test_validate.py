@@ -22,6 +22,8 @@ BATTERY = [
     ("moe.router=hash", "moe.router"),
     ("moe.score_order=sigmoid", "moe.score_order"),
     ("moe.every=3", "moe.every"),  # the debug model has 2 blocks
+    ("moe.first_dense=2", "moe.first_dense"),  # ... so no MoE block is left
+    ("moe.first_dense=-1", "moe.first_dense"),
     ("moe.aux_loss_coef=-0.1", "moe.aux_loss_coef"),
     ("moe.routed_scale=0", "moe.routed_scale"),
     ("moe.routed_scale=nan", "moe.routed_scale"),
@@ -224,8 +226,9 @@ def _apply_text(cfg: Config, fix: dict[str, str]) -> Config:
 SUGGESTING = [
     ["parallel=expert_parallel", "parallel.num_actors=3"],  # the issue's case: 9 experts alone fail on the batch
     ["parallel=expert_parallel", "parallel.num_actors=3", "train.batch_size=15"],
-    ["parallel=expert_parallel", "parallel.num_actors=2", "moe.num_experts=5"],
-    ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.micro_batches=2", "moe.num_experts=6"],
+    ["parallel=expert_parallel", "parallel.num_actors=2", "moe.num_experts=5", "moe.top_k=2"],
+    ["parallel=expert_parallel", "parallel.num_actors=4", "parallel.micro_batches=2", "moe.num_experts=6",
+     "moe.top_k=2"],
     ["parallel=disaggregated", "parallel.num_expert_actors=3"],
     ["parallel=data_parallel", "parallel.num_actors=3"],
     ["parallel=data_parallel", "parallel.num_actors=3", "train.grad_accum_steps=2"],
@@ -247,7 +250,8 @@ def test_every_suggested_fix_validates_the_whole_config(base: list[str], overrid
 
 
 def test_the_issues_case_offers_what_works() -> None:
-    cfg = to_dataclass(compose_dict(["parallel=expert_parallel", "parallel.num_actors=3"]))  # 8 experts, batch 16
+    cfg = to_dataclass(compose_dict(["parallel=expert_parallel", "parallel.num_actors=3", "moe.num_experts=8",
+                                     "moe.top_k=2", "train.batch_size=16"]))  # the issue's 8 experts, batch 16
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert str(err.value).endswith("; try parallel.num_actors=2, or parallel.num_actors=4, "

@@ -18,7 +18,8 @@ from tests.helpers import train_checkpoint
 
 @pytest.fixture(scope="module")
 def dense_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """``model=dense`` (FFN width 64 in every block) trained 3 steps: ``(its checkpoint, its export as Llama)``."""
+    """``model=dense`` (FFN width 2 x 32 + round(4 / 3) = 65 in every block) trained 3 steps:
+    ``(its checkpoint, its export as Llama)``."""
     root = tmp_path_factory.mktemp("dense")
     checkpoint = train_checkpoint(root / "checkpoints", "model=dense", steps=3)
     export(str(checkpoint), root / "hf")
@@ -46,7 +47,7 @@ def test_an_upcycled_run_starts_at_the_dense_models_loss_and_trains(dense_export
     """Every expert a copy of the FFN and gate weights summing to 1: the MoE block is the dense FFN at the start."""
     dense_val, dense_losses = _run("model=dense", f"train.init_from={dense_export}", steps=1)
     _arch, overrides = import_command(str(dense_export), upcycle=True)
-    assert "moe.expert_hidden=64" in overrides and "model.arch=moe" in overrides
+    assert "moe.expert_hidden=65" in overrides and "model.arch=moe" in overrides
     moe_val, moe_losses = _run(*overrides, "moe.num_experts=4", "moe.top_k=2", steps=6)
     assert abs(moe_val - dense_val) <= 1e-4, (moe_val, dense_val)
     assert abs(moe_losses[0] - dense_losses[0]) <= 1e-4, (moe_losses[0], dense_losses[0])  # the same first batch

@@ -52,9 +52,11 @@ def qwen_export(checkpoints: Callable[..., Path], tmp_path_factory: pytest.TempP
     (["moe.capacity_factor=1.25"], "--dropless"),
     (["moe.router=switch"], "moe.router=switch"),
     (["moe.every=2"], "moe.every=2 without shared experts"),
+    (["moe.first_dense=1"], "moe.first_dense=1 without shared experts"),
     (["moe.normalize_topk=false"], "moe.normalize_topk=false keeps the top-k probabilities"),
     (["moe.routed_scale=2"], "moe.routed_scale=2.0: MixtralForCausalLM and Qwen2MoeForCausalLM weigh"),
-], ids=["expert_choice", "bias_balancing", "capacity", "switch", "every2", "unnormalised", "routed_scale"])
+], ids=["expert_choice", "bias_balancing", "capacity", "switch", "every2", "first_dense", "unnormalised",
+        "routed_scale"])
 def test_a_model_without_a_faithful_counterpart_is_refused_with_the_reason(
         checkpoints: Callable[..., Path], tmp_path: Path, overrides: list[str], reason: str) -> None:
     with pytest.raises(Unsupported) as err:
@@ -234,3 +236,14 @@ def test_moe_generate_prints_a_continuation_and_refuses_bad_flags(checkpoints: C
     with pytest.raises(SystemExit) as exit_code:
         generate_main([*args, "--top-p", "0"])
     assert exit_code.value.code == 2 and capsys.readouterr().err == "moe-generate: --top-p=0.0: must be in (0, 1]\n"
+
+
+def test_qwen2_moe_dense_layers_map_to_the_first_dense_blocks_only() -> None:
+    """``mlp_only_layers=[0, ..., k-1]`` is ``moe.first_dense=k``; dense layers elsewhere have no setting of ours."""
+    qwen = {**MIXTRAL, "architectures": ["Qwen2MoeForCausalLM"], "num_experts": 4, "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 16}
+    needs = {r.setting: r for r in requirements({**qwen, "mlp_only_layers": [0]})}
+    assert needs["moe.first_dense"].value == 1 and needs["model.ffn_hidden"].value == 32
+    assert {r.setting: r for r in requirements(qwen)}["moe.first_dense"].value == 0
+    with pytest.raises(Unsupported, match=r"mlp_only_layers=\[1\]"):
+        requirements({**qwen, "mlp_only_layers": [1]})
