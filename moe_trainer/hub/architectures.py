@@ -65,8 +65,9 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
                           "transformers architecture does (nor can a causal model generating one token at a time)")
     if moe.bias_balancing:
         raise Unsupported("moe.bias_balancing=true: the learnt selection bias (DeepSeek-V3's aux-loss-free "
-                          f"balancing) has no place in {MIXTRAL} or {QWEN2_MOE}; without it tokens would go to "
-                          "other experts")
+                          f"balancing, on by default) has no place in {MIXTRAL} or {QWEN2_MOE}; without it tokens "
+                          "would go to other experts. A model that exports trains without it: variant=mixtral8 "
+                          "(Mixtral's routing) or moe.bias_balancing=false")
     if moe.routed_scale != 1:
         raise Unsupported(f"moe.routed_scale={moe.routed_scale}: {MIXTRAL} and {QWEN2_MOE} weigh each expert's "
                           "output by its gate weight alone")
