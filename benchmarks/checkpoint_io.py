@@ -10,7 +10,7 @@ tensors, not how they were trained). Ray, the data and the forward pass play no 
 checkpoint I/O, so they are left out: that keeps the processes small enough to run a
 100M-parameter model on a shared 2-core box. The sizes not set here (every block MoE, top-2,
 the aux loss alone) are those of ``benchmarks.common.OLD_DEFAULT``, what docs/benchmarks.md
-measured: today's default would make the first block dense.
+measured.
 
 - **save**: every rank at once (DCP's save is a collective over a gloo group), timed
   between barriers; then the driver's part (``meta.json`` with every file's SHA-256, the

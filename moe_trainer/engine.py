@@ -21,9 +21,10 @@ from moe_trainer.data import Tokenizer, build_batch_source
 from moe_trainer.device import configure_process, single_device
 from moe_trainer.host_memory import retain_freed_memory
 from moe_trainer.hub.init_from import apply_init_from
-from moe_trainer.model.transformer import Transformer, count_parameters
+from moe_trainer.model.transformer import Transformer, active_ffn_hidden, count_parameters
 from moe_trainer.train.aggregate import aggregate_chunk
 from moe_trainer.train.checkpoint import (
+    DENSE_WIDTH_KEY,
     BackgroundSave,
     PendingCheckpoint,
     begin_checkpoint,
@@ -124,7 +125,9 @@ def checkpoint_signature(cfg: Config, tokenizer: Tokenizer) -> dict[str, Any]:
                     "num_shared_experts": moe.num_shared_experts,
                     "shared_expert_hidden": moe.shared_expert_hidden,
                     # only when set: checkpoints from before the setting hold no key and have no dense first blocks
-                    **({"first_dense": moe.first_dense} if moe.first_dense else {})},
+                    **({"first_dense": moe.first_dense} if moe.first_dense else {}),
+                    # a dense model's FFN width, which since 2026-12-04 counts the router (check_checkpoint)
+                    **({DENSE_WIDTH_KEY: active_ffn_hidden(moe)} if cfg.model.arch == "dense" else {})},
         "vocab_size": tokenizer.vocab_size,
         "tokenizer_sha256": tokenizer.digest,
     }

@@ -57,7 +57,8 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
     if model.arch == "dense":
         widths = sorted(set(ffn_widths(model, moe)))
         if len(widths) > 1:
-            raise Unsupported(f"model=dense with moe.every={moe.every} has FFNs of two widths ({widths[0]} and "
+            which = f"moe.every={moe.every}" if moe.every != 1 else f"moe.first_dense={moe.first_dense}"
+            raise Unsupported(f"model=dense with {which} has FFNs of two widths ({widths[0]} and "
                               f"{widths[1]}); {LLAMA} has one intermediate_size for every block")
         return LLAMA
     if moe.router == "expert_choice":

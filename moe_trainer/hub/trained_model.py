@@ -10,7 +10,7 @@ optimizer's), so a checkpoint saved by 4 expert-parallel ranks loads here whole.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from moe_trainer.config.schema import ModelConfig, MoEConfig
 from moe_trainer.data.tokenizer import ByteTokenizer, Tokenizer
 from moe_trainer.data.tokenizer_file import TOKENIZER_FILE, FileTokenizer
 from moe_trainer.hub.weights import fill_model
-from moe_trainer.model.transformer import Transformer
+from moe_trainer.model.transformer import Transformer, active_ffn_hidden, is_moe_block
 from moe_trainer.train.checkpoint import META_FILE, checkpoint_problems, list_checkpoints
 from moe_trainer.train.checkpoint_io import CheckpointReader
 
@@ -102,5 +102,21 @@ def load_trained(given: str, setting: str = "checkpoint") -> TrainedModel:
     entries = {key: torch.empty(tuple(shape), dtype=reader.dtypes[key])
                for key, shape in reader.shapes.items() if key.startswith(MODEL_PREFIX)}
     reader.read_into(entries)
-    return TrainedModel(checkpoint, int(meta["step"]), model_cfg, moe_cfg, _tokenizer(checkpoint, setting),
-                        {key.removeprefix(MODEL_PREFIX): t for key, t in entries.items()})
+    weights = {key.removeprefix(MODEL_PREFIX): t for key, t in entries.items()}
+    if model_cfg.arch == "dense":
+        moe_cfg = _dense_width_as_saved(model_cfg, moe_cfg, weights)
+    return TrainedModel(checkpoint, int(meta["step"]), model_cfg, moe_cfg, _tokenizer(checkpoint, setting), weights)
+
+
+def _dense_width_as_saved(model_cfg: ModelConfig, moe_cfg: MoEConfig, weights: dict[str, Tensor]) -> MoEConfig:
+    """A ``model=dense`` checkpoint's FFN width as its tensors hold it, spelt in ``moe.*`` settings.
+
+    Before 2026-12-04 ``model=dense`` left the router out of the width (``k * expert_hidden``); its
+    checkpoints' settings now give a wider FFN than they hold. The MoE positions' width is read from
+    the weights and, where it differs, spelt the one way that needs no router: one expert of that width.
+    """
+    widths = {weights[f"blocks.{i}.ffn.down.weight"].shape[1] for i in range(model_cfg.n_layers)
+              if is_moe_block(i, moe_cfg)}
+    if len(widths) != 1 or widths == {active_ffn_hidden(moe_cfg)}:
+        return moe_cfg
+    return replace(moe_cfg, num_experts=1, top_k=1, router="topk", expert_hidden=widths.pop(), num_shared_experts=0)

@@ -28,6 +28,9 @@ from moe_trainer.train.safe_metadata import load_metadata
 META_FILE = "meta.json"
 # objective settings recorded only since a later version: the value a checkpoint without them was trained with
 OBJECTIVE_DEFAULTS: dict[str, Any] = {"train.grad_accum_steps": 1}
+# a model=dense checkpoint's FFN width in its "experts" signature: absent before 2026-12-04, when the width
+# left the router out (k * moe.expert_hidden + shared), so such a checkpoint is refused by name, not by a shape
+DENSE_WIDTH_KEY = "dense_ffn_hidden"
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -177,6 +180,12 @@ def check_checkpoint(path: Path, expected_meta: dict[str, Any]) -> None:
         meta = json.loads((path / META_FILE).read_text())
     except (OSError, ValueError) as err:
         raise ConfigError("train.resume", str(path), f"checkpoint metadata is unreadable ({err})") from err
+    width = expected_meta.get("experts", {}).get(DENSE_WIDTH_KEY)
+    if width is not None and DENSE_WIDTH_KEY not in meta.get("experts", {}):
+        raise ConfigError("train.resume", str(path), "a model=dense checkpoint from before 2026-12-04, when "
+                          "model=dense left the router out of its FFN width (this run's is "
+                          f"{width}, router included): export it (moe-export) and start a run from the export "
+                          "(moe-import prints its settings)")
     objective = expected_meta.get("objective", {})
     for key, want in expected_meta.items():
         if key != "objective" and meta.get(key) != want:

@@ -43,7 +43,10 @@ def test_every_documented_default_is_what_moe_train_composes() -> None:
     """The default column holds ``moe-train``'s defaults (conf/), which is what a run gets, not the schema's."""
     composed = compose_dict([])
     rows = re.findall(r"^\| `(\w+)\.(\w+)` \| `([^`]*)` \|", DOC.read_text(), re.M)
-    assert len(rows) >= sum(len(dataclasses.fields(t)) for t in typing.get_type_hints(Config).values())
+    fields = {f"{group}.{field.name}" for group, group_type in typing.get_type_hints(Config).items()
+              for field in dataclasses.fields(group_type)}
+    # every setting's default is checked but data.token_cache's, which depends on $MOE_TRAINER_CACHE (its row says so)
+    assert {f"{group}.{key}" for group, key, _ in rows} >= fields - {"data.token_cache"}
     wrong = [f"{group}.{key}: {cell} (composed: {_as_typed(composed[group][key])})" for group, key, cell in rows
              if not _documents(cell, composed[group][key])]
     assert not wrong, "docs/config.md's default column differs from conf/: " + "; ".join(wrong)

@@ -28,7 +28,7 @@ VARIANTS = {
     "shared": (["moe.num_shared_experts=1", "moe.shared_expert_hidden=24", "moe.every=2", "moe.normalize_topk=false",
                 "model.ffn_hidden=48"], "Qwen2MoeForCausalLM"),
     "dense": (["model=dense"], "LlamaForCausalLM"),
-    # the default's dense first block (moe.first_dense): Qwen2-MoE's mlp_only_layers=[0]
+    # a dense first block (moe.first_dense): Qwen2-MoE's mlp_only_layers=[0]
     "first_dense_shared": (["moe.first_dense=1", "moe.num_shared_experts=1", "moe.shared_expert_hidden=16",
                             "model.ffn_hidden=40"], "Qwen2MoeForCausalLM"),
     # softmax over the k chosen logits: the renormalised weights Mixtral computes

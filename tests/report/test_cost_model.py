@@ -93,3 +93,16 @@ def test_invalid_layouts_are_refused() -> None:
         disaggregated(SHAPE, GPU, 3, 3, 1)
     with pytest.raises(ValueError, match="ep_size"):
         expert_parallel(SHAPE, GPU, 12)
+
+
+@pytest.mark.parametrize("every,first_dense", [(1, 0), (2, 0), (1, 1), (1, 3), (2, 1), (3, 2)])
+def test_the_cost_models_moe_layers_are_the_models(every: int, first_dense: int) -> None:
+    """``Shape.moe_layers`` counts the blocks ``is_moe_block`` gives experts (``moe.every``, ``moe.first_dense``)."""
+    from dataclasses import replace
+
+    from moe_trainer.config.schema import MoEConfig
+    from moe_trainer.model.transformer import is_moe_block
+
+    moe = MoEConfig(every=every, first_dense=first_dense)
+    shape = replace(SHAPE, moe_every=every, first_dense=first_dense)
+    assert shape.moe_layers == sum(is_moe_block(i, moe) for i in range(SHAPE.n_layers))

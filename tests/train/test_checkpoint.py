@@ -56,6 +56,14 @@ def test_resuming_a_different_model_shape_is_refused(tmp_path: Path) -> None:
     assert err.value.setting == "train.resume" and "num_experts" in str(err.value)
 
 
+def test_resuming_with_other_dense_first_blocks_is_refused(tmp_path: Path) -> None:
+    """``moe.first_dense`` changes which blocks hold experts: a checkpoint made without it is another model."""
+    run(tmp_path / "a", "train.max_steps=3")
+    with pytest.raises(ConfigError) as err:
+        run(tmp_path / "b", "moe.first_dense=1", f"train.resume={tmp_path / 'a'}")
+    assert err.value.setting == "train.resume" and "first_dense" in str(err.value)
+
+
 CAPACITY = "moe.capacity_factor=1.0"  # capacity is per routing group: the group size is part of the objective
 
 
