@@ -236,7 +236,8 @@ def _wait_status(head: RayNode, job_id: str, wanted: str, timeout_s: float = 240
     raise AssertionError(f"{job_id} never reached {wanted}: {out}")
 
 
-STEPS = 48  # the stop lands at step 14-21 on this 2-core machine
+STEPS = 96  # the stop lands at step 14-21 on this idle 2-core machine, and past 48 under load (a job that ends first
+# has nothing to stop)
 PREEMPTED_RUN = ["experiment=debug", "parallel=expert_parallel", "parallel.num_actors=2", "parallel.cpus_per_actor=0.5",
                  f"train.max_steps={STEPS}", "train.log_every=1", f"train.eval_every={STEPS}",
                  "train.checkpoint_every=0", "moe.num_experts=8", "fault_tolerance.preempt_timeout_s=60"]
