@@ -68,6 +68,17 @@ class MoEConfig:
     group_sequences: int | None = 1  # sequences per routing group (capacity, expert choice); null = one per rank
 
 
+def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
+    """Block ``index`` (0-based) has an MoE FFN when it is past ``moe.first_dense`` and ``(index + 1) % every == 0``.
+
+    ``moe.first_dense`` keeps the first blocks dense as DeepSeekMoE does, whose first layer's load
+    balance converged slowest: there a token is still little more than its own embedding, so a
+    frequent token takes the same experts wherever it stands. Here (docs/moe-study.md, fifth
+    session) the first MoE layer after a dense block balanced no better, so the default is 0.
+    """
+    return index >= moe_cfg.first_dense and (index + 1) % moe_cfg.every == 0
+
+
 def experts_per_token(moe: MoEConfig) -> int:
     """k: the experts each token goes to (Switch routing is top-1 whatever ``moe.top_k`` says)."""
     return 1 if moe.router == "switch" else moe.top_k

@@ -29,6 +29,7 @@ from moe_trainer.config.schema import (
     SCORE_ORDERS,
     STRATEGIES,
     Config,
+    is_moe_block,
 )
 from moe_trainer.parallel.resources import ROLE_SETTINGS, role_resources
 
@@ -118,7 +119,7 @@ def validate_moe(cfg: Config) -> None:
     if moe.every > cfg.model.n_layers:
         raise ConfigError("moe.every", moe.every, f"must be <= model.n_layers={cfg.model.n_layers}, "
                           "or no block gets an MoE layer")
-    if moe.first_dense < 0 or not any((i + 1) % moe.every == 0 for i in range(moe.first_dense, cfg.model.n_layers)):
+    if moe.first_dense < 0 or not any(is_moe_block(i, moe) for i in range(cfg.model.n_layers)):
         raise ConfigError("moe.first_dense", moe.first_dense, "must be between 0 and the last MoE block's index "
                           f"(model.n_layers={cfg.model.n_layers}, moe.every={moe.every}), or no block gets an "
                           "MoE layer")

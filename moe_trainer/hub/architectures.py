@@ -47,6 +47,11 @@ def ffn_widths(model: ModelConfig, moe: MoEConfig) -> list[int]:
     return [active_ffn_hidden(moe) if is_moe_block(i, moe) else model.ffn_hidden for i in range(model.n_layers)]
 
 
+def _dense_blocks_setting(moe: MoEConfig) -> str:
+    """The setting that gives a model dense blocks, as the user wrote it: ``moe.every``, else ``moe.first_dense``."""
+    return f"moe.every={moe.every}" if moe.every != 1 else f"moe.first_dense={moe.first_dense}"
+
+
 def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = False) -> str:
     """The ``transformers`` class a model of ours exports to; :class:`Unsupported` with the reason when none.
 
@@ -57,8 +62,7 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
     if model.arch == "dense":
         widths = sorted(set(ffn_widths(model, moe)))
         if len(widths) > 1:
-            which = f"moe.every={moe.every}" if moe.every != 1 else f"moe.first_dense={moe.first_dense}"
-            raise Unsupported(f"model=dense with {which} has FFNs of two widths ({widths[0]} and "
+            raise Unsupported(f"model=dense with {_dense_blocks_setting(moe)} has FFNs of two widths ({widths[0]} and "
                               f"{widths[1]}); {LLAMA} has one intermediate_size for every block")
         return LLAMA
     if moe.router == "expert_choice":
@@ -80,9 +84,8 @@ def target_architecture(model: ModelConfig, moe: MoEConfig, dropless: bool = Fal
     if moe.num_shared_experts > 0:
         return QWEN2_MOE
     if moe.every != 1 or moe.first_dense:
-        which = f"moe.every={moe.every}" if moe.every != 1 else f"moe.first_dense={moe.first_dense}"
-        raise Unsupported(f"{which} without shared experts: {MIXTRAL} has an MoE FFN in every block, "
-                          f"and {QWEN2_MOE} (which has dense blocks) always adds a shared expert")
+        raise Unsupported(f"{_dense_blocks_setting(moe)} without shared experts: {MIXTRAL} has an MoE FFN in every "
+                          f"block, and {QWEN2_MOE} (which has dense blocks) always adds a shared expert")
     if not normalized_topk(moe):
         how = "moe.router=switch weights by the probability" if moe.router == "switch" else \
             "moe.normalize_topk=false keeps the top-k probabilities as they are"

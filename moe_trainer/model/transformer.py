@@ -16,24 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.config.schema import ModelConfig, MoEConfig, experts_per_token
+from moe_trainer.config.schema import ModelConfig, MoEConfig, experts_per_token, is_moe_block
 from moe_trainer.model.layers import Attention, RMSNorm, SwiGLU
 from moe_trainer.model.recompute import recomputed
 from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.layer import MoELayer, MoEStats
 from moe_trainer.moe.router import Routing
-
-
-def is_moe_block(index: int, moe_cfg: MoEConfig) -> bool:
-    """Block ``index`` (0-based) has an MoE FFN when it is past ``moe.first_dense`` and ``(index + 1) % every == 0``.
-
-    ``moe.first_dense`` keeps the first blocks dense as DeepSeekMoE does, whose first layer's load
-    balance converged slowest: there a token is still little more than its own embedding, so a
-    frequent token takes the same experts wherever it stands. Here (docs/moe-study.md, fifth
-    session) the first MoE layer after a dense block balanced no better, so the default is 0.
-    """
-    return index >= moe_cfg.first_dense and (index + 1) % moe_cfg.every == 0
 
 
 def active_ffn_hidden(moe_cfg: MoEConfig) -> int:

@@ -106,7 +106,6 @@ LAYOUTS = {  # name: (overrides, processes)
 }
 
 
-
 def default_routing() -> list[str]:
     """The ``moe.*`` overrides that give ``experiment=debug`` the default MoE (conf/moe/default.yaml) back.
 
