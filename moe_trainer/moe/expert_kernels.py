@@ -107,6 +107,16 @@ def host_chunk_bytes(device: torch.device, retained: bool, recompute: bool) -> i
     return HEAP_CHUNK_BYTES
 
 
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """``torch.nn.functional.grouped_mm``, or on a torch that predates it the ``torch._grouped_mm`` it wraps.
+
+    Looked up per call (tests patch ``F.grouped_mm``); the borrowed GPU machine runs an older torch
+    than the pinned one, and its grouped path must not fail on the name.
+    """
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
 @functools.cache
 def grouped_mm_serves(d_model: int, hidden: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether ``grouped_mm`` runs every product of the expert math at these widths (probed once, tiny tensors)."""
@@ -117,13 +127,13 @@ def grouped_mm_serves(d_model: int, hidden: int, dtype: torch.dtype, device: tor
         x, h, a = (torch.zeros(2, n, dtype=dtype, device=device) for n in (d_model, 2 * hidden, hidden))
         w_up = torch.zeros(2, d_model, 2 * hidden, dtype=dtype, device=device)
         w_down = torch.zeros(2, hidden, d_model, dtype=dtype, device=device)
-        F.grouped_mm(x, w_up, offs=offs)
-        F.grouped_mm(a, w_down, offs=offs)
-        F.grouped_mm(x, w_down.transpose(1, 2), offs=offs)
-        F.grouped_mm(h, w_up.transpose(1, 2), offs=offs)
-        F.grouped_mm(x.t(), h, offs=offs)
-        F.grouped_mm(a.t(), x, offs=offs)
-    except (RuntimeError, NotImplementedError):
+        grouped_mm(x, w_up, offs)
+        grouped_mm(a, w_down, offs)
+        grouped_mm(x, w_down.transpose(1, 2), offs)
+        grouped_mm(h, w_up.transpose(1, 2), offs)
+        grouped_mm(x.t(), h, offs)
+        grouped_mm(a.t(), x, offs)
+    except (RuntimeError, NotImplementedError, AttributeError):  # AttributeError: a torch without either name
         return False
     return True
 
@@ -157,7 +167,7 @@ class Runs:
 def expert_mm(a_NK: Tensor, w_EKM: Tensor, runs: Runs, kernels: Kernels) -> Tensor:
     """``out[run e] = a[run e] @ w[e]`` for every expert's run of rows."""
     if kernels.grouped:
-        return F.grouped_mm(a_NK, w_EKM, offs=runs.offs_E)
+        return grouped_mm(a_NK, w_EKM, runs.offs_E)
     out_NM = a_NK.new_empty(a_NK.shape[0], w_EKM.shape[2])
     for a, w, out in zip(a_NK.split(runs.counts), w_EKM.unbind(0), out_NM.split(runs.counts), strict=True):
         torch.mm(a, w, out=out)
@@ -173,7 +183,7 @@ def expert_weight_grad(a_NK: Tensor, b_NM: Tensor, runs: Runs, kernels: Kernels,
     # adopt: the fresh result becomes the gradient's storage (a whole fp32 tensor being replaced)
     adopt = overwrite and grad_EKM._base is None and grad_EKM.dtype == a_NK.dtype
     if kernels.grouped_wgrad and (adopt or a_NK.device.type == "cuda"):
-        g_EKM = F.grouped_mm(a_NK.t(), b_NM, offs=runs.offs_E)
+        g_EKM = grouped_mm(a_NK.t(), b_NM, runs.offs_E)
         if adopt and g_EKM.is_contiguous():
             grad_EKM.set_(g_EKM)  # param.grad (and its GradBuffer) now hold the result: no copy
         elif overwrite:

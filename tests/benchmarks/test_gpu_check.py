@@ -21,6 +21,13 @@ class Missing(importlib.abc.MetaPathFinder):
         return None
 
 sys.meta_path.insert(0, Missing())
+
+import subprocess
+
+def no_interpreter(*args, **kwargs):  # a child interpreter would escape the blocked imports above
+    raise AssertionError("the GPU check started a process: " + repr(args[:1] or kwargs))
+
+subprocess.Popen = no_interpreter
 from benchmarks.gpu_check import main
 code = main(sys.argv[1:])
 assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
@@ -31,8 +38,8 @@ sys.exit(code)
 def test_gpu_check_runs_on_cpu_with_torch_only(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", RUN, "--device", "cpu", "--quick", "--json", str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", RUN, "--device", "cpu", "--quick", "--profile", "--json", str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["passed"]
@@ -42,4 +49,5 @@ def test_gpu_check_runs_on_cpu_with_torch_only(tmp_path: Path) -> None:
     assert runs["expert_parallel", "fp32"]["losses"] == result["reference_losses"]
     assert runs["expert_parallel", "fp32"]["a2a_ms"] > 0 and runs["single", "fp32"]["a2a_ms"] == 0
     assert all(r["tokens_per_s"] > 0 and r["peak_mem_mb"] > 0 for r in result["runs"])
+    assert result["profile"]["top"] and result["profile"]["busy_ms_per_step"] > 0
     assert result["experts"][0]["path"] in ("grouped_mm", "mm loop") and result["experts"][0]["layer_ms"] > 0

@@ -336,3 +336,15 @@ def test_padded_rows_place_each_run_at_its_padded_start() -> None:
     padded = bucketed(counts)
     assert padded == [32, 0, 32]
     assert padded_rows(torch.tensor(counts), counts, padded).tolist() == [0, 1, 2, 32, 33]
+
+
+def test_a_torch_without_the_public_grouped_mm_uses_the_private_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older torch (the borrowed GPU machine's) may lack ``F.grouped_mm``; ``torch._grouped_mm`` is what it wraps."""
+    a, w = torch.randn(8, D), torch.randn(2, D, H)
+    offs = torch.tensor([3, 8], dtype=torch.int32)
+    want = expert_kernels.grouped_mm(a, w, offs)
+    monkeypatch.delattr(expert_kernels.F, "grouped_mm")
+    assert torch.equal(expert_kernels.grouped_mm(a, w, offs), want)
+    torch.testing.assert_close(want, torch.cat([a[:3] @ w[0], a[3:] @ w[1]]))
+    monkeypatch.delattr(torch, "_grouped_mm")  # neither: the probe says no, and the loop serves
+    assert not expert_kernels.grouped_mm_serves.__wrapped__(D, H, torch.float32, torch.device("cpu"))
