@@ -23,6 +23,8 @@ STRATEGIES = ("single", "data_parallel", "expert_parallel", "disaggregated")
 ROUTER_TYPES = ("topk", "switch", "expert_choice")
 SCORE_ORDERS = ("softmax_topk", "topk_softmax")
 AUX_LOSS_SCOPES = ("global", "group")
+BIAS_UPDATES = ("sign", "proportional")
+BIAS_UPDATE_SCHEDULES = ("constant", "lr")
 ARCHS = ("moe", "dense")
 LOGGER_MODES = ("auto", "online", "offline", "disabled")
 DATA_FORMATS = ("auto", "text", "json", "parquet")
@@ -62,6 +64,8 @@ class MoEConfig:
     z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     bias_balancing: bool = False  # DeepSeek-V3 aux-loss-free bias on the selection scores
     bias_update_rate: float = 0.001  # step size of that bias update
+    bias_update: str = "sign"  # sign: +-rate (DeepSeek-V3) | proportional: rate x (mean - load) / mean
+    bias_update_schedule: str = "constant"  # constant | lr: the rate times the lr's decay after warmup
     num_shared_experts: int = 0  # DeepSeekMoE shared experts every token passes through
     shared_expert_hidden: int = 256  # hidden width of each shared expert
     aux_loss_scope: str = "global"  # global: f_i, P_i over the whole global batch | group: per routing group

@@ -18,6 +18,8 @@ from moe_trainer.config.fixes import batch_unit, divisors, even_share_fixes, nea
 from moe_trainer.config.schema import (
     ARCHS,
     AUX_LOSS_SCOPES,
+    BIAS_UPDATE_SCHEDULES,
+    BIAS_UPDATES,
     DATA_FORMATS,
     DEVICES,
     LOGGER_MODES,
@@ -130,6 +132,8 @@ def validate_moe(cfg: Config) -> None:
     _positive("moe.aux_loss_coef", moe.aux_loss_coef, allow_zero=True)
     _positive("moe.z_loss_coef", moe.z_loss_coef, allow_zero=True)
     _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
+    _one_of("moe.bias_update", moe.bias_update, BIAS_UPDATES)
+    _one_of("moe.bias_update_schedule", moe.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
     if moe.bias_balancing and moe.router == "expert_choice":
         raise ConfigError("moe.bias_balancing", True, "does nothing with moe.router=expert_choice: a per-expert "
                           "bias shifts all of an expert's scores alike, so it cannot change which tokens that "

@@ -203,13 +203,22 @@ class Router(nn.Module):
         )
 
     @torch.no_grad()
-    def update_bias(self, tokens_per_expert_E: Tensor) -> None:
+    def update_bias(self, tokens_per_expert_E: Tensor, rate_factor: float = 1.0) -> None:
         """DeepSeek-V3 bias step: raise the bias of under-loaded experts, lower over-loaded ones.
 
         ``tokens_per_expert_E`` must be the load of the whole global batch (summed over
-        micro-batches and ranks) so every replica applies the same update.
+        micro-batches and ranks) so every replica applies the same update; ``rate_factor``
+        scales ``moe.bias_update_rate`` (``moe.bias_update_schedule``). ``sign`` moves every
+        bias by the full rate each step, so near balance each one jitters by the rate around
+        its target; ``proportional`` moves it by the rate times the expert's relative
+        deviation, fast where an expert is far off and finely near balance.
         """
         if not self.cfg.bias_balancing:
             return
         load_E = tokens_per_expert_E.to(self.expert_bias)
-        self.expert_bias += self.cfg.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        mean = load_E.mean()
+        if self.cfg.bias_update == "proportional":
+            step_E = (mean - load_E) / mean.clamp_min(1.0)
+        else:
+            step_E = torch.sign(mean - load_E)
+        self.expert_bias += (self.cfg.bias_update_rate * rate_factor) * step_E

@@ -74,6 +74,29 @@ def second_half_balance(run: Run) -> list[float]:
     return out
 
 
+def second_half_pooled_balance(run: Run) -> list[float]:
+    """Per MoE layer: max/mean of the load summed over the second half's logged steps.
+
+    The per-step figure (:func:`second_half_balance`) has two parts: what persists from step to step
+    (a router or bias that favours some experts) and what each batch's mix of tokens adds. Pooled
+    over many steps, the second part averages out: a pooled value near 1 with a per-step value well
+    above it says the imbalance is per-batch fluctuation, which no correction from past loads (the
+    selection bias, the aux loss's ``f_i``) can cancel.
+    """
+    half = run.train[len(run.train) // 2:]
+    layers = max((len(r.get("layers") or []) for r in half), default=0)
+    out = []
+    for i in range(layers):
+        loads = [r["layers"][i].get("tokens_per_expert") for r in half if len(r.get("layers") or []) > i]
+        loads = [load for load in loads if load]
+        if not loads:
+            out.append(math.nan)
+            continue
+        pooled = [sum(column) for column in zip(*loads, strict=True)]
+        out.append(max(pooled) / max(sum(pooled) / len(pooled), 1e-12))
+    return out
+
+
 @dataclass(frozen=True)
 class QualityRow:
     label: str
@@ -85,6 +108,7 @@ class QualityRow:
     reach_step: float | None  # first step at the dense run's final val_loss (None: never, or the dense run itself)
     reach_fraction: float | None  # reach_step / the dense run's steps
     balance: list[float]  # per layer, second half: mean max/mean load
+    pooled: list[float]  # per layer: max/mean of the second half's summed load
 
 
 def quality_rows(runs: Sequence[Run]) -> list[QualityRow]:
@@ -106,7 +130,8 @@ def quality_rows(runs: Sequence[Run]) -> list[QualityRow]:
         rows.append(QualityRow(run.label, run is base, run.summary.get("params_active"),
                                run.summary.get("params_total"), int(run.evals[-1]["step"]),
                                float(run.evals[-1]["val_loss"]), reach,
-                               None if reach is None else reach / base_steps, second_half_balance(run)))
+                               None if reach is None else reach / base_steps, second_half_balance(run),
+                               second_half_pooled_balance(run)))
     return rows
 
 
@@ -151,14 +176,16 @@ def quality_markdown(rows: Sequence[QualityRow]) -> str:
     lines = ["## MoE vs dense", "",
              "Steps to reach the dense run's final val_loss, interpolated between evaluations "
              "(fraction: of the dense run's steps); balance: max/mean expert load per MoE layer, "
-             "averaged over the second half of the logged steps.", "",
+             "averaged over the second half of the logged steps; pooled: max/mean of the load summed over "
+             "those steps (what persists; the rest of the per-step figure is each batch's own mix).", "",
              "| run | active params | total params | final val_loss | steps to dense's final | fraction | "
-             "max/mean per layer (2nd half) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "max/mean per layer (2nd half) | pooled |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for row in rows:
         reach = "baseline" if row.dense else "never" if row.reach_step is None else f"{row.reach_step:.0f}"
         frac = "" if row.reach_fraction is None else f"{row.reach_fraction:.0%}"
-        balance = ", ".join(f"{b:.2f}" for b in row.balance)
+        balance = ", ".join(f"{b:.3f}" for b in row.balance)
+        pooled = ", ".join(f"{b:.3f}" for b in row.pooled)
         lines.append(f"| {row.label} | {_millions(row.params_active)} | {_millions(row.params_total)} | "
-                     f"{row.final_val_loss:.4f} | {reach} | {frac} | {balance} |")
+                     f"{row.final_val_loss:.4f} | {reach} | {frac} | {balance} | {pooled} |")
     return "\n".join(lines) + "\n"

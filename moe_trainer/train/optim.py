@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from moe_trainer.config.schema import TrainConfig
+from moe_trainer.config.schema import MoEConfig, TrainConfig
 from moe_trainer.moe.experts import is_expert_param
 
 
@@ -99,6 +99,18 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def bias_rate_factor(step: int, moe: MoEConfig, cfg: TrainConfig) -> float:
+    """Multiplier of ``moe.bias_update_rate`` at ``step``: 1, or with ``moe.bias_update_schedule=lr`` the
+    learning rate's cosine decay after warmup (not its warmup: the early routing is the most unbalanced).
+
+    The router's weights move at the learning rate; a bias that keeps its full step while they slow down
+    jitters around its target by that step late in training, which is load imbalance of its own.
+    """
+    if moe.bias_update_schedule == "constant" or step < cfg.warmup_steps:
+        return 1.0
+    return lr_factor(step, cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:

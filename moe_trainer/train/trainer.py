@@ -25,7 +25,7 @@ from moe_trainer.parallel.telemetry import CommCounters
 from moe_trainer.timeline import is_sampled, timeline
 from moe_trainer.timing import Span, mark
 from moe_trainer.train.metrics import LoadCounts, balance_metrics
-from moe_trainer.train.optim import apply_update, build_optimizer, optimizer_state_mb, set_lr
+from moe_trainer.train.optim import apply_update, bias_rate_factor, build_optimizer, optimizer_state_mb, set_lr
 from moe_trainer.train.precision import autocast
 
 if TYPE_CHECKING:
@@ -258,9 +258,10 @@ class Trainer:
         with timeline.region("optimizer", "optimizer", device):
             finite = apply_update(self.optimizer, grad_norm, self.cfg.train.grad_clip)
             counts = parts.counts  # the global batch's loads (all passes): every replica makes the same bias update
+            bias_rate = bias_rate_factor(self.step, self.cfg.moe, self.cfg.train)
             for layer, load_E in zip(self.model.moe_layers(), counts.tokens_per_expert_LE, strict=True):
                 if finite:
-                    layer.router.update_bias(load_E)
+                    layer.router.update_bias(load_E, bias_rate)
         if self.shards is not None:
             with timeline.region("parameter broadcast", "sync", device):
                 self.shards.after_step(self.model, finite)

@@ -146,3 +146,17 @@ def test_bias_balancing_changes_selection_not_weights_and_updates_by_sign() -> N
         LOGITS[0].tolist())[3], rel=1e-6)  # renormalised top-1 weight is 1 whatever the bias
     router.update_bias(torch.tensor([0, 0, 0, 8]))
     assert router.expert_bias.tolist() == [0.5, 0.5, 0.5, 9.5]
+    router.update_bias(torch.tensor([0, 0, 0, 8]), rate_factor=0.25)  # moe.bias_update_schedule's factor
+    assert router.expert_bias.tolist() == [0.625, 0.625, 0.625, 9.375]
+
+
+def test_proportional_bias_update_moves_each_expert_by_its_relative_deviation() -> None:
+    cfg = MoEConfig(num_experts=4, top_k=1, router="topk", bias_balancing=True, bias_update_rate=0.1,
+                    bias_update="proportional")
+    router = identity_router(cfg)
+    router.update_bias(torch.tensor([2, 4, 4, 6]))  # mean 4: -50%, 0, 0, +50%
+    assert router.expert_bias.tolist() == pytest.approx([0.05, 0.0, 0.0, -0.05])
+    router.update_bias(torch.tensor([2, 4, 4, 6]), rate_factor=0.5)
+    assert router.expert_bias.tolist() == pytest.approx([0.075, 0.0, 0.0, -0.075])
+    router.update_bias(torch.zeros(4, dtype=torch.int64))  # nothing routed (no tokens): no step, no nan
+    assert router.expert_bias.tolist() == pytest.approx([0.075, 0.0, 0.0, -0.075])

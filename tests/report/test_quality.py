@@ -14,7 +14,8 @@ def _run(label: str, arch: str, evals: list[tuple[int, float]], active: int, tot
          max_mean: float = 1.0) -> Run:
     config = {"model": {"arch": arch, "n_layers": 2, "d_model": 32}, "train": {"batch_size": 4},
               "data": {"seq_len": 16}}
-    train = [{"step": s, "loss": v, "layers": [{"max_mean": max_mean}, {"max_mean": 2 * max_mean}]}
+    train = [{"step": s, "loss": v, "layers": [{"max_mean": max_mean, "tokens_per_expert": [s % 200 + 1, 100]},
+                                               {"max_mean": 2 * max_mean}]}
              for s, v in evals]
     return Run(Path(label), config, {"params_active": active, "params_total": total}, train,
                [{"step": s, "val_loss": v} for s, v in evals], label=label, slug=label)
@@ -37,8 +38,10 @@ def test_rows_compare_every_moe_run_with_the_dense_one_and_the_figures_are_drawn
     assert rows[1].reach_step == 100.0 and rows[1].reach_fraction == pytest.approx(0.5)
     assert rows[2].reach_step is None
     assert rows[1].balance == [pytest.approx(1.2), pytest.approx(2.4)]  # per layer, second half
+    # pooled over the second half (steps 100 and 200): expert 0 got 101 + 1, expert 1 100 + 100
+    assert rows[1].pooled[0] == pytest.approx(200 / 151) and rows[1].pooled[1] != rows[1].pooled[1]  # nan: no loads
     table = quality_markdown(rows)
-    assert "| moe | 0.00M | 0.00M | 1.2000 | 100 | 50% | 1.20, 2.40 |" in table and "| slow |" in table
+    assert "| moe | 0.00M | 0.00M | 1.2000 | 100 | 50% | 1.200, 2.400 | 1.325, nan |" in table and "| slow |" in table
     assert flops_per_token(moe) == 6 * 1000 + 12 * 2 * 16 * 32
     files = [name for name, _ in write_quality_plots([dense, moe, slow], tmp_path)]
     assert files == ["val_loss_vs_steps.png", "val_loss_vs_tokens.png", "val_loss_vs_flops.png"]

@@ -7,8 +7,8 @@ from dataclasses import replace
 import pytest
 from torch import nn
 
-from moe_trainer.config.schema import TrainConfig
-from moe_trainer.train.optim import build_optimizer, set_lr
+from moe_trainer.config.schema import MoEConfig, TrainConfig
+from moe_trainer.train.optim import bias_rate_factor, build_optimizer, lr_factor, set_lr
 
 
 def _model() -> nn.Module:
@@ -36,3 +36,13 @@ def test_expert_groups_follow_the_schedule_times_the_scale(step: int) -> None:
 def test_scale_one_keeps_the_two_groups() -> None:
     optimizer = build_optimizer(_model(), TrainConfig())
     assert [len(g["params"]) for g in optimizer.param_groups] == [2, 2]
+
+
+def test_bias_rate_follows_the_lr_decay_but_not_its_warmup() -> None:
+    train = TrainConfig(lr=3e-3, warmup_steps=10, max_steps=100, min_lr_ratio=0.1)
+    constant, by_lr = MoEConfig(), MoEConfig(bias_update_schedule="lr")
+    assert [bias_rate_factor(s, constant, train) for s in (0, 10, 99)] == [1.0, 1.0, 1.0]
+    assert [bias_rate_factor(s, by_lr, train) for s in (0, 9)] == [1.0, 1.0]  # full rate while the lr warms up
+    assert [bias_rate_factor(s, by_lr, train) for s in (10, 55, 99)] == [lr_factor(s, train) for s in (10, 55, 99)]
+    assert bias_rate_factor(10, by_lr, train) == 1.0
+    assert bias_rate_factor(99, by_lr, train) == pytest.approx(0.1, rel=1e-2)
