@@ -15,14 +15,18 @@ What runs, each for ``--check-steps`` training steps from the same initial weigh
   :class:`~moe_trainer.parallel.dispatcher.AllToAllTransport` over a one-rank group
   (NCCL on CUDA, gloo on CPU): count exchange, all-to-alls and regrouping all run;
 
-in ``train.precision`` fp32 and bf16 (through the config, as ``moe-train`` passes it), and
-a CPU fp32 ``single`` run is the reference: each step's loss and gradient norm must agree
-within a tolerance per precision (fp32 on a GPU uses TF32 matmuls: see moe_trainer/device.py).
+in ``train.precision`` fp32 and bf16 (through the config, as ``moe-train`` passes it), and on
+CUDA also fp32 with TF32 off (``fp32-ieee``; the product's fp32 on a GPU uses TF32 matmuls:
+see moe_trainer/device.py). A CPU fp32 ``single`` run is the reference: each step's loss and
+gradient norm must agree within a tolerance per precision, step 0 (the arithmetic alone)
+reported on its own, at ``--lr`` 3e-4 (see ``TOLERANCE``).
 Then ``--steps`` more steps are timed for tokens/s, MFU (model FLOPs per second over the
 measured bf16 square-matmul rate of this device) and peak memory. Finally the expert layer
 (:class:`~moe_trainer.moe.experts.SwiGLUExperts`, forward + backward on routed rows) is
 timed against a plain per-expert loop of matmuls, in both dtypes, reporting which kernel
 path the layer took (``grouped_mm`` when ``aten._grouped_mm`` ran, else ``mm loop``).
+``--profile`` then runs 3 bf16 ``single`` steps under ``torch.profiler``: the ops that take the
+device's time, the kernels' total against an unprofiled step's, and the kernel launches.
 
 Prints tables, writes ``benchmarks/results/gpu_check.json`` (or ``--json PATH``) and exits
 non-zero when a check fails.
@@ -76,6 +80,8 @@ VOCAB = 257  # the byte tokenizer's vocabulary
 # about the learning rate whatever its gradient's size, so a rounding difference in a near-zero gradient
 # becomes a full-size difference in that weight), hence --lr 3e-4 for the check and a looser bound
 TOLERANCE = {"fp32-ieee": 1e-3, "fp32": 1e-2, "bf16": 5e-2}
+# the runtime and driver calls that launch a kernel (cuBLAS/CUTLASS and cuDNN use the extended forms)
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
 
 
 class RandomTokens:
@@ -316,7 +322,7 @@ def profile_steps(cfg: Config, device: torch.device, data: RandomTokens, steps: 
     rows = [{"op": e.key[:60], "calls": e.count // steps, "ms_per_step": own_us(e) / 1e3 / steps,
              "share": own_us(e) / 1e6 / max(busy_s, 1e-12)} for e in sorted(ops, key=own_us, reverse=True)[:15]]
     return {"steps": steps, "wall_ms_per_step": 1e3 * wall_s / steps, "busy_ms_per_step": 1e3 * busy_s / steps,
-            "launches_per_step": sum(e.count for e in events if e.key == "cudaLaunchKernel") / steps, "top": rows}
+            "launches_per_step": sum(e.count for e in events if e.key in LAUNCHES) / steps, "top": rows}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -401,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                   "kernel launches")
         print_table(prof["top"], ["op", "calls", "ms_per_step", "share"])
     payload = {"args": {k: str(v) for k, v in vars(args).items()}, "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "cuda": torch.version.cuda,
                "bf16_matmul_flops": peak, "model_flops_per_token": flops_per_token,
                "reference_losses": reference["losses"], "reference_grad_norms": reference["grad_norms"],
                "runs": runs, "experts": experts, "profile": prof,

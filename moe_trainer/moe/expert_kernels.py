@@ -110,8 +110,9 @@ def host_chunk_bytes(device: torch.device, retained: bool, recompute: bool) -> i
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     """``torch.nn.functional.grouped_mm``, or on a torch that predates it the ``torch._grouped_mm`` it wraps.
 
-    Looked up per call (tests patch ``F.grouped_mm``); the borrowed GPU machine runs an older torch
-    than the pinned one, and its grouped path must not fail on the name.
+    Looked up per call (tests patch ``F.grouped_mm``). The project pins one torch, but the GPU check runs
+    on whatever torch a borrowed machine has (2.11 there, which has both names), and a torch with only
+    the private op must not lose the grouped path for a name.
     """
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b, offs=offs)

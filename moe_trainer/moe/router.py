@@ -211,14 +211,16 @@ class Router(nn.Module):
         scales ``moe.bias_update_rate`` (``moe.bias_update_schedule``). ``sign`` moves every
         bias by the full rate each step, so near balance each one jitters by the rate around
         its target; ``proportional`` moves it by the rate times the expert's relative
-        deviation, fast where an expert is far off and finely near balance.
+        deviation, fast where an expert is far off and finely near balance. Its steps are lopsided:
+        an idle expert rises by at most the rate, an overloaded one falls by up to ``E / k - 1``
+        times it (7x at 64 experts, top-8), which is what pulls a hot expert back quickly.
         """
         if not self.cfg.bias_balancing:
             return
         load_E = tokens_per_expert_E.to(self.expert_bias)
         mean = load_E.mean()
         if self.cfg.bias_update == "proportional":
-            step_E = (mean - load_E) / mean.clamp_min(1.0)
+            step_E = torch.where(mean > 0, (mean - load_E) / mean, torch.zeros_like(load_E))  # no tokens: no step
         else:
             step_E = torch.sign(mean - load_E)
         self.expert_bias += (self.cfg.bias_update_rate * rate_factor) * step_E

@@ -105,8 +105,10 @@ def bias_rate_factor(step: int, moe: MoEConfig, cfg: TrainConfig) -> float:
     """Multiplier of ``moe.bias_update_rate`` at ``step``: 1, or with ``moe.bias_update_schedule=lr`` the
     learning rate's cosine decay after warmup (not its warmup: the early routing is the most unbalanced).
 
-    The router's weights move at the learning rate; a bias that keeps its full step while they slow down
-    jitters around its target by that step late in training, which is load imbalance of its own.
+    The argument for it: the router's weights move at the learning rate, and a bias that keeps its full
+    step while they slow down jitters around its target. Measured (docs/moe-study.md, sixth session) it
+    balanced worse in every layer than the constant rate: the router still moves late, and the bias must
+    keep up. Kept as a setting for that comparison; the default is ``constant``.
     """
     if moe.bias_update_schedule == "constant" or step < cfg.warmup_steps:
         return 1.0

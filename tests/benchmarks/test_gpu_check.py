@@ -31,13 +31,14 @@ subprocess.Popen = no_interpreter
 from benchmarks.gpu_check import main
 code = main(sys.argv[1:])
 assert not [m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}]
+assert "moe_trainer.plan.baseline" not in sys.modules  # the memory plan measures a Ray rank in a child
 sys.exit(code)
 """
 
 
 def test_gpu_check_runs_on_cpu_with_torch_only(tmp_path: Path) -> None:
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MOE_TRAINER_CACHE": str(tmp_path)}  # no cached measurement
     proc = subprocess.run([sys.executable, "-c", RUN, "--device", "cpu", "--quick", "--profile", "--json", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
