@@ -77,11 +77,11 @@ def second_half_balance(run: Run) -> list[float]:
 def second_half_pooled_balance(run: Run) -> list[float]:
     """Per MoE layer: max/mean of the load summed over the second half's logged steps.
 
-    The per-step figure (:func:`second_half_balance`) has two parts: what persists from step to step
-    (a router or bias that favours some experts) and what each batch's mix of tokens adds. Pooled
-    over many steps, the second part averages out: a pooled value near 1 with a per-step value well
-    above it says the imbalance is per-batch fluctuation, which no correction from past loads (the
-    selection bias, the aux loss's ``f_i``) can cancel.
+    The per-step figure (:func:`second_half_balance`) has a part that persists from step to step (a
+    router or bias that favours some experts for long) and a part that changes from step to step: each
+    batch's own mix of tokens, and the bias's or router's own swings. Pooled over many steps the second
+    part averages out, so a pooled value near 1 under a per-step value well above it says that little
+    persists; which of the changing parts dominates, it cannot tell.
     """
     half = run.train[len(run.train) // 2:]
     layers = max((len(r.get("layers") or []) for r in half), default=0)
@@ -177,7 +177,7 @@ def quality_markdown(rows: Sequence[QualityRow]) -> str:
              "Steps to reach the dense run's final val_loss, interpolated between evaluations "
              "(fraction: of the dense run's steps); balance: max/mean expert load per MoE layer, "
              "averaged over the second half of the logged steps; pooled: max/mean of the load summed over "
-             "those steps (what persists; the rest of the per-step figure is each batch's own mix).", "",
+             "those steps (the part that persists across steps).", "",
              "| run | active params | total params | final val_loss | steps to dense's final | fraction | "
              "max/mean per layer (2nd half) | pooled |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
