@@ -122,3 +122,25 @@ def test_wandb_offline_run_is_written_and_reads_back(tmp_path: Path) -> None:
             assert train_rows[record["step"]]["balance/load_imbalance"] == pytest.approx(record["load_imbalance"])
     assert logged.summary["final_val_loss"] == pytest.approx(summary["final_val_loss"])
     assert logged.config["moe"]["num_experts"] == 4
+
+
+def test_the_trainer_steps_the_bias_at_its_scheduled_rate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``moe.bias_update_schedule=lr``: the rate factor the trainer hands each router, step by step."""
+    from moe_trainer.moe.router import Router
+    from moe_trainer.train.optim import lr_factor
+
+    factors: list[float] = []
+    update = Router.update_bias
+
+    def record(router: Router, load_E: Any, rate_factor: float = 1.0) -> None:
+        factors.append(rate_factor)
+        update(router, load_E, rate_factor)
+
+    monkeypatch.setattr(Router, "update_bias", record)
+    overrides = ["moe.bias_balancing=true", "moe.bias_update_schedule=lr", "train.max_steps=5", "train.warmup_steps=2",
+                 "train.eval_every=5", "train.checkpoint_every=0"]
+    train_run(tmp_path, *overrides)
+    train = to_dataclass(compose_dict(["experiment=debug", *overrides])).train
+    want = [1.0, 1.0, *(lr_factor(step, train) for step in (2, 3, 4))]  # the warmup's steps at the full rate
+    assert factors == [f for f in want for _ in range(2)]  # the debug model's two MoE layers
+    assert want[4] < want[3] < want[2] == 1.0
