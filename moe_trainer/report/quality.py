@@ -61,15 +61,18 @@ def reach_step(evals: Sequence[dict[str, Any]], target: float) -> float | None:
     return None
 
 
-def second_half_balance(run: Run) -> list[float]:
-    """Per MoE layer: max/mean expert load averaged over the second half of the logged steps."""
-    if not run.train:
-        return []
+def _second_half_layers(run: Run) -> list[list[dict[str, Any]]]:
+    """Per MoE layer: that layer's record in each logged step of the run's second half."""
     half = run.train[len(run.train) // 2:]
     layers = max((len(r.get("layers") or []) for r in half), default=0)
+    return [[r["layers"][i] for r in half if len(r.get("layers") or []) > i] for i in range(layers)]
+
+
+def second_half_balance(run: Run) -> list[float]:
+    """Per MoE layer: max/mean expert load averaged over the second half of the logged steps."""
     out = []
-    for i in range(layers):
-        values = [r["layers"][i]["max_mean"] for r in half if len(r.get("layers") or []) > i]
+    for records in _second_half_layers(run):
+        values = [r["max_mean"] for r in records]
         out.append(sum(values) / len(values) if values else math.nan)
     return out
 
@@ -83,12 +86,9 @@ def second_half_pooled_balance(run: Run) -> list[float]:
     part averages out, so a pooled value near 1 under a per-step value well above it says that little
     persists; which of the changing parts dominates, it cannot tell.
     """
-    half = run.train[len(run.train) // 2:]
-    layers = max((len(r.get("layers") or []) for r in half), default=0)
     out = []
-    for i in range(layers):
-        loads = [r["layers"][i].get("tokens_per_expert") for r in half if len(r.get("layers") or []) > i]
-        loads = [load for load in loads if load]
+    for records in _second_half_layers(run):
+        loads = [r["tokens_per_expert"] for r in records if r.get("tokens_per_expert")]
         if not loads:
             out.append(math.nan)
             continue
