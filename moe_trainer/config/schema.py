@@ -66,6 +66,9 @@ class MoEConfig:
     bias_update_rate: float = 0.001  # step size of that bias update
     bias_update: str = "sign"  # sign: +-rate (DeepSeek-V3) | proportional: rate x (mean - load) / mean
     bias_update_schedule: str = "constant"  # constant | lr: the rate times the lr's decay after warmup
+    # training only: noise of this standard deviation on the scores that select each token's experts
+    # (never on gate weights), hashed per token so every layout draws the same; 0 = none
+    selection_noise: float = 0.0
     num_shared_experts: int = 0  # DeepSeekMoE shared experts every token passes through
     shared_expert_hidden: int = 256  # hidden width of each shared expert
     aux_loss_scope: str = "global"  # global: f_i, P_i over the whole global batch | group: per routing group
@@ -160,6 +163,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30  # linear warmup steps
     expert_lr_scale: float = 1.0  # routed experts' learning rate = lr x this (each expert sees k/E of the tokens)
+    router_lr_scale: float = 1.0  # routers' learning rate = lr x this (how fast routing moves against the bias step)
     weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay

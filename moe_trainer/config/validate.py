@@ -134,6 +134,11 @@ def validate_moe(cfg: Config) -> None:
     _positive("moe.bias_update_rate", moe.bias_update_rate, allow_zero=True)
     _one_of("moe.bias_update", moe.bias_update, BIAS_UPDATES)
     _one_of("moe.bias_update_schedule", moe.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
+    _positive("moe.selection_noise", moe.selection_noise, allow_zero=True)
+    if moe.selection_noise > 0 and moe.router == "expert_choice":
+        raise ConfigError("moe.selection_noise", moe.selection_noise, "is for token-choice routers (topk, switch): "
+                          "expert choice is balanced by construction; use moe.selection_noise=0 with "
+                          "moe.router=expert_choice")
     if moe.bias_balancing and moe.router == "expert_choice":
         raise ConfigError("moe.bias_balancing", True, "does nothing with moe.router=expert_choice: a per-expert "
                           "bias shifts all of an expert's scores alike, so it cannot change which tokens that "
@@ -388,6 +393,7 @@ def validate_train(cfg: Config) -> None:
         raise ConfigError("train.min_lr_ratio", t.min_lr_ratio, "must be between 0 and 1")
     _positive("train.warmup_steps", t.warmup_steps, allow_zero=True)
     _positive("train.expert_lr_scale", t.expert_lr_scale)
+    _positive("train.router_lr_scale", t.router_lr_scale)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
     for name in ("beta1", "beta2"):
         value = getattr(t, name)

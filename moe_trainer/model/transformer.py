@@ -23,6 +23,7 @@ from moe_trainer.moe.dispatcher import Dispatcher
 from moe_trainer.moe.experts import SwiGLUExperts
 from moe_trainer.moe.layer import MoELayer, MoEStats
 from moe_trainer.moe.router import Routing
+from moe_trainer.moe.routing_noise import routing_keys
 
 
 def active_ffn_hidden(moe_cfg: MoEConfig) -> int:
@@ -63,24 +64,28 @@ class Block(nn.Module):
     def _attend(self, x_BSD: Tensor) -> Tensor:
         return x_BSD + self.attn(self.attn_norm(x_BSD))
 
-    def before_dispatch(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Routing]:
+    def before_dispatch(self, x_BSD: Tensor, num_groups: int, noise_keys_BS: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Routing]:
         """An MoE block up to its first all-to-all: ``(residual after attention, FFN input, routing)``.
 
         One communication-free region, recomputed as a whole with ``recompute=block``.
+        ``noise_keys_BS``: the tokens' keys for ``moe.selection_noise`` (:meth:`Transformer.routing_keys`).
         """
         assert isinstance(self.ffn, MoELayer)
         if self.recompute == "block":
-            return recomputed(self._before_dispatch, x_BSD, num_groups, keep_decisions=True)
-        return self._before_dispatch(x_BSD, num_groups)
+            return recomputed(self._before_dispatch, x_BSD, num_groups, noise_keys_BS, keep_decisions=True)
+        return self._before_dispatch(x_BSD, num_groups, noise_keys_BS)
 
-    def _before_dispatch(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Routing]:
+    def _before_dispatch(self, x_BSD: Tensor, num_groups: int, noise_keys_BS: Tensor | None
+                         ) -> tuple[Tensor, Tensor, Routing]:
         x_BSD = self.attend(x_BSD)
         h_BSD = self.ffn_norm(x_BSD)
-        return x_BSD, h_BSD, self.ffn.route(h_BSD, num_groups)
+        return x_BSD, h_BSD, self.ffn.route(h_BSD, num_groups, noise_keys_BS)
 
-    def forward(self, x_BSD: Tensor, num_groups: int) -> tuple[Tensor, MoEStats | None]:
+    def forward(self, x_BSD: Tensor, num_groups: int, noise_keys_BS: Tensor | None = None
+                ) -> tuple[Tensor, MoEStats | None]:
         if isinstance(self.ffn, MoELayer):
-            x_BSD, h_BSD, routing = self.before_dispatch(x_BSD, num_groups)
+            x_BSD, h_BSD, routing = self.before_dispatch(x_BSD, num_groups, noise_keys_BS)
             y_BSD, stats = self.ffn.finish(self.ffn.start(h_BSD, num_groups, routing))
             return x_BSD + y_BSD, stats
         if self.recompute == "block":  # a dense block has no communication: recomputed whole
@@ -115,7 +120,7 @@ class Transformer(nn.Module):
         recompute: str = "none",
     ) -> None:
         super().__init__()
-        self.cfg, self.moe_cfg = cfg, moe_cfg
+        self.cfg, self.moe_cfg, self.seed = cfg, moe_cfg, seed
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         blocks = []
         for i in range(cfg.n_layers):
@@ -142,12 +147,23 @@ class Transformer(nn.Module):
         :func:`moe_trainer.parallel.schedule.run_microbatches`, which calls the same blocks.
         """
         x_BSD = self.embed(idx_BS)
+        keys_BS = self.routing_keys(idx_BS)
         stats: list[MoEStats] = []
         for block in self.blocks:
-            x_BSD, layer_stats = block(x_BSD, num_groups)
+            x_BSD, layer_stats = block(x_BSD, num_groups, keys_BS)
             if layer_stats is not None:
                 stats.append(layer_stats)
         return self.output(x_BSD, stats)
+
+    def routing_keys(self, idx_BS: Tensor) -> Tensor | None:
+        """Each token's key for ``moe.selection_noise`` (training only; else None).
+
+        Hashed from the token's row and position (:func:`~moe_trainer.moe.routing_noise.routing_keys`)
+        and salted with the model's seed, so every layout draws the noise ``single`` draws.
+        """
+        if not (self.training and self.moe_cfg.selection_noise > 0 and self.moe_layers()):
+            return None
+        return routing_keys(idx_BS, self.seed)
 
     def output(self, x_BSD: Tensor, stats: list[MoEStats]) -> ModelOutput:
         """LM head and the losses of the MoE layers, from the last block's output."""

@@ -70,14 +70,21 @@ class MoELayer(nn.Module):
         self.recompute = on
         self.experts.recompute = on  # the expert function keeps only its input rows
 
-    def forward(self, x_BSD: Tensor, num_groups: int = 1) -> tuple[Tensor, MoEStats]:
-        return self.finish(self.start(x_BSD, num_groups))
+    def forward(self, x_BSD: Tensor, num_groups: int = 1, noise_keys_BS: Tensor | None = None
+                ) -> tuple[Tensor, MoEStats]:
+        return self.finish(self.start(x_BSD, num_groups, noise_keys_BS=noise_keys_BS))
 
-    def route(self, x_BSD: Tensor, num_groups: int = 1) -> Routing:
-        """The router on the flattened tokens: local math, which a recompute region may include."""
-        return self.router(x_BSD.reshape(-1, x_BSD.shape[-1]), num_groups)
+    def route(self, x_BSD: Tensor, num_groups: int = 1, noise_keys_BS: Tensor | None = None) -> Routing:
+        """The router on the flattened tokens: local math, which a recompute region may include.
 
-    def start(self, x_BSD: Tensor, num_groups: int = 1, routing: Routing | None = None) -> PendingMoE:
+        ``noise_keys_BS``: the tokens' keys for ``moe.selection_noise``
+        (:meth:`~moe_trainer.model.transformer.Transformer.routing_keys`).
+        """
+        keys_T = noise_keys_BS.reshape(-1) if noise_keys_BS is not None else None
+        return self.router(x_BSD.reshape(-1, x_BSD.shape[-1]), num_groups, keys_T, self.layer_index)
+
+    def start(self, x_BSD: Tensor, num_groups: int = 1, routing: Routing | None = None,
+              noise_keys_BS: Tensor | None = None) -> PendingMoE:
         """Routes (unless ``routing`` is given) and dispatches; the experts' work may then happen
         elsewhere while the caller goes on.
 
@@ -86,7 +93,7 @@ class MoELayer(nn.Module):
         """
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if routing is None:
-            routing = self.route(x_BSD, num_groups)  # fp32 whatever the dtype of x
+            routing = self.route(x_BSD, num_groups, noise_keys_BS)  # fp32 whatever the dtype of x
         # cast once before the dispatch (not inside the experts): every all-to-all payload is then
         # in the compute dtype, bf16 under train.precision=bf16; a no-op in fp32
         x_TD = x_TD.to(compute_dtype(x_TD))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_trainer.config.schema import MoEConfig, experts_per_token
+from moe_trainer.moe.routing_noise import uniform_noise
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,15 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
     return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
+def is_router_param(name: str) -> bool:
+    """Whether parameter ``name`` (as ``named_parameters`` gives it) is a router's weight.
+
+    Every MoE layer holds its router in a submodule named ``router`` (:class:`Router`), whose one
+    parameter is ``weight``; ``train.router_lr_scale`` gives it a learning rate of its own.
+    """
+    return name.endswith(".router.weight") or name == "router.weight"
+
+
 def count_per_expert(expert_idx_A: Tensor, num_experts: int) -> Tensor:
     """int64 ``[E]``: how many of ``expert_idx_A`` name each expert.
 
@@ -115,6 +125,8 @@ class Router(nn.Module):
     With ``bias_balancing`` a per-expert bias is added to the scores used for
     *selection* only (never to the gate weights) and nudged after each step towards
     uniform load: DeepSeek-V3's aux-loss-free balancing (https://arxiv.org/abs/2412.19437, sec. 2.1.2).
+    With ``selection_noise`` (token choice, training only) noise is added to those selection scores
+    too, hashed per token so that every layout draws the same (:mod:`moe_trainer.moe.routing_noise`).
     """
 
     def __init__(self, d_model: int, cfg: MoEConfig) -> None:
@@ -126,15 +138,28 @@ class Router(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
-    def forward(self, x_TD: Tensor, num_groups: int = 1) -> Routing:
+    def forward(self, x_TD: Tensor, num_groups: int = 1, noise_keys_T: Tensor | None = None,
+                layer: int = 0) -> Routing:
+        """Routes ``x_TD``. ``noise_keys_T``: each token's key for ``moe.selection_noise`` in training
+        (:func:`~moe_trainer.moe.routing_noise.routing_keys`; without them, the token's index here);
+        ``layer`` salts the noise so that layers draw their own."""
         tokens = x_TD.shape[0]
         if tokens % num_groups:
             raise ValueError(f"{tokens} tokens do not split into {num_groups} routing groups")
         # autocast off: it would run the logits' matmul (and on CPU logsumexp) in bf16
         with torch.autocast(x_TD.device.type, enabled=False):
-            return self._route(x_TD.float(), num_groups)
+            return self._route(x_TD.float(), num_groups, noise_keys_T, layer)
 
-    def _route(self, x_TD: Tensor, num_groups: int) -> Routing:
+    def _selection_noise(self, tokens: int, device: torch.device, noise_keys_T: Tensor | None,
+                         layer: int) -> Tensor | None:
+        """``[T, E]`` noise of standard deviation ``moe.selection_noise`` for selection, or None."""
+        if not (self.training and self.cfg.selection_noise > 0):
+            return None
+        if noise_keys_T is None:
+            noise_keys_T = torch.arange(tokens, device=device, dtype=torch.int64)
+        return uniform_noise(noise_keys_T, layer, self.num_experts) * (self.cfg.selection_noise * math.sqrt(12.0))
+
+    def _route(self, x_TD: Tensor, num_groups: int, noise_keys_T: Tensor | None = None, layer: int = 0) -> Routing:
         tokens = x_TD.shape[0]
         logits_TE = F.linear(x_TD, self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
@@ -144,6 +169,9 @@ class Router(nn.Module):
 
         scores_TE = probs_TE if self.cfg.score_order == "softmax_topk" or self.cfg.router == "switch" else logits_TE
         select_TE = scores_TE + self.expert_bias if self.cfg.bias_balancing else scores_TE
+        noise_TE = self._selection_noise(tokens, x_TD.device, noise_keys_T, layer)
+        if noise_TE is not None:
+            select_TE = select_TE + noise_TE
         expert_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
         if self.cfg.router == "topk" and self.cfg.score_order == "topk_softmax":
             weight_TK = logits_TE.gather(1, expert_idx_TK).softmax(dim=-1)

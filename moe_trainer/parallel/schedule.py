@@ -27,6 +27,7 @@ def run_microbatches(model: Transformer, idx_list: list[Tensor], num_groups: int
     if len(idx_list) == 1:
         return [model(idx_list[0], num_groups)]
     xs = [model.embed(idx) for idx in idx_list]
+    keys = [model.routing_keys(idx) for idx in idx_list]  # moe.selection_noise's, from each row's own tokens
     stats: list[list[MoEStats]] = [[] for _ in idx_list]
     in_flight: list[tuple[MoELayer, PendingMoE] | None] = [None] * len(xs)  # results not yet landed
 
@@ -44,7 +45,7 @@ def run_microbatches(model: Transformer, idx_list: list[Tensor], num_groups: int
             started = []
             for i in range(len(xs)):
                 land(i)
-                xs[i], h_BSD, routing = block.before_dispatch(xs[i], num_groups)
+                xs[i], h_BSD, routing = block.before_dispatch(xs[i], num_groups, keys[i])
                 started.append(block.ffn.start(h_BSD, num_groups, routing))
             # every micro-batch's experts before any combine: micro-batch i's results travel back
             # while micro-batch i+1's experts compute

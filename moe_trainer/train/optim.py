@@ -10,6 +10,12 @@ from torch import Tensor, nn
 
 from moe_trainer.config.schema import MoEConfig, TrainConfig
 from moe_trainer.moe.experts import is_expert_param
+from moe_trainer.moe.router import is_router_param
+
+
+def _role(name: str) -> str:
+    """Which learning-rate group parameter ``name`` belongs to: ``experts``, ``router`` or ``base``."""
+    return "experts" if is_expert_param(name) else "router" if is_router_param(name) else "base"
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, owns: Callable[[str], bool] | None = None
@@ -24,15 +30,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, owns: Callable[[str], bo
     (:mod:`moe_trainer.parallel.zero`); the others get no state and no update here. A group may be empty.
     """
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad and (owns is None or owns(name))]
-    # ``train.expert_lr_scale``: the routed experts' own groups, whose learning rate set_lr scales
-    parts = ((1.0, named),) if cfg.expert_lr_scale == 1.0 else (
-        (1.0, [(n, p) for n, p in named if not is_expert_param(n)]),
-        (cfg.expert_lr_scale, [(n, p) for n, p in named if is_expert_param(n)]))
+    # ``train.expert_lr_scale`` and ``train.router_lr_scale``: groups of their own, whose learning rate
+    # set_lr scales. The groups follow from the config alone (one may be empty), so every rank has the same.
+    scales = {"base": 1.0, "experts": cfg.expert_lr_scale, "router": cfg.router_lr_scale}
+    roles = [role for role, scale in scales.items() if role == "base" or scale != 1.0]
+    parts: dict[str, list[nn.Parameter]] = {role: [] for role in roles}
+    for name, p in named:
+        role = _role(name)
+        parts[role if role in parts else "base"].append(p)
     groups = []
-    for scale, part in parts:
-        groups += [{"params": [p for _, p in part if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-                    "lr_scale": scale},
-                   {"params": [p for _, p in part if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    for role in roles:
+        groups += [{"params": [p for p in parts[role] if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                    "lr_scale": scales[role]},
+                   {"params": [p for p in parts[role] if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scales[role]}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
@@ -118,7 +128,7 @@ def bias_rate_factor(step: int, moe: MoEConfig, cfg: TrainConfig) -> float:
 def set_lr(optimizer: torch.optim.Optimizer, step: int, cfg: TrainConfig) -> float:
     """Sets the learning rate for ``step`` from the step alone, so resuming needs no scheduler state.
 
-    Returns the base rate (``train.lr``'s); the experts' groups get it times their ``lr_scale``.
+    Returns the base rate (``train.lr``'s); the experts' and routers' groups get it times their ``lr_scale``.
     """
     lr = cfg.lr * lr_factor(step, cfg)
     for group in optimizer.param_groups:

@@ -57,18 +57,22 @@ BASE = ["experiment=debug", f"train.max_steps={STEPS}", "train.grad_clip=0", "tr
 
 # Feature mixes: between them every router, score order, capacity and aux-loss scope, shared
 # experts, a dense block between MoE blocks, and aux-loss-free bias balancing that moves (DeepSeek-V3's sign
-# step here; the default's proportional step runs in RUN below, through moe-train).
+# step here; the default's proportional step runs in RUN below, through moe-train), with selection noise
+# (hashed from each row's tokens, so every rank and micro-batch must draw what single draws).
 # Dropless also recomputes activations (block: every region up to an all-to-all, shared experts,
 # the dense block) and accumulates gradients over two passes (the global aux loss per pass, bias
 # loads summed over them); the single reference does the same. Every layout runs it, and at least
 # one mix without either. Capacity (and clipped, built on it) also gives the routed experts a
-# learning rate of their own (train.expert_lr_scale), which every process that updates experts applies.
+# learning rate of their own (train.expert_lr_scale), which every process that updates experts applies,
+# and the routers another (train.router_lr_scale), applied wherever the routers are updated.
 MIXES = {
     "dropless": ["moe.score_order=topk_softmax", "moe.num_shared_experts=1", "moe.shared_expert_hidden=16",
                  "moe.bias_balancing=true", "moe.bias_update=sign", "moe.bias_update_rate=0.05", "moe.every=2",
+                 "moe.selection_noise=0.1",
                  "train.recompute=block",
                  "train.grad_accum_steps=2"],
-    "capacity": ["moe.capacity_factor=1.0", "moe.aux_loss_scope=group", "train.expert_lr_scale=3"],
+    "capacity": ["moe.capacity_factor=1.0", "moe.aux_loss_scope=group", "train.expert_lr_scale=3",
+                 "train.router_lr_scale=0.3"],
     "switch": ["moe.router=switch", "moe.capacity_factor=1.25", "moe.routed_scale=4"],
     "expert_choice": ["moe.router=expert_choice"],
 }

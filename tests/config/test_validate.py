@@ -36,6 +36,7 @@ BATTERY = [
     ("train.lr=-0.001", "train.lr"),
     ("train.max_steps=-5", "train.max_steps"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
+    ("train.router_lr_scale=0", "train.router_lr_scale"),
     ("train.beta1=1.0", "train.beta1"),
     ("train.on_nan=ignore", "train.on_nan"),
     ("train.keep_last=-1", "train.keep_last"),

@@ -23,9 +23,11 @@ from tests.helpers import assert_rel_close
 
 REL = 1e-6
 MIXES = {
-    # a dense block between MoE blocks, shared experts, a bias that moves, drops past capacity
+    # a dense block between MoE blocks, shared experts, a bias that moves, drops past capacity, and
+    # selection noise (recomputed in backward, its decisions kept)
     "token_choice": ["moe.every=2", "moe.num_shared_experts=1", "moe.shared_expert_hidden=16",
-                     "moe.bias_balancing=true", "moe.bias_update_rate=0.05", "moe.capacity_factor=1.0"],
+                     "moe.bias_balancing=true", "moe.bias_update_rate=0.05", "moe.capacity_factor=1.0",
+                     "moe.selection_noise=0.05"],
     "expert_choice": ["moe.router=expert_choice"],  # decisions by a sort over tied scores
 }
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from moe_trainer.config.schema import MoEConfig
-from moe_trainer.moe.router import Router, capacity, global_load_balancing_loss, load_balancing_loss, router_z_loss
+from moe_trainer.moe.router import (
+    Router,
+    capacity,
+    global_load_balancing_loss,
+    is_router_param,
+    load_balancing_loss,
+    router_z_loss,
+)
 
 
 def identity_router(cfg: MoEConfig) -> Router:
@@ -160,3 +167,14 @@ def test_proportional_bias_update_moves_each_expert_by_its_relative_deviation() 
     assert router.expert_bias.tolist() == pytest.approx([0.075, 0.0, 0.0, -0.075])
     router.update_bias(torch.zeros(4, dtype=torch.int64))  # nothing routed (no tokens): no step, no nan
     assert router.expert_bias.tolist() == pytest.approx([0.075, 0.0, 0.0, -0.075])
+
+
+def test_the_router_parameters_are_exactly_each_moe_layers_router_weight() -> None:
+    """``train.router_lr_scale`` finds the routers by name: every MoE layer's, and nothing else."""
+    from moe_trainer.config.schema import ModelConfig
+    from moe_trainer.model.transformer import Transformer
+
+    model = Transformer(ModelConfig(), replace(MoEConfig(), first_dense=1), 257, 0)
+    named = [name for name, _ in model.named_parameters() if is_router_param(name)]
+    assert named == [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Router)]
+    assert len(named) == ModelConfig().n_layers - 1
