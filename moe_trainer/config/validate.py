@@ -135,15 +135,16 @@ def validate_moe(cfg: Config) -> None:
     _one_of("moe.bias_update", moe.bias_update, BIAS_UPDATES)
     _one_of("moe.bias_update_schedule", moe.bias_update_schedule, BIAS_UPDATE_SCHEDULES)
     _positive("moe.selection_noise", moe.selection_noise, allow_zero=True)
-    if moe.selection_noise > 0 and moe.router == "expert_choice":
-        raise ConfigError("moe.selection_noise", moe.selection_noise, "is for token-choice routers (topk, switch): "
-                          "expert choice is balanced by construction; use moe.selection_noise=0 with "
-                          "moe.router=expert_choice")
-    if moe.bias_balancing and moe.router == "expert_choice":
-        raise ConfigError("moe.bias_balancing", True, "does nothing with moe.router=expert_choice: a per-expert "
-                          "bias shifts all of an expert's scores alike, so it cannot change which tokens that "
-                          "expert picks (expert choice is balanced by construction); use moe.bias_balancing=false, "
-                          "or a token-choice router (topk, switch) for aux-loss-free balancing")
+    if moe.router == "expert_choice" and (moe.bias_balancing or moe.selection_noise > 0):
+        # both are token-choice selection aids (the default has both on): one message names every change
+        offs = [off for off, on in (("moe.bias_balancing=false", moe.bias_balancing),
+                                    ("moe.selection_noise=0", moe.selection_noise > 0)) if on]
+        setting, value = ("moe.bias_balancing", True) if moe.bias_balancing else ("moe.selection_noise",
+                                                                                 moe.selection_noise)
+        raise ConfigError(setting, value, "does nothing with moe.router=expert_choice: a per-expert bias or "
+                          "selection noise changes which experts a token picks, and under expert choice the "
+                          "experts pick their tokens (balanced by construction); use " + " ".join(offs)
+                          + ", or a token-choice router (topk, switch)")
     _positive("moe.num_shared_experts", moe.num_shared_experts, allow_zero=True)
     _positive("moe.shared_expert_hidden", moe.shared_expert_hidden)
     _one_of("moe.aux_loss_scope", moe.aux_loss_scope, AUX_LOSS_SCOPES)

@@ -33,6 +33,7 @@ BATTERY = [
     ("moe.aux_loss_scope=rank", "moe.aux_loss_scope"),
     ("moe.bias_update=ema", "moe.bias_update"),
     ("moe.bias_update_schedule=cosine", "moe.bias_update_schedule"),
+    ("moe.selection_noise=-0.01", "moe.selection_noise"),
     ("train.lr=-0.001", "train.lr"),
     ("train.max_steps=-5", "train.max_steps"),
     ("train.warmup_steps=-1", "train.warmup_steps"),
@@ -81,6 +82,7 @@ PARALLEL = [
     (["parallel=expert_parallel", "parallel.micro_batches=2", "train.grad_accum_steps=2"], "parallel.micro_batches"),
     (["parallel=data_parallel", "parallel.num_actors=2", "train.grad_accum_steps=4"], "train.grad_accum_steps"),
     (["moe.router=expert_choice", "moe.bias_balancing=true"], "moe.bias_balancing"),  # bias cannot change picks
+    (["moe.router=expert_choice", "moe.selection_noise=0.01"], "moe.selection_noise"),  # nor can noise
     (["parallel=expert_parallel", "parallel.num_actors=8"], "parallel.num_actors"),  # 4 experts, ep_size unset
     (["parallel=expert_parallel", "parallel.num_actors=8", "parallel.ep_size=8"], "parallel.ep_size"),
     # per-role sizes belong to the disaggregated strategy's roles; elsewhere they would be silently ignored
@@ -190,6 +192,17 @@ def test_expert_parallel_errors_name_the_setting_the_user_wrote(make_config: Cal
     with pytest.raises(ConfigError) as err:
         validate(make_config("parallel=expert_parallel", *overrides))
     assert named in str(err.value) and not_named not in str(err.value)
+
+
+def test_expert_choice_on_the_defaults_names_both_selection_aids_at_once() -> None:
+    """The default routing has the bias and the noise on: one message gives every change expert choice needs."""
+    cfg = to_dataclass(compose_dict(["moe.router=expert_choice"]))
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert err.value.setting == "moe.bias_balancing"
+    assert "use moe.bias_balancing=false moe.selection_noise=0, or" in str(err.value)
+    validate(to_dataclass(compose_dict(["moe.router=expert_choice", "moe.bias_balancing=false",
+                                        "moe.selection_noise=0"])))
 
 
 def test_the_first_error_of_a_newcomers_64_actors_names_num_actors(make_config: Callable[..., Config]) -> None:
