@@ -127,12 +127,15 @@ def moe_layer_syncs(cfg: Any, dispatcher: Any = None, tokens: int = 64, d_model:
     started, then computed, then completed), as an asynchronous dispatcher needs.
     """
     from moe_trainer.moe.layer import MoELayer
+    from moe_trainer.moe.routing_noise import routing_keys
 
     torch.manual_seed(0)
     layer = MoELayer(d_model, cfg, dispatcher=dispatcher)
     x = torch.randn(1, tokens, d_model, requires_grad=True)
+    keys = routing_keys(torch.randint(0, 256, (1, tokens)), 0)  # moe.selection_noise's, counted outside
     with HostSyncCounter() as forward:
-        pending = [layer.compute(layer.start(part, 1)) for part in x.chunk(micro_batches, dim=1)]
+        pending = [layer.compute(layer.start(part, 1, noise_keys_BS=k))
+                   for part, k in zip(x.chunk(micro_batches, dim=1), keys.chunk(micro_batches, dim=1), strict=True)]
         y = torch.cat([layer.complete(p)[0] for p in pending], dim=1)
     grad = torch.randn_like(y)
     with HostSyncCounter() as backward:

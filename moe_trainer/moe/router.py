@@ -141,7 +141,7 @@ class Router(nn.Module):
     def forward(self, x_TD: Tensor, num_groups: int = 1, noise_keys_T: Tensor | None = None,
                 layer: int = 0) -> Routing:
         """Routes ``x_TD``. ``noise_keys_T``: each token's key for ``moe.selection_noise`` in training
-        (:func:`~moe_trainer.moe.routing_noise.routing_keys`; without them, the token's index here);
+        (:func:`~moe_trainer.moe.routing_noise.routing_keys`; required when the noise is on);
         ``layer`` salts the noise so that layers draw their own."""
         tokens = x_TD.shape[0]
         if tokens % num_groups:
@@ -150,13 +150,13 @@ class Router(nn.Module):
         with torch.autocast(x_TD.device.type, enabled=False):
             return self._route(x_TD.float(), num_groups, noise_keys_T, layer)
 
-    def _selection_noise(self, tokens: int, device: torch.device, noise_keys_T: Tensor | None,
-                         layer: int) -> Tensor | None:
+    def _selection_noise(self, noise_keys_T: Tensor | None, layer: int) -> Tensor | None:
         """``[T, E]`` noise of standard deviation ``moe.selection_noise`` for selection, or None."""
         if not (self.training and self.cfg.selection_noise > 0):
             return None
-        if noise_keys_T is None:
-            noise_keys_T = torch.arange(tokens, device=device, dtype=torch.int64)
+        if noise_keys_T is None:  # a local stand-in (the token's index here) would differ between layouts
+            raise ValueError("moe.selection_noise needs each token's routing key in training: route through "
+                             "Transformer.forward or run_microbatches, or pass noise_keys_T (routing_keys)")
         return uniform_noise(noise_keys_T, layer, self.num_experts) * (self.cfg.selection_noise * math.sqrt(12.0))
 
     def _route(self, x_TD: Tensor, num_groups: int, noise_keys_T: Tensor | None = None, layer: int = 0) -> Routing:
@@ -169,7 +169,7 @@ class Router(nn.Module):
 
         scores_TE = probs_TE if self.cfg.score_order == "softmax_topk" or self.cfg.router == "switch" else logits_TE
         select_TE = scores_TE + self.expert_bias if self.cfg.bias_balancing else scores_TE
-        noise_TE = self._selection_noise(tokens, x_TD.device, noise_keys_T, layer)
+        noise_TE = self._selection_noise(noise_keys_T, layer)
         if noise_TE is not None:
             select_TE = select_TE + noise_TE
         expert_idx_TK = select_TE.topk(self.top_k, dim=-1).indices

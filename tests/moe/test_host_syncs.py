@@ -70,7 +70,8 @@ def test_host_syncs_per_moe_layer(group: Any, path: str, cf: float | None, micro
         "a2a_chunks=2": lambda: Dispatcher(EXPERTS, cf, ChunkedAllToAllTransport(group, 1, 0, EXPERTS, 2)),
         "micro_batches=2": lambda: Dispatcher(EXPERTS, cf, AsyncAllToAllTransport(group, 1, 0, EXPERTS)),
     }[path]()
-    cfg = MoEConfig(num_experts=EXPERTS, top_k=2, expert_hidden=16, capacity_factor=cf)
+    # selection noise on (the default's), so its hashing is counted: it must read nothing back
+    cfg = MoEConfig(num_experts=EXPERTS, top_k=2, expert_hidden=16, capacity_factor=cf, selection_noise=0.01)
     forward, backward = moe_layer_syncs(cfg, dispatcher, micro_batches=micro)
     assert forward.count(exclude=EXPERT_CODE) == expected, forward.by_place()
     # the grouped experts take their run lengths as a device tensor: no read of their own in forward;

@@ -26,11 +26,34 @@ def test_a_rows_keys_do_not_depend_on_the_rows_beside_it() -> None:
 def test_keys_differ_by_position_row_and_salt() -> None:
     keys = routing_keys(IDX, 3)
     assert keys.unique().numel() == keys.numel()
-    changed = IDX.clone()
-    changed[0, -1] += 1  # one token of row 0: every key of that row moves, no other row's
-    moved = routing_keys(changed, 3)
-    assert (moved[0] != keys[0]).all() and torch.equal(moved[1:], keys[1:])
     assert not torch.equal(routing_keys(IDX, 4), keys)
+
+
+def test_a_key_never_depends_on_a_later_token() -> None:
+    """The training forward stays causal: changing token s moves the keys from s on, none before."""
+    changed = IDX.clone()
+    changed[0, 10] += 1
+    moved = routing_keys(changed, 3)
+    keys = routing_keys(IDX, 3)
+    assert torch.equal(moved[0, :10], keys[0, :10]) and (moved[0, 10:] != keys[0, 10:]).all()
+    assert torch.equal(moved[1:], keys[1:])
+
+
+def test_keys_and_noise_are_pinned() -> None:
+    """The hash is part of every run's numbers: a change to it changes what a seed trains."""
+    keys = routing_keys(torch.tensor([[0, 1, 256]]), 0)
+    assert keys.tolist() == [[5476333178966447588, 5869180231687853013, -5191257958733388643]]
+    noise = uniform_noise(keys[0], layer=1, num_experts=3)
+    assert [round(v, 6) for v in noise.flatten().tolist()] == [
+        0.224984, 0.148086, 0.353199, 0.345166, -0.373599, -0.237902, -0.045645, -0.473861, 0.20644]
+
+
+@pytest.mark.parametrize("layer", [0, 8, 9, 63, 1000])
+def test_any_layer_and_seed_hash_without_overflow(layer: int) -> None:
+    """Salts are reduced modulo 2**64 before torch sees them (a Python int past int64 raises there)."""
+    keys = routing_keys(IDX, 2**64 + 7)
+    assert torch.equal(keys, routing_keys(IDX, 7))
+    assert uniform_noise(keys.flatten(), layer, 8).abs().max() < 0.5
 
 
 def test_noise_is_uniform_with_unit_width_and_independent_across_experts_and_layers() -> None:
@@ -66,6 +89,13 @@ def test_noise_splits_a_tied_block_of_tokens_and_never_touches_the_weights() -> 
     assert torch.equal(noisy.weight_A, quiet.weight_A)  # gate weights: the tied experts' equal probabilities
 
 
+def test_training_with_noise_and_no_keys_is_refused() -> None:
+    """A local stand-in key (the token's index) would differ between layouts: no silent fallback."""
+    with pytest.raises(ValueError, match="routing key"):
+        _tied_router(0.01)(torch.ones(8, 4))
+    _tied_router(0.0)(torch.ones(8, 4))  # no noise, no keys needed
+
+
 def test_noise_is_off_in_evaluation_and_follows_the_keys_in_training() -> None:
     x = torch.ones(4000, 4)
     keys = torch.arange(4000, dtype=torch.int64)
@@ -75,7 +105,7 @@ def test_noise_is_off_in_evaluation_and_follows_the_keys_in_training() -> None:
     assert not torch.equal(router(x, noise_keys_T=keys + 1).expert_idx_A, trained.expert_idx_A)
     assert not torch.equal(router(x, noise_keys_T=keys, layer=1).expert_idx_A, trained.expert_idx_A)
     router.eval()
-    assert torch.equal(router(x, noise_keys_T=keys).expert_idx_A, _tied_router(0.0)(x).expert_idx_A)
+    assert torch.equal(router(x).expert_idx_A, _tied_router(0.0)(x).expert_idx_A)
 
 
 def test_the_model_draws_the_same_noise_for_a_row_in_whole_or_in_micro_batches(
@@ -96,3 +126,11 @@ def test_the_model_draws_the_same_noise_for_a_row_in_whole_or_in_micro_batches(
     assert not all(torch.equal(a, b) for a, b in zip(whole, loads(quiet, 1), strict=True))
     noisy.eval()
     assert all(torch.equal(a, b) for a, b in zip(loads(noisy, 2), loads(quiet, 1), strict=True))
+
+
+def test_a_deep_model_trains_with_the_noise(make_config: Callable[..., Config]) -> None:
+    """Ten MoE blocks: the layer salts past int64 (layer 9 on) hash as the first ones do."""
+    model = build_model(make_config("moe.selection_noise=0.05", "model.n_layers=10"), 257)
+    out = model(IDX[:2])
+    out.logits_BSV.float().mean().backward()
+    assert len(out.moe_stats) == 10 and model.moe_layers()[9].router.weight.grad is not None
