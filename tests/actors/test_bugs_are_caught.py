@@ -74,6 +74,15 @@ MUTATIONS = {
         # each replica nudges its own bias: rank 1's routing drifts from rank 0's (which reports the
         # bias), and the per-step losses, loads or biases stop matching single's
         "data_parallel", "dropless", r"(loss|bias|expert loads|grad_norm|drops) at step"),
+    "selection_noise_keyed_by_local_row": Mutation(
+        "moe_trainer/moe/routing_noise.py",
+        "prefix_BS = torch.cumsum(idx_BS.to(torch.int64) * weights_S, dim=1)",
+        "prefix_BS = torch.arange(idx_BS.shape[0], device=idx_BS.device)[:, None] + 0 * idx_BS",
+        # the noise keyed by a row's index in its rank's batch, not by its tokens: rank 1's rows draw
+        # rank 0's noise and some route elsewhere than in single; the first gradient moves by 2.4e-3
+        # (240x the tolerance: a few of 64 tokens' choices, not all of a gradient as the bugs above)
+        "data_parallel", "dropless", r"((loss|expert loads|grad_norm|bias) at step|relative difference)",
+        least=1e-3),
     "sharded_update_not_broadcast": Mutation(
         "moe_trainer/parallel/zero.py",
         "if bucket.owner != self.rank:\n            for t, part in",
