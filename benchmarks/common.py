@@ -15,10 +15,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # The model every "default model" result in docs/benchmarks.md, docs/architecture.md and docs/comparison.md
 # was measured on: conf/'s default before 2026-12-04 (Mixtral-shaped, 8 experts of 256, top-2, every block
-# MoE, aux loss alone, no selection noise, batch 16; 3,478,912 parameters, 1,119,616 active). The default has since become 64
-# experts of 13, top-8, on d_model 32 (conf/moe/default.yaml). The benchmark scripts that compose the
-# default put these overrides first, so their documented numbers stay reproducible; a later override (a
-# script's own or the command line's) still wins. For moe-train: `.venv/bin/moe-train <these> ...`.
+# MoE, aux loss alone, no selection noise, batch 16; 3,478,912 parameters, 1,119,616 active). The default
+# has since become 64 experts of 13, top-8, on d_model 32 (conf/moe/default.yaml). The benchmark scripts that
+# compose the default put these overrides first, so their documented numbers stay reproducible; a later
+# override (a script's own or the command line's) still wins. For moe-train: `.venv/bin/moe-train <these> ...`.
 # Not reproduced: model=dense on top of these is 515 wide where it was 512 (its width now counts the
 # router's 8 x 128 weights as round(8 / 3) = 3 units); no override restores the old formula.
 OLD_DEFAULT = ["model.d_model=128", "model.n_heads=4", "model.ffn_hidden=512", "moe.num_experts=8", "moe.top_k=2",
