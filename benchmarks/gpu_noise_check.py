@@ -106,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     costs = [cost(device, t) for t in sizes]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}, torch {torch.__version__}")
-    for name, ok in bits.items():
-        print(f"{name:32s} {'same bits as the CPU' if ok else 'DIFFERS from the CPU'}")
+    for check, ok in bits.items():
+        print(f"{check:32s} {'same bits as the CPU' if ok else 'DIFFERS from the CPU'}")
     print(f"{'router forward with noise':32s} {'no host sync' if sync_free else 'HOST SYNC'}")
     print("| tokens | noise (ms) | top-8 of 64 (ms) | noise / top-k |\n|---:|---:|---:|---:|")
     for c in costs:

@@ -62,5 +62,6 @@ def test_gpu_noise_check_runs_on_cpu_with_torch_only(tmp_path: Path) -> None:
                            "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["torch"]
     assert result["no_host_sync"] and len(result["same_bits"]) == 10 and all(result["same_bits"].values())
     assert result["cost"][0]["noise_ms"] > 0 and result["cost"][0]["topk_ms"] > 0
