@@ -26,6 +26,7 @@ import torch
 from moe_trainer.config.schema import MoEConfig
 from moe_trainer.moe.router import Router
 from moe_trainer.moe.routing_noise import routing_keys, uniform_noise
+from moe_trainer.timing import Span, mark
 
 EXPERTS = 64
 LAYERS = (0, 1, 9, 63)
@@ -66,22 +67,13 @@ def no_host_sync(device: torch.device, tokens: int) -> bool:
 
 
 def timed_ms(fn: Any, device: torch.device, repeat: int = 20) -> float:
-    """Milliseconds per call: CUDA events read once after ``repeat`` calls (wall clock on the CPU)."""
+    """Milliseconds per call over ``repeat`` calls after one warm-up: the project's marks
+    (:mod:`moe_trainer.timing`: CUDA events read once at the end, wall clock on the CPU)."""
     fn()
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        start.record()
-        for _ in range(repeat):
-            fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / repeat
-    import time
-    t0 = time.perf_counter()
+    start = mark(device)
     for _ in range(repeat):
         fn()
-    return (time.perf_counter() - t0) * 1000 / repeat
+    return Span.since(start, device).seconds() * 1000 / repeat
 
 
 def cost(device: torch.device, tokens: int) -> dict[str, float]:
